@@ -1,0 +1,80 @@
+"""The public entry points: build an optimizer for a model by name."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+
+import torch
+from torch import nn
+
+from .core.routing import assign_roles
+from .optim import REGISTRY
+from .optim.base import flat_shard_error
+
+logger = logging.getLogger("distopt")
+
+
+def list_optimizers() -> list[str]:
+    """Names accepted by :func:`build_optimizer`."""
+    return sorted(REGISTRY)
+
+
+def _global_shape(p: torch.Tensor) -> tuple[int, ...]:
+    # DeepSpeed zero.Init placeholders are empty with the true shape in ds_shape.
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    *,
+    rules=None,
+    use_default_rules: bool = True,
+    elementwise: dict | None = None,
+    **hparams,
+) -> torch.optim.Optimizer:
+    """Build optimizer ``name`` for ``model``'s trainable parameters.
+
+    Parameters are routed by name rules plus global shape: attention and MLP linear weights go to
+    the algorithm's matrix group; embeddings, ``lm_head``, norms and biases go to an element-wise
+    AdamW group (each algorithm may take more roles, e.g. ``lm_head``). ``rules`` is a list of
+    ``(regex, role)`` pairs tried before the defaults, first match wins; a rule that matches no
+    parameter raises. ``elementwise`` overrides hyper-parameters (``lr``, ``weight_decay``, ...)
+    of the element-wise group only. Every other keyword goes to the optimizer class.
+    """
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {list_optimizers()}.{hint}")
+    cls = REGISTRY[name]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters")
+    roles = assign_roles([n for n, _ in named], rules, use_default_rules)
+    matrix, element = [], []
+    for n, p in named:
+        if roles[n] in cls.matrix_roles:
+            shape = _global_shape(p)
+            if len(shape) != 2:
+                raise flat_shard_error(n, shape)
+            matrix.append((n, p))
+        else:
+            element.append((n, p))
+    groups = []
+    if element:
+        groups.append({"params": [p for _, p in element], "param_names": [n for n, _ in element],
+                       "kind": "adamw", "roles": [roles[n] for n, _ in element], **(elementwise or {})})
+    if matrix:
+        groups.append({"params": [p for _, p in matrix], "param_names": [n for n, _ in matrix],
+                       "kind": "matrix", "roles": [roles[n] for n, _ in matrix]})
+    # Keywords the element-wise group does not take (rank, ...) only ride on the matrix group.
+    try:
+        optimizer = cls(groups, **hparams)
+    except TypeError as err:
+        raise TypeError(f"{name}: {err}") from None
+    if logger.isEnabledFor(logging.INFO):
+        for g in optimizer.param_groups:
+            count = sum(p.numel() for p in g["params"])
+            logger.info("distopt %s: %s group, %d tensors, %d parameters", name, g["kind"], len(g["params"]), count)
+    return optimizer

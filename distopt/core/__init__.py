@@ -1,0 +1,1 @@
+"""Engine-independent building blocks: shard views, collectives, linear algebra, projection."""

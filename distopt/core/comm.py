@@ -1,0 +1,92 @@
+"""Every collective distopt issues goes through this module.
+
+With ``group=None`` (one process, DDP, or a whole-matrix owner) each function is a no-op on the
+local tensor, so the single-process path runs the same code as the sharded one. Bytes sent are
+counted per kind, which is what the traffic benchmark reads.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+_bytes: Counter = Counter()
+_calls: Counter = Counter()
+
+
+def _record(kind: str, tensor: torch.Tensor) -> None:
+    _bytes[kind] += tensor.numel() * tensor.element_size()
+    _calls[kind] += 1
+
+
+def traffic() -> dict[str, dict[str, int]]:
+    """Bytes and calls per collective kind since the last :func:`reset_traffic`."""
+    return {"bytes": dict(_bytes), "calls": dict(_calls)}
+
+
+def reset_traffic() -> None:
+    _bytes.clear()
+    _calls.clear()
+
+
+@contextmanager
+def counting():
+    """Context that resets the counters on entry and leaves them readable on exit."""
+    reset_traffic()
+    yield traffic
+
+
+def world_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Sum ``tensor`` in place over ``group``; returns it."""
+    if group is not None and dist.get_world_size(group) > 1:
+        _record("all_reduce", tensor)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        _record("all_reduce", tensor)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, src_rank: int, group) -> torch.Tensor:
+    """Broadcast from ``src_rank`` (a rank inside ``group``) in place."""
+    if group is not None and dist.get_world_size(group) > 1:
+        _record("broadcast", tensor)
+        dist.broadcast(tensor, src=dist.get_global_rank(group, src_rank), group=group)
+    return tensor
+
+
+def all_gather_stacked(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Gather same-shaped tensors from every rank into a new leading dimension."""
+    if group is None or dist.get_world_size(group) == 1:
+        return tensor.unsqueeze(0)
+    size = dist.get_world_size(group)
+    out = tensor.new_empty((size, *tensor.shape))
+    _record("all_gather", tensor)
+    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+    return out
+
+
+def all_gather_rows(local: torch.Tensor, row_counts: list[int], group) -> torch.Tensor:
+    """Reassemble a row-sharded matrix whose rank ``i`` holds ``row_counts[i]`` rows."""
+    if group is None or dist.get_world_size(group) == 1:
+        return local
+    width = max(row_counts)
+    padded = local.new_zeros((width, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    stacked = all_gather_stacked(padded, group)
+    return torch.cat([stacked[i, :count] for i, count in enumerate(row_counts)], dim=0)

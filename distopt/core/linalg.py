@@ -1,0 +1,84 @@
+"""Orthonormalization, seeded random matrices and subspace finders, shard-aware.
+
+Matrices come in two layouts:
+- *replicated*: every rank holds the whole ``d x k`` block (bases over the unsharded column dim);
+- *row-sharded*: rank ``i`` holds rows ``[row_start, row_end)`` of a ``d x k`` block, the rest lives
+  on ``group`` (bases over the sharded row dim, and products ``G @ X``).
+Every function gives the same result, up to summation order, whatever the number of ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from . import comm
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from a hash of ``parts``; unlike ``hash()`` it is the same in every process."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def seeded_gaussian(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Gaussian fp32 matrix drawn on the CPU, so every rank and device sees the same numbers."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def _positive_diagonal(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # QR is unique once diag(R) >= 0; this also makes QR of a Gaussian Haar-distributed.
+    signs = torch.sign(torch.diagonal(r))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return q * signs, r * signs.unsqueeze(1)
+
+
+def orthonormalize(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of a replicated ``d x k`` block (d >= k)."""
+    q, r = torch.linalg.qr(x.float())
+    return _positive_diagonal(q, r)[0]
+
+
+def orthonormalize_rows(x_local: torch.Tensor, group, row_counts: tuple[int, ...]) -> torch.Tensor:
+    """Orthonormalize a row-sharded ``d x k`` block with TSQR.
+
+    Each rank factors its rows, the ``k x k`` triangles are gathered (one small all-gather), and the
+    stacked triangles are factored again. Unlike Cholesky-QR it stays orthonormal for
+    rank-deficient input, and needs no full-matrix gather.
+    """
+    x_local = x_local.float()
+    if comm.world_size(group) == 1:
+        return orthonormalize(x_local)
+    k = x_local.shape[1]
+    q_local, r_local = torch.linalg.qr(x_local)  # (rows, min(rows,k)), (min(rows,k), k)
+    r_padded = r_local.new_zeros((k, k))
+    r_padded[: r_local.shape[0]] = r_local
+    stacked = comm.all_gather_stacked(r_padded, group).reshape(-1, k)
+    q_top, r_top = _positive_diagonal(*torch.linalg.qr(stacked))
+    me = comm.rank(group)
+    block = q_top[me * k : me * k + r_local.shape[0]]
+    return q_local @ block
+
+
+def haar_basis(d: int, r: int, seed: int, device) -> torch.Tensor:
+    """A uniformly random (Haar) ``d x r`` orthonormal basis, identical on every rank."""
+    return orthonormalize(seeded_gaussian((d, r), seed, device))
+
+
+def align_signs(new: torch.Tensor, old: torch.Tensor, group=None) -> torch.Tensor:
+    """Flip columns of ``new`` so each has a non-negative overlap with the same column of ``old``.
+
+    Singular vectors are defined up to sign; aligning them keeps a 'keep' moment policy from
+    reading last period's momentum with flipped signs after a refresh.
+    """
+    overlap = comm.all_reduce_sum((new * old).sum(dim=0), group)
+    signs = torch.where(overlap < 0, -torch.ones_like(overlap), torch.ones_like(overlap))
+    return new * signs
+
+
+def energy_fraction(g: torch.Tensor, basis: torch.Tensor, side: str) -> float:
+    """Share of ``||G||_F^2`` captured by projecting onto ``basis`` (one process, for tests)."""
+    captured = basis.T @ g if side == "left" else g @ basis
+    return float(captured.norm() ** 2 / g.norm() ** 2)

@@ -1,0 +1,143 @@
+"""Projection onto a rank-r subspace of one side of a (possibly row-sharded) matrix.
+
+Conventions, for a gradient ``G`` of global shape ``m x n``:
+- ``right``: basis ``Q`` is ``n x r`` and replicated; ``R = G Q`` is ``m x r`` and row-sharded like G;
+  back-projection ``N Q^T``. No communication per step.
+- ``left``: basis ``P`` is ``m x r`` and row-sharded like G; ``R = P^T G`` is ``r x n``, a sum over
+  the row shards; back-projection ``P N`` gives this rank's rows.
+- ``auto`` picks the shorter side, as GaLore does: ``right`` when ``m >= n``, else ``left``.
+
+Refresh methods produce a new orthonormal basis from the current gradient:
+- ``svd``: exact, from ``torch.linalg.svd`` of the fp32 gradient (the reference);
+- ``randomized``: subspace iteration warm-started from the previous basis plus ``oversample``
+  Gaussian columns, ``power_iters`` passes, then a Rayleigh-Ritz step to keep the top ``r``;
+- ``random``: a seeded Haar basis, with no communication and no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import comm
+from .linalg import align_signs, haar_basis, orthonormalize, orthonormalize_rows, seeded_gaussian
+from .shard import MatrixShardView
+
+SIDES = ("auto", "left", "right")
+REFRESH_METHODS = ("svd", "randomized", "random")
+
+
+def resolve_side(side: str, global_shape: tuple[int, int]) -> str:
+    if side not in SIDES:
+        raise ValueError(f"side={side!r} is not one of {SIDES}")
+    if side == "auto":
+        m, n = global_shape
+        return "right" if m >= n else "left"
+    return side
+
+
+def side_dim(side: str, global_shape: tuple[int, int]) -> int:
+    """Length of the basis vectors: ``n`` for a right basis, ``m`` for a left one."""
+    return global_shape[1] if side == "right" else global_shape[0]
+
+
+def basis_local_shape(side: str, view: MatrixShardView, r: int) -> tuple[int, int]:
+    return (view.n, r) if side == "right" else (view.local_rows, r)
+
+
+def projected_local_shape(side: str, view: MatrixShardView, r: int) -> tuple[int, int]:
+    return (view.local_rows, r) if side == "right" else (r, view.n)
+
+
+def project(g: torch.Tensor, basis: torch.Tensor, side: str, group) -> torch.Tensor:
+    if side == "right":
+        return g @ basis
+    return comm.all_reduce_sum(basis.T @ g, group)
+
+
+def project_back(low: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+    return low @ basis.T if side == "right" else basis @ low
+
+
+def change_of_basis(new: torch.Tensor, old: torch.Tensor, side: str, group) -> torch.Tensor:
+    """``C = new^T old`` (r x r): coordinates in ``old`` map to ``new`` by ``C`` (left) or ``C^T`` (right)."""
+    c = new.T @ old
+    return comm.all_reduce_sum(c, group) if side == "left" else c
+
+
+def rotate_projected(low: torch.Tensor, c: torch.Tensor, side: str) -> torch.Tensor:
+    """Express projected coordinates in the new basis: ``C M`` (left) or ``M C^T`` (right)."""
+    return c @ low if side == "left" else low @ c.T
+
+
+def svd_basis(g: torch.Tensor, view: MatrixShardView, side: str, r: int) -> torch.Tensor:
+    full = comm.all_gather_rows(g.float(), list(view.row_counts), view.group)
+    u, _, vh = torch.linalg.svd(full, full_matrices=False)
+    if side == "right":
+        return vh[:r].T.contiguous()
+    return u[view.row_start : view.row_end, :r].contiguous()
+
+
+def random_basis(view: MatrixShardView, side: str, r: int, seed: int, device) -> torch.Tensor:
+    basis = haar_basis(side_dim(side, view.global_shape), r, seed, device)
+    if side == "left":
+        basis = basis[view.row_start : view.row_end]
+    return basis.contiguous()
+
+
+def _canonical_signs(vecs: torch.Tensor) -> torch.Tensor:
+    # Eigenvectors are defined up to sign; fix it so ranks and world sizes agree.
+    pivots = vecs.gather(0, vecs.abs().argmax(dim=0, keepdim=True))
+    return vecs * torch.where(pivots < 0, -1.0, 1.0).to(vecs.dtype)
+
+
+def randomized_basis(
+    g: torch.Tensor,
+    view: MatrixShardView,
+    side: str,
+    r: int,
+    *,
+    oversample: int,
+    power_iters: int,
+    seed: int,
+    previous: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Top-``r`` basis of ``side`` by a warm-started randomized range finder.
+
+    Communication when row-sharded: one ``n x k`` all-reduce per ``G^T Y`` product, a ``k x k``
+    all-gather per row orthonormalization, and a ``k x k`` all-reduce for Rayleigh-Ritz.
+    """
+    g = g.float()
+    group, counts = view.group, view.row_counts
+    k = min(r + oversample, view.m, view.n)
+    n_random = k - (previous.shape[1] if previous is not None else 0)
+    omega = seeded_gaussian((view.n, max(n_random, 0)), seed, g.device)
+
+    def orth_rows(y):
+        return orthonormalize_rows(y, group, counts)
+
+    def gt_times(y):  # G^T Y, summed over row shards
+        return comm.all_reduce_sum(g.T @ y, group)
+
+    if side == "right":
+        x = omega if previous is None else torch.cat([previous, omega], dim=1)
+        x = orthonormalize(x)
+        for _ in range(power_iters + 1):
+            x = orthonormalize(gt_times(orth_rows(g @ x)))
+        z = g @ x
+        gram = comm.all_reduce_sum(z.T @ z, group)
+    else:
+        y = g @ omega
+        if previous is not None:
+            y = torch.cat([previous, y], dim=1)
+        y = orth_rows(y)
+        for _ in range(power_iters):
+            y = orth_rows(g @ orthonormalize(gt_times(y)))
+        x = y
+        z = gt_times(y)
+        gram = z.T @ z
+    _, vecs = torch.linalg.eigh(gram.double())
+    top = _canonical_signs(vecs[:, -r:].flip(1)).to(x.dtype)  # descending eigenvalues
+    basis = x @ top
+    if previous is not None:
+        basis = align_signs(basis, previous, group if side == "left" else None)
+    return basis.contiguous()

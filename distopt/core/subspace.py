@@ -1,0 +1,125 @@
+"""The subspace engine shared by every projection-based algorithm.
+
+It owns the per-matrix basis: its shape (from the global shape, the rank and the side), its
+refresh schedule, how a refresh is computed, and what happens to the projected moments then.
+State it keeps, all tensors: ``basis`` (``d x r``, fp32; row-sharded for a left basis).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .linalg import stable_seed
+from .moments import MOMENT_POLICIES, apply_moment_policy
+from .projector import (
+    REFRESH_METHODS,
+    basis_local_shape,
+    change_of_basis,
+    project,
+    project_back,
+    random_basis,
+    randomized_basis,
+    resolve_side,
+    side_dim,
+    svd_basis,
+)
+from .schedule import is_refresh_step, refresh_index, refresh_phase
+from .shard import MatrixShardView
+
+
+@dataclass(frozen=True)
+class SubspacePlan:
+    """Geometry of one matrix's subspace. ``full`` means the rank covers the whole side, so the
+    identity is used as the basis (any basis of the full space spans it) and nothing is projected."""
+
+    side: str
+    rank: int
+    full: bool
+    phase: int
+
+
+def check_subspace_hparams(group: dict) -> None:
+    rank = group["rank"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank={rank!r}: the subspace rank must be a positive integer (e.g. rank=128)")
+    gap = group["update_proj_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
+        raise ValueError(f"update_proj_gap={gap!r}: must be a positive integer number of steps (e.g. 200)")
+    if group["refresh"] not in REFRESH_METHODS:
+        raise ValueError(f"refresh={group['refresh']!r} is not one of {REFRESH_METHODS}")
+    resolve_side(group["side"], (2, 1))
+    if group["moment_policy"] not in MOMENT_POLICIES:
+        raise ValueError(f"moment_policy={group['moment_policy']!r} is not one of {MOMENT_POLICIES}")
+    for key in ("oversample", "power_iters"):
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{key}={value!r}: must be a non-negative integer")
+
+
+def plan(view: MatrixShardView, group: dict) -> SubspacePlan:
+    side = resolve_side(group["side"], view.global_shape)
+    dim = side_dim(side, view.global_shape)
+    full = group["rank"] >= dim
+    rank = min(group["rank"], view.m, view.n)
+    return SubspacePlan(side, rank, full, refresh_phase(view.name, group["update_proj_gap"], group["stagger"]))
+
+
+def allocate_basis(state: dict, view: MatrixShardView, plan_: SubspacePlan, device) -> None:
+    if not plan_.full:
+        state["basis"] = torch.zeros(basis_local_shape(plan_.side, view, plan_.rank), dtype=torch.float32, device=device)
+
+
+def refresh_due(step: int, plan_: SubspacePlan, group: dict) -> bool:
+    return not plan_.full and is_refresh_step(step, group["update_proj_gap"], plan_.phase)
+
+
+def refresh(
+    state: dict,
+    grad: torch.Tensor,
+    view: MatrixShardView,
+    plan_: SubspacePlan,
+    group: dict,
+    step: int,
+    exp_avg: torch.Tensor | None = None,
+    exp_avg_sq: torch.Tensor | None = None,
+    policy: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compute the new basis, map the moments per ``policy`` and store it.
+
+    Returns ``(new, old)``; ``old`` is ``None`` on the first refresh.
+    """
+    old = state["basis"].clone() if step > 0 else None
+    index = refresh_index(step, group["update_proj_gap"], plan_.phase)
+    seed = stable_seed(group.get("seed", 0), view.name, index)
+    method = group["refresh"]
+    if method == "svd":
+        new = svd_basis(grad, view, plan_.side, plan_.rank)
+    elif method == "random":
+        new = random_basis(view, plan_.side, plan_.rank, seed, grad.device)
+    else:
+        new = randomized_basis(
+            grad, view, plan_.side, plan_.rank,
+            oversample=group["oversample"], power_iters=group["power_iters"], seed=seed, previous=old,
+        )
+    policy = policy or group["moment_policy"]
+    if old is not None and policy != "keep":
+        c = change_of_basis(new, old, plan_.side, view.group) if policy in ("rotate", "transform") else None
+        apply_moment_policy(policy, plan_.side, c, exp_avg, exp_avg_sq)
+    state["basis"].copy_(new)
+    return state["basis"], old
+
+
+def project_grad(grad: torch.Tensor, state: dict, view: MatrixShardView, plan_: SubspacePlan) -> torch.Tensor:
+    return grad if plan_.full else project(grad, state["basis"], plan_.side, view.group)
+
+
+def back_project(low: torch.Tensor, state: dict, plan_: SubspacePlan) -> torch.Tensor:
+    return low if plan_.full else project_back(low, state["basis"], plan_.side)
+
+
+def projected_shape(view: MatrixShardView, plan_: SubspacePlan) -> tuple[int, int]:
+    if plan_.full:
+        return (view.local_rows, view.n)
+    return (view.local_rows, plan_.rank) if plan_.side == "right" else (plan_.rank, view.n)

@@ -1,0 +1,14 @@
+"""One file per algorithm; the registry maps public names to classes."""
+
+from __future__ import annotations
+
+from .adamw import AdamW
+from .base import SubspaceOptimizer, state_bytes
+from .galore import GaLore
+
+REGISTRY: dict[str, type[SubspaceOptimizer]] = {
+    "adamw": AdamW,
+    "galore": GaLore,
+}
+
+__all__ = ["REGISTRY", "AdamW", "GaLore", "SubspaceOptimizer", "state_bytes"]
