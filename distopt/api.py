@@ -48,6 +48,9 @@ def build_optimizer(
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown optimizer {name!r}; choose one of {list_optimizers()}.{hint}")
     cls = REGISTRY[name]
+    # Algorithms that need the model itself (RSO reparametrizes linears in place, Adam-mini reads
+    # head counts) do it here, before parameters are collected.
+    hparams = cls.prepare_model(model, dict(hparams))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters")

@@ -6,6 +6,7 @@ from .adamw import AdamW
 from .base import SubspaceOptimizer, state_bytes
 from .galore import GaLore
 
+# One entry per algorithm file; keep the names stable, they are public (build_optimizer, JSON configs).
 REGISTRY: dict[str, type[SubspaceOptimizer]] = {
     "adamw": AdamW,
     "galore": GaLore,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
 
 import torch
 from torch.optim.adamw import adamw as _functional_adamw
@@ -53,6 +52,15 @@ def check_common_hparams(group: dict) -> None:
         raise ValueError(f"weight_decay={group['weight_decay']!r}: must be a finite number >= 0")
     if group.get("adam_form", "torch") not in ADAM_FORMS:
         raise ValueError(f"adam_form={group['adam_form']!r} is not one of {ADAM_FORMS}")
+
+
+def update_moments(exp_avg, exp_avg_sq, grad, beta1: float, beta2: float, form: str) -> None:
+    """EMA of the gradient and its square, in place (op order of each form, for exact parity)."""
+    if form == "hf":
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    else:
+        exp_avg.lerp_(grad, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
 
 
 def adam_direction(exp_avg, exp_avg_sq, step: int, beta1: float, beta2: float, eps: float, lr: float, form: str):
@@ -96,6 +104,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         groups = self._split_unnamed(groups)
         self._names: dict[torch.Tensor, str] = {}
         self._views: dict[torch.Tensor, MatrixShardView] = {}
+        self._roles: dict[torch.Tensor, str] = {}
         self.nonfinite_skips: dict[str, int] = {}
         super().__init__(groups, defaults)
 
@@ -130,10 +139,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         check_common_hparams(group)
         if group["kind"] == "matrix":
             self._check_matrix_hparams(group)
-        for p, name in zip(group["params"], group["param_names"]):
+        roles = group.get("roles") or ["matrix" if group["kind"] == "matrix" else "other"] * len(group["params"])
+        for p, name, role in zip(group["params"], group["param_names"], roles):
             if name in self._names.values():
                 raise ValueError(f"parameter name {name!r} appears twice")
             self._names[p] = name
+            self._roles[p] = role
             if group["kind"] == "matrix":
                 self._views[p] = self._make_view(name, p)
 
@@ -151,6 +162,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         return whole_matrix_view(name, p)
 
     # -- hooks for subclasses --------------------------------------------------------------
+    @classmethod
+    def prepare_model(cls, model: torch.nn.Module, hparams: dict) -> dict:
+        """Called by ``build_optimizer`` before routing; may change the model and the hyper-parameters."""
+        return hparams
+
     def _check_matrix_hparams(self, group: dict) -> None:
         """Validate algorithm-specific hyper-parameters of a matrix group."""
 
@@ -163,6 +179,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     # -- state ------------------------------------------------------------------------------
     def param_name(self, p: torch.Tensor) -> str:
         return self._names[p]
+
+    def param_role(self, p: torch.Tensor) -> str:
+        """Routing role (``q``, ``v``, ``mlp_in``, ``embedding``, ...; see ``core.routing``)."""
+        return self._roles[p]
 
     @torch.no_grad()
     def allocate_state(self) -> None:
@@ -214,13 +234,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:
+            if group["kind"] == "matrix":
+                for p in group["params"]:
+                    if p.dim() != 2:  # an engine swapped in a flat partition after construction
+                        raise flat_shard_error(self._names.get(p, "<unnamed>"), tuple(p.shape))
         self.allocate_state()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if group["kind"] == "matrix":
-                for p in params:
-                    if p.dim() != 2:
-                        raise flat_shard_error(self._names[p], tuple(p.shape))
             params = self._finite_params(params)
             if group["kind"] == "adamw":
                 self._adamw_step(group, params)
@@ -246,8 +267,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             grad = p.grad.float()
             state["step"] += 1
-            state["exp_avg"].lerp_(grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            update_moments(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2, form)
             direction, step_size = adam_direction(state["exp_avg"], state["exp_avg_sq"], int(state["step"]), beta1, beta2, eps, lr, form)
             master = p.float() if p.dtype != torch.float32 else p
             apply_update(master, direction, step_size, lr, wd, form)
@@ -346,8 +366,3 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     for state in optimizer.state.values():
         visit(state)
     return sum(seen.values())
-
-
-def iter_named_state(optimizer: SubspaceOptimizer) -> Iterable[tuple[str, dict]]:
-    for p, state in optimizer.state.items():
-        yield optimizer.param_name(p), state

@@ -7,7 +7,7 @@ import torch
 from ..core import subspace
 from ..core.routing import LINEAR_ROLES
 from ..core.shard import MatrixShardView
-from .base import SubspaceOptimizer, adam_direction, apply_update
+from .base import SubspaceOptimizer, adam_direction, apply_update, update_moments
 
 
 class GaLore(SubspaceOptimizer):
@@ -93,8 +93,7 @@ class GaLore(SubspaceOptimizer):
             subspace.refresh(state, grad, view, plan, group, step, exp_avg, exp_avg_sq)
         low = subspace.project_grad(grad, state, view, plan)
         beta1, beta2 = group["betas"]
-        exp_avg.lerp_(low, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+        update_moments(exp_avg, exp_avg_sq, low, beta1, beta2, group["adam_form"])
         state["step"] += 1
         lr = float(group["lr"])
         direction, step_size = adam_direction(exp_avg, exp_avg_sq, step + 1, beta1, beta2, group["eps"], lr, group["adam_form"])

@@ -1,0 +1,110 @@
+"""Low-rank momentum with residual correction (AdaPM's debiased estimator), shard-aware.
+
+A matrix's momentum is stored as two factors, ``L`` (``m x r``, orthonormal columns, row-sharded
+like the matrix) and ``R`` (``r x n``, replicated). Each step:
+
+1. ``m_t = (1 - beta1) G + beta1 L R`` (transient, full size);
+2. ``(L, R)`` is refit so that ``L R ~ m_t``:
+   - on a *refresh* step (the first step, then every ``update_proj_gap`` steps, staggered by name),
+     ``L`` comes from a randomized range finder of ``m_t`` seeded by
+     ``stable_seed(seed, name, refresh index)`` and warm-started from the previous ``L``; never
+     from zero, where a gradient or alternating fit cannot move;
+   - on the other steps, ``sweeps`` alternating-least-squares sweeps warm-started from the
+     previous factors. With ``L`` kept orthonormal an ALS sweep is one subspace iteration:
+     ``R <- L^T m_t``, ``L <- orth(m_t R^T)``. ``sweeps=0`` keeps ``L`` and only sets ``R``;
+   - ``R <- L^T m_t`` ends every fit, so ``L R`` is the projection of ``m_t`` on ``span(L)``;
+3. residual ``res = m_t - L R``; the momentum estimate is, with ``c = 1 - beta1^t`` when bias
+   correction is on and ``c = 1`` otherwise,
+   - ``derived``: ``L R / c + res / (1 - beta1)``. The stored error of the factors follows
+     ``e_t = beta1 e_{t-1} + res_t``, so ``e_t ~ res_t (1 - beta1^t) / (1 - beta1)`` for
+     stationary residuals, and ``m^full_t / c = L R / c + res_t / (1 - beta1)``;
+   - ``literal``: ``m_t / c - res / (1 - beta1)``, the printed line 8 of the paper's Algorithm 1;
+   - ``none``: ``L R / c``, the plain low-rank momentum.
+
+Communication when row-sharded: ``L^T m_t`` is an ``r x n`` all-reduce per sweep; ``orth`` is a
+TSQR (one ``r x r`` all-gather); the range finder is the one of :mod:`projector`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import comm
+from .linalg import orthonormalize_rows
+from .projector import randomized_basis
+from .shard import MatrixShardView
+
+CORRECTIONS = ("derived", "literal", "none")
+
+
+def lowrank_rank(global_shape: tuple[int, int], fraction: float, rank: int | None = None) -> int:
+    """The rank of the factors: ``rank`` if given, else the largest ``r`` with
+    ``r (m + n) <= fraction * m n`` (the factors hold ``fraction`` of the matrix's entries); at least 1
+    and at most ``min(m, n)``."""
+    m, n = global_shape
+    if rank is None:
+        rank = math.floor(fraction * m * n / (m + n))
+    return max(1, min(int(rank), m, n))
+
+
+def fit(
+    target: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    view: MatrixShardView,
+    *,
+    reseed: bool,
+    warm: bool,
+    sweeps: int,
+    seed: int,
+    oversample: int,
+    power_iters: int,
+) -> None:
+    """Refit ``left @ right ~ target`` in place (local rows of ``target`` and ``left``).
+
+    ``reseed`` runs the seeded range finder, warm-started from ``left`` when ``warm`` (the factors
+    already hold a fit); otherwise ``sweeps`` ALS sweeps start from the current factors.
+    """
+    if reseed:
+        new = randomized_basis(target, view, "left", left.shape[1], oversample=oversample,
+                               power_iters=power_iters, seed=seed, previous=left if warm else None)
+        left.copy_(new)
+    else:
+        for _ in range(sweeps):
+            right.copy_(comm.all_reduce_sum(left.T @ target, view.group))
+            left.copy_(orthonormalize_rows(target @ right.T, view.group, view.row_counts))
+    right.copy_(comm.all_reduce_sum(left.T @ target, view.group))
+
+
+def momentum_estimate(
+    grad: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    view: MatrixShardView,
+    *,
+    beta1: float,
+    step: int,
+    bias_correction: bool,
+    correction: str,
+    reseed: bool,
+    sweeps: int,
+    seed: int,
+    oversample: int,
+    power_iters: int,
+) -> torch.Tensor:
+    """One step of low-rank momentum: update the factors in place and return the (bias-corrected)
+    momentum estimate for this rank's rows. ``step`` counts from 1."""
+    grad = grad.float()
+    target = torch.addmm(grad, left, right, beta=1.0 - beta1, alpha=beta1)  # m_t
+    fit(target, left, right, view, reseed=reseed or step == 1, warm=step > 1, sweeps=sweeps, seed=seed,
+        oversample=oversample, power_iters=power_iters)
+    low = left @ right
+    c = 1.0 - beta1**step if bias_correction else 1.0
+    if correction == "none":
+        return low.div_(c)
+    residual = target.sub_(low)
+    if correction == "derived":
+        return low.div_(c).add_(residual, alpha=1.0 / (1.0 - beta1))
+    return low.div_(c).add_(residual, alpha=1.0 / c - 1.0 / (1.0 - beta1))  # literal: m_t/c - res/(1-beta1)

@@ -1,0 +1,64 @@
+"""Recovery scaling: a full-rank update for the part of the gradient a subspace discards.
+
+Fira's rule, also used by SubTrack++, GrassWalk and GrassJump. For a matrix with gradient ``G``,
+projected gradient ``R`` and Adam's projected direction ``N`` (both ``r``-dimensional along the
+projected side):
+
+- residual ``D = G - back(R)``, the component of ``G`` outside the subspace;
+- per-channel ratio ``phi = ||N|| / (||R|| + 1e-8)``, the norm taken over the projected dimension:
+  one value per row for a right basis (``R`` is ``m x r``), per column for a left one (``r x n``);
+- scaled residual ``D_hat = phi * D`` (broadcast along the projected side);
+- norm-growth limiter: if ``||D_hat||_F > gamma * ||D_hat_prev||_F`` it is rescaled to
+  ``gamma * ||D_hat_prev||_F``; the norm kept for the next step is the one after limiting.
+
+The ratio is row-local for a right basis and uses the already all-reduced ``R`` and ``N`` for a
+left one, so only the Frobenius norm needs a collective (one scalar all-reduce) on row shards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import comm
+from .projector import project_back
+from .shard import MatrixShardView
+
+RATIO_EPS = 1e-8
+
+
+def check_recovery_hparams(group: dict) -> None:
+    if not isinstance(group["recovery_scaling"], bool):
+        raise ValueError(f"recovery_scaling={group['recovery_scaling']!r}: must be True or False")
+    limit = group["norm_growth_limit"]
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or math.isnan(limit) or limit < 1:
+        raise ValueError(f"norm_growth_limit={limit!r}: must be a number >= 1 (1.01 in Fira; math.inf disables it)")
+
+
+def recovery_term(
+    grad: torch.Tensor,
+    low: torch.Tensor,
+    direction: torch.Tensor,
+    basis: torch.Tensor,
+    side: str,
+    view: MatrixShardView,
+    last_norm: torch.Tensor,
+    limit: float,
+) -> torch.Tensor:
+    """The limited, scaled residual ``D_hat`` (this rank's rows); updates ``last_norm`` in place.
+
+    ``last_norm`` is a 0-d fp32 state tensor; 0 means "no previous step", and the first residual
+    is then taken as it is (Fira records its norm without limiting it).
+    """
+    residual = grad - project_back(low, basis, side)
+    dim = 1 if side == "right" else 0
+    ratio = direction.norm(dim=dim) / (low.norm(dim=dim) + RATIO_EPS)
+    scaled = residual * (ratio.unsqueeze(1) if side == "right" else ratio.unsqueeze(0))
+    norm = comm.all_reduce_sum(scaled.square().sum(), view.group).sqrt()
+    cap = last_norm * limit
+    factor = torch.where(
+        (last_norm > 0) & (norm > cap), cap / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.ones_like(norm)
+    )
+    last_norm.copy_(norm * factor)
+    return scaled * factor

@@ -1,0 +1,128 @@
+"""Shared machinery of the subspace-Adam family whose algorithms differ only in how the basis moves.
+
+GoLore, GrassJump, GrassWalk and SubTrack all run Adam on ``R = proj(G)`` in a rank-``r`` basis,
+optionally add Fira's recovery-scaled residual, and change the basis on a staggered schedule. This
+module holds that loop once; each algorithm file implements :meth:`ProjectedAdam._new_basis`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core import subspace
+from ..core.linalg import stable_seed
+from ..core.moments import apply_moment_policy
+from ..core.projector import change_of_basis, random_basis, randomized_basis, svd_basis
+from ..core.recovery import check_recovery_hparams, recovery_term
+from ..core.routing import LINEAR_ROLES
+from ..core.schedule import refresh_index
+from ..core.shard import MatrixShardView
+from .base import SubspaceOptimizer, adam_direction, apply_update
+
+
+class ProjectedAdam(SubspaceOptimizer):
+    """Adam in a moving rank-``r`` subspace; subclasses decide where the basis goes.
+
+    Per matrix, at a refresh step the new basis comes from :meth:`_new_basis`; the moments are then
+    mapped per ``moment_policy`` with ``C = S_new^T S_old`` computed from the basis held just before
+    the switch. Every step: ``R = proj(G)``, Adam on ``R``, ``W -= step (alpha back(N) + D_hat)``
+    where ``D_hat`` is the recovery-scaled residual (only with ``recovery_scaling``).
+
+    State per matrix: ``step`` (int64), ``basis`` (``d x r``), ``exp_avg`` and ``exp_avg_sq``
+    (``r x D`` or ``D x r``), and ``rs_norm`` (0-d) with recovery scaling, all fp32.
+    """
+
+    matrix_roles = LINEAR_ROLES
+    shape_hparams = ("rank", "side", "recovery_scaling")
+    # Group key naming the method (``svd``/``randomized``/``random``) for data-driven bases.
+    data_method_key = "init"
+
+    # -- validation ----------------------------------------------------------------------------
+    def _check_matrix_hparams(self, group: dict) -> None:
+        subspace.check_subspace_hparams({**group, "refresh": group[self.data_method_key]})
+        scale = group["scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale={scale!r}: must be a finite number")
+        check_recovery_hparams(group)
+        self._check_algorithm_hparams(group)
+
+    def _check_algorithm_hparams(self, group: dict) -> None:
+        """Validate the hyper-parameters specific to one algorithm."""
+
+    # -- basis ---------------------------------------------------------------------------------
+    def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int) -> torch.Tensor:
+        """The basis to use from this refresh on (``step == 0``: the first one). Must not modify state."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _data_basis(method: str, grad, state, group, view: MatrixShardView, plan, step: int, index: int) -> torch.Tensor:
+        """A basis found from the gradient (``svd``, ``randomized``) or a seeded Haar one (``random``)."""
+        if method == "svd":
+            return svd_basis(grad, view, plan.side, plan.rank)
+        if method == "random":
+            return ProjectedAdam._haar(group, view, plan, index, grad.device)
+        return randomized_basis(
+            grad, view, plan.side, plan.rank, oversample=group["oversample"], power_iters=group["power_iters"],
+            seed=stable_seed(group["seed"], view.name, index, "range"),
+            previous=state["basis"] if step > 0 else None,
+        )
+
+    @staticmethod
+    def _haar(group, view: MatrixShardView, plan, index: int, device) -> torch.Tensor:
+        """A Haar-random basis drawn from the refresh index alone: identical on every rank."""
+        return random_basis(view, plan.side, plan.rank, stable_seed(group["seed"], view.name, index, "haar"), device)
+
+    @staticmethod
+    def basis_layout(view: MatrixShardView, plan) -> tuple[object, tuple[int, ...]]:
+        """``(group, row_counts)`` of the basis: row-sharded like ``G`` for a left basis, else replicated."""
+        if plan.side == "left":
+            return view.group, view.row_counts
+        return None, (view.n,)
+
+    # -- state and step --------------------------------------------------------------------------
+    def _init_matrix_state(self, p: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
+        plan = subspace.plan(view, group)
+        subspace.allocate_basis(state, view, plan, p.device)
+        shape = subspace.projected_shape(view, plan)
+        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        if group["recovery_scaling"] and not plan.full:
+            state["rs_norm"] = torch.zeros((), dtype=torch.float32, device=p.device)
+
+    def _switch(self, new: torch.Tensor, state: dict, group: dict, view: MatrixShardView, plan) -> None:
+        """Install ``new`` as the basis, mapping the moments from the basis held until now."""
+        policy = group["moment_policy"]
+        if policy != "keep":
+            c = change_of_basis(new, state["basis"], plan.side, view.group) if policy != "reset" else None
+            apply_moment_policy(policy, plan.side, c, state["exp_avg"], state["exp_avg_sq"])
+        state["basis"].copy_(new)
+
+    def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
+        plan = subspace.plan(view, group)
+        step = int(state["step"])
+        grad = grad.float()
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if subspace.refresh_due(step, plan, group):
+            index = refresh_index(step, group["update_proj_gap"], plan.phase)
+            new = self._new_basis(grad, state, group, view, plan, step, index)
+            if step == 0:
+                state["basis"].copy_(new)
+            else:
+                self._switch(new, state, group, view, plan)
+        low = subspace.project_grad(grad, state, view, plan)
+        beta1, beta2 = group["betas"]
+        exp_avg.lerp_(low, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+        state["step"] += 1
+        lr = float(group["lr"])
+        direction, step_size = adam_direction(exp_avg, exp_avg_sq, step + 1, beta1, beta2, group["eps"], lr, group["adam_form"])
+        update = subspace.back_project(direction, state, plan)
+        if group["scale"] != 1:
+            update = update * group["scale"]
+        if "rs_norm" in state:
+            update = update + recovery_term(
+                grad, low, direction, state["basis"], plan.side, view, state["rs_norm"], group["norm_growth_limit"]
+            )
+        apply_update(p, update, step_size, lr, group["weight_decay"], group["adam_form"])

@@ -1,0 +1,257 @@
+"""GaLore: parity with torch AdamW and galore-torch, state, checkpoints, and bad input."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from helpers import assert_resume_bit_identical, batch, roundtrip, set_grads, tiny_model, train
+
+import distopt
+from distopt.core import projector, subspace
+
+
+def _grads_like(model, seed):
+    set_grads([p for p in model.parameters()], seed)
+
+
+def test_full_rank_svd_scale1_equals_torch_adamw():
+    model = tiny_model()
+    ref = copy.deepcopy(model)
+    kw = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    ours = distopt.build_optimizer(model, "galore", rank=10_000, refresh="svd", scale=1.0, stagger=False, **kw)
+    adamw = torch.optim.AdamW(ref.parameters(), **kw)
+    for step in range(12):
+        for m in (model, ref):
+            _grads_like(m, step)
+        ours.step()
+        adamw.step()
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _galore_torch_pair(model, rank, gap, scale, lr, wd, betas, eps, **ours_kw):
+    galore_torch = pytest.importorskip("galore_torch")
+    ours = distopt.build_optimizer(
+        model, "galore", lr=lr, rank=rank, update_proj_gap=gap, scale=scale, refresh="svd", stagger=False,
+        betas=betas, eps=eps, weight_decay=wd, **ours_kw,
+    )
+    ref_model = copy.deepcopy(model)
+    by_name = dict(ref_model.named_parameters())
+    groups = []
+    for g in ours.param_groups:
+        params = [by_name[n] for n in g["param_names"]]
+        if g["kind"] == "matrix":
+            groups.append({"params": params, "rank": rank, "update_proj_gap": gap, "scale": scale, "proj_type": "std"})
+        else:
+            groups.append({"params": params})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ref = galore_torch.GaLoreAdamW(groups, lr=lr, weight_decay=wd, betas=betas, eps=eps)
+    return ours, ref_model, ref
+
+
+@pytest.mark.parametrize("adam_form,steps,eps", [("hf", 10, 1e-6), ("torch", 4, 1e-12)])
+def test_reproduces_galore_torch_step_for_step(adam_form, steps, eps):
+    """galore-torch (PyPI) is the oracle. With ``adam_form="hf"`` (its Adam form) the parameters are
+    bit-identical through three SVD refreshes with kept moments. The default torch form adds eps
+    after bias correction (as torch.optim.AdamW does), so it matches when eps is negligible; its
+    rounding differs, and an SVD refresh of a gradient with near-equal singular values can then pick
+    other singular vectors, so that form is compared up to the first re-refresh only."""
+    model = tiny_model()
+    ours, ref_model, ref = _galore_torch_pair(
+        model, rank=6, gap=4, scale=0.25, lr=1e-2, wd=0.01, betas=(0.9, 0.999), eps=eps, adam_form=adam_form,
+    )
+    for step in range(steps):  # refreshes on steps 0, 4 and 8
+        ids = batch(seed=step)
+        for m in (model, ref_model):
+            m(ids, ids).backward()
+        ours.step()
+        ref.step()
+        for m in (model, ref_model):
+            m.zero_grad()
+        for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
+            if adam_form == "hf":
+                assert torch.equal(a, b), f"step {step}: {name}"
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {name}: {m}")
+
+
+def test_defaults_are_randomized_and_staggered():
+    opt = distopt.build_optimizer(tiny_model(), "galore")
+    group = next(g for g in opt.param_groups if g["kind"] == "matrix")
+    assert group["refresh"] == "randomized" and group["stagger"] is True
+
+
+def test_lowers_the_loss():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "galore", lr=1e-2, rank=8, update_proj_gap=10)
+    losses = train(model, opt, 50)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def _galore_bytes(opt):
+    total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if group["kind"] == "adamw":
+                total += 4 + 8 * p.numel()
+                continue
+            m, n = p.shape
+            plan = subspace.plan(opt._views[p], group)
+            if plan.full:
+                total += 8 + 8 * m * n
+            else:
+                d = projector.side_dim(plan.side, (m, n))
+                other = m * n // d
+                total += 8 + 4 * (d * plan.rank + 2 * plan.rank * other)
+    return total
+
+
+@pytest.mark.parametrize("rank,side", [(8, "auto"), (8, "left"), (8, "right"), (1000, "auto")])
+def test_state_bytes_match_the_formula(rank, side):
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "galore", rank=rank, side=side, update_proj_gap=3)
+    opt.allocate_state()
+    before = distopt.state_bytes(opt)
+    train(model, opt, 5)
+    assert distopt.state_bytes(opt) == before == _galore_bytes(opt)
+
+
+def test_low_precision_params_keep_fp32_state():
+    model = tiny_model().to(torch.bfloat16)
+    opt = distopt.build_optimizer(model, "galore", rank=8)
+    train(model, opt, 3)
+    for state in opt.state.values():
+        for key, t in state.items():
+            if key != "step":
+                assert t.dtype == torch.float32
+    assert distopt.state_bytes(opt) == _galore_bytes(opt)
+
+
+def test_state_dict_is_plain_and_keyed_by_name():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "galore", rank=8, update_proj_gap=3)
+    train(model, opt, 2)
+    sd = roundtrip(opt.state_dict())  # weights_only=True
+    assert set(sd["state"]) == {n for n, _ in model.named_parameters()}
+    allowed = (torch.Tensor, int, float, str, bool, type(None))
+
+    def check(value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                assert isinstance(k, str)
+                check(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                check(v)
+        else:
+            assert isinstance(value, allowed), type(value)
+
+    check(sd)
+    assert sd["distopt"]["algorithm"] == "galore"
+
+
+@pytest.mark.parametrize("refresh,policy", [("randomized", "keep"), ("svd", "rotate"), ("random", "transform")])
+def test_resume_is_bit_identical(refresh, policy):
+    assert_resume_bit_identical("galore", lr=1e-2, rank=6, update_proj_gap=3, refresh=refresh, moment_policy=policy)
+
+
+def test_checkpoint_with_other_shapes_or_algorithm_is_refused():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "galore", rank=8)
+    train(model, opt, 1)
+    sd = roundtrip(opt.state_dict())
+    with pytest.raises(ValueError, match="rank"):
+        distopt.build_optimizer(tiny_model(), "galore", rank=4).load_state_dict(sd)
+    with pytest.raises(ValueError, match="'galore'"):
+        distopt.build_optimizer(tiny_model(), "adamw").load_state_dict(sd)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(rank=0), "rank=0"),
+        (dict(rank=-3), "rank=-3"),
+        (dict(rank=2.5), "rank=2.5"),
+        (dict(lr=float("nan")), "lr=nan"),
+        (dict(lr=float("inf")), "lr=inf"),
+        (dict(lr=-1.0), "lr=-1.0"),
+        (dict(update_proj_gap=0), "update_proj_gap"),
+        (dict(refresh="qr"), "refresh='qr'"),
+        (dict(side="up"), "side='up'"),
+        (dict(betas=(0.9, 1.0)), "betas"),
+        (dict(moment_policy="spin"), "moment_policy"),
+        (dict(adam_form="keras"), "adam_form"),
+    ],
+)
+def test_bad_hyperparameters_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        distopt.build_optimizer(tiny_model(), "galore", **kwargs)
+
+
+def test_unknown_optimizer_name():
+    with pytest.raises(ValueError, match=r"unknown optimizer 'glore'.*Did you mean 'galore'"):
+        distopt.build_optimizer(tiny_model(), "glore")
+    assert "galore" in distopt.list_optimizers() and "adamw" in distopt.list_optimizers()
+
+
+class _FlatShardModel(torch.nn.Module):
+    """What ZeRO or FSDP1 hands over: a q_proj weight flattened to 1-D."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj = torch.nn.Module()
+        self.q_proj.weight = torch.nn.Parameter(torch.randn(1380))
+
+
+def test_flat_shard_in_matrix_group_names_cause_and_fix():
+    with pytest.raises(ValueError) as err:
+        distopt.build_optimizer(_FlatShardModel(), "galore")
+    message = str(err.value)
+    assert "q_proj.weight" in message and "(1380,)" in message
+    assert "ZeRO" in message and "distopt.deepspeed.initialize" in message and "FSDP2" in message
+
+
+def test_flat_shard_swapped_in_at_step_time_is_refused():
+    # DeepSpeed replaces param_group["params"] with a flat partition after construction.
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "galore", rank=4)
+    group = next(g for g in opt.param_groups if g["kind"] == "matrix")
+    flat = torch.nn.Parameter(torch.randn(100))
+    flat.grad = torch.randn(100)
+    opt._names[flat] = "flat_partition"
+    group["params"][0] = flat
+    with pytest.raises(ValueError, match="flat 1-D tensor"):
+        opt.step()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_leaves_param_state_and_basis_untouched(bad):
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "galore", rank=6, update_proj_gap=2)
+    train(model, opt, 3)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    emb = model.model.embed_tokens.weight
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state_before = {k: v.clone() for k, v in opt.state[q].items()}
+    emb_state_before = {k: v.clone() for k, v in opt.state[emb].items()}
+    ids = batch(seed=9)
+    model(ids, ids).backward()
+    q.grad[0, 0] = bad
+    emb.grad[3, 1] = bad
+    opt.step()  # step 3 is a refresh step for phase-0 matrices at gap 2? stagger decides; either way untouched
+    assert torch.equal(q, before["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(emb, before["model.embed_tokens.weight"])
+    for key, value in state_before.items():
+        assert torch.equal(opt.state[q][key], value), key
+    for key, value in emb_state_before.items():
+        assert torch.equal(opt.state[emb][key], value), key
+    k = model.model.layers[0].self_attn.k_proj.weight
+    assert not torch.equal(k, before["model.layers.0.self_attn.k_proj.weight"])  # others stepped
+    assert opt.nonfinite_skips == {"model.layers.0.self_attn.q_proj.weight": 1, "model.embed_tokens.weight": 1}
+    opt.zero_grad()
+    losses = train(model, opt, 4)
+    assert all(math.isfinite(x) for x in losses)
+    assert all(torch.isfinite(t).all() for s in opt.state.values() for t in s.values())
