@@ -1,0 +1,68 @@
+"""Shared pieces of the benchmark scripts: environment record, timing, table output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def environment(device: str) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=False).stdout.strip() or None
+    except OSError:
+        commit = None
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
+    return {
+        "device": device, "device_name": name, "torch": torch.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    """Wall time of ``fn()`` in milliseconds, synchronizing the device around it."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def summarize(times_ms: list[float]) -> dict:
+    return {
+        "mean_ms": statistics.fmean(times_ms), "median_ms": statistics.median(times_ms),
+        "max_ms": max(times_ms), "min_ms": min(times_ms), "steps": len(times_ms),
+    }
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """``columns`` are (key, header, format); missing values print as empty cells."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = []
+    for row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            value = row.get(key)
+            cells.append("" if value is None else format(value, fmt))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, rule, *body])
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    return path

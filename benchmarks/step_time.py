@@ -1,0 +1,135 @@
+"""Optimizer step time and state bytes on LLaMA-shaped parameters, all optimizers in one run.
+
+Each optimizer steps the same model with fixed random gradients for one first step (every
+matrix takes its initial basis there) and then a full refresh cycle of ``--gap`` steps, so the
+cycle contains each matrix's refresh exactly once (staggered or not). Reported per optimizer:
+the cycle's mean (amortized) and median step, its worst single step, the first step, and
+``distopt.state_bytes``. Ratios are against torch fused AdamW measured in the same process.
+
+    python benchmarks/step_time.py                       # CPU, small LLaMA shapes
+    python benchmarks/step_time.py --device cuda --shapes 1b --rank 512 --gap 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, markdown_table, summarize, timed, write_json  # noqa: E402
+
+import distopt  # noqa: E402
+from distopt.models import LLAMA_1B, LlamaShape, TinyLlama  # noqa: E402
+
+SHAPES = {
+    "small": LlamaShape(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
+    "60m": LlamaShape(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+    "1b": LLAMA_1B,
+}
+CHOICES = ("adamw-foreach", "adamw-fused", "galore-torch", "galore", "galore-svd")
+
+
+def build(choice: str, model: torch.nn.Module, args) -> torch.optim.Optimizer | None:
+    lr = 1e-3
+    if choice.startswith("adamw"):
+        fused = choice == "adamw-fused"
+        return torch.optim.AdamW(model.parameters(), lr=lr, fused=fused, foreach=not fused)
+    if choice == "galore-torch":
+        try:
+            from galore_torch import GaLoreAdamW
+        except ImportError:
+            print("galore-torch is not installed (pip install galore-torch); skipping it", file=sys.stderr)
+            return None
+        split = distopt.build_optimizer(model, "galore", rank=args.rank)  # routing only
+        groups = [{"params": g["params"]} if g["kind"] == "adamw" else
+                  {"params": g["params"], "rank": args.rank, "update_proj_gap": args.gap, "scale": 0.25, "proj_type": "std"}
+                  for g in split.param_groups]
+        del split
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return GaLoreAdamW(groups, lr=lr)
+    extra = dict(refresh="svd", stagger=False) if choice == "galore-svd" else {}
+    return distopt.build_optimizer(model, "galore", lr=lr, rank=args.rank, update_proj_gap=args.gap, **extra)
+
+
+def measure(choice: str, args) -> dict | None:
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = TinyLlama(SHAPES[args.shapes])
+    optimizer = build(choice, model, args)
+    if optimizer is None:
+        return None
+    generator = torch.Generator(device=args.device).manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator, device=args.device) * 1e-3
+    first = timed(optimizer.step, args.device)
+    cycle = []
+    for step in range(args.gap):
+        cycle.append(timed(optimizer.step, args.device))
+        if args.progress and step % max(1, args.gap // 10) == 0:
+            print(f"  {choice}: step {step + 1}/{args.gap}", file=sys.stderr)
+    row = {"optimizer": choice, "first_ms": first, **summarize(cycle), "state_bytes": distopt.state_bytes(optimizer),
+           "params": sum(p.numel() for p in model.parameters())}
+    row["state_bytes_per_param"] = row["state_bytes"] / row["params"]
+    if args.device.startswith("cuda"):
+        row["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    del optimizer, model
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default=None, help="default: small on cpu, 1b on cuda")
+    parser.add_argument("--rank", type=int, default=None, help="default: 64 on cpu, 512 on cuda")
+    parser.add_argument("--gap", type=int, default=None, help="update_proj_gap = measured cycle length (default 20 cpu, 200 cuda)")
+    parser.add_argument("--optimizers", default=",".join(CHOICES), help=f"comma list from {CHOICES}")
+    parser.add_argument("--out", default="runs/bench/step_time.json")
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    args.shapes = args.shapes or ("1b" if cuda else "small")
+    args.rank = args.rank or (512 if cuda else 64)
+    args.gap = args.gap or (200 if cuda else 20)
+    choices = [c.strip() for c in args.optimizers.split(",") if c.strip()]
+    unknown = set(choices) - set(CHOICES)
+    if unknown:
+        parser.error(f"unknown optimizers {sorted(unknown)}; choose from {CHOICES}")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    rows = [row for choice in choices if (row := measure(choice, args)) is not None]
+    baseline = next((r for r in rows if r["optimizer"] == "adamw-fused"), None)
+    for row in rows:
+        if baseline:
+            row["amortized_vs_fused_adamw"] = row["mean_ms"] / baseline["mean_ms"]
+            row["state_vs_adamw"] = row["state_bytes"] / baseline["state_bytes"]
+        row["max_vs_median"] = row["max_ms"] / row["median_ms"]
+    payload = {"benchmark": "step_time", "env": environment(args.device),
+               "settings": {"shapes": args.shapes, "rank": args.rank, "gap": args.gap, "lr": 1e-3, "tf32": False},
+               "results": rows}
+    path = write_json(args.out, payload)
+    print(markdown_table(rows, [
+        ("optimizer", "optimizer", "s"), ("mean_ms", "amortized ms", ".2f"), ("median_ms", "median ms", ".2f"),
+        ("max_ms", "worst ms", ".2f"), ("first_ms", "first ms", ".1f"), ("max_vs_median", "worst/median", ".2f"),
+        ("amortized_vs_fused_adamw", "x fused AdamW", ".2f"), ("state_bytes_per_param", "state B/param", ".2f"),
+        ("state_vs_adamw", "state x AdamW", ".3f"),
+    ]))
+    print(f"\n{payload['env']['device_name']} | torch {payload['env']['torch']} | shapes {args.shapes} "
+          f"| rank {args.rank} | gap {args.gap} | JSON: {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
