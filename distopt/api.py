@@ -20,6 +20,17 @@ def list_optimizers() -> list[str]:
     return sorted(REGISTRY)
 
 
+def _refuse_flat_parameter_engines(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            raise ValueError(
+                "the model is wrapped in FSDP1 (FullyShardedDataParallel), which hands optimizers flat 1-D "
+                "FlatParameter shards with row boundaries lost. Use FSDP2 instead: "
+                "`from torch.distributed.fsdp import fully_shard`, call fully_shard(layer) on each block and "
+                "fully_shard(model), then build_optimizer(model, ...)."
+            )
+
+
 def _global_shape(p: torch.Tensor) -> tuple[int, ...]:
     # DeepSpeed zero.Init placeholders are empty with the true shape in ds_shape.
     return tuple(getattr(p, "ds_shape", p.shape))
@@ -48,6 +59,7 @@ def build_optimizer(
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown optimizer {name!r}; choose one of {list_optimizers()}.{hint}")
     cls = REGISTRY[name]
+    _refuse_flat_parameter_engines(model)
     # Algorithms that need the model itself (RSO reparametrizes linears in place, Adam-mini reads
     # head counts) do it here, before parameters are collected.
     hparams = cls.prepare_model(model, dict(hparams))

@@ -13,6 +13,9 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+# torch >= 2.10 renamed all_gather_into_tensor; keep working on older releases.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 _bytes: Counter = Counter()
 _calls: Counter = Counter()
 
@@ -75,10 +78,10 @@ def all_gather_stacked(tensor: torch.Tensor, group) -> torch.Tensor:
     if group is None or dist.get_world_size(group) == 1:
         return tensor.unsqueeze(0)
     size = dist.get_world_size(group)
-    out = tensor.new_empty((size, *tensor.shape))
+    out = tensor.new_empty((size * tensor.numel(),))  # flat: gloo wants the inputs concatenated
     _record("all_gather", tensor)
-    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
-    return out
+    dist.all_gather_into_tensor(out, tensor.contiguous().reshape(-1), group=group)
+    return out.view(size, *tensor.shape)
 
 
 def all_gather_rows(local: torch.Tensor, row_counts: list[int], group) -> torch.Tensor:
@@ -90,3 +93,19 @@ def all_gather_rows(local: torch.Tensor, row_counts: list[int], group) -> torch.
     padded[: local.shape[0]] = local
     stacked = all_gather_stacked(padded, group)
     return torch.cat([stacked[i, :count] for i, count in enumerate(row_counts)], dim=0)
+
+
+def gather_rows(local: torch.Tensor, row_counts: list[int], dst_rank: int, group) -> torch.Tensor | None:
+    """Reassemble a row-sharded matrix on ``dst_rank`` only (``None`` elsewhere)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return local
+    width = max(row_counts)
+    padded = local.new_zeros((width, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    me = dist.get_rank(group)
+    buffers = [torch.empty_like(padded) for _ in row_counts] if me == dst_rank else None
+    _record("gather", padded)
+    dist.gather(padded, buffers, dst=dist.get_global_rank(group, dst_rank), group=group)
+    if me != dst_rank:
+        return None
+    return torch.cat([b[:count] for b, count in zip(buffers, row_counts)], dim=0)

@@ -70,11 +70,20 @@ def rotate_projected(low: torch.Tensor, c: torch.Tensor, side: str) -> torch.Ten
 
 
 def svd_basis(g: torch.Tensor, view: MatrixShardView, side: str, r: int) -> torch.Tensor:
-    full = comm.all_gather_rows(g.float(), list(view.row_counts), view.group)
-    u, _, vh = torch.linalg.svd(full, full_matrices=False)
-    if side == "right":
-        return vh[:r].T.contiguous()
-    return u[view.row_start : view.row_end, :r].contiguous()
+    """Exact basis from ``torch.linalg.svd`` of the fp32 gradient (its singular vectors, signs
+    included). Row-sharded: the view's owner gathers the matrix (one collective), factors it, and
+    broadcasts the basis."""
+    full = comm.gather_rows(g.float(), list(view.row_counts), view.owner, view.group)
+    dim = view.n if side == "right" else view.m
+    if full is not None:
+        u, _, vh = torch.linalg.svd(full, full_matrices=False)
+        basis = vh[:r].T.contiguous() if side == "right" else u[:, :r].contiguous()
+    else:
+        basis = torch.empty((dim, r), dtype=torch.float32, device=g.device)
+    comm.broadcast(basis, view.owner, view.group)
+    if side == "left":
+        basis = basis[view.row_start : view.row_end].contiguous()
+    return basis
 
 
 def random_basis(view: MatrixShardView, side: str, r: int, seed: int, device) -> torch.Tensor:

@@ -20,6 +20,9 @@ class MatrixShardView:
     row_end: int | None = None
     group: object = None  # torch.distributed.ProcessGroup, or None when the rows are all here
     row_counts: tuple[int, ...] = field(default=())  # rows held by each rank of ``group``
+    mesh: object = None  # DeviceMesh of a DTensor parameter, to wrap row-sharded state for DCP
+    placements: tuple = ()
+    owner: int = 0  # rank in ``group`` that does this matrix's whole-matrix work (exact SVD)
 
     def __post_init__(self):
         if len(self.global_shape) != 2:
@@ -53,3 +56,59 @@ def whole_matrix_view(name: str, tensor: torch.Tensor) -> MatrixShardView:
     if tensor.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D matrix, got shape {tuple(tensor.shape)}")
     return MatrixShardView(name=name, global_shape=(tensor.shape[0], tensor.shape[1]))
+
+
+def is_dtensor(tensor) -> bool:
+    return hasattr(tensor, "_local_tensor") and hasattr(tensor, "device_mesh")
+
+
+def local(tensor):
+    """This rank's part of a DTensor (sharing its storage), or the tensor itself."""
+    return tensor._local_tensor if is_dtensor(tensor) else tensor
+
+
+def chunk_rows(m: int, parts: int) -> tuple[int, ...]:
+    """Rows per rank when ``m`` rows are split like ``torch.chunk`` (FSDP2's ``Shard(0)``)."""
+    size = -(-m // parts) if m else 0
+    return tuple(max(0, min(size, m - i * size)) for i in range(parts))
+
+
+def dtensor_view(name: str, tensor) -> MatrixShardView:
+    """View of a DTensor matrix sharded by rows: ``Shard(0)`` on a 1-D mesh (FSDP2), or
+    ``(Replicate(), Shard(0))`` on a 2-D mesh (HSDP). Replicated mesh dimensions need no optimizer
+    communication, since gradients are already averaged over them."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    shape = tuple(tensor.shape)
+    if len(shape) != 2:
+        raise ValueError(f"{name}: expected a 2-D DTensor, got global shape {shape}")
+    mesh, placements = tensor.device_mesh, tuple(tensor.placements)
+    shard_dims = [i for i, pl in enumerate(placements) if isinstance(pl, Shard)]
+    others = [pl for pl in placements if not isinstance(pl, (Shard, Replicate))]
+    if others or len(shard_dims) > 1 or any(placements[i].dim != 0 for i in shard_dims):
+        raise ValueError(
+            f"{name}: DTensor placements {placements} are not supported. distopt handles Shard(0) row "
+            "shards on one mesh dimension (FSDP2 fully_shard, or HSDP with (Replicate(), Shard(0))); "
+            "use fully_shard's default dim-0 sharding, without tensor parallelism on this weight."
+        )
+    if not shard_dims:
+        return MatrixShardView(name=name, global_shape=shape)
+    mesh_dim = shard_dims[0]
+    group = mesh.get_group(mesh_dim)
+    counts = chunk_rows(shape[0], mesh.size(mesh_dim))
+    me = mesh.get_local_rank(mesh_dim)
+    start = sum(counts[:me])
+    return MatrixShardView(name=name, global_shape=shape, row_start=start, row_end=start + counts[me],
+                           group=group, row_counts=counts, mesh=mesh, placements=placements)
+
+
+def lpt_owners(costs: dict[str, float], ranks: int) -> dict[str, int]:
+    """Longest-processing-time assignment of named jobs to ranks: biggest first, to the least
+    loaded rank. Sorted by (cost, name), so every rank computes the same answer."""
+    load = [0.0] * ranks
+    owners = {}
+    for name in sorted(costs, key=lambda k: (-costs[k], k)):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += costs[name]
+    return owners

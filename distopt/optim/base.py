@@ -10,6 +10,7 @@ skipping parameters whose gradient is not finite, and a state dict keyed by para
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -17,7 +18,7 @@ import torch
 from torch.optim.adamw import adamw as _functional_adamw
 
 from ..core import comm
-from ..core.shard import MatrixShardView, whole_matrix_view
+from ..core.shard import MatrixShardView, dtensor_view, is_dtensor, local, lpt_owners, whole_matrix_view
 
 logger = logging.getLogger("distopt")
 
@@ -145,15 +146,28 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"parameter name {name!r} appears twice")
             self._names[p] = name
             self._roles[p] = role
+            if is_dtensor(p):  # algorithms receive the local shard
+                self._roles[local(p)] = role
             if group["kind"] == "matrix":
                 self._views[p] = self._make_view(name, p)
+        self._assign_owners(group)
+
+    def _assign_owners(self, group: dict) -> None:
+        """Spread whole-matrix work (exact SVD refreshes) of row-sharded matrices over the ranks
+        holding them, balanced by cost (LPT)."""
+        sharded = [p for p in group["params"] if p in self._views and self._views[p].sharded]
+        if not sharded:
+            return
+        views = {self._views[p].name: self._views[p] for p in sharded}
+        ranks = len(next(iter(views.values())).row_counts)
+        costs = {name: v.m * v.n * min(v.m, v.n) for name, v in views.items()}
+        owners = lpt_owners(costs, ranks)
+        for p in sharded:
+            self._views[p] = dataclasses.replace(self._views[p], owner=owners[self._views[p].name])
 
     def _make_view(self, name: str, p: torch.Tensor) -> MatrixShardView:
-        if type(p).__name__ == "DTensor" or hasattr(p, "_local_tensor"):
-            raise NotImplementedError(
-                f"{name!r} is a DTensor (FSDP2/TP). Sharded execution is not available in this build; "
-                "train it unsharded, or route it element-wise with rules=[(pattern, 'other')]."
-            )
+        if is_dtensor(p):
+            return dtensor_view(name, p)
         shape = tuple(getattr(p, "ds_shape", p.shape))
         if len(shape) != 2:
             raise flat_shard_error(name, shape)
@@ -181,8 +195,18 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         return self._names[p]
 
     def param_role(self, p: torch.Tensor) -> str:
-        """Routing role (``q``, ``v``, ``mlp_in``, ``embedding``, ...; see ``core.routing``)."""
+        """Routing role (``q``, ``v``, ``mlp_in``, ``embedding``, ...; see ``core.routing``) of a
+        parameter, or of the local shard an algorithm receives."""
         return self._roles[p]
+
+    def role_by_name(self, name: str) -> str:
+        """Routing role of the parameter called ``name`` (a view's ``name``). Unlike
+        :meth:`param_role` it also works for tensors that are not registered, such as the meta
+        tensors ``_init_matrix_state`` is called with to find which state is row-sharded."""
+        table = self.__dict__.setdefault("_role_by_name", {})
+        if name not in table:
+            table.update({n: self._roles[p] for p, n in self._names.items()})
+        return table[name]
 
     @torch.no_grad()
     def allocate_state(self) -> None:
@@ -196,13 +220,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 if state:
                     continue
+                # State lives on this rank's shard as plain tensors; state_dict() wraps it for DCP.
                 if group["kind"] == "adamw":
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(local(p), dtype=torch.float32, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(local(p), dtype=torch.float32, memory_format=torch.preserve_format)
                 else:
                     state["step"] = torch.tensor(0, dtype=torch.int64)
-                    self._init_matrix_state(p, state, group, self._views[p])
+                    self._init_matrix_state(local(p), state, group, self._views[p])
 
     # -- step -------------------------------------------------------------------------------
     def _finite_params(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -212,11 +237,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         """
         if not params:
             return params
-        peaks = torch.stack([p.grad.detach().abs().amax().float() if p.grad.numel() else p.grad.new_zeros((), dtype=torch.float32) for p in params])
+        grads = [local(p.grad) for p in params]
+        peaks = torch.stack([g.abs().amax().float() if g.numel() else g.new_zeros((), dtype=torch.float32) for g in grads])
         bad = (~torch.isfinite(peaks)).float()
-        groups = {self._views[p].group for p in params if p in self._views} - {None}
-        for pg in groups:  # every holder of a shard must take the same decision
-            comm.all_reduce_max(bad, pg)
+        if any(is_dtensor(p) for p in params):
+            # Every holder of a shard must take the same decision; FSDP2 steps all ranks together.
+            comm.all_reduce_max(bad, torch.distributed.group.WORLD)
         keep = []
         for p, flag in zip(params, bad.tolist()):
             if flag:
@@ -247,25 +273,28 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 self._adamw_step(group, params)
             else:
                 for p in params:
-                    self._matrix_step(p, p.grad, self.state[p], group, self._views[p])
+                    self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
         return loss
 
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        grads = [local(p.grad) for p in params]
+        params = [local(p) for p in params]  # this rank's shards
         beta1, beta2 = group["betas"]
         lr, eps, wd, form = float(group["lr"]), group["eps"], group["weight_decay"], group.get("adam_form", "torch")
         if form == "torch":
-            native = [p for p in params if p.dtype == torch.float32]
+            native = [i for i, p in enumerate(params) if p.dtype == torch.float32]
             if native:
-                states = [self.state[p] for p in native]
                 _functional_adamw(
-                    native, [p.grad for p in native], [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
+                    [params[i] for i in native], [grads[i] for i in native], [states[i]["exp_avg"] for i in native],
+                    [states[i]["exp_avg_sq"] for i in native], [], [states[i]["step"] for i in native],
                     amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd, eps=eps, maximize=False,
                 )
-            params = [p for p in params if p.dtype != torch.float32]
-        for p in params:  # fp32 math for low-precision parameters, and the hf form
-            state = self.state[p]
-            grad = p.grad.float()
+            rest = [i for i, p in enumerate(params) if p.dtype != torch.float32]
+        else:
+            rest = range(len(params))
+        for i in rest:  # fp32 math for low-precision parameters, and the hf form
+            p, state, grad = params[i], states[i], grads[i].float()
             state["step"] += 1
             update_moments(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2, form)
             direction, step_size = adam_direction(state["exp_avg"], state["exp_avg_sq"], int(state["step"]), beta1, beta2, eps, lr, form)
@@ -282,10 +311,67 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if group["kind"] == "matrix"
         ]
 
+    def _row_sharded_keys(self, p: torch.Tensor, group: dict) -> dict[str, tuple[int, ...]]:
+        """Global shapes of a sharded matrix's row-sharded state tensors (the others are replicated).
+
+        Found by allocating the state on the meta device twice, for the whole matrix and for a
+        shard of zero rows: what changes with the row count is row-sharded. The answer depends on
+        the algorithm and the global shape only, so every rank agrees.
+        """
+        cache = self.__dict__.setdefault("_row_keys_cache", {})
+        if p not in cache:
+            view = self._views[p]
+            full, empty = {}, {}
+            meta = torch.empty(view.global_shape, device="meta", dtype=torch.float32)
+            self._init_matrix_state(meta, full, group, MatrixShardView(view.name, view.global_shape))
+            self._init_matrix_state(meta[:0], empty, group, MatrixShardView(view.name, view.global_shape, 0, 0))
+            cache[p] = {k: tuple(v.shape) for k, v in full.items() if tuple(v.shape) != tuple(empty[k].shape)}
+        return cache[p]
+
+    def _export(self, p: torch.Tensor, group: dict, state: dict) -> dict:
+        """Wrap this rank's state of a DTensor parameter into DTensors DCP can reshard."""
+        if not is_dtensor(p):
+            return dict(state)
+        from torch.distributed.tensor import DTensor
+
+        def wrap(t, mesh, placements, shape):
+            stride = torch.empty(shape, device="meta").stride()
+            return DTensor.from_local(t, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
+
+        if group["kind"] == "adamw":
+            return {k: (wrap(t, p.device_mesh, p.placements, tuple(p.shape)) if t.dim() else t) for k, t in state.items()}
+        view, rows = self._views[p], self._row_sharded_keys(p, group)
+        return {k: (wrap(t, view.mesh, view.placements, rows[k]) if k in rows and view.sharded else t)
+                for k, t in state.items()}
+
+    def _import(self, p: torch.Tensor, group: dict, key: str, value: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a saved state tensor: a DTensor's local shard, or rows of a full tensor."""
+        if is_dtensor(value):
+            return value.to_local()
+        target = self.state[p][key]
+        if not is_dtensor(p) or tuple(value.shape) == tuple(target.shape):
+            return value
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        if group["kind"] == "adamw":
+            mesh, placements = p.device_mesh, p.placements
+        else:
+            view = self._views[p]
+            if key not in self._row_sharded_keys(p, group):
+                return value
+            mesh, placements = view.mesh, view.placements
+        shape, offset = compute_local_shape_and_global_offset(tuple(value.shape), mesh, placements)
+        return value[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
     def state_dict(self) -> dict:
-        """Tensors and plain values only, keyed by parameter name; loads with ``weights_only=True``."""
+        """Tensors and plain values only, keyed by parameter name; loads with ``weights_only=True``.
+
+        For DTensor (FSDP2) parameters, row-sharded state comes back as DTensors with the
+        parameter's placement, so ``torch.distributed.checkpoint`` saves and reshards it.
+        """
         self.allocate_state()
-        state = {self._names[p]: dict(s) for p, s in self.state.items()}
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        state = {self._names[p]: self._export(p, group_of[p], s) for p, s in self.state.items()}
         groups = []
         for group in self.param_groups:
             saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k not in ("params", "param_names")}
@@ -323,11 +409,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if unknown or missing:
             raise ValueError(f"checkpoint parameters do not match: unknown {unknown[:5]}, missing {missing[:5]}")
         self.allocate_state()
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
         for name, entries in saved_state.items():
-            target = self.state[by_name[name]]
+            p = by_name[name]
+            target = self.state[p]
             if set(entries) != set(target):
                 raise ValueError(f"{name}: checkpoint state keys {sorted(entries)} differ from {sorted(target)}")
             for key, value in entries.items():
+                value = self._import(p, group_of[p], key, value)
                 if tuple(value.shape) != tuple(target[key].shape):
                     raise ValueError(f"{name}.{key}: checkpoint shape {tuple(value.shape)} != {tuple(target[key].shape)}")
                 target[key].copy_(value)

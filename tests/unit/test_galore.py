@@ -193,8 +193,8 @@ def test_bad_hyperparameters_are_refused(kwargs, match):
 
 
 def test_unknown_optimizer_name():
-    with pytest.raises(ValueError, match=r"unknown optimizer 'glore'.*Did you mean 'galore'"):
-        distopt.build_optimizer(tiny_model(), "glore")
+    with pytest.raises(ValueError, match=r"unknown optimizer 'galor'.*Did you mean 'galore'"):
+        distopt.build_optimizer(tiny_model(), "galor")
     assert "galore" in distopt.list_optimizers() and "adamw" in distopt.list_optimizers()
 
 

@@ -1,0 +1,167 @@
+"""FSDP2: every optimizer gives the 1-process numbers on 2 and 3 gloo ranks, with uneven row shards
+(53 rows -> 27/26 and 18/18/17; 37 -> 13/13/11), a rank-local step, and checkpoints that resume
+on another world size. Tolerance: the only allowed difference is the summation order of
+reductions (float32), compounded over 10 steps."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+
+import distopt
+from distopt import checkpoint
+from distopt.core import comm
+
+from .common import OddNet, build, full_params, shard, train_steps
+from .harness import run_ranks
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 10
+NAMES = distopt.list_optimizers()
+RTOL, ATOL = 1e-4, 2e-5
+
+
+def _reference(name, steps=STEPS):
+    model = OddNet()
+    opt = build(model, name)
+    train_steps(model, opt, steps)
+    return full_params(model)
+
+
+def _parity_worker(rank, world_size, names, steps, mesh_shape):
+    out = {}
+    for name in names:
+        try:
+            model = shard(OddNet(), world_size, mesh_shape)
+            opt = build(model, name)
+            train_steps(model, opt, steps, rank, world_size)
+            out[name] = full_params(model)
+        except Exception:  # noqa: BLE001 - one optimizer's failure must not hide the others'
+            out[name] = traceback.format_exc()
+    return out
+
+
+def _compare(results: dict, names) -> list[str]:
+    problems = []
+    for name in names:
+        got = results[name]
+        if isinstance(got, str):
+            problems.append(f"{name}: raised\n{got}")
+            continue
+        want = _reference(name)
+        for key, value in want.items():
+            if not torch.allclose(got[key], value, rtol=RTOL, atol=ATOL):
+                diff = (got[key] - value).abs().max().item()
+                problems.append(f"{name}: {key} differs by {diff:.3g}")
+                break
+    return problems
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_optimizer_matches_one_process(world_size):
+    results = run_ranks(world_size, _parity_worker, NAMES, STEPS, None)[0]
+    problems = _compare(results, NAMES)
+    assert not problems, "\n".join(problems)
+
+
+def test_hsdp_replicate_dimension_does_not_change_the_numbers():
+    names = ["galore", "adamw"]
+    results = run_ranks(4, _parity_worker, names, STEPS, (2, 2))[0]
+    problems = _compare(results, names)
+    assert not problems, "\n".join(problems)
+
+
+def _state_worker(rank, world_size):
+    model = shard(OddNet(), world_size)
+    opt = distopt.build_optimizer(model, "galore", rank=5, update_proj_gap=3, refresh="randomized")
+    with comm.counting() as traffic:
+        train_steps(model, opt, 4, rank, world_size)
+    return {"bytes": distopt.state_bytes(opt), "traffic": traffic()}
+
+
+def test_state_is_sharded_and_per_step_traffic_is_small():
+    one = OddNet()
+    opt = distopt.build_optimizer(one, "galore", rank=5, update_proj_gap=3)
+    train_steps(one, opt, 1)
+    single = distopt.state_bytes(opt)
+    per_rank = run_ranks(2, _state_worker)
+    total = sum(r["bytes"] for r in per_rank)
+    # Only the replicated right bases (n x r) and step counters are held twice.
+    assert single < total < 1.25 * single
+    for r in per_rank:
+        assert r["bytes"] < 0.65 * single
+        assert set(r["traffic"]["bytes"]) <= {"all_reduce", "all_gather", "gather", "broadcast"}
+
+
+def _save_worker(rank, world_size, path):
+    model = shard(OddNet(), world_size)
+    opt = build(model, "galore")
+    train_steps(model, opt, 5, rank, world_size)
+    checkpoint.save(path, model, opt, extra={"step": 5})
+
+
+def _resume_worker(rank, world_size, path, name="galore", rank_hparam=None):
+    model = shard(OddNet(), world_size) if world_size > 1 else OddNet(seed=7)
+    hp = {} if rank_hparam is None else {"rank": rank_hparam}
+    opt = distopt.build_optimizer(model, name, **{**build_kwargs(name), **hp})
+    extra = checkpoint.load(path, model, opt, extra={"step": 0})
+    train_steps(model, opt, 5, rank, world_size, start=extra["step"])
+    return full_params(model)
+
+
+def build_kwargs(name):
+    from .common import hparams
+
+    return hparams(name)
+
+
+def test_checkpoint_saved_on_two_ranks_resumes_on_three_and_on_one(tmp_path):
+    path = tmp_path / "ckpt"
+    run_ranks(2, _save_worker, str(path))
+    assert checkpoint.is_complete(path)
+    want = _reference("galore", steps=10)
+    on_three = run_ranks(3, _resume_worker, str(path))[0]
+    on_one = run_ranks(1, _resume_worker, str(path))[0]
+    for got in (on_three, on_one):
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=RTOL, atol=ATOL, msg=key)
+
+
+def test_checkpoint_with_other_hyperparameters_is_refused(tmp_path):
+    path = tmp_path / "ckpt"
+    run_ranks(2, _save_worker, str(path))
+    with pytest.raises(AssertionError, match="rank"):
+        run_ranks(2, _resume_worker, str(path), "galore", 3)
+    with pytest.raises(AssertionError, match="'galore'"):
+        run_ranks(1, _resume_worker, str(path), "adamw")
+
+
+def test_interrupted_save_never_loads(tmp_path):
+    path = tmp_path / "ckpt"
+    run_ranks(2, _save_worker, str(path))
+    partial = tmp_path / "ckpt2"
+    (tmp_path / "ckpt").rename(partial.with_name("ckpt2.tmp"))  # what a killed save leaves behind
+    assert not checkpoint.is_complete(partial)
+    model = OddNet()
+    with pytest.raises(FileNotFoundError, match="not a complete distopt checkpoint"):
+        checkpoint.load(partial, model, build(model, "galore"))
+
+
+def _fsdp1_worker(rank, world_size):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = FullyShardedDataParallel(OddNet(), device_id=torch.device("cpu"), use_orig_params=True)
+    try:
+        distopt.build_optimizer(model, "galore")
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_fsdp1_is_refused_with_a_pointer_to_fsdp2():
+    message = run_ranks(2, _fsdp1_worker)[0]
+    assert message is not None, "FSDP1 was accepted"
+    assert "FSDP1" in message and "fully_shard" in message
