@@ -36,6 +36,21 @@ def _global_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))
 
 
+def name_parameters(model: nn.Module, rules=None, use_default_rules: bool = True) -> dict[str, str]:
+    """Give every trainable parameter its name and routing role, as attributes on the tensor.
+
+    Wrappers that build the optimizer from bare parameters (``ZeroRedundancyOptimizer``, fairscale
+    ``OSS``) then still key state, seeds and refresh phases by name. Returns ``{name: role}``.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters")
+    roles = assign_roles([n for n, _ in named], rules, use_default_rules)
+    for n, p in named:
+        p._distopt_name, p._distopt_role = n, roles[n]
+    return roles
+
+
 def build_optimizer(
     model: nn.Module,
     name: str,
@@ -63,12 +78,11 @@ def build_optimizer(
     # Algorithms that need the model itself (RSO reparametrizes linears in place, Adam-mini reads
     # head counts) do it here, before parameters are collected.
     hparams = cls.prepare_model(model, dict(hparams))
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("the model has no trainable parameters")
-    roles = assign_roles([n for n, _ in named], rules, use_default_rules)
+    roles = name_parameters(model, rules, use_default_rules)
     matrix, element = [], []
-    for n, p in named:
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         if roles[n] in cls.matrix_roles:
             shape = _global_shape(p)
             if len(shape) != 2:
@@ -83,7 +97,6 @@ def build_optimizer(
     if matrix:
         groups.append({"params": [p for _, p in matrix], "param_names": [n for n, _ in matrix],
                        "kind": "matrix", "roles": [roles[n] for n, _ in matrix]})
-    # Keywords the element-wise group does not take (rank, ...) only ride on the matrix group.
     try:
         optimizer = cls(groups, **hparams)
     except TypeError as err:

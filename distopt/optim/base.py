@@ -109,25 +109,28 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self.nonfinite_skips: dict[str, int] = {}
         super().__init__(groups, defaults)
 
-    @staticmethod
-    def _split_unnamed(groups: list[dict]) -> list[dict]:
-        """Groups built without names (``Opt(model.parameters())``) get ``param<i>`` names, and are
-        split by dimensionality into matrix and element-wise groups."""
+    def _split_unnamed(self, groups: list[dict]) -> list[dict]:
+        """Groups built from bare parameters (``Opt(model.parameters())``, or inside
+        ZeroRedundancyOptimizer / fairscale OSS) take the names and roles that
+        ``distopt.name_parameters`` tagged on the tensors, else ``param<i>`` and a split by
+        dimensionality, and are divided into matrix and element-wise groups."""
         out = []
         counter = 0
         for group in groups:
             group = dict(group)
             params = list(group["params"])
-            if "param_names" in group and "kind" in group:
-                group["params"] = params
-                out.append(group)
-                continue
-            names = group.pop("param_names", None) or [f"param{counter + i}" for i in range(len(params))]
+            given = group.pop("param_names", None)
+            names = [given[i] if given else getattr(p, "_distopt_name", f"param{counter + i}") for i, p in enumerate(params)]
+            roles = group.pop("roles", None) or [getattr(p, "_distopt_role", "matrix" if p.dim() == 2 else "other") for p in params]
             counter += len(params)
+            if "kind" in group:  # the caller chose the kind: keep the group as it is, even if empty
+                out.append({**group, "params": params, "param_names": names, "roles": roles})
+                continue
             for kind in ("adamw", "matrix"):
-                picked = [(p, n) for p, n in zip(params, names) if (p.dim() == 2) == (kind == "matrix")]
+                picked = [i for i, p in enumerate(params) if (roles[i] in self.matrix_roles and p.dim() == 2) == (kind == "matrix")]
                 if picked:
-                    out.append({**group, "params": [p for p, _ in picked], "param_names": [n for _, n in picked], "kind": kind})
+                    out.append({**group, "params": [params[i] for i in picked], "param_names": [names[i] for i in picked],
+                                "roles": [roles[i] for i in picked], "kind": kind})
         return out
 
     def add_param_group(self, param_group: dict) -> None:

@@ -1,0 +1,1 @@
+"""Engine adapters: each turns what an engine hands over into shard views for the algorithms."""
