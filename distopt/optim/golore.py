@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..core.projector import REFRESH_METHODS
 from ..core.shard import MatrixShardView
 from .projected import ProjectedAdam
 
@@ -86,8 +85,6 @@ class GoLore(ProjectedAdam):
         steps = group["galore_steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"galore_steps={steps!r}: must be a non-negative integer number of steps")
-        if group["galore_refresh"] not in REFRESH_METHODS:
-            raise ValueError(f"galore_refresh={group['galore_refresh']!r} is not one of {REFRESH_METHODS}")
 
     def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
         if step < group["galore_steps"]:

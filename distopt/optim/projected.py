@@ -14,7 +14,7 @@ import torch
 from ..core import subspace
 from ..core.linalg import stable_seed
 from ..core.moments import apply_moment_policy
-from ..core.projector import change_of_basis, random_basis, randomized_basis, svd_basis
+from ..core.projector import REFRESH_METHODS, change_of_basis, random_basis, randomized_basis, svd_basis
 from ..core.recovery import check_recovery_hparams, recovery_term
 from ..core.routing import LINEAR_ROLES
 from ..core.schedule import refresh_index
@@ -41,7 +41,10 @@ class ProjectedAdam(SubspaceOptimizer):
 
     # -- validation ----------------------------------------------------------------------------
     def _check_matrix_hparams(self, group: dict) -> None:
-        subspace.check_subspace_hparams({**group, "refresh": group[self.data_method_key]})
+        key = self.data_method_key
+        if group[key] not in REFRESH_METHODS:
+            raise ValueError(f"{key}={group[key]!r} is not one of {REFRESH_METHODS}")
+        subspace.check_subspace_hparams({**group, "refresh": group[key]})
         scale = group["scale"]
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"scale={scale!r}: must be a finite number")

@@ -1,0 +1,349 @@
+"""RSO: randomized subspace optimization (Chen, Zhang, Liu, Yuan, Wen; ICML 2025).
+
+Each attention/MLP linear becomes ``y = x W^T + (x P) B``: ``W`` frozen, ``P`` a random
+``in x r`` matrix, ``B`` (``r x out``) the only trained factor. Every ``tau`` steps the increment
+is merged (``W += (P B)^T``), ``B`` restarts from zero with a new ``P`` and fresh Adam states.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.linalg import haar_basis, seeded_gaussian, stable_seed
+from ..core.routing import LINEAR_ROLES, assign_roles
+from ..core.schedule import is_refresh_step, refresh_index, refresh_phase
+from ..core.shard import MatrixShardView
+from .base import SubspaceOptimizer, adam_direction, apply_update, check_common_hparams
+
+PROJECTIONS = ("haar", "gaussian")
+DEFAULT_RANK = 128
+DEFAULT_PROJECTION = "haar"
+DEFAULT_SCALE = 1.0
+DEFAULT_SEED = 0
+
+
+def sample_projection(in_features: int, rank: int, kind: str, scale: float, seed: int, device=None) -> torch.Tensor:
+    """``P`` (``in x r``, fp32) with ``P^T P = (in/r) I`` (``haar``) or i.i.d. ``N(0, 1/r)`` entries
+    (``gaussian``, the same in expectation), times ``scale``; ``E[P P^T] = scale^2 I`` either way."""
+    if kind == "haar":
+        proj = haar_basis(in_features, rank, seed, device) * math.sqrt(in_features / rank)
+    else:
+        proj = seeded_gaussian((in_features, rank), seed, device) / math.sqrt(rank)
+    return proj * scale if scale != 1 else proj
+
+
+class _SubspaceLinearFn(torch.autograd.Function):
+    """``y = x W^T + (x P) B`` saving only ``x P`` besides the weights.
+
+    The gradient of ``B`` is ``(x P)^T dy`` (``r x out``) and the input gradient
+    ``dy W + (dy B^T) P^T`` needs weights only, so no ``s x in`` activation is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, proj, factor):
+        xp = x @ proj.to(x.dtype)
+        y = F.linear(x, weight) + xp @ factor.to(x.dtype)
+        ctx.save_for_backward(xp, weight, proj, factor)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xp, weight, proj, factor = ctx.saved_tensors
+        grad_x = grad_factor = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ weight.to(grad_out.dtype) + (grad_out @ factor.T.to(grad_out.dtype)) @ proj.T.to(grad_out.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_factor = (xp.reshape(-1, xp.shape[-1]).T @ grad_out.reshape(-1, grad_out.shape[-1])).to(factor.dtype)
+        return grad_x, None, None, grad_factor
+
+
+class SubspaceLinear(nn.Module):
+    """A linear layer reparametrized for RSO: frozen ``weight`` plus ``(x P) B``.
+
+    ``weight`` (``out x in``) keeps the Linear's name and place in the state dict and has
+    ``requires_grad=False``; ``rso_b`` (``r x out``) is the trained factor; ``rso_p`` (``in x r``)
+    is a non-persistent buffer that the optimizer owns (it lives in its state).
+    """
+
+    def __init__(self, linear: nn.Linear, proj: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.weight.requires_grad_(False)
+        self.bias = linear.bias
+        w = linear.weight
+        self.rso_b = nn.Parameter(torch.zeros(proj.shape[1], self.out_features, dtype=w.dtype, device=w.device))
+        self.register_buffer("rso_p", proj, persistent=False)
+
+    @property
+    def rank(self) -> int:
+        return self.rso_b.shape[0]
+
+    def forward(self, x):
+        y = _SubspaceLinearFn.apply(x, self.weight, self.rso_p, self.rso_b)
+        return y if self.bias is None else y + self.bias
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``W + (P B)^T`` in fp32: the weight of the equivalent plain Linear."""
+        return self.weight.float() + (self.rso_p.float() @ self.rso_b.float()).T
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def subspace_linears(model: nn.Module) -> list[SubspaceLinear]:
+    return [m for m in model.modules() if isinstance(m, SubspaceLinear)]
+
+
+@torch.no_grad()
+def unwrap(model: nn.Module) -> nn.Module:
+    """Replace every :class:`SubspaceLinear` by a plain ``nn.Linear`` holding ``W + (P B)^T``."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SubspaceLinear):
+            parent, _, child = name.rpartition(".")
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               device=module.weight.device, dtype=module.weight.dtype)
+            linear.weight.copy_(module.merged_weight())
+            if module.bias is not None:
+                linear.bias = module.bias
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return model
+
+
+def _check_rso_hparams(group: dict) -> None:
+    rank, projection, scale = group["rank"], group["projection"], group["scale"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank={rank!r}: the subspace rank must be a positive integer (e.g. rank=128)")
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection={projection!r} is not one of {PROJECTIONS}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale={scale!r}: must be a finite number > 0")
+    gap = group["update_proj_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
+        raise ValueError(f"update_proj_gap={gap!r}: must be a positive integer number of steps (tau, e.g. 200)")
+    prox = group["prox"]
+    if isinstance(prox, bool) or not isinstance(prox, (int, float)) or not (math.isfinite(prox) and prox >= 0):
+        raise ValueError(f"prox={prox!r}: must be a finite number >= 0 (the proximal weight 1/eta)")
+
+
+class RSO(SubspaceOptimizer):
+    r"""Randomized subspace optimization: Adam on a random rank-``r`` increment of each linear layer,
+    merged into the frozen weight every ``tau`` steps.
+
+    For a linear layer with frozen weight ``W`` (``out x in``; the paper's ``X = W^T``, ``m = in``,
+    ``n = out``), outer iteration ``k`` solves approximately, with ``tau`` Adam steps from ``B = 0``,
+
+    .. math::
+        \begin{aligned}
+        &\min_{B \in \mathbb R^{r\times n}} f\big(X_k + P_k B\big) + \frac{\mu}{2}\|B\|_F^2,\qquad
+          g = \nabla_B f + \mu B = (x P_k)^\top \frac{\partial f}{\partial y} + \mu B\\
+        &M \leftarrow \beta_1 M + (1-\beta_1) g,\quad V \leftarrow \beta_2 V + (1-\beta_2) g^2,\quad
+          B \leftarrow B(1-\eta\lambda) - \eta\,\frac{M/(1-\beta_1^{i})}{\sqrt{V/(1-\beta_2^{i})}+\epsilon}
+          \quad (i = \text{inner step})\\
+        &\text{after the last inner step: } X_{k+1} = X_k + P_k B\ (W \mathrel{+}= (P_k B)^\top),\quad
+          B \leftarrow 0,\ M, V \leftarrow 0,\ P_{k+1} \text{ sampled}
+        \end{aligned}
+
+    ``mu`` is ``prox`` (the paper's ``1/eta_k``). The layer computes ``y = x W^T + (x P) B`` through a
+    custom autograd function: ``W`` has no gradient, ``B``'s gradient is ``r x out`` and the only
+    saved activation is ``x P`` (``s x r``), not ``x`` (``s x in``). Non-linear parameters
+    (embeddings, LM head, norms, biases) train with AdamW as usual.
+
+    :meth:`prepare_model` (called by ``build_optimizer``) replaces, in place, every ``nn.Linear``
+    whose weight the default routing rules give an attention/MLP role by a :class:`SubspaceLinear`
+    and samples its first ``P``. ``unwrap(model)`` turns them back into plain Linears.
+
+    Defaults: ``lr=1e-3``, ``rank=128``, ``update_proj_gap=200`` (``tau``), ``projection="haar"``,
+    ``scale=1``, ``prox=0``, ``stagger=True``.
+
+    Choices where the paper is silent or where we differ, deliberately:
+    - ``P = sqrt(in/r) Q`` with ``Q`` Haar (``P^T P = (in/r) I``, ``E[P P^T] = I``: the paper's
+      Assumption 5.3 exactly); ``projection="gaussian"`` draws i.i.d. ``N(0, 1/r)`` entries, which
+      reportedly is what its experiments used. With either, one Adam step on ``B`` moves ``W`` by about
+      ``lr sqrt(in * out)``, like full Adam, so use an Adam learning rate, not GaLore's.
+    - Fresh inner states: moments are zeroed at each merge and bias correction counts inner steps,
+      as a new Adam run on a new subproblem would (the paper does not say).
+    - ``weight_decay`` decays the effective weight ``W + (P B)^T``: both ``W`` and ``B`` are scaled.
+    - Merges are staggered over ``tau`` by a hash of the parameter name; the merge happens at the end
+      of an outer iteration's last step, so the next forward already uses the new ``P``.
+    - ``P`` is seeded by ``(seed, factor name, outer index)`` and kept in the optimizer state, which
+      the layer reads (so ``state_bytes`` counts it). Only ``nn.Linear`` modules are reparametrized,
+      chosen by the default routing rules (``build_optimizer``'s ``rules`` do not reach them).
+
+    State per factor ``B`` of a layer ``out x in`` with rank ``r`` (``min(rank, in)``): ``step``
+    (int64) + ``exp_avg``, ``exp_avg_sq`` (r x out) + ``proj`` (in x r), all fp32:
+    ``8 + 4 (2 r out + in r)`` bytes. The frozen ``W`` is a model tensor, not optimizer state.
+    """
+
+    algorithm = "rso"
+    matrix_roles: frozenset = frozenset()  # factors are routed by identity, not by name
+    shape_hparams = ("rank",)
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        rank: int = DEFAULT_RANK,
+        update_proj_gap: int = 200,
+        projection: str = DEFAULT_PROJECTION,
+        scale: float = DEFAULT_SCALE,
+        prox: float = 0.0,
+        stagger: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        adam_form: str = "torch",
+        seed: int = DEFAULT_SEED,
+        factors: list[SubspaceLinear] | None = None,
+    ):
+        self._owners: dict[int, SubspaceLinear] = {id(module.rso_b): module for module in factors or ()}
+        defaults = dict(
+            lr=lr, rank=rank, update_proj_gap=update_proj_gap, projection=projection, scale=scale, prox=prox,
+            stagger=stagger, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adam_form=adam_form, seed=seed,
+        )
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        super().__init__(self._route_factors(self._split_unnamed(groups)), defaults)
+        # By name from here on: the base hands steps this rank's local tensor, not the Parameter.
+        self._owner_by_name = {self._names[p]: m for p in self._names if (m := self._owners.get(id(p))) is not None}
+
+    def _route_factors(self, groups: list[dict]) -> list[dict]:
+        """Factors of :class:`SubspaceLinear` layers form the matrix group; all else is element-wise."""
+        out, factors = [], []
+        for group in groups:
+            params, names = list(group["params"]), list(group["param_names"])
+            roles = list(group.get("roles") or ["other"] * len(params))
+            keep = [i for i, p in enumerate(params) if id(p) not in self._owners]
+            factors += [(params[i], names[i]) for i in range(len(params)) if id(params[i]) in self._owners]
+            if keep:
+                out.append({**group, "kind": "adamw", "params": [params[i] for i in keep],
+                            "param_names": [names[i] for i in keep], "roles": [roles[i] for i in keep]})
+        if factors:
+            out.append({"params": [p for p, _ in factors], "param_names": [n for _, n in factors],
+                        "kind": "matrix", "roles": ["matrix"] * len(factors)})
+        if not factors and not self._owners:
+            raise ValueError(
+                "RSO found no reparametrized layers: build it with distopt.build_optimizer(model, 'rso', ...), "
+                "or pass factors=distopt.optim.rso.subspace_linears(model) after RSO.prepare_model(model, {})"
+            )
+        return out
+
+    # -- model surgery -------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def prepare_model(cls, model: nn.Module, hparams: dict) -> dict:
+        # Validate everything before the model is touched.
+        signature = inspect.signature(cls.__init__).parameters
+        defaults = {k: v.default for k, v in signature.items() if v.default is not inspect.Parameter.empty}
+        unknown = sorted(set(hparams) - set(defaults))
+        if unknown:
+            raise TypeError(f"RSO got unexpected keyword argument(s) {unknown}; it takes {sorted(defaults)}")
+        config = {**defaults, **hparams}
+        check_common_hparams({**config, "betas": tuple(config["betas"])})
+        _check_rso_hparams(config)
+        rank, projection, scale, seed = config["rank"], config["projection"], config["scale"], config["seed"]
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and hasattr(module.weight, "_local_tensor"):  # DTensor
+                raise NotImplementedError(
+                    f"{name}: RSO reparametrizes layers in place and must run before sharding; RSO on FSDP2 "
+                    "row shards is not supported yet. Train it unsharded (one process, DDP)."
+                )
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        roles = assign_roles(names)
+        for name, module in list(model.named_modules()):
+            if type(module) is nn.Linear and roles.get(f"{name}.weight" if name else "weight") in LINEAR_ROLES:
+                r = min(rank, module.in_features)
+                factor_name = f"{name}.rso_b" if name else "rso_b"
+                proj = sample_projection(module.in_features, r, projection, scale,
+                                         stable_seed(seed, factor_name, 0, "rso"), module.weight.device)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, SubspaceLinear(module, proj))
+        return {**hparams, "factors": subspace_linears(model)}
+
+    # -- validation and state --------------------------------------------------------------------
+    def _check_matrix_hparams(self, group: dict) -> None:
+        _check_rso_hparams(group)
+        for p in group["params"]:
+            if id(p) not in self._owners:
+                raise ValueError("RSO's matrix group may only hold factors of its reparametrized layers")
+
+    def owner(self, name: str) -> SubspaceLinear:
+        """The layer whose factor is the parameter called ``name``."""
+        return self._owner_by_name[name]
+
+    def _init_matrix_state(self, p: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
+        # No side effects on the layer here (the base also calls this on meta tensors); the layer
+        # is pointed at ``state["proj"]`` by ``_bind`` before it is next used.
+        state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        state["proj"] = self.owner(view.name).rso_p.to(device=p.device, dtype=torch.float32)
+
+    def _bind(self) -> None:
+        """Make every layer read its ``P`` from the optimizer state (after a load, a cast or a move)."""
+        for p, state in self.state.items():
+            if "proj" in state:
+                module = self.owner(self._names[p])
+                if module.rso_p is not state["proj"]:
+                    module.rso_p = state["proj"]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._bind()
+
+    @staticmethod
+    def inner_step(step: int, gap: int, phase: int) -> int:
+        """1-based index of ``step`` inside its outer iteration (outer iterations start at step 0 and
+        at every ``s`` with ``(s + phase) % gap == 0``)."""
+        return step - max(step - (step + phase) % gap, 0) + 1
+
+    # -- step -------------------------------------------------------------------------------------
+    def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
+        if view.sharded:
+            raise NotImplementedError(
+                f"{view.name}: RSO on row-sharded (FSDP2) factors is not supported yet; the merge needs "
+                "B's columns next to W's rows. Train RSO unsharded (one process, DDP)."
+            )
+        module = self.owner(view.name)
+        if module.rso_p is not state["proj"]:  # a first step, or the model was moved or cast
+            module.rso_p = state["proj"]
+        gap = group["update_proj_gap"]
+        phase = refresh_phase(view.name, gap, group["stagger"])
+        step = int(state["step"])
+        inner = self.inner_step(step, gap, phase)
+        beta1, beta2 = group["betas"]
+        lr, wd, form = float(group["lr"]), group["weight_decay"], group["adam_form"]
+        master = p.float() if p.dtype != torch.float32 else p
+        g = grad.float()
+        if group["prox"]:
+            g = g + group["prox"] * master
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        state["step"] += 1
+        direction, step_size = adam_direction(exp_avg, exp_avg_sq, inner, beta1, beta2, group["eps"], lr, form)
+        if wd:
+            module.weight.mul_(1.0 - lr * wd)
+        apply_update(master, direction, step_size, lr, wd, form)
+        if master is not p:
+            p.copy_(master)
+        if is_refresh_step(step + 1, gap, phase):
+            self.merge(p, state, group, view, refresh_index(step + 1, gap, phase))
+
+    @torch.no_grad()
+    def merge(self, p: torch.Tensor, state: dict, group: dict, view: MatrixShardView, index: int) -> None:
+        """End an outer iteration: ``W += (P B)^T``, ``B = 0``, fresh moments, ``P`` for outer ``index``."""
+        module = self.owner(view.name)
+        proj = state["proj"]
+        module.weight.copy_(module.weight.float().add_((proj @ p.float()).T))
+        p.zero_()
+        state["exp_avg"].zero_()
+        state["exp_avg_sq"].zero_()
+        seed = stable_seed(group["seed"], view.name, index, "rso")
+        proj.copy_(sample_projection(proj.shape[0], proj.shape[1], group["projection"], group["scale"], seed, proj.device))

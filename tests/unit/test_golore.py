@@ -1,0 +1,116 @@
+"""GoLore: Haar bases, the rotated first moment is persisted, state, checkpoints, bad input."""
+
+import pytest
+import torch
+from helpers import assert_resume_bit_identical, set_grads, tiny_model, train
+
+import distopt
+from distopt.core import projector, subspace
+from distopt.core.linalg import stable_seed
+
+
+def _state_bytes_formula(opt):
+    total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if group["kind"] == "adamw":
+                total += 4 + 8 * p.numel()
+                continue
+            m, n = p.shape
+            plan = subspace.plan(opt._views[p], group)
+            if plan.full:
+                total += 8 + 8 * m * n
+                continue
+            d = projector.side_dim(plan.side, (m, n))
+            total += 8 + 4 * (d * plan.rank + 2 * plan.rank * (m * n // d)) + (4 if group["recovery_scaling"] else 0)
+    return total
+
+
+def _matrices(opt):
+    return [(p, opt.state[p], group, opt._views[p]) for group in opt.param_groups if group["kind"] == "matrix"
+            for p in group["params"]]
+
+
+def test_rotated_first_moment_is_stored():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "golore", rank=4, update_proj_gap=3, stagger=False, betas=(0.8, 0.9))
+    params = list(model.parameters())
+    for step in range(3):
+        set_grads(params, step)
+        opt.step()
+    before = {id(p): (s["exp_avg"].clone(), s["basis"].clone()) for p, s, _, _ in _matrices(opt)}
+    set_grads(params, 3)
+    opt.step()  # step 3 refreshes every matrix (stagger=False)
+    for p, state, group, view in _matrices(opt):
+        old_avg, old_basis = before[id(p)]
+        plan = subspace.plan(view, group)
+        new = state["basis"]
+        assert not torch.allclose(new, old_basis)
+        # the new basis is the seeded Haar draw of refresh 1, whatever the gradient
+        expected_basis = projector.random_basis(view, plan.side, plan.rank, stable_seed(0, view.name, 1, "haar"), "cpu")
+        torch.testing.assert_close(new, expected_basis, rtol=0, atol=0)
+        c = new.T @ old_basis  # C = S_new^T S_old, computed by hand
+        rotated = c @ old_avg if plan.side == "left" else old_avg @ c.T
+        low = new.T @ p.grad if plan.side == "left" else p.grad @ new
+        torch.testing.assert_close(state["exp_avg"], 0.8 * rotated + 0.2 * low, rtol=1e-5, atol=1e-7)
+        # the reference code's bug (moment left unrotated) gives something else
+        assert not torch.allclose(state["exp_avg"], 0.8 * old_avg + 0.2 * low, rtol=1e-3, atol=1e-5)
+
+
+def test_galore_steps_use_the_gradient_then_haar():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "golore", rank=4, update_proj_gap=2, stagger=False, galore_steps=2,
+                                  galore_refresh="svd")
+    params = list(model.parameters())
+    set_grads(params, 0)
+    opt.step()  # step 0: SVD of the gradient
+    for p, state, group, view in _matrices(opt):
+        plan = subspace.plan(view, group)
+        svd = projector.svd_basis(p.grad, view, plan.side, plan.rank)
+        torch.testing.assert_close(state["basis"].abs(), svd.abs(), rtol=1e-4, atol=1e-5)
+    for step in (1, 2):
+        set_grads(params, step)
+        opt.step()  # step 2: Haar
+    for p, state, group, view in _matrices(opt):
+        plan = subspace.plan(view, group)
+        haar = projector.random_basis(view, plan.side, plan.rank, stable_seed(0, view.name, 1, "haar"), "cpu")
+        assert torch.equal(state["basis"], haar)
+
+
+def test_lowers_the_loss():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "golore", lr=1e-2, rank=8, update_proj_gap=10)
+    losses = train(model, opt, 50)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("rank,rs", [(8, False), (8, True), (1000, True)])
+def test_state_bytes_match_the_formula(rank, rs):
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "golore", rank=rank, update_proj_gap=3, recovery_scaling=rs)
+    opt.allocate_state()
+    before = distopt.state_bytes(opt)
+    train(model, opt, 4)
+    assert distopt.state_bytes(opt) == before == _state_bytes_formula(opt)
+
+
+def test_resume_is_bit_identical():
+    assert_resume_bit_identical("golore", lr=1e-2, rank=6, update_proj_gap=3, recovery_scaling=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(rank=0), "rank=0"),
+        (dict(update_proj_gap=0), "update_proj_gap=0"),
+        (dict(galore_steps=-1), "galore_steps=-1"),
+        (dict(galore_refresh="qr"), "galore_refresh='qr'"),
+        (dict(moment_policy="spin"), "moment_policy='spin'"),
+        (dict(scale=float("nan")), "scale=nan"),
+        (dict(norm_growth_limit=0.5), "norm_growth_limit=0.5"),
+        (dict(recovery_scaling="yes"), "recovery_scaling='yes'"),
+    ],
+)
+def test_bad_hyperparameters_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        distopt.build_optimizer(tiny_model(), "golore", **kwargs)

@@ -1,0 +1,165 @@
+"""GrassJump: Haar jumps independent of the gradient, AO moment map, recovery scaling, state."""
+
+import math
+
+import pytest
+import torch
+from helpers import assert_resume_bit_identical, set_grads, tiny_model, train
+
+import distopt
+from distopt.core import projector, subspace
+from distopt.core.recovery import recovery_term
+from distopt.core.shard import MatrixShardView
+from distopt.optim.grassjump import GrassJump
+
+
+def _state_bytes_formula(opt):
+    total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if group["kind"] == "adamw":
+                total += 4 + 8 * p.numel()
+                continue
+            m, n = p.shape
+            plan = subspace.plan(opt._views[p], group)
+            if plan.full:
+                total += 8 + 8 * m * n
+                continue
+            d = projector.side_dim(plan.side, (m, n))
+            total += 8 + 4 * (d * plan.rank + 2 * plan.rank * (m * n // d)) + (4 if group["recovery_scaling"] else 0)
+    return total
+
+
+def _matrices(opt):
+    return [(p, opt.state[p], group, opt._views[p]) for group in opt.param_groups if group["kind"] == "matrix"
+            for p in group["params"]]
+
+
+def _run(grad_seed, steps, **kw):
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "grassjump", rank=4, update_proj_gap=3, stagger=False, **kw)
+    for step in range(steps):
+        set_grads(list(model.parameters()), grad_seed + step)
+        opt.step()
+    return opt
+
+
+def test_jump_is_haar_and_independent_of_the_gradient():
+    a, b = _run(0, 4), _run(100, 4)  # step 3 jumps
+    for (_, sa, group, view), (_, sb, _, _) in zip(_matrices(a), _matrices(b)):
+        plan = subspace.plan(view, group)
+        assert torch.equal(sa["basis"], sb["basis"])
+        eye = torch.eye(plan.rank)
+        torch.testing.assert_close(sa["basis"].T @ sa["basis"], eye, rtol=0, atol=1e-5)
+    # before the jump the bases came from the (different) gradients
+    a0, b0 = _run(0, 1), _run(100, 1)
+    assert not any(torch.allclose(x[1]["basis"], y[1]["basis"]) for x, y in zip(_matrices(a0), _matrices(b0)))
+
+
+def test_jumps_are_uniform_on_the_grassmannian():
+    # E[S S^T] = (r/d) I for a Haar basis; averaged over draws of successive refresh indices
+    view = MatrixShardView("w", (6, 10))
+    plan = subspace.SubspacePlan("left", 2, False, 0)
+    group = {"seed": 0}
+    draws = [GrassJump._haar(group, view, plan, i, "cpu") for i in range(1, 401)]
+    mean = sum(s @ s.T for s in draws) / len(draws)
+    torch.testing.assert_close(mean, torch.eye(6) / 3, rtol=0, atol=0.05)
+
+
+def test_ao_transform_maps_the_moments_as_documented():
+    model = tiny_model()
+    beta1, beta2 = 0.8, 0.9
+    opt = distopt.build_optimizer(model, "grassjump", rank=4, update_proj_gap=3, stagger=False, betas=(beta1, beta2))
+    params = list(model.parameters())
+    for step in range(3):
+        set_grads(params, step)
+        opt.step()
+    before = {id(p): (s["exp_avg"].clone(), s["exp_avg_sq"].clone(), s["basis"].clone()) for p, s, _, _ in _matrices(opt)}
+    set_grads(params, 3)
+    opt.step()
+    for p, state, group, view in _matrices(opt):
+        m_old, v_old, s_old = before[id(p)]
+        side = subspace.plan(view, group).side
+        s_new = state["basis"]
+        c = s_new.T @ s_old
+
+        def rot(x, c=c, side=side):
+            return c @ x if side == "left" else x @ c.T
+
+        m_rot = rot(m_old)
+        v_rot = (rot((v_old - m_old.square()).clamp_min(0), c.square()) + m_rot.square()).abs()
+        low = s_new.T @ p.grad if side == "left" else p.grad @ s_new
+        torch.testing.assert_close(state["exp_avg"], beta1 * m_rot + (1 - beta1) * low, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(state["exp_avg_sq"], beta2 * v_rot + (1 - beta2) * low.square(), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_recovery_scaling_is_fira_with_a_growth_limiter(side):
+    g = torch.Generator().manual_seed(0)
+    m, n, r = 12, 9, 3
+    view = MatrixShardView("w", (m, n))
+    d = m if side == "left" else n
+    basis = torch.linalg.qr(torch.randn(d, r, generator=g))[0]
+    last = torch.zeros(())
+
+    def term(scale_grad):
+        grad = scale_grad * torch.randn(m, n, generator=g)
+        low = basis.T @ grad if side == "left" else grad @ basis
+        direction = torch.randn(low.shape, generator=g)
+        out = recovery_term(grad, low, direction, basis, side, view, last, 1.01)
+        dim = 0 if side == "left" else 1
+        phi = direction.norm(dim=dim) / (low.norm(dim=dim) + 1e-8)
+        residual = grad - (basis @ low if side == "left" else low @ basis.T)
+        return out, residual * (phi.unsqueeze(0) if side == "left" else phi.unsqueeze(1))
+
+    first, raw = term(1.0)  # first step: recorded, not limited
+    torch.testing.assert_close(first, raw)
+    torch.testing.assert_close(last, first.norm())
+    in_span = basis.T @ first if side == "left" else first @ basis
+    torch.testing.assert_close(in_span, torch.zeros_like(in_span), rtol=0, atol=1e-5)  # orthogonal to S
+    second, raw = term(10.0)  # grows ~10x: capped at 1.01x
+    torch.testing.assert_close(second.norm(), 1.01 * first.norm())
+    torch.testing.assert_close(second, raw * (1.01 * first.norm() / raw.norm()))
+    third, raw = term(0.1)  # shrinking is never limited
+    torch.testing.assert_close(third, raw)
+    torch.testing.assert_close(last, third.norm())
+
+
+def test_lowers_the_loss():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "grassjump", lr=1e-2, rank=8, update_proj_gap=10)
+    losses = train(model, opt, 50)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("rank,rs", [(8, True), (8, False), (1000, True)])
+def test_state_bytes_match_the_formula(rank, rs):
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "grassjump", rank=rank, update_proj_gap=3, recovery_scaling=rs)
+    opt.allocate_state()
+    before = distopt.state_bytes(opt)
+    train(model, opt, 4)
+    assert distopt.state_bytes(opt) == before == _state_bytes_formula(opt)
+
+
+def test_resume_is_bit_identical():
+    assert_resume_bit_identical("grassjump", lr=1e-2, rank=6, update_proj_gap=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(rank=0), "rank=0"),
+        (dict(update_proj_gap=-2), "update_proj_gap=-2"),
+        (dict(init="qr"), "init='qr'"),
+        (dict(moment_policy="spin"), "moment_policy='spin'"),
+        (dict(norm_growth_limit=float("nan")), "norm_growth_limit=nan"),
+        (dict(norm_growth_limit=0.99), "norm_growth_limit=0.99"),
+        (dict(recovery_scaling=1), "recovery_scaling=1"),
+        (dict(scale=math.inf), "scale=inf"),
+        (dict(side="up"), "side='up'"),
+    ],
+)
+def test_bad_hyperparameters_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        distopt.build_optimizer(tiny_model(), "grassjump", **kwargs)

@@ -1,0 +1,213 @@
+"""RSO: frozen W, r x n factor gradients, s x r saved activations, merges, state, checkpoints."""
+
+import copy
+import math
+
+import pytest
+import torch
+from helpers import batch, roundtrip, tiny_model, train
+from torch import nn
+
+import distopt
+from distopt.optim.rso import RSO, SubspaceLinear, sample_projection, subspace_linears, unwrap
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _saved(fn):
+    """Shapes and identities of every tensor autograd saves while ``fn`` runs."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def test_build_reparametrizes_attention_and_mlp_linears_in_place():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "rso", rank=4)
+    layers = subspace_linears(model)
+    assert len(layers) == 7 * model.shape.num_hidden_layers
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, SubspaceLinear)
+    matrix = next(g for g in opt.param_groups if g["kind"] == "matrix")
+    assert all(n.endswith(".rso_b") for n in matrix["param_names"]) and len(matrix["params"]) == len(layers)
+    trained = {n for g in opt.param_groups for n in g["param_names"]}
+    assert not any(n.endswith(f"{name}.weight") for n in trained for name in LINEAR_NAMES)
+
+
+def test_w_is_frozen_and_the_factor_gradient_is_r_by_n():
+    model = tiny_model()
+    distopt.build_optimizer(model, "rso", rank=4)
+    ids = batch()
+    model(ids, ids).backward()
+    for layer in subspace_linears(model):
+        assert layer.weight.grad is None and not layer.weight.requires_grad
+        assert layer.rso_b.grad.shape == (4, layer.out_features)
+        assert layer.rso_p.shape == (layer.in_features, 4)
+
+
+def test_only_the_s_by_r_product_is_saved():
+    torch.manual_seed(0)
+    b, s, d_in, d_out, r = 3, 7, 40, 24, 5
+    linear = nn.Linear(d_in, d_out, bias=True)
+    layer = SubspaceLinear(copy.deepcopy(linear), sample_projection(d_in, r, "haar", 1.0, 0))
+    x = torch.randn(b, s, d_in, requires_grad=True)
+    y, saved = _saved(lambda: layer(x))
+    weights = {id(t) for t in (layer.weight, layer.rso_p, layer.rso_b)}
+    activations = [t for t in saved if id(t) not in weights]
+    assert [tuple(t.shape) for t in activations] == [(b, s, r)]  # x P, not x (b, s, in)
+    assert not any(t.shape[-1] == d_in and t.numel() == x.numel() for t in saved)
+    # a trainable Linear keeps the whole input instead
+    _, saved_linear = _saved(lambda: linear(x))
+    assert any(t.numel() == x.numel() and t.shape[-1] == d_in for t in saved_linear)
+    # and the saved bytes of a whole model shrink accordingly
+    ids = batch()
+    plain = tiny_model()
+    _, saved_plain = _saved(lambda: plain(ids, ids))
+    reparam = tiny_model()
+    distopt.build_optimizer(reparam, "rso", rank=4)
+    _, saved_rso = _saved(lambda: reparam(ids, ids))
+    params = {id(t) for m in (plain, reparam) for t in list(m.parameters()) + list(m.buffers())}
+
+    def act_bytes(ts):
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in ts if id(t) not in params}.values())
+
+    assert act_bytes(saved_rso) < act_bytes(saved_plain)
+
+
+def test_gradients_match_the_reparametrized_formula():
+    torch.manual_seed(0)
+    d_in, d_out, r = 9, 6, 3
+    layer = SubspaceLinear(nn.Linear(d_in, d_out, bias=False).double(), sample_projection(d_in, r, "gaussian", 1.0, 1).double())
+    with torch.no_grad():
+        layer.rso_b.normal_()
+    x = torch.randn(4, d_in, dtype=torch.float64, requires_grad=True)
+    layer(x).square().sum().backward()
+    gx, gb = x.grad.clone(), layer.rso_b.grad.clone()
+    x.grad = None
+    b = layer.rso_b.detach().clone().requires_grad_(True)
+    (x @ (layer.weight + (layer.rso_p @ b).T).T).square().sum().backward()
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gb, b.grad)
+
+
+def test_merge_leaves_the_function_unchanged_and_restarts_the_inner_problem():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "rso", rank=4, lr=1e-2, update_proj_gap=100)
+    train(model, opt, 3)
+    ids = batch()
+    with torch.no_grad():
+        before = model(ids)
+    weights = [layer.weight.clone() for layer in subspace_linears(model)]
+    projs = [layer.rso_p.clone() for layer in subspace_linears(model)]
+    for group in opt.param_groups:
+        if group["kind"] == "matrix":
+            for p in group["params"]:
+                assert p.abs().sum() > 0
+                opt.merge(p, opt.state[p], group, opt._views[p], index=1)
+    with torch.no_grad():
+        after = model(ids)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    for layer, w, proj in zip(subspace_linears(model), weights, projs):
+        assert torch.count_nonzero(layer.rso_b) == 0 and not torch.equal(layer.weight, w)
+        assert not torch.equal(layer.rso_p, proj)
+        state = opt.state[layer.rso_b]
+        assert state["proj"] is layer.rso_p  # the layer reads P from the optimizer state
+        assert torch.count_nonzero(state["exp_avg"]) == 0 and torch.count_nonzero(state["exp_avg_sq"]) == 0
+
+
+def test_merges_happen_every_tau_steps():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "rso", rank=4, lr=1e-2, update_proj_gap=3, stagger=False)
+    factors = [layer.rso_b for layer in subspace_linears(model)]
+    nonzero = []
+    for step in range(7):
+        train(model, opt, 1, data_seed=step)
+        nonzero.append(all(torch.count_nonzero(b) > 0 for b in factors))
+    assert nonzero == [True, True, False, True, True, False, True]  # merged after steps 2 and 5
+    assert [RSO.inner_step(s, 3, 0) for s in range(7)] == [1, 2, 3, 1, 2, 3, 1]
+    assert [RSO.inner_step(s, 4, 3) for s in range(6)] == [1, 1, 2, 3, 4, 1]  # staggered phase
+
+
+def test_unwrap_gives_plain_linears_with_the_same_function():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "rso", rank=4, lr=1e-2)
+    train(model, opt, 2)
+    ids = batch()
+    with torch.no_grad():
+        before = model(ids)
+        unwrap(model)
+        after = model(ids)
+    assert not subspace_linears(model)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_lowers_the_loss():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "rso", lr=1e-2, rank=8, update_proj_gap=10)
+    losses = train(model, opt, 50)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("rank", [4, 1000])
+def test_state_bytes_match_the_formula(rank):
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "rso", rank=rank, update_proj_gap=2)
+    opt.allocate_state()
+    before = distopt.state_bytes(opt)
+    train(model, opt, 3)
+    expected = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if group["kind"] == "adamw":
+                expected += 4 + 8 * p.numel()
+            else:
+                layer = opt.owner(opt.param_name(p))
+                r = min(rank, layer.in_features)
+                expected += 8 + 4 * (2 * r * layer.out_features + layer.in_features * r)
+    assert distopt.state_bytes(opt) == before == expected
+
+
+def test_resume_is_bit_identical():
+    hparams = dict(lr=1e-2, rank=4, update_proj_gap=3)
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "rso", **hparams)
+    train(model, opt, 7)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = roundtrip(opt.state_dict())
+    train(model, opt, 6, data_seed=50)
+
+    resumed = tiny_model(seed=123)
+    opt2 = distopt.build_optimizer(resumed, "rso", **hparams)
+    resumed.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    train(resumed, opt2, 6, data_seed=50)
+    for (n, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+    for a, b in zip(subspace_linears(model), subspace_linears(resumed)):
+        assert torch.equal(a.rso_p, b.rso_p)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(rank=0), "rank=0"),
+        (dict(rank=2.5), "rank=2.5"),
+        (dict(projection="sparse"), "projection='sparse'"),
+        (dict(scale=0.0), "scale=0.0"),
+        (dict(scale=math.nan), "scale=nan"),
+        (dict(prox=-1.0), "prox=-1.0"),
+        (dict(update_proj_gap=0), "update_proj_gap=0"),
+        (dict(lr=-1.0), "lr=-1.0"),
+        (dict(betas=(0.9, 1.5)), "betas"),
+    ],
+)
+def test_bad_hyperparameters_are_refused(kwargs, match):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=match):
+        distopt.build_optimizer(model, "rso", **kwargs)
+    assert not subspace_linears(model)  # refused before the model was changed
