@@ -94,7 +94,8 @@ def _rank_main(rank, world_size, port, args, out):
         view = opt._views[p]
         plan = subspace.plan(view, group)
         if not plan.full:
-            subspace.refresh(opt.state[p], distopt.core.shard.local(grads[p]).float(), view, plan, group, 1)
+            grad, state = distopt.core.shard.local(grads[p]).float(), opt.state[p]
+            opt._switch(opt._new_basis(grad, state, group, view, plan, 1, 1), state, group, view, plan)
     if cuda:
         torch.cuda.synchronize()
     refresh_s = time.perf_counter() - start

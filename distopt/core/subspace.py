@@ -1,8 +1,9 @@
 """The subspace engine shared by every projection-based algorithm.
 
 It owns the per-matrix basis: its shape (from the global shape, the rank and the side), its
-refresh schedule, how a refresh is computed, and what happens to the projected moments then.
-State it keeps, all tensors: ``basis`` (``d x r``, fp32; row-sharded for a left basis).
+refresh schedule, and projection to and from it. How a new basis is found and what happens to the
+moments then is the algorithm's (``optim/projected.py`` holds the shared loop). State it keeps,
+all tensors: ``basis`` (``d x r``, fp32; row-sharded for a left basis).
 """
 
 from __future__ import annotations
@@ -11,21 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .linalg import stable_seed
-from .moments import MOMENT_POLICIES, apply_moment_policy
-from .projector import (
-    REFRESH_METHODS,
-    basis_local_shape,
-    change_of_basis,
-    project,
-    project_back,
-    random_basis,
-    randomized_basis,
-    resolve_side,
-    side_dim,
-    svd_basis,
-)
-from .schedule import is_refresh_step, refresh_index, refresh_phase
+from .moments import MOMENT_POLICIES
+from .projector import REFRESH_METHODS, basis_local_shape, project, project_back, resolve_side, side_dim
+from .schedule import is_refresh_step, refresh_phase
 from .shard import MatrixShardView
 
 
@@ -73,42 +62,6 @@ def allocate_basis(state: dict, view: MatrixShardView, plan_: SubspacePlan, devi
 
 def refresh_due(step: int, plan_: SubspacePlan, group: dict) -> bool:
     return not plan_.full and is_refresh_step(step, group["update_proj_gap"], plan_.phase)
-
-
-def refresh(
-    state: dict,
-    grad: torch.Tensor,
-    view: MatrixShardView,
-    plan_: SubspacePlan,
-    group: dict,
-    step: int,
-    exp_avg: torch.Tensor | None = None,
-    exp_avg_sq: torch.Tensor | None = None,
-    policy: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compute the new basis, map the moments per ``policy`` and store it.
-
-    Returns ``(new, old)``; ``old`` is ``None`` on the first refresh.
-    """
-    old = state["basis"].clone() if step > 0 else None
-    index = refresh_index(step, group["update_proj_gap"], plan_.phase)
-    seed = stable_seed(group.get("seed", 0), view.name, index)
-    method = group["refresh"]
-    if method == "svd":
-        new = svd_basis(grad, view, plan_.side, plan_.rank)
-    elif method == "random":
-        new = random_basis(view, plan_.side, plan_.rank, seed, grad.device)
-    else:
-        new = randomized_basis(
-            grad, view, plan_.side, plan_.rank,
-            oversample=group["oversample"], power_iters=group["power_iters"], seed=seed, previous=old,
-        )
-    policy = policy or group["moment_policy"]
-    if old is not None and policy != "keep":
-        c = change_of_basis(new, old, plan_.side, view.group) if policy in ("rotate", "transform") else None
-        apply_moment_policy(policy, plan_.side, c, exp_avg, exp_avg_sq)
-    state["basis"].copy_(new)
-    return state["basis"], old
 
 
 def project_grad(grad: torch.Tensor, state: dict, view: MatrixShardView, plan_: SubspacePlan) -> torch.Tensor:

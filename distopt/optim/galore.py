@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-
-from ..core import subspace
-from ..core.routing import LINEAR_ROLES
 from ..core.shard import MatrixShardView
-from .base import SubspaceOptimizer, adam_direction, apply_update, update_moments
+from .projected import ProjectedAdam
 
 
-class GaLore(SubspaceOptimizer):
+class GaLore(ProjectedAdam):
     r"""GaLore with a sharding-aware, staggered, randomized subspace refresh.
 
     For each matrix ``W`` (global ``m x n``) with gradient ``G`` and a rank-``r`` orthonormal basis
@@ -36,15 +32,15 @@ class GaLore(SubspaceOptimizer):
     - ``rank >= d`` (the projected side's length) means the subspace is the whole space: the basis is
       the identity and the step is AdamW's exactly.
     - ``moment_policy`` (``keep`` in the paper) can also be ``reset``, ``rotate`` or ``transform``.
+    - ``recovery_scaling=True`` adds Fira's norm-scaled residual (off by default, as in the paper).
 
     State per matrix, with ``d`` the projected side's length and ``D`` the other side's:
     ``step`` (int64) + ``basis`` (d x r) + ``exp_avg``, ``exp_avg_sq`` (r x D), all fp32:
-    ``8 + 4 (d r + 2 r D)`` bytes; ``8 + 8 m n`` at full rank.
+    ``8 + 4 (d r + 2 r D)`` bytes, plus 4 with ``recovery_scaling``; ``8 + 8 m n`` at full rank.
     """
 
     algorithm = "galore"
-    matrix_roles = LINEAR_ROLES
-    shape_hparams = ("rank", "side")
+    data_method_key = "refresh"
 
     def __init__(
         self,
@@ -63,41 +59,17 @@ class GaLore(SubspaceOptimizer):
         oversample: int = 16,
         power_iters: int = 1,
         adam_form: str = "torch",
+        recovery_scaling: bool = False,
+        norm_growth_limit: float = 1.01,
         seed: int = 0,
     ):
         defaults = dict(
             lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale, refresh=refresh, stagger=stagger,
             side=side, moment_policy=moment_policy, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            oversample=oversample, power_iters=power_iters, adam_form=adam_form, seed=seed,
+            oversample=oversample, power_iters=power_iters, adam_form=adam_form,
+            recovery_scaling=recovery_scaling, norm_growth_limit=norm_growth_limit, seed=seed,
         )
         super().__init__(params, defaults)
 
-    def _check_matrix_hparams(self, group: dict) -> None:
-        subspace.check_subspace_hparams(group)
-        if not isinstance(group["scale"], (int, float)) or not group["scale"] == group["scale"]:
-            raise ValueError(f"scale={group['scale']!r}: must be a finite number")
-
-    def _init_matrix_state(self, p: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
-        plan = subspace.plan(view, group)
-        subspace.allocate_basis(state, view, plan, p.device)
-        shape = subspace.projected_shape(view, plan)
-        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-
-    def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
-        plan = subspace.plan(view, group)
-        step = int(state["step"])
-        grad = grad.float()
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        if subspace.refresh_due(step, plan, group):
-            subspace.refresh(state, grad, view, plan, group, step, exp_avg, exp_avg_sq)
-        low = subspace.project_grad(grad, state, view, plan)
-        beta1, beta2 = group["betas"]
-        update_moments(exp_avg, exp_avg_sq, low, beta1, beta2, group["adam_form"])
-        state["step"] += 1
-        lr = float(group["lr"])
-        direction, step_size = adam_direction(exp_avg, exp_avg_sq, step + 1, beta1, beta2, group["eps"], lr, group["adam_form"])
-        update = subspace.back_project(direction, state, plan)
-        if group["scale"] != 1:
-            update = update * group["scale"]
-        apply_update(p, update, step_size, lr, group["weight_decay"], group["adam_form"])
+    def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
+        return self._data_basis(group["refresh"], grad, state, group, view, plan, step, index)

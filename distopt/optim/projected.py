@@ -19,7 +19,7 @@ from ..core.recovery import check_recovery_hparams, recovery_term
 from ..core.routing import LINEAR_ROLES
 from ..core.schedule import refresh_index
 from ..core.shard import MatrixShardView
-from .base import SubspaceOptimizer, adam_direction, apply_update
+from .base import SubspaceOptimizer, adam_direction, apply_update, update_moments
 
 
 class ProjectedAdam(SubspaceOptimizer):
@@ -116,8 +116,7 @@ class ProjectedAdam(SubspaceOptimizer):
                 self._switch(new, state, group, view, plan)
         low = subspace.project_grad(grad, state, view, plan)
         beta1, beta2 = group["betas"]
-        exp_avg.lerp_(low, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+        update_moments(exp_avg, exp_avg_sq, low, beta1, beta2, group["adam_form"])
         state["step"] += 1
         lr = float(group["lr"])
         direction, step_size = adam_direction(exp_avg, exp_avg_sq, step + 1, beta1, beta2, group["eps"], lr, group["adam_form"])
