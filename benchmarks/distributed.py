@@ -56,13 +56,13 @@ def _rank_main(rank, world_size, port, args, out):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = distopt.build_optimizer(model, "galore", rank=args.rank, update_proj_gap=args.gap, side=args.side,
-                                  refresh=args.refresh)
+                                  refresh=args.refresh, shard_basis=args.shard_basis)
     opt.allocate_state()
     matrices = [p for g in opt.param_groups if g["kind"] == "matrix" for p in g["params"]]
     group = next(g for g in opt.param_groups if g["kind"] == "matrix")
     sharded = replicated = 0
     for p in matrices:
-        rows = opt._row_sharded_keys(p, group) if opt._views[p].sharded else {}
+        rows = opt._distributed_keys(p, group) if opt._views[p].sharded else {}
         for key, t in opt.state[p].items():
             nbytes = t.numel() * t.element_size()
             if key in rows or not opt._views[p].sharded:
@@ -95,6 +95,8 @@ def _rank_main(rank, world_size, port, args, out):
         plan = subspace.plan(view, group)
         if not plan.full:
             grad, state = distopt.core.shard.local(grads[p]).float(), opt.state[p]
+            if plan.basis_sharded:
+                state = {**state, "basis": subspace.gather_basis(state, view)}
             opt._switch(opt._new_basis(grad, state, group, view, plan, 1, 1), state, group, view, plan)
     if cuda:
         torch.cuda.synchronize()
@@ -120,6 +122,7 @@ def main(argv=None):
     parser.add_argument("--side", default="right", choices=["auto", "left", "right"],
                         help="right keeps every per-step product shard-local under FSDP2")
     parser.add_argument("--refresh", default="randomized", choices=["randomized", "svd", "random"])
+    parser.add_argument("--shard-basis", action="store_true", help="split right bases over the ranks too")
     parser.add_argument("--out", default="runs/bench/distributed.json")
     args = parser.parse_args(argv)
     import tempfile
@@ -149,13 +152,13 @@ def main(argv=None):
     path = write_json(args.out, payload)
     print(markdown_table(rows, [
         ("world_size", "ranks", "d"), ("rank", "rank", "d"), ("matrix_state_bytes", "matrix state B", ",d"),
-        ("sharded_bytes", "row-sharded B", ",d"), ("replicated_bytes", "replicated B", ",d"),
+        ("sharded_bytes", "split over ranks B", ",d"), ("replicated_bytes", "replicated B", ",d"),
         ("memory_goal_ratio", "(1-rank/N) / this", ".3f"), ("distopt_bytes_per_step", "distopt B/step", ",.0f"),
         ("traffic_share", "share of FSDP2 traffic", ".5%"), ("full_refresh_s", "full refresh s", ".3f"),
         ("refresh_speedup", "refresh speed-up", ".2f"),
     ]))
     print(f"\nshapes {args.shapes} x {args.layers} layer(s) | rank {args.rank} | gap {args.gap} | side {args.side} "
-          f"| refresh {args.refresh} | JSON: {path}")
+          f"| refresh {args.refresh} | shard_basis {args.shard_basis} | JSON: {path}")
     return payload
 
 

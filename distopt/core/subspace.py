@@ -15,7 +15,8 @@ import torch
 from .moments import MOMENT_POLICIES
 from .projector import REFRESH_METHODS, basis_local_shape, project, project_back, resolve_side, side_dim
 from .schedule import is_refresh_step, refresh_phase
-from .shard import MatrixShardView
+from . import comm
+from .shard import MatrixShardView, chunk_rows
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class SubspacePlan:
     rank: int
     full: bool
     phase: int
+    basis_sharded: bool = False  # a right basis split over the shard group, gathered for each step
 
 
 def check_subspace_hparams(group: dict) -> None:
@@ -52,12 +54,32 @@ def plan(view: MatrixShardView, group: dict) -> SubspacePlan:
     dim = side_dim(side, view.global_shape)
     full = group["rank"] >= dim
     rank = min(group["rank"], view.m, view.n)
-    return SubspacePlan(side, rank, full, refresh_phase(view.name, group["update_proj_gap"], group["stagger"]))
+    basis_sharded = bool(group.get("shard_basis")) and view.sharded and side == "right" and not full
+    phase = refresh_phase(view.name, group["update_proj_gap"], group["stagger"])
+    return SubspacePlan(side, rank, full, phase, basis_sharded)
+
+
+def basis_chunk_rows(view: MatrixShardView) -> tuple[int, int]:
+    """Rows ``[start, end)`` of an ``n x r`` right basis this rank keeps when the basis is sharded."""
+    counts = chunk_rows(view.n, comm.world_size(view.group))
+    me = comm.rank(view.group)
+    return sum(counts[:me]), sum(counts[: me + 1])
 
 
 def allocate_basis(state: dict, view: MatrixShardView, plan_: SubspacePlan, device) -> None:
-    if not plan_.full:
-        state["basis"] = torch.zeros(basis_local_shape(plan_.side, view, plan_.rank), dtype=torch.float32, device=device)
+    if plan_.full:
+        return
+    shape = basis_local_shape(plan_.side, view, plan_.rank)
+    if plan_.basis_sharded:
+        start, end = basis_chunk_rows(view)
+        shape = (end - start, plan_.rank)
+    state["basis"] = torch.zeros(shape, dtype=torch.float32, device=device)
+
+
+def gather_basis(state: dict, view: MatrixShardView) -> torch.Tensor:
+    """The whole right basis from its per-rank chunks (one ``n x r`` all-gather)."""
+    counts = chunk_rows(view.n, comm.world_size(view.group))
+    return comm.all_gather_rows(state["basis"], list(counts), view.group)
 
 
 def refresh_due(step: int, plan_: SubspacePlan, group: dict) -> bool:

@@ -24,6 +24,10 @@ logger = logging.getLogger("distopt")
 
 ADAM_FORMS = ("torch", "hf")
 STATE_FORMAT = 1
+# Group key set only by engine adapters (``distopt.deepspeed``) on the groups they build. Such a
+# group holds one parameter; once the adapter has bound itself (``_binding``), the 1-D partition an
+# engine swaps into the group is stepped through the adapter. Without a binding it is refused.
+ADAPTER_KEY = "adapter"
 
 
 def flat_shard_error(name: str, shape: tuple[int, ...]) -> ValueError:
@@ -97,6 +101,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     algorithm = "base"
     matrix_roles: frozenset = frozenset()
     shape_hparams: tuple[str, ...] = ()
+    # Hyper-parameters that only choose how state is laid out across ranks: a checkpoint written
+    # with other values still loads (it is resharded), and the current values are kept.
+    layout_hparams: tuple[str, ...] = ("shard_basis",)
 
     def __init__(self, params, defaults: dict):
         groups = list(params)
@@ -107,6 +114,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self._views: dict[torch.Tensor, MatrixShardView] = {}
         self._roles: dict[torch.Tensor, str] = {}
         self.nonfinite_skips: dict[str, int] = {}
+        # Set by an engine adapter (distopt.deepspeed) after the engine is built; see ADAPTER_KEY.
+        self._binding = None
         super().__init__(groups, defaults)
 
     def _split_unnamed(self, groups: list[dict]) -> list[dict]:
@@ -152,7 +161,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if is_dtensor(p):  # algorithms receive the local shard
                 self._roles[local(p)] = role
             if group["kind"] == "matrix":
-                self._views[p] = self._make_view(name, p)
+                self._views[p] = self._make_view(name, p, placeholder_ok=bool(group.get(ADAPTER_KEY)))
         self._assign_owners(group)
 
     def _assign_owners(self, group: dict) -> None:
@@ -168,14 +177,16 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         for p in sharded:
             self._views[p] = dataclasses.replace(self._views[p], owner=owners[self._views[p].name])
 
-    def _make_view(self, name: str, p: torch.Tensor) -> MatrixShardView:
+    def _make_view(self, name: str, p: torch.Tensor, placeholder_ok: bool = False) -> MatrixShardView:
         if is_dtensor(p):
             return dtensor_view(name, p)
         shape = tuple(getattr(p, "ds_shape", p.shape))
         if len(shape) != 2:
             raise flat_shard_error(name, shape)
         if tuple(p.shape) != shape:
-            raise flat_shard_error(name, tuple(p.shape))
+            if not placeholder_ok:  # a zero.Init placeholder is fine only in an adapter's group
+                raise flat_shard_error(name, tuple(p.shape))
+            return MatrixShardView(name=name, global_shape=(shape[0], shape[1]))
         return whole_matrix_view(name, p)
 
     # -- hooks for subclasses --------------------------------------------------------------
@@ -211,6 +222,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             table.update({n: self._roles[p] for p, n in self._names.items()})
         return table[name]
 
+    def _bound(self, group: dict) -> bool:
+        """Whether an engine adapter steps this group (see ADAPTER_KEY)."""
+        return self._binding is not None and bool(group.get(ADAPTER_KEY))
+
+    def _state_params(self, group: dict) -> list[torch.Tensor]:
+        """The tensors a group's state is keyed by: its parameters, or, for a bound group, the
+        model parameter whose partition the engine hands over."""
+        return self._binding.state_params(group) if self._bound(group) else group["params"]
+
     @torch.no_grad()
     def allocate_state(self) -> None:
         """Create every state tensor at its final shape, before any step.
@@ -219,18 +239,21 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         ``state_bytes`` is exact from the start. Idempotent.
         """
         for group in self.param_groups:
-            for p in group["params"]:
+            bound = self._bound(group)
+            for p in self._state_params(group):
                 state = self.state[p]
                 if state:
                     continue
                 # State lives on this rank's shard as plain tensors; state_dict() wraps it for DCP.
+                # A bound group's shard is the adapter's stand-in of this rank's rows or elements.
+                shard = self._binding.state_template(p) if bound else local(p)
                 if group["kind"] == "adamw":
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(local(p), dtype=torch.float32, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(local(p), dtype=torch.float32, memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(shard, dtype=torch.float32, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(shard, dtype=torch.float32, memory_format=torch.preserve_format)
                 else:
                     state["step"] = torch.tensor(0, dtype=torch.int64)
-                    self._init_matrix_state(local(p), state, group, self._views[p])
+                    self._init_matrix_state(shard, state, group, self._views[p])
 
     # -- step -------------------------------------------------------------------------------
     def _finite_params(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -264,12 +287,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            if group["kind"] == "matrix":
+            if group["kind"] == "matrix" and not self._bound(group):
                 for p in group["params"]:
                     if p.dim() != 2:  # an engine swapped in a flat partition after construction
                         raise flat_shard_error(self._names.get(p, "<unnamed>"), tuple(p.shape))
         self.allocate_state()
         for group in self.param_groups:
+            if self._bound(group):  # the adapter rebuilds rows from the engine's partition
+                self._binding.step_group(self, group)
+                continue
             params = [p for p in group["params"] if p.grad is not None]
             params = self._finite_params(params)
             if group["kind"] == "adamw":
@@ -282,7 +308,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
         states = [self.state[p] for p in params]
         grads = [local(p.grad) for p in params]
-        params = [local(p) for p in params]  # this rank's shards
+        self._adamw_apply(group, [local(p) for p in params], grads, states)  # this rank's shards
+
+    def _adamw_apply(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict]) -> None:
+        """Element-wise AdamW on local tensors with their gradients and state dicts."""
         beta1, beta2 = group["betas"]
         lr, eps, wd, form = float(group["lr"]), group["eps"], group["weight_decay"], group.get("adam_form", "torch")
         if form == "torch":
@@ -331,6 +360,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             cache[p] = {k: tuple(v.shape) for k, v in full.items() if tuple(v.shape) != tuple(empty[k].shape)}
         return cache[p]
 
+    def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[int, ...]]:
+        """State tensors split over the shard group by rank rather than by the matrix's rows
+        (e.g. a sharded basis), with their global shapes. None by default."""
+        return {}
+
+    def _distributed_keys(self, p: torch.Tensor, group: dict) -> dict[str, tuple[int, ...]]:
+        """Global shapes of every state tensor of a sharded matrix that is split across ranks."""
+        return {**self._row_sharded_keys(p, group), **self._chunked_state(p, group)}
+
     def _export(self, p: torch.Tensor, group: dict, state: dict) -> dict:
         """Wrap this rank's state of a DTensor parameter into DTensors DCP can reshard."""
         if not is_dtensor(p):
@@ -343,12 +381,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
 
         if group["kind"] == "adamw":
             return {k: (wrap(t, p.device_mesh, p.placements, tuple(p.shape)) if t.dim() else t) for k, t in state.items()}
-        view, rows = self._views[p], self._row_sharded_keys(p, group)
+        view, rows = self._views[p], self._distributed_keys(p, group)
         return {k: (wrap(t, view.mesh, view.placements, rows[k]) if k in rows and view.sharded else t)
                 for k, t in state.items()}
 
     def _import(self, p: torch.Tensor, group: dict, key: str, value: torch.Tensor) -> torch.Tensor:
         """This rank's part of a saved state tensor: a DTensor's local shard, or rows of a full tensor."""
+        if self._bound(group):
+            return self._binding.import_value(self, p, group, key, value)
         if is_dtensor(value):
             return value.to_local()
         target = self.state[p][key]
@@ -360,7 +400,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             mesh, placements = p.device_mesh, p.placements
         else:
             view = self._views[p]
-            if key not in self._row_sharded_keys(p, group):
+            if key not in self._distributed_keys(p, group):
                 return value
             mesh, placements = view.mesh, view.placements
         shape, offset = compute_local_shape_and_global_offset(tuple(value.shape), mesh, placements)
@@ -373,14 +413,17 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         parameter's placement, so ``torch.distributed.checkpoint`` saves and reshards it.
         """
         self.allocate_state()
-        group_of = {p: g for g in self.param_groups for p in g["params"]}
-        state = {self._names[p]: self._export(p, group_of[p], s) for p, s in self.state.items()}
+        group_of = {p: g for g in self.param_groups for p in self._state_params(g)}
+        # Entries keyed by tensors that are not parameters (an engine's lookups) are not state.
+        state = {self._names[p]: self._export(p, group_of[p], s) for p, s in self.state.items() if p in group_of}
         groups = []
         for group in self.param_groups:
             saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k not in ("params", "param_names")}
             saved["params"] = list(group["param_names"])
             groups.append(saved)
         meta = {"algorithm": self.algorithm, "format": STATE_FORMAT, "shape_hparams": self._shape_signature()}
+        if self._binding is not None:  # where this rank's partitions lie, for resuming and converting
+            meta["engine"] = self._binding.describe(self)
         return {"state": state, "param_groups": groups, "distopt": meta}
 
     @torch.no_grad()
@@ -402,6 +445,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 f"checkpoint was written with {meta['shape_hparams']} but this optimizer has {mine}; "
                 "these hyper-parameters fix the state shapes, so build the optimizer with the checkpoint's values"
             )
+        if self._binding is not None:
+            self._binding.check_state_dict(self, state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"checkpoint has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}")
@@ -412,7 +457,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if unknown or missing:
             raise ValueError(f"checkpoint parameters do not match: unknown {unknown[:5]}, missing {missing[:5]}")
         self.allocate_state()
-        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        group_of = {p: g for g in self.param_groups for p in self._state_params(g)}
         for name, entries in saved_state.items():
             p = by_name[name]
             target = self.state[p]
@@ -427,7 +472,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if list(saved["params"]) != list(group["param_names"]):
                 raise ValueError("checkpoint parameter groups list different parameters")
             for key, value in saved.items():
-                if key != "params":
+                # Layout choices of this run (e.g. shard_basis) stay; the state was resharded to them.
+                if key != "params" and key not in self.layout_hparams:
                     group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
 
 

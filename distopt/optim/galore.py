@@ -61,13 +61,14 @@ class GaLore(ProjectedAdam):
         adam_form: str = "torch",
         recovery_scaling: bool = False,
         norm_growth_limit: float = 1.01,
+        shard_basis: bool = False,
         seed: int = 0,
     ):
         defaults = dict(
             lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale, refresh=refresh, stagger=stagger,
             side=side, moment_policy=moment_policy, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
             oversample=oversample, power_iters=power_iters, adam_form=adam_form,
-            recovery_scaling=recovery_scaling, norm_growth_limit=norm_growth_limit, seed=seed,
+            recovery_scaling=recovery_scaling, norm_growth_limit=norm_growth_limit, shard_basis=shard_basis, seed=seed,
         )
         super().__init__(params, defaults)
 

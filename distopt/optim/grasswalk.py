@@ -87,6 +87,7 @@ class GrassWalk(ProjectedAdam):
         oversample: int = 16,
         power_iters: int = 1,
         adam_form: str = "torch",
+        shard_basis: bool = False,
         seed: int = 0,
     ):
         defaults = dict(
@@ -94,7 +95,7 @@ class GrassWalk(ProjectedAdam):
             tangent_rank=tangent_rank, init=init, stagger=stagger, side=side, moment_policy=moment_policy,
             betas=tuple(betas), eps=eps, weight_decay=weight_decay, recovery_scaling=recovery_scaling,
             norm_growth_limit=norm_growth_limit, oversample=oversample, power_iters=power_iters,
-            adam_form=adam_form, seed=seed,
+            adam_form=adam_form, shard_basis=shard_basis, seed=seed,
         )
         super().__init__(params, defaults)
 

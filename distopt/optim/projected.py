@@ -32,6 +32,10 @@ class ProjectedAdam(SubspaceOptimizer):
 
     State per matrix: ``step`` (int64), ``basis`` (``d x r``), ``exp_avg`` and ``exp_avg_sq``
     (``r x D`` or ``D x r``), and ``rs_norm`` (0-d) with recovery scaling, all fp32.
+
+    ``shard_basis=True`` (FSDP2/HSDP, right bases only) stores each rank's ``1/N`` of the rows of the
+    ``n x r`` basis instead of all of it, and all-gathers it for each step: ``(N-1)/N`` of the
+    replicated basis memory saved for one ``n x r`` all-gather per matrix per step.
     """
 
     matrix_roles = LINEAR_ROLES
@@ -49,6 +53,8 @@ class ProjectedAdam(SubspaceOptimizer):
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"scale={scale!r}: must be a finite number")
         check_recovery_hparams(group)
+        if not isinstance(group.get("shard_basis", False), bool):
+            raise ValueError(f"shard_basis={group['shard_basis']!r}: must be True or False")
         self._check_algorithm_hparams(group)
 
     def _check_algorithm_hparams(self, group: dict) -> None:
@@ -102,8 +108,23 @@ class ProjectedAdam(SubspaceOptimizer):
             apply_moment_policy(policy, plan.side, c, state["exp_avg"], state["exp_avg_sq"])
         state["basis"].copy_(new)
 
+    def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[int, ...]]:
+        view = self._views[p]
+        plan = subspace.plan(view, group)
+        return {"basis": (view.n, plan.rank)} if plan.basis_sharded else {}
+
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         plan = subspace.plan(view, group)
+        if plan.basis_sharded:
+            # Run the step on the whole basis, then keep this rank's chunk of it.
+            work = {**state, "basis": subspace.gather_basis(state, view)}
+            self._step_with_basis(p, grad, work, group, view, plan)
+            start, end = subspace.basis_chunk_rows(view)
+            state["basis"].copy_(work["basis"][start:end])
+        else:
+            self._step_with_basis(p, grad, state, group, view, plan)
+
+    def _step_with_basis(self, p, grad, state: dict, group: dict, view: MatrixShardView, plan) -> None:
         step = int(state["step"])
         grad = grad.float()
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]

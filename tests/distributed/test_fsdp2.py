@@ -14,7 +14,7 @@ import distopt
 from distopt import checkpoint
 from distopt.core import comm
 
-from .common import OddNet, build, full_params, shard, train_steps
+from .common import OddNet, build, full_params, prepare, shard, train_steps
 from .harness import run_ranks
 
 pytestmark = pytest.mark.distributed
@@ -35,7 +35,7 @@ def _parity_worker(rank, world_size, names, steps, mesh_shape):
     out = {}
     for name in names:
         try:
-            model = shard(OddNet(), world_size, mesh_shape)
+            model = shard(prepare(OddNet(), name), world_size, mesh_shape)
             opt = build(model, name)
             train_steps(model, opt, steps, rank, world_size)
             out[name] = full_params(model)
@@ -165,3 +165,39 @@ def test_fsdp1_is_refused_with_a_pointer_to_fsdp2():
     message = run_ranks(2, _fsdp1_worker)[0]
     assert message is not None, "FSDP1 was accepted"
     assert "FSDP1" in message and "fully_shard" in message
+
+
+def _shard_basis_worker(rank, world_size, path):
+    out = {}
+    for shard_basis in (False, True):
+        model = shard(OddNet(), world_size)
+        opt = distopt.build_optimizer(model, "galore", rank=5, update_proj_gap=3, side="right", shard_basis=shard_basis)
+        train_steps(model, opt, 6, rank, world_size)
+        out[shard_basis] = {"params": full_params(model), "bytes": distopt.state_bytes(opt)}
+        if shard_basis:
+            checkpoint.save(path, model, opt, extra={"step": 6})
+    return out
+
+
+def _shard_basis_resume_worker(rank, world_size, path):
+    model = shard(OddNet(), world_size) if world_size > 1 else OddNet(seed=3)
+    opt = distopt.build_optimizer(model, "galore", rank=5, update_proj_gap=3, side="right", shard_basis=False)
+    extra = checkpoint.load(path, model, opt, extra={"step": 0})
+    train_steps(model, opt, 4, rank, world_size, start=extra["step"])
+    return full_params(model)
+
+
+def test_sharded_basis_gives_the_same_numbers_with_less_memory_and_reshards(tmp_path):
+    path = str(tmp_path / "ckpt")
+    results = run_ranks(2, _shard_basis_worker, path)
+    for r in results:
+        for key, value in r[False]["params"].items():
+            torch.testing.assert_close(r[True]["params"][key], value, rtol=RTOL, atol=ATOL, msg=key)
+        assert r[True]["bytes"] < r[False]["bytes"]
+    reference = OddNet()
+    opt = distopt.build_optimizer(reference, "galore", rank=5, update_proj_gap=3, side="right")
+    train_steps(reference, opt, 10)
+    want = full_params(reference)
+    for got in (run_ranks(3, _shard_basis_resume_worker, path)[0], run_ranks(1, _shard_basis_resume_worker, path)[0]):
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=RTOL, atol=ATOL, msg=key)
