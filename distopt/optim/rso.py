@@ -1,8 +1,10 @@
 """RSO: randomized subspace optimization (Chen, Zhang, Liu, Yuan, Wen; ICML 2025).
 
 Each attention/MLP linear becomes ``y = x W^T + (x P) B``: ``W`` frozen, ``P`` a random
-``in x r`` matrix, ``B`` (``r x out``) the only trained factor. Every ``tau`` steps the increment
-is merged (``W += (P B)^T``), ``B`` restarts from zero with a new ``P`` and fresh Adam states.
+``in x r`` matrix, ``B`` (``r x out``) the only trained factor, stored transposed as an ``out x r``
+parameter so that FSDP2 splits its rows exactly like ``W``'s. Every ``tau`` steps the increment is
+merged (``W += (P B)^T = B^T P^T``, row by row), ``B`` restarts from zero with a new ``P`` and fresh
+Adam states.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 from ..core.linalg import haar_basis, seeded_gaussian, stable_seed
 from ..core.routing import LINEAR_ROLES, assign_roles
 from ..core.schedule import is_refresh_step, refresh_index, refresh_phase
-from ..core.shard import MatrixShardView
+from ..core.shard import MatrixShardView, is_dtensor, local
 from .base import SubspaceOptimizer, adam_direction, apply_update, check_common_hparams
 
 PROJECTIONS = ("haar", "gaussian")
@@ -40,14 +42,15 @@ def sample_projection(in_features: int, rank: int, kind: str, scale: float, seed
 class _SubspaceLinearFn(torch.autograd.Function):
     """``y = x W^T + (x P) B`` saving only ``x P`` besides the weights.
 
-    The gradient of ``B`` is ``(x P)^T dy`` (``r x out``) and the input gradient
-    ``dy W + (dy B^T) P^T`` needs weights only, so no ``s x in`` activation is kept.
+    ``factor`` is ``B^T`` (``out x r``). Its gradient is ``dy^T (x P)``: the ``r x out`` gradient
+    ``(x P)^T dy`` of ``B``, transposed. The input gradient ``dy W + (dy B^T) P^T`` needs weights
+    only, so no ``s x in`` activation is kept.
     """
 
     @staticmethod
     def forward(ctx, x, weight, proj, factor):
         xp = x @ proj.to(x.dtype)
-        y = F.linear(x, weight) + xp @ factor.to(x.dtype)
+        y = F.linear(x, weight) + F.linear(xp, factor.to(x.dtype))
         ctx.save_for_backward(xp, weight, proj, factor)
         return y
 
@@ -56,9 +59,9 @@ class _SubspaceLinearFn(torch.autograd.Function):
         xp, weight, proj, factor = ctx.saved_tensors
         grad_x = grad_factor = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ weight.to(grad_out.dtype) + (grad_out @ factor.T.to(grad_out.dtype)) @ proj.T.to(grad_out.dtype)
+            grad_x = grad_out @ weight.to(grad_out.dtype) + (grad_out @ factor.to(grad_out.dtype)) @ proj.T.to(grad_out.dtype)
         if ctx.needs_input_grad[3]:
-            grad_factor = (xp.reshape(-1, xp.shape[-1]).T @ grad_out.reshape(-1, grad_out.shape[-1])).to(factor.dtype)
+            grad_factor = (grad_out.reshape(-1, grad_out.shape[-1]).T @ xp.reshape(-1, xp.shape[-1])).to(factor.dtype)
         return grad_x, None, None, grad_factor
 
 
@@ -66,8 +69,10 @@ class SubspaceLinear(nn.Module):
     """A linear layer reparametrized for RSO: frozen ``weight`` plus ``(x P) B``.
 
     ``weight`` (``out x in``) keeps the Linear's name and place in the state dict and has
-    ``requires_grad=False``; ``rso_b`` (``r x out``) is the trained factor; ``rso_p`` (``in x r``)
-    is a non-persistent buffer that the optimizer owns (it lives in its state).
+    ``requires_grad=False``. ``rso_b`` is the trained factor ``B`` (``r x out``) stored transposed,
+    as an ``out x r`` parameter: its rows pair with ``weight``'s rows, so a row split of the layer
+    (FSDP2's ``Shard(0)``) gives each rank matching rows of both. ``rso_p`` (``in x r``) is a
+    non-persistent buffer that the optimizer owns (it lives in its state).
     """
 
     def __init__(self, linear: nn.Linear, proj: torch.Tensor):
@@ -77,12 +82,13 @@ class SubspaceLinear(nn.Module):
         self.weight.requires_grad_(False)
         self.bias = linear.bias
         w = linear.weight
-        self.rso_b = nn.Parameter(torch.zeros(proj.shape[1], self.out_features, dtype=w.dtype, device=w.device))
+        self.rso_b = nn.Parameter(torch.zeros(self.out_features, proj.shape[1], dtype=w.dtype, device=w.device))
         self.register_buffer("rso_p", proj, persistent=False)
+        self.rso_sampling: tuple | None = None  # (projection, scale, seed) of P, when reparametrize drew it
 
     @property
     def rank(self) -> int:
-        return self.rso_b.shape[0]
+        return self.rso_b.shape[1]
 
     def forward(self, x):
         y = _SubspaceLinearFn.apply(x, self.weight, self.rso_p, self.rso_b)
@@ -90,8 +96,18 @@ class SubspaceLinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """``W + (P B)^T`` in fp32: the weight of the equivalent plain Linear."""
-        return self.weight.float() + (self.rso_p.float() @ self.rso_b.float()).T
+        """``W + (P B)^T = W + B^T P^T`` in fp32: the weight of the equivalent plain Linear.
+
+        On a sharded layer (FSDP2, outside forward) each rank computes its own rows and the
+        result is a DTensor with the weight's placement; ``.full_tensor()`` gathers it."""
+        merged = local(self.weight).float() + local(self.rso_b).float() @ self.rso_p.float().T
+        if not is_dtensor(self.weight):
+            return merged
+        from torch.distributed.tensor import DTensor
+
+        w = self.weight
+        return DTensor.from_local(merged, w.device_mesh, w.placements, run_check=False,
+                                  shape=w.shape, stride=w.stride())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -104,15 +120,21 @@ def subspace_linears(model: nn.Module) -> list[SubspaceLinear]:
 @torch.no_grad()
 def unwrap(model: nn.Module) -> nn.Module:
     """Replace every :class:`SubspaceLinear` by a plain ``nn.Linear`` holding ``W + (P B)^T``."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, SubspaceLinear):
-            parent, _, child = name.rpartition(".")
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               device=module.weight.device, dtype=module.weight.dtype)
-            linear.weight.copy_(module.merged_weight())
-            if module.bias is not None:
-                linear.bias = module.bias
-            setattr(model.get_submodule(parent) if parent else model, child, linear)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, SubspaceLinear)]
+    for name, module in layers:
+        if is_dtensor(module.weight):
+            raise ValueError(
+                f"{name}: unwrap needs unsharded layers, and this one is sharded (FSDP2). Gather each "
+                "layer's module.merged_weight().full_tensor(), or unwrap a model loaded from a full state dict."
+            )
+    for name, module in layers:
+        parent, _, child = name.rpartition(".")
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=module.weight.device, dtype=module.weight.dtype)
+        linear.weight.copy_(module.merged_weight())
+        if module.bias is not None:
+            linear.bias = module.bias
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
     return model
 
 
@@ -151,13 +173,26 @@ class RSO(SubspaceOptimizer):
         \end{aligned}
 
     ``mu`` is ``prox`` (the paper's ``1/eta_k``). The layer computes ``y = x W^T + (x P) B`` through a
-    custom autograd function: ``W`` has no gradient, ``B``'s gradient is ``r x out`` and the only
-    saved activation is ``x P`` (``s x r``), not ``x`` (``s x in``). Non-linear parameters
-    (embeddings, LM head, norms, biases) train with AdamW as usual.
+    custom autograd function: ``W`` has no gradient, ``B``'s gradient is ``r x out`` (the parameter
+    ``rso_b`` holds ``B^T``, ``out x r``, so its ``.grad`` is that gradient transposed; Adam is
+    element-wise, so the layout changes nothing) and the only saved activation is ``x P``
+    (``s x r``), not ``x`` (``s x in``). Non-linear parameters (embeddings, LM head, norms, biases)
+    train with AdamW as usual.
 
     :meth:`prepare_model` (called by ``build_optimizer``) replaces, in place, every ``nn.Linear``
     whose weight the default routing rules give an attention/MLP role by a :class:`SubspaceLinear`
     and samples its first ``P``. ``unwrap(model)`` turns them back into plain Linears.
+
+    FSDP2: ``fully_shard`` cannot take parameters added after it ran, so reparametrize first,
+    then shard, then build with the same hyper-parameters::
+
+        reparametrize(model, rank=128)           # distopt.optim.rso.reparametrize
+        fully_shard(...)                         # per block, then the root
+        opt = distopt.build_optimizer(model, "rso", rank=128)
+
+    ``W`` and ``B^T`` have ``out`` rows each and are split alike (``torch.chunk`` over the same
+    mesh), so Adam on ``B^T``'s rows and the merge ``W[rows] += B^T[rows] P^T`` only use this rank's
+    rows and the replicated ``P`` (same seed on every rank): no collective beyond FSDP2's own.
 
     Defaults: ``lr=1e-3``, ``rank=128``, ``update_proj_gap=200`` (``tau``), ``projection="haar"``,
     ``scale=1``, ``prox=0``, ``stagger=True``.
@@ -177,7 +212,8 @@ class RSO(SubspaceOptimizer):
       chosen by the default routing rules (``build_optimizer``'s ``rules`` do not reach them).
 
     State per factor ``B`` of a layer ``out x in`` with rank ``r`` (``min(rank, in)``): ``step``
-    (int64) + ``exp_avg``, ``exp_avg_sq`` (r x out) + ``proj`` (in x r), all fp32:
+    (int64) + ``exp_avg``, ``exp_avg_sq`` (out x r, laid out like ``rso_b``; row-sharded under
+    FSDP2) + ``proj`` (in x r, replicated), all fp32:
     ``8 + 4 (2 r out + in r)`` bytes. The frozen ``W`` is a model tensor, not optimizer state.
     """
 
@@ -231,15 +267,15 @@ class RSO(SubspaceOptimizer):
         if not factors and not self._owners:
             raise ValueError(
                 "RSO found no reparametrized layers: build it with distopt.build_optimizer(model, 'rso', ...), "
-                "or pass factors=distopt.optim.rso.subspace_linears(model) after RSO.prepare_model(model, {})"
+                "or pass factors=distopt.optim.rso.subspace_linears(model) after "
+                "distopt.optim.rso.reparametrize(model, ...)"
             )
         return out
 
     # -- model surgery -------------------------------------------------------------------------
     @classmethod
-    @torch.no_grad()
-    def prepare_model(cls, model: nn.Module, hparams: dict) -> dict:
-        # Validate everything before the model is touched.
+    def _config(cls, hparams: dict) -> dict:
+        """Every hyper-parameter, defaults filled in, validated (before the model is touched)."""
         signature = inspect.signature(cls.__init__).parameters
         defaults = {k: v.default for k, v in signature.items() if v.default is not inspect.Parameter.empty}
         unknown = sorted(set(hparams) - set(defaults))
@@ -248,23 +284,60 @@ class RSO(SubspaceOptimizer):
         config = {**defaults, **hparams}
         check_common_hparams({**config, "betas": tuple(config["betas"])})
         _check_rso_hparams(config)
+        return config
+
+    @classmethod
+    @torch.no_grad()
+    def reparametrize(cls, model: nn.Module, **hparams) -> nn.Module:
+        """Swap, in place, attention/MLP ``nn.Linear`` layers for :class:`SubspaceLinear` (each with its
+        first ``P``) and return ``model``. Takes RSO's keyword arguments (``rank``, ``projection``,
+        ``scale`` and ``seed`` shape the layers; the others are only validated).
+
+        ``build_optimizer(model, "rso", ...)`` does this itself; call it yourself before FSDP2's
+        ``fully_shard``, which has to see the new factors. Layers already swapped are kept (their
+        rank and ``P`` sampling must match), so the build that follows finds them.
+        """
+        config = cls._config(hparams)
         rank, projection, scale, seed = config["rank"], config["projection"], config["scale"], config["seed"]
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and hasattr(module.weight, "_local_tensor"):  # DTensor
-                raise NotImplementedError(
-                    f"{name}: RSO reparametrizes layers in place and must run before sharding; RSO on FSDP2 "
-                    "row shards is not supported yet. Train it unsharded (one process, DDP)."
-                )
+        sampling = (projection, float(scale), seed)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         roles = assign_roles(names)
-        for name, module in list(model.named_modules()):
-            if type(module) is nn.Linear and roles.get(f"{name}.weight" if name else "weight") in LINEAR_ROLES:
+        targets = []
+        for name, module in model.named_modules():
+            if isinstance(module, SubspaceLinear):
                 r = min(rank, module.in_features)
-                factor_name = f"{name}.rso_b" if name else "rso_b"
-                proj = sample_projection(module.in_features, r, projection, scale,
-                                         stable_seed(seed, factor_name, 0, "rso"), module.weight.device)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, SubspaceLinear(module, proj))
+                if module.rank != r or module.rso_sampling not in (None, sampling):
+                    raise ValueError(
+                        f"{name} was reparametrized with rank {module.rank} and P sampling "
+                        f"(projection, scale, seed)={module.rso_sampling}, but RSO here has rank {r} (min(rank, in)) "
+                        f"and {sampling}: pass reparametrize() and build_optimizer() the same rank, projection, "
+                        "scale and seed"
+                    )
+            elif isinstance(module, nn.Linear) and roles.get(f"{name}.weight" if name else "weight") in LINEAR_ROLES:
+                if is_dtensor(module.weight):
+                    raise ValueError(
+                        f"{name or 'model'} is already sharded (its weight is a DTensor, as after FSDP2 fully_shard). "
+                        "RSO swaps each attention/MLP Linear for a SubspaceLinear with a new trained factor, and "
+                        "FSDP2 only shards parameters that exist when fully_shard runs. Call "
+                        "distopt.optim.rso.reparametrize(model, rank=..., ...) before fully_shard, then "
+                        "distopt.build_optimizer(model, 'rso', ...) with the same hyper-parameters."
+                    )
+                if type(module) is nn.Linear:
+                    targets.append((name, module))
+        for name, module in targets:
+            r = min(rank, module.in_features)
+            factor_name = f"{name}.rso_b" if name else "rso_b"
+            proj = sample_projection(module.in_features, r, projection, scale,
+                                     stable_seed(seed, factor_name, 0, "rso"), module.weight.device)
+            layer = SubspaceLinear(module, proj)
+            layer.rso_sampling = sampling
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+        return model
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module, hparams: dict) -> dict:
+        cls.reparametrize(model, **hparams)
         return {**hparams, "factors": subspace_linears(model)}
 
     # -- validation and state --------------------------------------------------------------------
@@ -304,12 +377,23 @@ class RSO(SubspaceOptimizer):
         return step - max(step - (step + phase) % gap, 0) + 1
 
     # -- step -------------------------------------------------------------------------------------
-    def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
-        if view.sharded:
-            raise NotImplementedError(
-                f"{view.name}: RSO on row-sharded (FSDP2) factors is not supported yet; the merge needs "
-                "B's columns next to W's rows. Train RSO unsharded (one process, DDP)."
+    @staticmethod
+    def frozen_rows(module: SubspaceLinear, p: torch.Tensor, view: MatrixShardView) -> torch.Tensor:
+        """This rank's rows of the layer's frozen ``W``, which pair with the rows ``p`` holds of ``B^T``.
+
+        Under FSDP2 both are ``Shard(0)`` over the same mesh with ``out`` rows, so their local
+        shards cover the same rows ``[view.row_start, view.row_end)``; otherwise both are whole.
+        """
+        weight = local(module.weight)
+        if weight.shape[0] != p.shape[0] or p.shape[0] != view.local_rows:
+            raise RuntimeError(
+                f"{view.name}: this rank holds {p.shape[0]} rows of B^T but {weight.shape[0]} rows of "
+                f"{view.name[:-len('rso_b')]}weight (expected {view.local_rows}); RSO needs both row-sharded "
+                "alike, as fully_shard does for the parameters of one module, and W sharded between steps"
             )
+        return weight
+
+    def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         module = self.owner(view.name)
         if module.rso_p is not state["proj"]:  # a first step, or the model was moved or cast
             module.rso_p = state["proj"]
@@ -329,7 +413,7 @@ class RSO(SubspaceOptimizer):
         state["step"] += 1
         direction, step_size = adam_direction(exp_avg, exp_avg_sq, inner, beta1, beta2, group["eps"], lr, form)
         if wd:
-            module.weight.mul_(1.0 - lr * wd)
+            self.frozen_rows(module, p, view).mul_(1.0 - lr * wd)
         apply_update(master, direction, step_size, lr, wd, form)
         if master is not p:
             p.copy_(master)
@@ -338,12 +422,23 @@ class RSO(SubspaceOptimizer):
 
     @torch.no_grad()
     def merge(self, p: torch.Tensor, state: dict, group: dict, view: MatrixShardView, index: int) -> None:
-        """End an outer iteration: ``W += (P B)^T``, ``B = 0``, fresh moments, ``P`` for outer ``index``."""
+        """End an outer iteration: ``W += (P B)^T``, ``B = 0``, fresh moments, ``P`` for outer ``index``.
+
+        ``p`` is this rank's rows of ``B^T``, so ``W[rows] += B^T[rows] P^T`` needs nothing from
+        other ranks; every rank draws the same next ``P``."""
         module = self.owner(view.name)
         proj = state["proj"]
-        module.weight.copy_(module.weight.float().add_((proj @ p.float()).T))
+        weight = self.frozen_rows(module, p, view)
+        weight.copy_(weight.float().add_(p.float() @ proj.T))
         p.zero_()
         state["exp_avg"].zero_()
         state["exp_avg_sq"].zero_()
         seed = stable_seed(group["seed"], view.name, index, "rso")
         proj.copy_(sample_projection(proj.shape[0], proj.shape[1], group["projection"], group["scale"], seed, proj.device))
+
+
+def reparametrize(model: nn.Module, **hparams) -> nn.Module:
+    """Swap ``model``'s attention/MLP linears for :class:`SubspaceLinear` layers, in place, and return
+    it: :meth:`RSO.reparametrize`. Call it before FSDP2's ``fully_shard`` with the keyword arguments
+    ``build_optimizer(model, "rso", ...)`` will get."""
+    return RSO.reparametrize(model, **hparams)

@@ -99,5 +99,13 @@ def full_params(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def prepare(model: nn.Module, name: str) -> nn.Module:
+    """Model surgery an algorithm needs before ``fully_shard`` (RSO's ``reparametrize``), if any."""
+    reparametrize = getattr(REGISTRY[name], "reparametrize", None)
+    if reparametrize is not None:
+        reparametrize(model, **hparams(name))
+    return model
+
+
 def build(model, name):
     return distopt.build_optimizer(model, name, **hparams(name))

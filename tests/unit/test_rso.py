@@ -1,15 +1,20 @@
-"""RSO: frozen W, r x n factor gradients, s x r saved activations, merges, state, checkpoints."""
+"""RSO: frozen W, r x n factor gradients (the parameter holds B^T, n x r), s x r saved activations,
+merges, state, checkpoints, FSDP2 row shards."""
 
 import copy
 import math
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from helpers import batch, roundtrip, tiny_model, train
 from torch import nn
 
 import distopt
-from distopt.optim.rso import RSO, SubspaceLinear, sample_projection, subspace_linears, unwrap
+from distopt.core.shard import is_dtensor, local
+from distopt.optim.rso import RSO, SubspaceLinear, reparametrize, sample_projection, subspace_linears, unwrap
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -39,14 +44,15 @@ def test_build_reparametrizes_attention_and_mlp_linears_in_place():
     assert not any(n.endswith(f"{name}.weight") for n in trained for name in LINEAR_NAMES)
 
 
-def test_w_is_frozen_and_the_factor_gradient_is_r_by_n():
+def test_w_is_frozen_and_the_factor_gradient_is_r_by_n_stored_transposed():
     model = tiny_model()
     distopt.build_optimizer(model, "rso", rank=4)
     ids = batch()
     model(ids, ids).backward()
     for layer in subspace_linears(model):
         assert layer.weight.grad is None and not layer.weight.requires_grad
-        assert layer.rso_b.grad.shape == (4, layer.out_features)
+        # B is r x n; its parameter holds B^T (n x r) so that its rows pair with W's rows
+        assert layer.rso_b.grad.shape == (layer.out_features, 4) and layer.rank == 4
         assert layer.rso_p.shape == (layer.in_features, 4)
 
 
@@ -89,10 +95,11 @@ def test_gradients_match_the_reparametrized_formula():
     layer(x).square().sum().backward()
     gx, gb = x.grad.clone(), layer.rso_b.grad.clone()
     x.grad = None
-    b = layer.rso_b.detach().clone().requires_grad_(True)
+    b = layer.rso_b.detach().T.clone().requires_grad_(True)  # B, r x out
     (x @ (layer.weight + (layer.rso_p @ b).T).T).square().sum().backward()
     torch.testing.assert_close(gx, x.grad)
-    torch.testing.assert_close(gb, b.grad)
+    assert b.grad.shape == (r, d_out)
+    torch.testing.assert_close(gb, b.grad.T)  # the stored factor's gradient is B's, transposed
 
 
 def test_merge_leaves_the_function_unchanged_and_restarts_the_inner_problem():
@@ -211,3 +218,88 @@ def test_bad_hyperparameters_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         distopt.build_optimizer(model, "rso", **kwargs)
     assert not subspace_linears(model)  # refused before the model was changed
+
+
+def test_reparametrize_first_then_build_is_the_same_run():
+    hparams = dict(lr=1e-2, rank=4, update_proj_gap=2)
+    plain = tiny_model()
+    opt = distopt.build_optimizer(plain, "rso", **hparams)
+    train(plain, opt, 5)
+    first = reparametrize(tiny_model(), **hparams)  # what an FSDP2 user does before fully_shard
+    layers = subspace_linears(first)
+    opt2 = distopt.build_optimizer(first, "rso", **hparams)
+    assert subspace_linears(first) == layers  # kept, not wrapped twice
+    train(first, opt2, 5)
+    for (n, a), (m, b) in zip(plain.named_parameters(), first.named_parameters()):
+        assert n == m and torch.equal(a, b), n
+
+
+@pytest.mark.parametrize(
+    "kwargs,match", [(dict(rank=3), "RSO here has rank 3"), (dict(rank=4, seed=1), r"\('haar', 1\.0, 1\)")]
+)
+def test_reparametrize_and_build_must_agree(kwargs, match):
+    model = reparametrize(tiny_model(), rank=4)
+    with pytest.raises(ValueError, match=match):
+        distopt.build_optimizer(model, "rso", **kwargs)
+
+
+# -- FSDP2 row shards -----------------------------------------------------------------------------
+def _fsdp_case(rank, world):
+    from distributed.common import OddNet, local_batch, shard, train_steps
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    out = {}
+    try:
+        distopt.build_optimizer(shard(OddNet(), world), "rso", rank=5)
+    except ValueError as err:
+        out["refusal"] = str(err)
+    model = shard(reparametrize(OddNet(), rank=5), world)
+    opt = distopt.build_optimizer(model, "rso", rank=5, lr=1e-2, update_proj_gap=100)
+    train_steps(model, opt, 2, rank, world)
+    ids = local_batch(7, rank, world)
+    with torch.no_grad():
+        out["loss_before"] = model(ids).item()
+    group = next(g for g in opt.param_groups if g["kind"] == "matrix")
+    expected = {opt.param_name(p): opt.owner(opt.param_name(p)).merged_weight().full_tensor() for p in group["params"]}
+    out["shards"] = {opt.param_name(p): (tuple(local(p).shape), tuple(local(opt.owner(opt.param_name(p)).weight).shape))
+                     for p in group["params"] if is_dtensor(p) and opt._views[p].sharded}
+    with CommDebugMode() as merging:
+        for p in group["params"]:
+            opt.merge(local(p), opt.state[p], group, opt._views[p], index=1)
+    out["merge_collectives"] = merging.get_total_counts()
+    out["merged"] = {name: torch.allclose(opt.owner(name).weight.full_tensor(), want, rtol=1e-5, atol=1e-6)
+                     for name, want in expected.items()}
+    with torch.no_grad():
+        out["loss_after"] = model(ids).item()
+    model(ids).backward()
+    with CommDebugMode() as stepping:  # the detector does see collectives: a step's finiteness check
+        opt.step()
+    out["step_collectives"] = stepping.get_total_counts()
+    return out
+
+
+def _fsdp_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        torch.save(_fsdp_case(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_fsdp2_factor_rows_pair_with_weight_rows_and_the_merge_is_local(tmp_path):
+    """Two gloo ranks, FSDP2 Shard(0) with uneven rows (53 -> 27/26, 37 -> 19/18, 61 -> 31/30):
+    each rank's rows of B^T pair with its rows of W, so the merge issues no collective and gives
+    the rows of W + B^T P^T; building on an already sharded model points at reparametrize."""
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert "reparametrize" in res["refusal"] and "before fully_shard" in res["refusal"]
+        assert len(res["shards"]) == 10
+        for factor_rows, weight_rows in res["shards"].values():
+            assert factor_rows[0] == weight_rows[0] and factor_rows[1] == 5
+        assert res["merge_collectives"] == 0
+        assert all(res["merged"].values()), res["merged"]
+        assert math.isclose(res["loss_after"], res["loss_before"], rel_tol=1e-5)
+        assert res["step_collectives"] > 0
