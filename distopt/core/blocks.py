@@ -11,10 +11,12 @@ Each matrix is cut into blocks of whole rows; every block keeps one value, the E
   family (row blocks q|k|v, head-interleaved, or the transposed GPT-2 ``Conv1D``), so no head split
   is attempted; a row is never coarser than a head, so this errs towards Adam.
 
-Sharding: a rank holds rows ``[row_start, row_end)`` of the global matrix, so it keeps the blocks
-that overlap them. Per-row blocks are local. A head block may be split between two ranks; its
-partial sums go through one all-reduce of a ``n_blocks`` vector (a few floats) over ``view.group``,
-so every holder of a block sees the same value whatever the number of ranks.
+Sharding: a rank holds rows ``[row_start, row_end)`` of the global matrix. Per-row values are
+row-sharded like the matrix and need no communication. Head values are replicated: a head may be
+split between two ranks, so every rank adds its rows' partial sums into an ``n_blocks`` vector
+(a few floats) that one all-reduce over ``view.group`` completes; every rank then holds all
+``n_blocks`` values, identical whatever the number of ranks, and the state's shape does not depend
+on the sharding (checkpoints reshard freely).
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ HEAD_ROLES = {"q": "n_heads", "k": "n_kv_heads"}
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """Blocks of ``rows`` consecutive global rows; this rank holds blocks ``[first, first + count)``."""
+    """Blocks of ``rows`` consecutive global rows. This rank keeps ``count`` values: its own rows'
+    (``rows == 1``, row-sharded) or all ``n_blocks`` heads (``rows > 1``, replicated)."""
 
     rows: int
     n_blocks: int
-    first: int
     count: int
     numel: int  # elements per block in the global matrix
 
@@ -81,30 +83,26 @@ def rows_per_block(name: str, role: str, global_shape: tuple[int, int], n_heads,
 
 def block_plan(view: MatrixShardView, rows: int) -> BlockPlan:
     n_blocks = view.m // rows
-    if view.local_rows == 0:
-        return BlockPlan(rows, n_blocks, view.row_start // rows, 0, rows * view.n)
-    first = view.row_start // rows
-    last = (view.row_end - 1) // rows
-    return BlockPlan(rows, n_blocks, first, last - first + 1, rows * view.n)
+    return BlockPlan(rows, n_blocks, view.local_rows if rows == 1 else n_blocks, rows * view.n)
 
 
 def block_mean_sq(grad: torch.Tensor, view: MatrixShardView, plan: BlockPlan) -> torch.Tensor:
-    """Mean of ``grad^2`` over each block this rank holds (global means, shape ``(count,)``)."""
+    """Mean of ``grad^2`` over each block this rank keeps (global means, shape ``(count,)``)."""
     row_sums = grad.float().square().sum(dim=1)
-    if plan.rows == 1:  # whole blocks are local
+    if plan.rows == 1:  # one row per block: local
         return row_sums / plan.numel
     totals = row_sums.new_zeros(plan.n_blocks)
     index = torch.arange(view.row_start, view.row_end, device=grad.device) // plan.rows
     totals.index_add_(0, index, row_sums)
     comm.all_reduce_sum(totals, view.group)  # a head split across ranks sums its parts
-    return totals[plan.first : plan.first + plan.count] / plan.numel
+    return totals / plan.numel
 
 
 def expand_to_rows(values: torch.Tensor, view: MatrixShardView, plan: BlockPlan) -> torch.Tensor:
     """Per-block values broadcast to this rank's rows, shape ``(local_rows, 1)``."""
     if plan.rows == 1:
         return values.unsqueeze(1)
-    index = torch.arange(view.row_start, view.row_end, device=values.device) // plan.rows - plan.first
+    index = torch.arange(view.row_start, view.row_end, device=values.device) // plan.rows
     return values[index].unsqueeze(1)
 
 
@@ -130,3 +128,42 @@ def resolve_head_hparams(model: torch.nn.Module, hparams: dict) -> dict:
         if hparams.get("n_kv_heads") is None:
             hparams["n_kv_heads"] = kv
     return hparams
+
+
+class BlockSecondMoment:
+    """Mixin for optimizers with Adam-mini block second moments (``adam-mini``, ``adapm-mini``).
+
+    Supplies head counts from the model, checks every matrix's blocks when its group is added
+    (so a missing head count fails at construction, with the fix), and keeps the block second
+    moment in ``state["exp_avg_sq"]`` (shape ``(B,)``: this rank's rows, or all heads). The optimizer's
+    param groups carry ``n_heads``, ``n_kv_heads`` and ``betas``.
+    """
+
+    @classmethod
+    def prepare_model(cls, model: torch.nn.Module, hparams: dict) -> dict:
+        return resolve_head_hparams(model, hparams)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["kind"] == "matrix":
+            check_head_hparams(group["n_heads"], group["n_kv_heads"])
+            for p in group["params"]:
+                self.block_plan(group, self._views[p])
+
+    def block_plan(self, group: dict, view: MatrixShardView) -> BlockPlan:
+        rows = rows_per_block(view.name, self.role_by_name(view.name), view.global_shape,
+                              group["n_heads"], group["n_kv_heads"], self.algorithm)
+        return block_plan(view, rows)
+
+    def _init_second_moment(self, p: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
+        plan = self.block_plan(group, view)
+        state["exp_avg_sq"] = torch.zeros((plan.count,), dtype=torch.float32, device=p.device)
+
+    def _update_second_moment(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
+                              view: MatrixShardView) -> torch.Tensor:
+        """EMA of the block means of ``grad^2``; returns it broadcast to the local rows, ``(rows, 1)``."""
+        plan = self.block_plan(group, view)
+        beta2 = group["betas"][1]
+        state["exp_avg_sq"].mul_(beta2).add_(block_mean_sq(grad, view, plan), alpha=1.0 - beta2)
+        return expand_to_rows(state["exp_avg_sq"], view, plan)

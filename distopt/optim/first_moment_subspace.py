@@ -1,0 +1,31 @@
+"""Basis refresh for algorithms that keep only a first moment in the subspace (SAM, AdamSNSM).
+
+The new basis comes from the shared refresh of :class:`~distopt.optim.projected.ProjectedAdam`
+(``svd``, ``randomized`` or ``random`` by ``group["refresh"]``, seeded by
+``(seed, name, refresh index)``). Only ``exp_avg`` lives in the subspace, so only it is mapped:
+``keep`` leaves its coordinates, ``reset`` zeroes it, ``rotate`` maps it with ``C = B_new^T B_old``.
+A second moment outside the subspace (SAM's full ``V``, SN's subset norms) is never touched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.moments import apply_moment_policy
+from ..core.projector import change_of_basis
+from ..core.schedule import refresh_index
+from ..core.shard import MatrixShardView
+from .projected import ProjectedAdam
+
+POLICIES = ("keep", "reset", "rotate")
+
+
+def refresh(grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView, plan, step: int) -> None:
+    """Install the basis of this refresh step in ``state["basis"]`` and map ``state["exp_avg"]``."""
+    index = refresh_index(step, group["update_proj_gap"], plan.phase)
+    new = ProjectedAdam._data_basis(group["refresh"], grad, state, group, view, plan, step, index)
+    policy = group["moment_policy"]
+    if step > 0 and policy != "keep":
+        c = change_of_basis(new, state["basis"], plan.side, view.group) if policy == "rotate" else None
+        apply_moment_policy(policy, plan.side, c, state["exp_avg"], None)
+    state["basis"].copy_(new)

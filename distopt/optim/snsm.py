@@ -1,0 +1,158 @@
+"""AdamSNSM: Subset-Norm second moment + Subspace-Momentum (Nguyen & Nguyen, ICML 2025)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import comm, subspace
+from ..core.routing import LINEAR_ROLES
+from ..core.shard import MatrixShardView
+from . import first_moment_subspace
+from .base import SubspaceOptimizer, adam_direction, apply_update
+
+MOMENT_POLICIES = first_moment_subspace.POLICIES
+
+
+def subsets_are_rows(global_shape: tuple[int, int]) -> bool:
+    """Subsets run along the shorter side: one per row when ``m >= n``, one per column otherwise."""
+    return global_shape[0] >= global_shape[1]
+
+
+def last_refresh_step(step: int, gap: int, phase: int) -> int:
+    """The latest refresh step ``<= step`` of :func:`distopt.core.schedule.is_refresh_step`."""
+    candidate = step - (step + phase) % gap
+    return candidate if candidate >= 1 else 0
+
+
+class AdamSNSM(SubspaceOptimizer):
+    r"""AdamSNSM: momentum in a rank-``r`` subspace, plain SGD in its complement, and one second
+    moment per subset (row or column) of each matrix.
+
+    For each matrix ``W`` (global ``m x n``) with gradient ``G``, a GaLore basis ``B`` (``right``:
+    ``proj(G) = G B``; ``left``: ``B^T G``; ``back`` maps back), step ``t`` and ``s`` the steps since
+    the momentum was last reset (both counting the current one):
+
+    .. math::
+        \begin{aligned}
+        &B \leftarrow \mathrm{refresh}(G),\ M \leftarrow 0 \quad \text{on refresh steps, before } M \text{ is updated}\\
+        &M \leftarrow \beta_1 M + (1-\beta_1)\, \mathrm{proj}(G)\\
+        &v_i \leftarrow \beta_2 v_i + (1-\beta_2) \textstyle\sum_{j \in S_i} G_j^2
+          \quad (S_i = \text{row } i \text{ if } m \ge n, \text{ else column } i)\\
+        &U = \mathrm{back}\big(M/(1-\beta_1^s)\big) + \big(G - \mathrm{back}(\mathrm{proj}(G))\big)\\
+        &W \leftarrow W(1-\eta\lambda) - \eta\, \frac{U}{\sqrt{v/(1-\beta_2^t)} + \epsilon}
+        \end{aligned}
+
+    with ``v`` broadcast over each subset. The subsets run along the shorter side, so ``v`` has
+    ``max(m, n)`` entries, and each is a SUM of ``g^2`` over ``min(m, n)`` coordinates (not a mean):
+    the denominator is about ``sqrt(min(m, n))`` times Adam's, so the matrix group wants roughly
+    10x Adam's learning rate (the paper's 60M run uses 0.05 vs Adam's 0.005); pass
+    ``elementwise={"lr": ...}`` to keep the AdamW group's lower. Every ``nn.Linear`` weight is a
+    matrix, ``lm_head`` included; embeddings, norms and biases use AdamW.
+
+    Defaults: ``lr=1e-3``, ``rank=128``, ``update_proj_gap=200``, ``refresh="randomized"``,
+    ``stagger=True``, ``side="auto"`` (GaLore's: project the shorter side),
+    ``moment_policy="reset"``, ``betas=(0.9, 0.999)``, ``eps=1e-6`` (the reference code's),
+    ``weight_decay=0``, ``oversample=16``, ``power_iters=1``, ``adam_form="torch"``.
+
+    Where we differ from the reference code (``timmytonga/sn-sm``), and why:
+    - The momentum reset happens on the refresh step itself, before ``M`` is updated. The
+      reference resets one step late, so its refresh step mixes old-basis coordinates into the new
+      basis.
+    - Bias correction: the momentum is corrected with the steps since its last reset (``s``), the
+      second moment with the global step ``t``, and the complement (a raw gradient) not at all.
+      The reference divides the whole numerator, complement included, by ``1 - beta1^t`` with the
+      global ``t``: that inflates the complement up to ``1/(1-beta1)`` times in the first steps and
+      damps the momentum for ~``1/(1-beta1)`` steps after every reset.
+    - ``refresh="randomized"`` and ``stagger=True`` as in :class:`~distopt.optim.galore.GaLore`;
+      ``refresh="svd", stagger=False`` is the paper's SVD every ``T`` steps.
+    - ``adam_form="torch"`` adds ``eps`` to the bias-corrected RMS and decays before the step;
+      ``"hf"`` is the reference's form (``eps`` on the raw RMS, decay after the step).
+    - ``moment_policy`` may also be ``keep`` (the reference's ``overlap_state``) or ``rotate``; the
+      bias correction then counts from step 1.
+    - ``rank >= `` the projected side's length: the basis is the identity and the complement is
+      empty (AdamSN with full momentum).
+
+    State per matrix, with ``d`` the projected side's length and ``D`` the other side's (``d =
+    min(m, n)`` for ``side="auto"``): ``step`` (int64) + ``basis`` (d x r) + ``exp_avg`` (r x D) +
+    ``exp_avg_sq`` (``m x 1`` if ``m >= n``, else ``1 x n``), fp32:
+    ``8 + 4 (d r + r D + max(m, n))`` bytes; ``8 + 4 (m n + max(m, n))`` at full rank. Element-wise
+    AdamW parameters of ``N`` elements: ``4 + 8 N``.
+    """
+
+    algorithm = "snsm"
+    matrix_roles = LINEAR_ROLES | {"lm_head"}
+    shape_hparams = ("rank", "side")
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        rank: int = 128,
+        update_proj_gap: int = 200,
+        refresh: str = "randomized",
+        stagger: bool = True,
+        side: str = "auto",
+        moment_policy: str = "reset",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        oversample: int = 16,
+        power_iters: int = 1,
+        adam_form: str = "torch",
+        seed: int = 0,
+    ):
+        defaults = dict(
+            lr=lr, rank=rank, update_proj_gap=update_proj_gap, refresh=refresh, stagger=stagger, side=side,
+            moment_policy=moment_policy, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            oversample=oversample, power_iters=power_iters, adam_form=adam_form, seed=seed,
+        )
+        super().__init__(params, defaults)
+
+    def _check_matrix_hparams(self, group: dict) -> None:
+        subspace.check_subspace_hparams(group)
+        if group["moment_policy"] not in MOMENT_POLICIES:
+            raise ValueError(f"moment_policy={group['moment_policy']!r} is not one of {MOMENT_POLICIES}")
+        if not isinstance(group["stagger"], bool):
+            raise ValueError(f"stagger={group['stagger']!r}: must be True or False")
+
+    def _init_matrix_state(self, p: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
+        plan = subspace.plan(view, group)
+        subspace.allocate_basis(state, view, plan, p.device)
+        state["exp_avg"] = torch.zeros(subspace.projected_shape(view, plan), dtype=torch.float32, device=p.device)
+        shape = (view.local_rows, 1) if subsets_are_rows(view.global_shape) else (1, view.n)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+
+    @staticmethod
+    def subset_sq_sums(grad: torch.Tensor, view: MatrixShardView) -> torch.Tensor:
+        """``sum g^2`` per subset: per local row (local), or per column (summed over row shards)."""
+        sq = grad.square()
+        if subsets_are_rows(view.global_shape):
+            return sq.sum(dim=1, keepdim=True)
+        return comm.all_reduce_sum(sq.sum(dim=0, keepdim=True), view.group)
+
+    def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
+        plan = subspace.plan(view, group)
+        step = int(state["step"])
+        grad = grad.float()
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if subspace.refresh_due(step, plan, group):  # reset (per policy) before M is updated
+            first_moment_subspace.refresh(grad, state, group, view, plan, step)
+        beta1, beta2 = group["betas"]
+        low = subspace.project_grad(grad, state, view, plan)
+        exp_avg.lerp_(low, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).add_(self.subset_sq_sums(grad, view), alpha=1.0 - beta2)
+        if plan.full or group["moment_policy"] != "reset":
+            since = step + 1
+        else:
+            since = step - last_refresh_step(step, group["update_proj_gap"], plan.phase) + 1
+        corrected = exp_avg / (1.0 - beta1**since)
+        if plan.full:
+            numerator = corrected
+        else:  # back(M / c) + (G - back(proj G)) = G + back(M / c - proj G)
+            numerator = grad + subspace.back_project(corrected.sub_(low), state, plan)
+        state["step"] += 1
+        lr = float(group["lr"])
+        # beta1=0: the momentum is already bias-corrected, only the second moment's correction remains
+        direction, step_size = adam_direction(numerator, exp_avg_sq, step + 1, 0.0, beta2, group["eps"], lr,
+                                              group["adam_form"])
+        apply_update(p, direction, step_size, lr, group["weight_decay"], group["adam_form"])

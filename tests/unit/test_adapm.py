@@ -1,0 +1,218 @@
+"""AdaPM: corrected low-rank momentum, momentum design per role, clip, state, checkpoints, bad input."""
+
+import math
+
+import pytest
+import torch
+from helpers import assert_resume_bit_identical, set_grads, tiny_model, train
+
+import distopt
+from distopt.core import lowrank
+from distopt.core.shard import MatrixShardView
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These matrices are tiny: one thread avoids OpenMP overhead that dominates on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _matrix_group(opt):
+    return next(g for g in opt.param_groups if g["kind"] == "matrix")
+
+
+def _drifting_signal(m, n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, k, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(n, k, generator=g))[0]
+
+    def signal(t):
+        s = torch.linspace(3, 0.5, k) * (1 + 0.3 * torch.sin(t / 40 + torch.arange(k)))
+        return (u * s) @ v.T
+
+    return signal
+
+
+def _track(correction, noise, steps=300, m=40, n=60, r=2):
+    """Per-step relative error and time-averaged relative bias of the estimate against the full EMA."""
+    signal = _drifting_signal(m, n, 6)
+    view = MatrixShardView("w", (m, n))
+    left, right = torch.zeros(m, r), torch.zeros(r, n)
+    full = torch.zeros(m, n)
+    gen = torch.Generator().manual_seed(1)
+    errors, bias = [], torch.zeros(m, n)
+    for t in range(1, steps + 1):
+        g = signal(t) + noise * torch.randn(m, n, generator=gen)
+        full = 0.9 * full + 0.1 * g
+        est = lowrank.momentum_estimate(g, left, right, view, beta1=0.9, step=t, bias_correction=True,
+                                        correction=correction, reseed=(t - 1) % 50 == 0, sweeps=1, seed=t,
+                                        oversample=4, power_iters=1)
+        target = full / (1 - 0.9**t)
+        if t > 100:
+            errors.append(float((est - target).norm() / target.norm()))
+            bias += est - target
+    return sum(errors) / len(errors), float((bias / len(errors)).norm() / target.norm())
+
+
+def test_corrected_momentum_tracks_the_full_ema_better_than_uncorrected():
+    # A drifting rank-6 signal, momentum kept at rank 2.
+    derived, _ = _track("derived", noise=0.0)
+    none, _ = _track("none", noise=0.0)
+    literal, _ = _track("literal", noise=0.0)
+    assert derived < 0.1 and none > 0.3 and literal > 0.3
+    # With gradient noise the corrected estimate is noisier step by step (it carries the current
+    # residual), but unbiased over time where the uncorrected and the printed forms are not.
+    _, derived_bias = _track("derived", noise=0.3)
+    _, none_bias = _track("none", noise=0.3)
+    _, literal_bias = _track("literal", noise=0.3)
+    assert derived_bias < 0.05 and none_bias > 5 * derived_bias and literal_bias > 5 * derived_bias
+
+
+def _one_matrix(role="q", shape=(40, 30), **kw):
+    w = torch.nn.Parameter(torch.zeros(shape))
+    opt = distopt.optim.AdaPM([{"params": [w], "param_names": [f"layer.{role}_proj.weight"], "kind": "matrix",
+                                "roles": [role]}], **kw)
+    return w, opt
+
+
+def test_low_rank_fit_is_seeded_not_zero():
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(40, 40, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(30, 30, generator=g))[0]
+    grad = (u[:, :30] * 0.7 ** torch.arange(30.0)) @ v.T
+    w, opt = _one_matrix(rank=4, lr=1e-3)
+    w.grad = grad.clone()
+    opt.step()
+    left, right = opt.state[w]["left"], opt.state[w]["right"]
+    torch.testing.assert_close(left.T @ left, torch.eye(4), atol=1e-5, rtol=0)
+    s = torch.linalg.svdvals(grad)
+    captured = float((left.T @ grad).norm() ** 2 / grad.norm() ** 2)
+    assert captured > 0.99 * float((s[:4] ** 2).sum() / (s**2).sum())
+    torch.testing.assert_close(left @ right, 0.1 * left @ left.T @ grad, rtol=1e-5, atol=1e-7)
+    w2, opt2 = _one_matrix(rank=4, lr=1e-3)  # same seed, same factors: no global RNG
+    torch.manual_seed(123)
+    w2.grad = grad.clone()
+    opt2.step()
+    assert torch.equal(opt2.state[w2]["left"], left)
+
+
+def test_rank_holds_five_percent_of_the_entries():
+    assert lowrank.lowrank_rank((1600, 1600), 0.05) == 40  # GPT-2 1.5B, matching the paper's memory table
+    assert lowrank.lowrank_rank((1600, 6400), 0.05) == 64
+    assert lowrank.lowrank_rank((48, 48), 0.05) == 1  # at least 1
+    assert lowrank.lowrank_rank((48, 80), 0.05, rank=500) == 48  # at most min(m, n)
+
+
+def test_momentum_design_per_role():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "adapm", rank=3)
+    opt.allocate_state()
+    group = _matrix_group(opt)
+    kinds = {}
+    for name, p in zip(group["param_names"], group["params"]):
+        keys = set(opt.state[p]) - {"step"}
+        kinds[name.split(".")[-2]] = keys
+        assert opt.state[p]["exp_avg_sq"].shape == p.shape
+        if "left" in keys:
+            assert opt.state[p]["left"].shape == (p.shape[0], 3) and opt.state[p]["right"].shape == (3, p.shape[1])
+    low, full, none = {"left", "right", "exp_avg_sq"}, {"exp_avg", "exp_avg_sq"}, {"exp_avg_sq"}
+    assert kinds == {"q_proj": low, "k_proj": low, "gate_proj": low, "up_proj": low, "down_proj": low,
+                     "v_proj": full, "lm_head": full, "o_proj": none, "embed_tokens": none}
+    others = [n for g in opt.param_groups if g["kind"] == "adamw" for n in g["param_names"]]
+    assert others and all("norm" in n for n in others)
+
+
+@pytest.mark.parametrize("role", ["q", "v", "o"])
+def test_update_is_clipped_elementwise(role):
+    # Without bias correction v starts tiny, so every coordinate's ratio is far above 1 and clips.
+    w, opt = _one_matrix(role=role, lr=1e-3, bias_correction=False)
+    w.grad = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    opt.step()
+    step = w.detach().abs()
+    assert step.max() <= 1e-3 * (1 + 1e-6)
+    assert (step > 1e-3 * (1 - 1e-6)).float().mean() > 0.9
+    w2, opt2 = _one_matrix(role=role, lr=1e-3, bias_correction=False, clip=None)
+    w2.grad = w.grad
+    opt2.step()
+    assert w2.detach().abs().max() > 2e-3
+
+
+def test_no_momentum_blocks_take_an_adam_step_with_beta1_zero():
+    w, opt = _one_matrix(role="o", lr=1e-2, betas=(0.9, 0.99), clip=None)
+    for seed in range(3):
+        set_grads([w], seed)
+        before = w.detach().clone()
+        opt.step()
+    v = opt.state[w]["exp_avg_sq"]
+    expected = 1e-2 * w.grad / ((v / (1 - 0.99**3)).sqrt() + 1e-8)
+    torch.testing.assert_close(before - w.detach(), expected, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("kw", [dict(correction="derived"), dict(correction="none", fit_sweeps=0)])
+def test_lowers_the_loss(kw):
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "adapm", lr=1e-2, update_proj_gap=10, **kw)
+    losses = train(model, opt, 50)
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def _adapm_bytes(opt, fraction=0.05, rank=None):
+    total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if group["kind"] == "adamw":
+                total += 4 + 8 * p.numel()
+                continue
+            m, n = p.shape
+            role = opt.param_role(p)
+            if role in ("q", "k", "mlp_in", "mlp_out"):
+                r = rank if rank is not None else max(1, math.floor(fraction * m * n / (m + n)))
+                total += 8 + 4 * (min(r, m, n) * (m + n) + m * n)
+            elif role in ("embedding", "o"):
+                total += 8 + 4 * m * n
+            else:
+                total += 8 + 8 * m * n
+    return total
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(rank=5), dict(rank_fraction=0.3)])
+def test_state_bytes_match_the_formula(kw):
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "adapm", update_proj_gap=3, **kw)
+    opt.allocate_state()
+    before = distopt.state_bytes(opt)
+    train(model, opt, 4)
+    assert distopt.state_bytes(opt) == before == _adapm_bytes(opt, kw.get("rank_fraction", 0.05), kw.get("rank"))
+
+
+@pytest.mark.parametrize("correction", ["derived", "literal"])
+def test_resume_is_bit_identical(correction):
+    assert_resume_bit_identical("adapm", lr=1e-2, rank=3, update_proj_gap=3, correction=correction)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(rank_fraction=0.0), "rank_fraction=0.0"),
+        (dict(rank_fraction=1.5), "rank_fraction=1.5"),
+        (dict(rank=0), "rank=0"),
+        (dict(rank=1.5), "rank=1.5"),
+        (dict(update_proj_gap=0), "update_proj_gap=0"),
+        (dict(fit_sweeps=-1), "fit_sweeps=-1"),
+        (dict(fit_sweeps=1000), "fit_sweeps=1000"),
+        (dict(correction="paper"), "correction='paper'"),
+        (dict(clip=0.0), "clip=0.0"),
+        (dict(clip=float("inf")), "clip=inf"),
+        (dict(bias_correction="yes"), "bias_correction='yes'"),
+        (dict(oversample=-1), "oversample=-1"),
+        (dict(betas=(0.9, 1.0)), "betas"),
+        (dict(lr=-1.0), "lr=-1.0"),
+    ],
+)
+def test_bad_hyperparameters_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        distopt.build_optimizer(tiny_model(), "adapm", **kwargs)

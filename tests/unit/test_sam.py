@@ -1,0 +1,142 @@
+"""SAM: rank-k left-subspace momentum over a full second moment; state, checkpoints, bad input."""
+
+import pytest
+import torch
+from helpers import assert_resume_bit_identical, set_grads, tiny_model, train
+from torch import nn
+
+import distopt
+from distopt.optim.sam import sam_rank
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These matrices are tiny: one thread avoids OpenMP overhead that dominates on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _matrix_group(opt):
+    return next(g for g in opt.param_groups if g["kind"] == "matrix")
+
+
+class _Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Module()
+        self.mlp.up_proj = nn.Linear(30, 8, bias=False)  # m = 8 < 10: k = 1
+        self.mlp.down_proj = nn.Linear(8, 70, bias=False)  # m = 70: k = 5
+
+
+def test_rank_is_min_5_m_over_10_from_the_global_shape():
+    assert [sam_rank((m, 100), None) for m in (3, 9, 10, 25, 48, 80, 4096)] == [1, 1, 1, 2, 4, 5, 5]
+    assert sam_rank((4096, 3), None) == 3  # never more than min(m, n)
+    assert sam_rank((48, 48), 7) == 7
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "sam")
+    opt.allocate_state()
+    for name, p in zip(_matrix_group(opt)["param_names"], _matrix_group(opt)["params"]):
+        m, n = p.shape
+        k = {48: 4, 80: 5}[m]
+        state = opt.state[p]
+        assert state["basis"].shape == (m, k), name
+        assert state["exp_avg"].shape == (k, n) and state["exp_avg_sq"].shape == (m, n), name
+    small = _Small()
+    opt = distopt.build_optimizer(small, "sam")
+    opt.allocate_state()
+    assert opt.state[small.mlp.up_proj.weight]["basis"].shape == (8, 1)
+    assert opt.state[small.mlp.down_proj.weight]["basis"].shape == (70, 5)
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_numerator_is_rank_k_in_the_gradient_column_space(inside):
+    model = tiny_model()
+    lr, eps, betas = 1e-2, 1e-8, (0.9, 0.999)
+    opt = distopt.build_optimizer(model, "sam", lr=lr, eps=eps, betas=betas, update_proj_gap=4, eps_inside_sqrt=inside)
+    for seed in range(3):
+        set_grads(list(model.parameters()), seed)
+        before = {p: p.detach().clone() for p in model.parameters()}
+        opt.step()
+    for p in _matrix_group(opt)["params"]:
+        state = opt.state[p]
+        u = state["basis"]
+        rms = state["exp_avg_sq"] / (1 - betas[1] ** 3)
+        denom = (rms + eps).sqrt() if inside else rms.sqrt() + eps  # inside: as the seed prints
+        numerator = (before[p] - p.detach()) * denom / lr * (1 - betas[0] ** 3)
+        torch.testing.assert_close(numerator, u @ state["exp_avg"], rtol=1e-3, atol=1e-5)
+        assert torch.linalg.matrix_rank(numerator, rtol=1e-4) <= u.shape[1]
+        assert (numerator - u @ (u.T @ numerator)).norm() < 1e-3 * numerator.norm()  # complement discarded
+
+
+def test_rotate_policy_carries_momentum_into_the_new_basis():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "sam", update_proj_gap=2, stagger=False, moment_policy="rotate")
+    set_grads(list(model.parameters()), 0)
+    opt.step()
+    set_grads(list(model.parameters()), 1)
+    opt.step()
+    p = model.model.layers[0].self_attn.q_proj.weight
+    old_basis, old_avg = opt.state[p]["basis"].clone(), opt.state[p]["exp_avg"].clone()
+    set_grads(list(model.parameters()), 2)
+    opt.step()  # refresh on step 2
+    new_basis = opt.state[p]["basis"]
+    low = new_basis.T @ p.grad
+    expected = 0.9 * (new_basis.T @ old_basis) @ old_avg + 0.1 * low
+    torch.testing.assert_close(opt.state[p]["exp_avg"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_lowers_the_loss():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "sam", lr=1e-2, update_proj_gap=10)
+    losses = train(model, opt, 50)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def _sam_bytes(opt):
+    total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if group["kind"] == "adamw":
+                total += 4 + 8 * p.numel()
+                continue
+            m, n = p.shape
+            k = min(group["rank"] or max(1, min(5, m // 10)), m, n)
+            total += 8 + 8 * m * n if k >= m else 8 + 4 * (m * k + k * n + m * n)
+    return total
+
+
+@pytest.mark.parametrize("rank", [None, 3, 1000])
+def test_state_bytes_match_the_formula(rank):
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "sam", rank=rank, update_proj_gap=3)
+    opt.allocate_state()
+    before = distopt.state_bytes(opt)
+    train(model, opt, 4)
+    assert distopt.state_bytes(opt) == before == _sam_bytes(opt)
+
+
+@pytest.mark.parametrize("refresh,policy", [("randomized", "rotate"), ("svd", "keep"), ("random", "reset")])
+def test_resume_is_bit_identical(refresh, policy):
+    assert_resume_bit_identical("sam", lr=1e-2, update_proj_gap=3, refresh=refresh, moment_policy=policy)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(rank=0), "rank=0"),
+        (dict(rank=2.5), "rank=2.5"),
+        (dict(update_proj_gap=0), "update_proj_gap=0"),
+        (dict(refresh="qr"), "refresh='qr'"),
+        (dict(moment_policy="transform"), "moment_policy='transform'"),
+        (dict(stagger=1), "stagger=1"),
+        (dict(eps_inside_sqrt=None), "eps_inside_sqrt=None"),
+        (dict(power_iters=-1), "power_iters=-1"),
+        (dict(betas=(0.9, 1.0)), "betas"),
+        (dict(lr=float("inf")), "lr=inf"),
+    ],
+)
+def test_bad_hyperparameters_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        distopt.build_optimizer(tiny_model(), "sam", **kwargs)

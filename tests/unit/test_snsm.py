@@ -1,0 +1,172 @@
+"""AdamSNSM: subset-norm second moment, subspace momentum with reset, state, checkpoints, bad input."""
+
+import pytest
+import torch
+from helpers import assert_resume_bit_identical, set_grads, tiny_model, train
+
+import distopt
+from distopt.core import projector, subspace
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These matrices are tiny: one thread avoids OpenMP overhead that dominates on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _matrix_group(opt):
+    return next(g for g in opt.param_groups if g["kind"] == "matrix")
+
+
+def _step_with_grads(model, opt, seed):
+    set_grads(list(model.parameters()), seed)
+    grads = {p: p.grad.clone() for p in model.parameters()}
+    before = {p: p.detach().clone() for p in model.parameters()}
+    opt.step()
+    return grads, before
+
+
+def test_every_linear_is_a_matrix_and_embeddings_norms_use_adamw():
+    opt = distopt.build_optimizer(tiny_model(), "snsm", rank=4)
+    names = _matrix_group(opt)["param_names"]
+    assert "lm_head.weight" in names and "model.layers.0.self_attn.o_proj.weight" in names
+    assert "model.layers.1.mlp.down_proj.weight" in names
+    assert not any("embed" in n or "norm" in n for n in names)
+
+
+def test_second_moment_is_a_sum_per_subset_along_the_shorter_side():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "snsm", rank=4, betas=(0.9, 0.99))
+    grads, _ = _step_with_grads(model, opt, seed=0)
+    seen = set()
+    for p in _matrix_group(opt)["params"]:
+        m, n = p.shape
+        v = opt.state[p]["exp_avg_sq"]
+        assert v.numel() == max(m, n)
+        sq = grads[p].square()
+        expected = sq.sum(dim=1, keepdim=True) if m >= n else sq.sum(dim=0, keepdim=True)  # sum, not mean
+        assert v.shape == expected.shape
+        torch.testing.assert_close(v, 0.01 * expected, rtol=1e-6, atol=0)
+        seen.add("rows" if m >= n else "columns")
+    assert seen == {"rows", "columns"}  # the tiny model has both orientations (down_proj is 48 x 80)
+
+
+def _expected_step(opt, p, grad, since, step, lr, eps, betas):
+    """The documented update, rebuilt from the state the step left behind."""
+    group = _matrix_group(opt)
+    state = opt.state[p]
+    plan = subspace.plan(opt._views[p], group)
+    basis = state["basis"]
+    low = projector.project(grad, basis, plan.side, None)
+    back = lambda x: projector.project_back(x, basis, plan.side)  # noqa: E731
+    u = back(state["exp_avg"] / (1 - betas[0] ** since)) + (grad - back(low))
+    denom = (state["exp_avg_sq"] / (1 - betas[1] ** step)).sqrt() + eps
+    return lr * u / denom, low
+
+
+def test_momentum_resets_on_the_refresh_step_and_the_complement_gets_sgd():
+    lr, eps, betas = 1e-2, 1e-8, (0.9, 0.999)
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "snsm", lr=lr, rank=4, update_proj_gap=3, stagger=False, eps=eps,
+                                  betas=betas)
+    for seed in range(3):  # steps 0, 1, 2; step 3 refreshes every matrix
+        _step_with_grads(model, opt, seed)
+    matrices = _matrix_group(opt)["params"]
+    old_basis = {p: opt.state[p]["basis"].clone() for p in matrices}
+
+    grads, before = _step_with_grads(model, opt, seed=3)  # refresh step
+    for p in matrices:
+        assert not torch.equal(opt.state[p]["basis"], old_basis[p])
+        delta, low = _expected_step(opt, p, grads[p], since=1, step=4, lr=lr, eps=eps, betas=betas)
+        # Reset before the update: nothing of the old basis's momentum is left.
+        torch.testing.assert_close(opt.state[p]["exp_avg"], (1 - betas[0]) * low, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(before[p] - p.detach(), delta, rtol=1e-4, atol=1e-7)
+
+    grads, before = _step_with_grads(model, opt, seed=4)  # the step after: momentum is 2 steps old
+    for p in matrices:
+        plan = subspace.plan(opt._views[p], _matrix_group(opt))
+        delta, low = _expected_step(opt, p, grads[p], since=2, step=5, lr=lr, eps=eps, betas=betas)
+        torch.testing.assert_close(before[p] - p.detach(), delta, rtol=1e-4, atol=1e-7)
+        # Outside the subspace the numerator is the raw gradient (plain SGD), scaled only by 1/sqrt(v).
+        basis = opt.state[p]["basis"]
+        numerator = delta * ((opt.state[p]["exp_avg_sq"] / (1 - betas[1] ** 5)).sqrt() + eps) / lr
+        outside = numerator - projector.project_back(projector.project(numerator, basis, plan.side, None),
+                                                     basis, plan.side)
+        complement = grads[p] - projector.project_back(low, basis, plan.side)
+        torch.testing.assert_close(outside, complement, rtol=1e-3, atol=1e-5)
+
+
+def test_full_rank_is_adam_with_subset_norm():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "snsm", rank=10_000, lr=1e-2, betas=(0.8, 0.9))
+    train(model, opt, 2)
+    grads, before = _step_with_grads(model, opt, seed=5)
+    for p in _matrix_group(opt)["params"]:
+        state = opt.state[p]
+        assert "basis" not in state and state["exp_avg"].shape == p.shape
+        expected = 1e-2 * (state["exp_avg"] / (1 - 0.8**3)) / ((state["exp_avg_sq"] / (1 - 0.9**3)).sqrt() + 1e-6)
+        torch.testing.assert_close(before[p] - p.detach(), expected, rtol=1e-4, atol=1e-8)
+
+
+def test_lowers_the_loss():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "snsm", lr=1e-2, rank=8, update_proj_gap=10)
+    losses = train(model, opt, 50)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def _snsm_bytes(opt):
+    total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if group["kind"] == "adamw":
+                total += 4 + 8 * p.numel()
+                continue
+            m, n = p.shape
+            side = group["side"] if group["side"] != "auto" else ("right" if m >= n else "left")
+            d = n if side == "right" else m
+            other = m * n // d
+            if group["rank"] >= d:
+                total += 8 + 4 * (m * n + max(m, n))
+            else:
+                r = min(group["rank"], m, n)
+                total += 8 + 4 * (d * r + r * other + max(m, n))
+    return total
+
+
+@pytest.mark.parametrize("rank,side", [(8, "auto"), (8, "left"), (8, "right"), (1000, "auto")])
+def test_state_bytes_match_the_formula(rank, side):
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "snsm", rank=rank, side=side, update_proj_gap=3)
+    opt.allocate_state()
+    before = distopt.state_bytes(opt)
+    train(model, opt, 4)
+    assert distopt.state_bytes(opt) == before == _snsm_bytes(opt)
+
+
+@pytest.mark.parametrize("refresh,policy", [("randomized", "reset"), ("svd", "keep")])
+def test_resume_is_bit_identical(refresh, policy):
+    assert_resume_bit_identical("snsm", lr=1e-2, rank=6, update_proj_gap=3, refresh=refresh, moment_policy=policy)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(rank=0), "rank=0"),
+        (dict(rank=2.5), "rank=2.5"),
+        (dict(update_proj_gap=0), "update_proj_gap=0"),
+        (dict(side="up"), "side='up'"),
+        (dict(refresh="qr"), "refresh='qr'"),
+        (dict(moment_policy="transform"), "moment_policy='transform'"),
+        (dict(stagger="yes"), "stagger='yes'"),
+        (dict(betas=(0.9, 1.0)), "betas"),
+        (dict(lr=-1.0), "lr=-1.0"),
+        (dict(eps=-1e-8), "eps"),
+    ],
+)
+def test_bad_hyperparameters_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        distopt.build_optimizer(tiny_model(), "snsm", **kwargs)
