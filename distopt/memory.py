@@ -1,0 +1,267 @@
+"""Per-rank memory of training a model: weights, gradients, optimizer state and projectors.
+
+Pure functions of parameter shapes and hyper-parameters; nothing is allocated. The optimizer
+part comes from the optimizer itself: it is built on the model's parameters (use a model made
+under ``torch.device("meta")``), its state is allocated on the meta device with
+``allocate_state()``, and the state tensors' shapes are summed. So the numbers follow each
+algorithm's own state layout, and on one rank they equal :func:`distopt.state_bytes` of a real
+optimizer exactly (tests/unit/test_memory.py checks it).
+
+Model states per rank, for ``P`` parameters, ``N`` ranks sharing the states (the world size,
+or the shard-group size for HSDP) and ``L`` parameters in the largest FSDP unit (a decoder layer,
+or the embedding and LM head):
+
+=================  ==========================  ===============================
+engine             weights                     gradients
+=================  ==========================  ===============================
+ddp                ``w P``                     ``g P``
+fsdp2 / hsdp       ``w P/N + 2 c L``           ``g P/N + r L``
+zero1 (DeepSpeed)  ``2 P + 4 P/N`` (master)    ``2 P + 4 P/N`` (fp32 partition)
+zero2              ``2 P + 4 P/N``             ``2 P/N + 4 P/N``
+zero3              ``2 P/N + 4 P/N + 2·2 L``   ``2 P/N + 4 P/N``
+=================  ==========================  ===============================
+
+with ``w``, ``g`` the bytes of a weight and a gradient for the precision (``fp32``: 4, 4;
+``bf16-mixed``, torch autocast: 4, 4; ``bf16``: 2, 2), ``c`` the bytes of a gathered weight
+(the compute dtype) and ``r`` of an unsharded gradient before its reduce-scatter. FSDP2 and ZeRO-3
+hold two gathered units at a time (the current one and the prefetched next one). DeepSpeed keeps
+bf16 weights and an fp32 master copy for ``bf16`` and ``bf16-mixed`` alike.
+
+For AdamW (12 bytes of master + moments per parameter, ``K = 12`` in the ZeRO paper) this gives
+ZeRO-1 ``4P + 16P/N``, which is DeepSpeed's ``estimate_zero2_model_states_mem_needs`` (it covers
+stages 1 and 2), ZeRO-2 ``2P + 18P/N``, and ZeRO-3 ``20P/N + 4L``, where DeepSpeed's
+``estimate_zero3_model_states_mem_needs`` prints ``18P/N + 4L`` (it leaves out the bf16
+gradient partition). :func:`deepspeed_reference` returns DeepSpeed's numbers for comparison.
+
+Optimizer state placement:
+- ``ddp``: whole on every rank.
+- ``fsdp2``/``hsdp``: each rank holds a row block of every matrix (rank 0 the largest,
+  ``ceil(m/N)`` rows); the algorithm's own shard view decides the state shapes (a GaLore right
+  basis ``n x r`` is replicated, its moments are row-sharded). Element-wise state is split by rows.
+- ``zero1/2/3``: the same row blocks: ``distopt.deepspeed`` turns each rank's flat ZeRO partition
+  of a matrix into a block of about ``m/N`` rows and steps the algorithm on it, so the state
+  follows the FSDP2 layout above (element-wise state is the rank's flat slice, about ``1/N``).
+
+Activations, communication buckets, the CUDA context and allocator fragmentation are not
+counted: keep a reserve for them (``fits(..., reserve=0.1)``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+ENGINES = ("single", "ddp", "fsdp2", "hsdp", "zero1", "zero2", "zero3")
+PRECISIONS = ("fp32", "bf16-mixed", "bf16")
+_PROJECTOR_KEY = re.compile(r"basis|proj|^[PQUV]$|ortho", re.IGNORECASE)
+_SHARDED = object()  # stands in for a process group: the view only needs to know it is sharded
+
+
+def is_projector_key(key: str) -> bool:
+    """State entries that hold a subspace basis (GaLore's ``basis``, ``proj*``, ``P``/``Q``)."""
+    return bool(_PROJECTOR_KEY.search(key))
+
+
+@dataclass
+class ParamState:
+    """Optimizer state of one parameter on the rank that holds the most of it."""
+
+    name: str
+    numel: int
+    kind: str  # "matrix" or "adamw"
+    state_bytes: int  # moments, step counters, anything but projectors
+    projector_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.state_bytes + self.projector_bytes
+
+
+@dataclass
+class Breakdown:
+    optimizer: str
+    engine: str
+    world_size: int
+    precision: str
+    num_params: int
+    weights: int
+    gradients: int
+    optimizer_state: int
+    projectors: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_state + self.projectors
+
+    def fits(self, capacity_bytes: float, reserve: float = 0.1) -> bool:
+        """Whether the model states fit in ``capacity_bytes`` with a fraction ``reserve`` left
+        for activations, buffers and fragmentation."""
+        return self.total <= capacity_bytes * (1.0 - reserve)
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _row_chunks(rows: int, world: int) -> tuple[int, ...]:
+    """Rows per rank when dim 0 is split like ``torch.chunk`` (FSDP2's ``Shard(0)``)."""
+    size = math.ceil(rows / world)
+    return tuple(max(0, min(size, rows - i * size)) for i in range(world))
+
+
+def state_layout(model: nn.Module, optimizer: str, hparams: dict | None = None, shard_ranks: int = 1) -> list[ParamState]:
+    """Per-parameter optimizer state of ``optimizer`` on ``model`` (build it on the meta device).
+
+    ``shard_ranks > 1``: every matrix is row-sharded over that many ranks (FSDP2, HSDP's shard
+    group, ZeRO through ``distopt.deepspeed``), and the state is the one rank 0 holds (the largest
+    row block); element-wise state is split by rows likewise.
+    """
+    from .api import build_optimizer
+    from .core.shard import MatrixShardView
+
+    hparams = dict(hparams or {})
+    elementwise = hparams.pop("elementwise", None)
+    with torch.device("meta"):
+        meta = _to_meta(model)
+        opt = build_optimizer(meta, optimizer, elementwise=elementwise, **hparams)
+        views = getattr(opt, "_views", {})
+        if shard_ranks > 1:
+            for p, view in list(views.items()):
+                counts = _row_chunks(view.m, shard_ranks)
+                views[p] = MatrixShardView(view.name, view.global_shape, 0, counts[0], _SHARDED, counts)
+        opt.allocate_state()
+    out = []
+    names = {p: n for n, p in meta.named_parameters()}
+    for group in opt.param_groups:
+        kind = group.get("kind", "adamw")
+        for p in group["params"]:
+            state, proj = 0, 0
+            for key, value in opt.state[p].items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                size = _tensor_bytes(value)
+                if kind != "matrix" and shard_ranks > 1 and value.dim() > 0:
+                    size = size * _row_chunks(value.shape[0], shard_ranks)[0] // max(1, value.shape[0])
+                if kind == "matrix" and is_projector_key(key):
+                    proj += size
+                else:
+                    state += size
+            out.append(ParamState(names.get(p, "?"), p.numel(), kind, state, proj))
+    return out
+
+
+def _to_meta(model: nn.Module) -> nn.Module:
+    """A meta-device copy: some algorithms change the model they are built for (RSO, Adam-mini)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    if any(p.device.type != "meta" for p in clone.parameters()):
+        clone = clone.to_empty(device="meta")
+    return clone
+
+
+def largest_unit_params(model: nn.Module) -> int:
+    """Parameters of the largest FSDP unit: a decoder layer (``...layers.<i>.``) or everything
+    outside the layers (embedding, final norm, LM head)."""
+    units: dict[str, int] = {}
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        m = re.search(r"(.*\b(?:layers|h|blocks)\.\d+)\.", name)
+        units[m.group(1) if m else "<root>"] = units.get(m.group(1) if m else "<root>", 0) + p.numel()
+    return max(units.values()) if units else 0
+
+
+def _dtype_bytes(precision: str) -> tuple[int, int, int, int]:
+    """(weight, gradient, gathered compute copy, unsharded gradient) bytes for torch engines."""
+    if precision == "fp32":
+        return 4, 4, 4, 4
+    if precision == "bf16-mixed":
+        return 4, 4, 2, 4  # fp32 weights and grads; bf16 compute copies; fp32 reduce
+    if precision == "bf16":
+        return 2, 2, 2, 2
+    raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
+
+
+def estimate(
+    model: nn.Module,
+    optimizer: str,
+    engine: str,
+    world_size: int,
+    precision: str = "bf16-mixed",
+    *,
+    hparams: dict | None = None,
+    hsdp_replicas: int = 1,
+    layout: list[ParamState] | None = None,
+) -> Breakdown:
+    """Model-state memory of the most loaded rank. See the module docstring for the formulas."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size}: must be >= 1")
+    if engine == "single" and world_size != 1:
+        raise ValueError("engine='single' means world_size=1")
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    n = world_size
+    notes: list[str] = []
+    w, g, c, r = _dtype_bytes(precision)
+    largest = largest_unit_params(model)
+
+    if engine == "hsdp":
+        if hsdp_replicas < 1 or world_size % hsdp_replicas:
+            raise ValueError(f"hsdp_replicas={hsdp_replicas} must divide world_size={world_size}")
+        n = world_size // hsdp_replicas
+        notes.append(f"hsdp: {hsdp_replicas} replica group(s) of {n} shard rank(s)")
+
+    if engine in ("single", "ddp"):
+        weights, grads = w * total, g * total
+        if precision == "bf16-mixed":
+            notes.append("bf16-mixed under torch engines is autocast: fp32 weights and gradients")
+    elif engine in ("fsdp2", "hsdp"):
+        weights = math.ceil(w * total / n) + (2 * c * largest if n > 1 else 0)
+        grads = math.ceil(g * total / n) + (r * largest if n > 1 else 0)
+    else:  # DeepSpeed ZeRO: bf16 weights with an fp32 master, or fp32 throughout
+        if precision == "fp32":
+            full_w, full_g, master, part_g = 4 * total, 4 * total, 0, 0
+            shard_w, shard_g = math.ceil(4 * total / n), math.ceil(4 * total / n)
+        else:
+            full_w, full_g = 2 * total, 2 * total
+            master, part_g = math.ceil(4 * total / n), math.ceil(4 * total / n)
+            shard_w, shard_g = math.ceil(2 * total / n), math.ceil(2 * total / n)
+            if precision == "bf16":
+                notes.append("DeepSpeed keeps an fp32 master copy in bf16 too")
+        if engine == "zero1":
+            weights, grads = full_w + master, full_g + part_g
+        elif engine == "zero2":
+            weights, grads = full_w + master, shard_g + part_g
+        else:
+            weights = shard_w + master + 2 * (2 if precision != "fp32" else 4) * largest
+            grads = shard_g + part_g
+    if layout is None:
+        layout = state_layout(model, optimizer, hparams, shard_ranks=n if engine not in ("single", "ddp") else 1)
+    state = sum(s.state_bytes for s in layout)
+    projectors = sum(s.projector_bytes for s in layout)
+    return Breakdown(optimizer, engine, world_size, precision, total, weights, grads, state, projectors, notes)
+
+
+def deepspeed_reference(engine: str, num_params: int, world_size: int, largest_layer_params: int = 0) -> int | None:
+    """DeepSpeed's own model-state estimate for AdamW without offload, in bytes (None for
+    non-ZeRO engines): ``4P + 16P/N`` for ZeRO-1/2, ``4L + 18P/N`` for ZeRO-3."""
+    if engine in ("zero1", "zero2"):
+        return 4 * num_params + int(16 * num_params / world_size)
+    if engine == "zero3":
+        return 4 * largest_layer_params + int(18 * num_params / world_size)
+    return None

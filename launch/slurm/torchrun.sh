@@ -1,0 +1,50 @@
+#!/bin/bash
+# distopt training job on Slurm, one torchrun per node with c10d rendezvous.
+#
+#   sbatch launch/slurm/torchrun.sh --config configs/runs/llama_1b.yaml [--key value ...]
+#
+# Run from the repository root (or set DISTOPT_ROOT). The job resumes from the latest checkpoint
+# in out_dir when there is one, so a requeued job continues where it stopped. 120 s before the
+# time limit Slurm signals this script, which passes SIGTERM on to the ranks (they write a
+# checkpoint after the current step) and requeues the job.
+#
+# Environment: NPROC_PER_NODE (default: the node's GPUs), MASTER_PORT (default 29500),
+# PYTHON (default python), DISTOPT_REQUEUE=0 to not requeue.
+#SBATCH --job-name=distopt-torchrun
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:TERM@120
+#SBATCH --requeue
+#SBATCH --output=%x-%j.out
+
+set -euo pipefail
+cd "${DISTOPT_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
+
+NNODES=${SLURM_NNODES:-1}
+NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+HEAD_NODE=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
+MASTER_PORT=${MASTER_PORT:-29500}
+PYTHON=${PYTHON:-python}
+echo "distopt: job ${SLURM_JOB_ID:-?}: ${NNODES} node(s) x ${NPROC_PER_NODE} rank(s), rendezvous ${HEAD_NODE}:${MASTER_PORT}"
+
+srun --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+    "$PYTHON" -m torch.distributed.run \
+    --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
+    --rdzv-id="${SLURM_JOB_ID:-0}" --rdzv-backend=c10d --rdzv-endpoint="${HEAD_NODE}:${MASTER_PORT}" \
+    -m launch.train "$@" --resume &
+pid=$!
+
+on_term() {
+    echo "distopt: SIGTERM: the ranks checkpoint and stop"
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" || true
+    if [ "${DISTOPT_REQUEUE:-1}" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
+    exit 0
+}
+trap on_term TERM
+wait "$pid"

@@ -1,0 +1,95 @@
+"""The training job end to end: outputs, validation before any work, and 2 DDP ranks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobutil import free_port, job_args, python, run
+from launch import train
+from launch.config import ConfigError, load_config
+
+
+def test_single_process_run_writes_metrics_summary_and_checkpoint(tmp_path, capsys):
+    args = job_args(tmp_path, impl="hf", **{"log.plot": "true"})
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "run"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in steps] == [1, 2, 4, 6, 8]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes", "state_bytes"):
+        assert key in steps[-1], key
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["world_size"] == 1 and summary["engine"] == "single"
+    assert 0 < summary["state_bytes"] < summary["adamw_state_bytes"]
+    assert (run_dir / "checkpoints" / "step_00000008" / "meta.json").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+    pytest.importorskip("matplotlib")
+    assert (run_dir / "loss.png").stat().st_size > 1000
+    assert "val loss" in out and "vs AdamW" in out and str(run_dir / "loss.png") in out
+
+
+@pytest.mark.parametrize("engine,needs", [("fsdp2", "distopt.engines.fsdp"), ("hsdp", "distopt.engines.fsdp"), ("zero2", "distopt.deepspeed")])
+def test_pending_engines_fail_before_any_work(tmp_path, capsys, engine, needs):
+    args = job_args(tmp_path, **{"engine.name": engine, "engine.hsdp_replicas": 1})
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"engine.name={engine!r}" in err and "engine.name=ddp" in err
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_bad_values_are_refused_with_key_value_and_allowed(tmp_path, capsys):
+    args = job_args(tmp_path) + ["--train.steps", "0", "--train.precision=fp16", "optim.hparams.rank=-3", "--lern_rate", "1"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "train.steps=0: must be >= 1" in err
+    assert "train.precision='fp16': must be one of fp32, bf16-mixed, bf16" in err
+    assert "unknown key 'lern_rate'" in err
+    # The optimizer's own checks run on a meta-device model, still before any work.
+    assert train.main(job_args(tmp_path, **{"optim.hparams.rank": -3})) == 2
+    assert "rank=-3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_and_override_forms(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: 7\noptim:\n  name: adamw\n  hparams: {}\n")
+    cfg = load_config(path, ["--steps", "9", "optim.lr=2e-3", "--optim.betas=0.9,0.95", "--resume"])
+    assert (cfg.train.steps, cfg.optim.lr, cfg.optim.betas, cfg.checkpoint.resume) == (9, 2e-3, [0.9, 0.95], "auto")
+    path.write_text("train:\n  stepz: 7\n")
+    with pytest.raises(ConfigError, match="unknown key 'train.stepz'.*Did you mean 'train.steps'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="ambiguous"):
+        load_config(None, ["--every", "3"])
+
+
+@pytest.mark.distributed
+def test_two_ddp_ranks_under_torchrun(tmp_path):
+    cmd = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "launch/train.py"] + job_args(tmp_path, **{"train.steps": 4, "eval.every": 2})
+    proc = run(cmd, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["engine"] == "ddp" and summary["steps"] == 4
+    assert "ddp x 2 ranks (gloo, cpu)" in proc.stdout
+    assert proc.stdout.count("distopt train") == 1  # only rank 0 talks
+
+
+@pytest.mark.parametrize("name", __import__("distopt").list_optimizers())
+def test_every_registered_optimizer_trains_and_resumes(tmp_path, name):
+    import inspect
+
+    from distopt.optim import REGISTRY
+
+    hparams = {"optim.hparams.rank": 4} if "rank" in inspect.signature(REGISTRY[name].__init__).parameters else {}
+    base = {"optim.name": name, "optim.hparams": "{}", "train.steps": 3, "eval.every": 0, "train.stop_at": 2}
+    assert train.main(job_args(tmp_path, **base) + [f"{k}={v}" for k, v in hparams.items()]) == 0
+    base.pop("train.stop_at")
+    assert train.main(job_args(tmp_path, **base) + [f"{k}={v}" for k, v in hparams.items()] + ["--resume"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["state_bytes"] > 0
