@@ -282,6 +282,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self.__dict__.get("layerwise"):
+            raise RuntimeError(
+                "this optimizer runs layer-wise (each parameter steps inside backward); do not call step() "
+                "as well. Detach it with the handle that distopt.engines.layerwise.attach() returned."
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -296,14 +301,32 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if self._bound(group):  # the adapter rebuilds rows from the engine's partition
                 self._binding.step_group(self, group)
                 continue
-            params = [p for p in group["params"] if p.grad is not None]
-            params = self._finite_params(params)
-            if group["kind"] == "adamw":
-                self._adamw_step(group, params)
-            else:
-                for p in params:
-                    self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
+            self._step_params(group, [p for p in group["params"] if p.grad is not None])
         return loss
+
+    def _step_params(self, group: dict, params: list[torch.Tensor]) -> None:
+        params = self._finite_params(params)
+        if group["kind"] == "adamw":
+            self._adamw_step(group, params)
+        else:
+            for p in params:
+                self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
+
+    @torch.no_grad()
+    def step_parameter(self, p: torch.Tensor) -> None:
+        """Step one parameter from its current gradient; the layer-wise mode calls it in backward."""
+        if p.grad is None:
+            return
+        index = self.__dict__.setdefault("_group_index", {})
+        if p not in index:
+            index.update({q: g for g in self.param_groups for q in g["params"]})
+        group = index[p]
+        if self._bound(group):
+            raise RuntimeError("layer-wise stepping is not available for engine-managed (DeepSpeed ZeRO) groups")
+        if group["kind"] == "matrix" and p.dim() != 2:
+            raise flat_shard_error(self._names.get(p, "<unnamed>"), tuple(p.shape))
+        self.allocate_state()
+        self._step_params(group, [p])
 
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
         states = [self.state[p] for p in params]
