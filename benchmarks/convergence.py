@@ -24,9 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launch import compare  # noqa: E402
-
 import distopt  # noqa: E402
+from launch import compare  # noqa: E402
 
 ADAMW_LR = 3e-3
 # lr and algorithm settings per optimizer; rank 32 is a quarter of the tiny model's 128-wide side.

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     results = []
-    for label, cfg, pairs, run_dir in plans:
+    for label, _cfg, pairs, run_dir in plans:
         cmd = [sys.executable]
         if args.nproc > 1:
             cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", str(free_port())]

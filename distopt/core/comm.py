@@ -80,7 +80,7 @@ def all_gather_stacked(tensor: torch.Tensor, group) -> torch.Tensor:
     size = dist.get_world_size(group)
     out = tensor.new_empty((size * tensor.numel(),))  # flat: gloo wants the inputs concatenated
     _record("all_gather", tensor)
-    dist.all_gather_into_tensor(out, tensor.contiguous().reshape(-1), group=group)
+    _all_gather_single(out, tensor.contiguous().reshape(-1), group=group)
     return out.view(size, *tensor.shape)
 
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from . import comm
 from .moments import MOMENT_POLICIES
 from .projector import REFRESH_METHODS, basis_local_shape, project, project_back, resolve_side, side_dim
 from .schedule import is_refresh_step, refresh_phase
-from . import comm
 from .shard import MatrixShardView, chunk_rows
 
 

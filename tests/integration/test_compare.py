@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from jobutil import job_args
+
 from launch import compare
 
 

@@ -15,11 +15,11 @@ import sys
 import sysconfig
 
 import pytest
-
 from jobutil import REPO
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
+OFFLINE = r"(?i)network is unreachable|temporary failure in name resolution|connection (refused|reset|error)|max retries exceeded"
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -149,7 +149,7 @@ def test_pip_steps_in_a_fresh_venv(tmp_path):
     assert len(commands) >= 2
     for command in commands:
         proc = subprocess.run(command, shell=True, cwd=context, env=env, capture_output=True, text=True, timeout=1500)
-        if proc.returncode and re.search(r"(?i)network is unreachable|temporary failure in name resolution|connection (refused|reset|error)|max retries exceeded", proc.stdout + proc.stderr):
+        if proc.returncode and re.search(OFFLINE, proc.stdout + proc.stderr):
             pytest.skip("the package index cannot be reached")
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     check = subprocess.run([str(venv / "bin" / "distopt"), "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from jobutil import assert_same_tensors, job_args, load_state
+
 from launch import train
 
 

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from jobutil import REPO, env, free_port, job_args, run
 
 FAKE_SRUN = r'''#!{python}

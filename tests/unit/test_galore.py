@@ -76,7 +76,7 @@ def test_reproduces_galore_torch_step_for_step(adam_form, steps, eps):
             if adam_form == "hf":
                 assert torch.equal(a, b), f"step {step}: {name}"
             elif name in matrices:  # element-wise rows with near-zero gradients are eps-dominated
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {name}: {m}")
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, step=step, name=name: f"step {step}: {name}: {m}")
 
 
 def test_defaults_are_randomized_and_staggered():

@@ -71,7 +71,7 @@ def test_galore_steps_use_the_gradient_then_haar():
     for step in (1, 2):
         set_grads(params, step)
         opt.step()  # step 2: Haar
-    for p, state, group, view in _matrices(opt):
+    for _p, state, group, view in _matrices(opt):
         plan = subspace.plan(view, group)
         haar = projector.random_basis(view, plan.side, plan.rank, stable_seed(0, view.name, 1, "haar"), "cpu")
         assert torch.equal(state["basis"], haar)

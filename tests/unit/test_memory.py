@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import inspect
-import math
 
 import pytest
 import torch
+from helpers import batch, tiny_model
 
 import distopt
 from distopt import memory
 from distopt.optim import REGISTRY
-from helpers import batch, tiny_model
 
 GIB = 1024**3
 

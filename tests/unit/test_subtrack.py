@@ -206,4 +206,4 @@ def test_row_shards_compute_what_one_process_computes(tmp_path):
         whole = _steps_on_view(name, weight, grads, MatrixShardView("w", shape), (0, shape[0]))
         sharded = torch.cat([parts[0][(name, shape)], parts[1][(name, shape)]])
         assert not torch.allclose(whole, weight)
-        torch.testing.assert_close(sharded, whole, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} {shape}: {m}")
+        torch.testing.assert_close(sharded, whole, rtol=1e-4, atol=1e-5, msg=lambda m, name=name, shape=shape: f"{name} {shape}: {m}")
