@@ -3,8 +3,12 @@
 Layout under ``<out_dir>/checkpoints``::
 
     step_00000400/            one finished checkpoint
-        model.pt              model state dict (rank 0, or one file per rank for sharded engines)
-        optimizer.pt          optimizer state dict, keyed by parameter name
+        model.pt              model state dict (rank 0: single, ddp)
+        optimizer.pt          optimizer state dict, keyed by parameter name (rank 0: single, ddp)
+        dcp/                  fsdp2, hsdp: model and optimizer through torch.distributed.checkpoint,
+                              every rank writing its shards; resumes on any number of ranks
+        deepspeed/            zero1/2/3: DeepSpeed's checkpoint (engine.save_checkpoint, every rank);
+                              on another number of ranks it is merged and re-partitioned on load
         trainer.pt            step, samples consumed, lr schedule, run identity
         rng_rank00000.pt      each rank's RNG states
         config.yaml           the resolved run config
@@ -13,7 +17,9 @@ Layout under ``<out_dir>/checkpoints``::
 
 Every rank writes into ``.step_00000400.tmp``; once all have finished, rank 0 adds ``meta.json``
 and renames the folder into place, then replaces ``latest`` (temp file + ``os.replace``). A job
-killed mid-write leaves only a ``.tmp`` folder, which the next save clears.
+killed mid-write leaves only a ``.tmp`` folder, which the next save clears. Sharded engines
+write their part through ``engine.save_sharded(tmp)`` and read it with ``engine.load_sharded(path)``
+(both collective); the atomic folder, ``meta.json`` and ``latest`` are the same for every engine.
 """
 
 from __future__ import annotations
@@ -119,6 +125,8 @@ def save(root: Path, step: int, info: DistInfo, engine, trainer_state: dict, con
             save_file(engine.model_state_dict(), tmp / "model.pt")
             save_file(engine.optimizer_state_dict(), tmp / "optimizer.pt")
             files += ["model.pt", "optimizer.pt"]
+    elif hasattr(engine, "save_sharded"):
+        engine.save_sharded(tmp)
     else:
         save_file(engine.model_state_dict(), tmp / f"model_rank{info.rank:05d}.pt")
         save_file(engine.optimizer_state_dict(), tmp / f"optimizer_rank{info.rank:05d}.pt")
@@ -150,11 +158,13 @@ def load(path: Path, info: DistInfo, engine) -> dict:
     meta = json.loads((path / "meta.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT}")
-    if meta["engine"] != engine.name and not (engine.replicated and meta["engine"] in ("single", "ddp")):
+    if not engine.reads_checkpoint_of(meta["engine"]):
         raise ValueError(f"{path} was written by engine {meta['engine']!r}; resume it with engine.name={meta['engine']}")
     if engine.replicated:
         engine.load_model_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
         engine.load_optimizer_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    elif hasattr(engine, "load_sharded"):
+        engine.load_sharded(path)  # refuses (ValueError) what it cannot read, e.g. ZeRO on another world size
     else:
         if meta["world_size"] != info.world_size:
             raise ValueError(f"{path} holds {meta['world_size']} shards; resume it on {meta['world_size']} ranks")

@@ -81,7 +81,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = _f("stdlib", "stdlib (Python's standard library source, no download), a text file, a folder of text files, or .bin token shards (a file, folder or glob)")
+    source: str = _f("stdlib", "stdlib (Python's standard library source, no download), a text file, a folder of text files, "
+                      "or .bin token shards (a file, folder or glob)")
     glob: str = _f("", "files to read under a folder source (default **/*.txt; **/*.py for stdlib; *.bin for shards)")
     val_source: str = _f("", "separate validation data (same forms as source); default: split source by file-name hash")
     val_percent: float = _f(2.0, "percent of files (by file-name hash) held out for validation", gt=0, lt=100)
@@ -139,7 +140,8 @@ class EngineConfig:
     backend: str = _f("auto", "process-group backend; auto: nccl on cuda, gloo on cpu", choices=BACKENDS)
     threads: int = _f(0, "CPU threads per rank (0: OMP_NUM_THREADS if set, else the usable cores divided by the ranks on the node)", ge=0)
     hsdp_replicas: int = _f(0, "hsdp: number of replica groups (world size must divide by it)", ge=0)
-    deepspeed_config: str = _f("", "zero1/2/3: DeepSpeed JSON config file")
+    deepspeed_config: str = _f("", "zero1/2/3 (with name=auto: zero<its zero_optimization.stage>): a DeepSpeed JSON config; "
+                                   "its values win over the run config file's, command-line overrides win over it")
 
 
 @dataclass
@@ -393,11 +395,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | li
         for key, value in data.items():
             _apply(cfg, str(key), value, problems, from_cli=False)
     pairs = parse_overrides(list(overrides)) if overrides and isinstance(next(iter(overrides)), str) else list(overrides)
+    explicit = set()
     for key, value in pairs:
         key, problem = resolve_alias(key)
         if problem:
             problems.append(problem)
             continue
+        explicit.add(key)
         if key == "checkpoint.resume" and str(value).lower() in _TRUE:
             value = "auto"
         _apply(cfg, key, value, problems, from_cli=True)
@@ -407,6 +411,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | li
         problems += err.problems
     if problems:
         raise ConfigError(problems)
+    # Keys given as overrides: they win over an engine's own config file (engine.deepspeed_config).
+    cfg.explicit_keys = frozenset(explicit)
     return cfg
 
 
@@ -437,8 +443,12 @@ def validate(cfg: RunConfig) -> None:
         problems.append(f"train.stop_at={cfg.train.stop_at}: must be below train.steps={cfg.train.steps} (or 0)")
     if cfg.schedule.warmup_steps >= cfg.train.steps and cfg.train.steps > 1:
         problems.append(f"schedule.warmup_steps={cfg.schedule.warmup_steps}: must be below train.steps={cfg.train.steps}")
-    if cfg.engine.name in ("zero1", "zero2", "zero3") and cfg.engine.deepspeed_config and not Path(cfg.engine.deepspeed_config).is_file():
-        problems.append(f"engine.deepspeed_config={cfg.engine.deepspeed_config!r}: no such file")
+    if cfg.engine.deepspeed_config:
+        if cfg.engine.name not in ("auto", "zero1", "zero2", "zero3"):
+            problems.append(f"engine.deepspeed_config={cfg.engine.deepspeed_config!r}: only the zero1/zero2/zero3 engines read it "
+                            f"(or auto, which then takes the ZeRO stage from it), not engine.name={cfg.engine.name}")
+        elif not Path(cfg.engine.deepspeed_config).is_file():
+            problems.append(f"engine.deepspeed_config={cfg.engine.deepspeed_config!r}: no such file")
     if cfg.engine.name == "hsdp" and cfg.engine.hsdp_replicas < 1:
         problems.append("engine.hsdp_replicas=0: hsdp needs the number of replica groups (>= 1)")
     if cfg.engine.device == "cpu" and cfg.engine.backend == "nccl":

@@ -37,6 +37,7 @@ from launch import dist
 from launch import engines as engine_registry
 from launch.config import ConfigError, RunConfig, describe_keys, dump_config, load_config
 from launch.data import Sampler, build_tokenizer, load_datasets
+from launch.engines import optimizer_kwargs
 from launch.metrics import (
     PLOT_HINT,
     JsonlLog,
@@ -88,14 +89,6 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def optimizer_kwargs(cfg: RunConfig) -> dict:
-    o = cfg.optim
-    kwargs = dict(lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, **o.hparams)
-    if o.elementwise_lr:
-        kwargs["elementwise"] = {"lr": o.elementwise_lr}
-    return kwargs
-
-
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     kwargs = optimizer_kwargs(cfg)
     elementwise = kwargs.pop("elementwise", None)
@@ -113,8 +106,11 @@ def meta_state_bytes(optimizer) -> int:
 
 
 def preflight(cfg: RunConfig, info: dist.DistInfo) -> Plan:
-    """Every check that needs no data, no process group and no memory. Raises ConfigError."""
-    engine_cls = engine_registry.resolve(cfg, info)
+    """Every check that needs no data, no process group and no memory. Raises ConfigError.
+
+    The engine's check may settle values of ``cfg`` (a DeepSpeed JSON config's); the notes say which."""
+    notes: list[str] = []
+    engine_cls = engine_registry.resolve(cfg, info, notes)
     shape = load_shape(cfg.model.name)
     impl = resolve_impl(cfg.model.impl)
     problems = []
@@ -150,7 +146,7 @@ def preflight(cfg: RunConfig, info: dist.DistInfo) -> Plan:
 
     out_dir = cfg.output_dir
     root = out_dir / "checkpoints"
-    resume_from, notes = None, []
+    resume_from = None
     if cfg.checkpoint.resume == "auto":
         resume_from = ckpt.latest(root)
         if resume_from is None:
@@ -196,8 +192,8 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
     return s.min_lr_ratio + (1.0 - s.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _autocast(cfg: RunConfig, device: torch.device):
-    if cfg.train.precision == "bf16-mixed":
+def _autocast(cfg: RunConfig, device: torch.device, engine=None):
+    if cfg.train.precision == "bf16-mixed" and not (engine is not None and engine.owns_precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -209,7 +205,7 @@ def evaluate(engine, stream, cfg: RunConfig, info: dist.DistInfo, device: torch.
     model.eval()
     b = cfg.train.batch_size
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.no_grad(), _autocast(cfg, device):
+    with torch.no_grad(), _autocast(cfg, device, engine):
         for i in range(cfg.eval.batches):
             first = (i * info.world_size + info.rank) * b
             window = torch.stack([torch.from_numpy(stream.window(first + j)) for j in range(b)]).to(device)
@@ -267,7 +263,8 @@ def _train(cfg: RunConfig, info: dist.DistInfo, plan: Plan, device: torch.device
     # Model, engine, optimizer.
     torch.manual_seed(cfg.train.seed)
     model = build_model(plan.shape, plan.impl, activation_checkpointing=cfg.model.activation_checkpointing)
-    if cfg.train.precision == "bf16":  # parameters only: buffers such as RoPE frequencies stay fp32
+    # Parameters only: buffers such as RoPE frequencies stay fp32. DeepSpeed casts (and keeps fp32 masters) itself.
+    if cfg.train.precision == "bf16" and not plan.engine_cls.owns_precision:
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16)
     engine = plan.engine_cls(cfg, info, device)
@@ -350,19 +347,23 @@ def _train(cfg: RunConfig, info: dist.DistInfo, plan: Plan, device: torch.device
         while step < cfg.train.steps:
             t0 = time.perf_counter()
             factor = lr_factor(step, cfg)
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * factor
+            if not engine.schedules_lr:  # else the engine's scheduler (DeepSpeed's, from its JSON) sets it
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * factor
+            lr_now = engine.current_lr() if engine.schedules_lr else cfg.optim.lr * factor
             loss_sum = torch.zeros((), device=device)
             for m in range(accum):
                 first = consumed + (m * world + info.rank) * micro
                 window = sampler.batch(first, micro).to(device, non_blocking=True)
                 with engine.accumulating(m == accum - 1):
-                    with _autocast(cfg, device):
+                    with _autocast(cfg, device, engine):
                         loss = lm_loss(model_fwd, window) / accum
                     engine.backward(loss)
                 loss_sum += loss.detach()
             grad_norm = engine.clip_grad_norm(cfg.train.clip_grad_norm)
             engine.step()
+            if grad_norm is None:  # the engine clips inside its step (DeepSpeed)
+                grad_norm = engine.last_grad_norm()
             step += 1
             consumed += samples_per_step
             # One all-reduce per step: the loss for the log, and whether any rank was signalled.
@@ -383,14 +384,14 @@ def _train(cfg: RunConfig, info: dist.DistInfo, plan: Plan, device: torch.device
                 state_now = distopt.state_bytes(optimizer)
                 peak, peak_kind = peak_memory(device)
                 metrics.write({
-                    "kind": "train", "step": step, "loss": statistics.fmean(interval_losses), "lr": cfg.optim.lr * factor,
+                    "kind": "train", "step": step, "loss": statistics.fmean(interval_losses), "lr": lr_now,
                     "grad_norm": grad_norm, "tokens_per_s": tokens_per_step * len(interval_losses) / sum(step_times[-len(interval_losses):]),
                     "step_time_s": dt, "tokens": step * tokens_per_step, "peak_mem_bytes": peak,
                     "peak_mem_kind": peak_kind, "state_bytes": state_now,
                 })
                 interval_losses = []
             tok_s = tokens_per_step / statistics.fmean(step_times[-20:])
-            progress.update(step, loss_value, cfg.optim.lr * factor, tok_s)
+            progress.update(step, loss_value, lr_now, tok_s)
             if cfg.eval.every and step % cfg.eval.every == 0 and not final:
                 record_eval(step)
             if final or stop_here or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
@@ -464,7 +465,10 @@ def _summarize(cfg, info, plan, engine, out_dir, step, train_losses, step_times,
 
 # -- command line ---------------------------------------------------------------------------------------------
 def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
-    """Pull out ``--config``/``-c`` (or a leading .yaml path) and the launcher's ``--local_rank``."""
+    """Pull out ``--config``/``-c`` (or a leading .yaml path) and the launcher's ``--local_rank``.
+
+    DeepSpeed-style arguments are understood too: ``--deepspeed_config FILE`` (or
+    ``--deepscale_config``) is ``--engine.deepspeed_config FILE``, and a bare ``--deepspeed`` is dropped."""
     config, rest = None, []
     i = 0
     while i < len(argv):
@@ -478,6 +482,10 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
         elif arg.startswith(("--local_rank", "--local-rank")):  # the DeepSpeed launcher adds it
             if "=" not in arg:
                 i += 1
+        elif arg == "--deepspeed":
+            pass
+        elif arg.startswith(("--deepscale_config", "--deepscale-config")):
+            rest.append("--engine.deepspeed_config" + arg[len("--deepscale_config"):])
         elif config is None and not rest and not arg.startswith("-") and "=" not in arg and arg.endswith((".yaml", ".yml")):
             config = arg
         else:

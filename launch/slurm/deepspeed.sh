@@ -4,7 +4,9 @@
 #   sbatch launch/slurm/deepspeed.sh --config configs/runs/llama_1b.yaml [--key value ...]
 #
 # ENGINE (default zero2) and DS_CONFIG (default configs/ds/<ENGINE>_galore.json) pick the ZeRO stage;
-# ENGINE=ddp runs plain DDP under the same launcher. Run from the repository root (or set
+# ENGINE=ddp runs plain DDP under the same launcher. The DeepSpeed JSON's values win over the run
+# config's, and --key value arguments win over both (the job prints what it took from where).
+# ZeRO checkpoints resume on the same number of ranks. Run from the repository root (or set
 # DISTOPT_ROOT). The job resumes from the latest checkpoint in out_dir when there is one.
 #
 # Environment: GPUS_PER_NODE (default: the node's GPUs), MASTER_PORT (default 29500), PYTHON.
