@@ -13,8 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+_saved_path = list(sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import gpu_suite
+import gpu_suite  # noqa: E402
+
+# benchmarks/ holds distributed.py and deepspeed.py: left on the path they would shadow the
+# tests' `distributed` package and DeepSpeed in every later test (and in the ranks they spawn).
+sys.path[:] = _saved_path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_suite.py"
