@@ -10,7 +10,7 @@ from ..core import lowrank
 from ..core.linalg import stable_seed
 from ..core.schedule import is_refresh_step, refresh_index, refresh_phase
 from ..core.shard import MatrixShardView
-from .base import SubspaceOptimizer, apply_update
+from .base import SubspaceOptimizer, apply_update, hyperparameters
 
 # Momentum design per parameter role (the paper's Section 4.1, extended to the roles it leaves open).
 MOMENTUM_BY_ROLE = {
@@ -119,17 +119,7 @@ class AdaPM(SubspaceOptimizer):
         adam_form: str = "torch",
         seed: int = 0,
     ):
-        defaults = dict(
-            lr=lr, rank_fraction=rank_fraction, rank=rank, update_proj_gap=update_proj_gap,
-            fit_sweeps=fit_sweeps, correction=correction, clip=clip, bias_correction=bias_correction,
-            stagger=stagger, betas=tuple(betas), eps=eps, weight_decay=weight_decay, oversample=oversample,
-            power_iters=power_iters, adam_form=adam_form, seed=seed,
-        )
-        super().__init__(params, self._extra_defaults(defaults))
-
-    def _extra_defaults(self, defaults: dict) -> dict:
-        """Hook for subclasses that add hyper-parameters."""
-        return defaults
+        super().__init__(params, hyperparameters(locals()))
 
     # -- validation ---------------------------------------------------------------------------
     def _check_matrix_hparams(self, group: dict) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..core import blocks
 from .adapm import AdaPM
+from .base import hyperparameters
 
 
 class AdaPMMini(blocks.BlockSecondMoment, AdaPM):
@@ -63,13 +64,5 @@ class AdaPMMini(blocks.BlockSecondMoment, AdaPM):
         n_kv_heads: int | None = None,
     ):
         blocks.check_head_hparams(n_heads, n_kv_heads)
-        self._head_defaults = dict(n_heads=n_heads, n_kv_heads=n_kv_heads)
-        super().__init__(
-            params, lr=lr, rank_fraction=rank_fraction, rank=rank, update_proj_gap=update_proj_gap,
-            fit_sweeps=fit_sweeps, correction=correction, clip=clip, bias_correction=bias_correction,
-            stagger=stagger, betas=betas, eps=eps, weight_decay=weight_decay, oversample=oversample,
-            power_iters=power_iters, adam_form=adam_form, seed=seed,
-        )
-
-    def _extra_defaults(self, defaults: dict) -> dict:
-        return {**defaults, **self._head_defaults}
+        # AdaPM's constructor only packs its keywords into the defaults; these are a superset.
+        super(AdaPM, self).__init__(params, hyperparameters(locals()))

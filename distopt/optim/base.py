@@ -59,6 +59,18 @@ def check_common_hparams(group: dict) -> None:
         raise ValueError(f"adam_form={group['adam_form']!r} is not one of {ADAM_FORMS}")
 
 
+def hyperparameters(arguments: dict) -> dict:
+    """A constructor's group defaults from its ``locals()``, taken before it binds anything else.
+
+    Every keyword after ``params``, in signature order, with ``betas`` made a tuple. It lets each
+    optimizer spell its hyper-parameters and their defaults once, in its signature.
+    """
+    defaults = {key: value for key, value in arguments.items() if key not in ("self", "params") and not key.startswith("__")}
+    if "betas" in defaults:
+        defaults["betas"] = tuple(defaults["betas"])
+    return defaults
+
+
 def update_moments(exp_avg, exp_avg_sq, grad, beta1: float, beta2: float, form: str) -> None:
     """EMA of the gradient and its square, in place (op order of each form, for exact parity)."""
     if form == "hf":

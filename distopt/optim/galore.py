@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..core.shard import MatrixShardView
+from .base import hyperparameters
 from .projected import ProjectedAdam
 
 
@@ -64,13 +65,7 @@ class GaLore(ProjectedAdam):
         shard_basis: bool = False,
         seed: int = 0,
     ):
-        defaults = dict(
-            lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale, refresh=refresh, stagger=stagger,
-            side=side, moment_policy=moment_policy, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            oversample=oversample, power_iters=power_iters, adam_form=adam_form,
-            recovery_scaling=recovery_scaling, norm_growth_limit=norm_growth_limit, shard_basis=shard_basis, seed=seed,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, hyperparameters(locals()))
 
     def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
         return self._data_basis(group["refresh"], grad, state, group, view, plan, step, index)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..core.shard import MatrixShardView
+from .base import hyperparameters
 from .projected import ProjectedAdam
 
 
@@ -73,14 +74,7 @@ class GoLore(ProjectedAdam):
         shard_basis: bool = False,
         seed: int = 0,
     ):
-        defaults = dict(
-            lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale, galore_steps=galore_steps,
-            galore_refresh=galore_refresh, stagger=stagger, side=side, moment_policy=moment_policy,
-            betas=tuple(betas), eps=eps, weight_decay=weight_decay, recovery_scaling=recovery_scaling,
-            norm_growth_limit=norm_growth_limit, oversample=oversample, power_iters=power_iters,
-            adam_form=adam_form, shard_basis=shard_basis, seed=seed,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, hyperparameters(locals()))
 
     def _check_algorithm_hparams(self, group: dict) -> None:
         steps = group["galore_steps"]

@@ -4,6 +4,7 @@ scaling (Rajabi et al., arXiv 2510.01878)."""
 from __future__ import annotations
 
 from ..core.shard import MatrixShardView
+from .base import hyperparameters
 from .projected import ProjectedAdam
 
 
@@ -77,13 +78,7 @@ class GrassJump(ProjectedAdam):
         shard_basis: bool = False,
         seed: int = 0,
     ):
-        defaults = dict(
-            lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale, init=init, stagger=stagger,
-            side=side, moment_policy=moment_policy, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            recovery_scaling=recovery_scaling, norm_growth_limit=norm_growth_limit, oversample=oversample,
-            power_iters=power_iters, adam_form=adam_form, shard_basis=shard_basis, seed=seed,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, hyperparameters(locals()))
 
     def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
         if step == 0:

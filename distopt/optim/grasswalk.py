@@ -11,6 +11,7 @@ from ..core.grassmann import geodesic_step, retract, tangent_projection, thin_sv
 from ..core.linalg import seeded_gaussian, stable_seed
 from ..core.projector import side_dim
 from ..core.shard import MatrixShardView
+from .base import hyperparameters
 from .projected import ProjectedAdam
 
 
@@ -90,14 +91,7 @@ class GrassWalk(ProjectedAdam):
         shard_basis: bool = False,
         seed: int = 0,
     ):
-        defaults = dict(
-            lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale, walk_angle=walk_angle,
-            tangent_rank=tangent_rank, init=init, stagger=stagger, side=side, moment_policy=moment_policy,
-            betas=tuple(betas), eps=eps, weight_decay=weight_decay, recovery_scaling=recovery_scaling,
-            norm_growth_limit=norm_growth_limit, oversample=oversample, power_iters=power_iters,
-            adam_form=adam_form, shard_basis=shard_basis, seed=seed,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, hyperparameters(locals()))
 
     def _check_algorithm_hparams(self, group: dict) -> None:
         angle = group["walk_angle"]

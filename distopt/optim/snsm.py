@@ -8,7 +8,7 @@ from ..core import comm, subspace
 from ..core.routing import LINEAR_ROLES
 from ..core.shard import MatrixShardView
 from . import first_moment_subspace
-from .base import SubspaceOptimizer, adam_direction, apply_update
+from .base import SubspaceOptimizer, adam_direction, apply_update, hyperparameters
 
 MOMENT_POLICIES = first_moment_subspace.POLICIES
 
@@ -101,12 +101,7 @@ class AdamSNSM(SubspaceOptimizer):
         adam_form: str = "torch",
         seed: int = 0,
     ):
-        defaults = dict(
-            lr=lr, rank=rank, update_proj_gap=update_proj_gap, refresh=refresh, stagger=stagger, side=side,
-            moment_policy=moment_policy, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            oversample=oversample, power_iters=power_iters, adam_form=adam_form, seed=seed,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, hyperparameters(locals()))
 
     def _check_matrix_hparams(self, group: dict) -> None:
         subspace.check_subspace_hparams(group)

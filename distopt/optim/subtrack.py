@@ -10,6 +10,7 @@ import torch
 from ..core import comm
 from ..core.grassmann import geodesic_step, retract, tangent_projection, thin_svd
 from ..core.shard import MatrixShardView
+from .base import hyperparameters
 from .projected import ProjectedAdam
 
 
@@ -90,14 +91,7 @@ class SubTrack(ProjectedAdam):
         shard_basis: bool = False,
         seed: int = 0,
     ):
-        defaults = dict(
-            lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale, step_size=step_size,
-            max_angle=max_angle, init=init, stagger=stagger, side=side, moment_policy=moment_policy,
-            betas=tuple(betas), eps=eps, weight_decay=weight_decay, recovery_scaling=recovery_scaling,
-            norm_growth_limit=norm_growth_limit, oversample=oversample, power_iters=power_iters,
-            adam_form=adam_form, shard_basis=shard_basis, seed=seed,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, hyperparameters(locals()))
 
     def _check_algorithm_hparams(self, group: dict) -> None:
         eta = group["step_size"]

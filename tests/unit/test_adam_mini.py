@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from helpers import TINY, assert_resume_bit_identical, batch, set_grads, tiny_model, train
+from optim_checks import assert_lowers_the_loss, assert_refused, assert_state_bytes_match, matrix_group, one_thread  # noqa: F401 (a fixture, used by name)
 from torch import nn
 
 import distopt
@@ -16,24 +17,14 @@ GQA = LlamaShape(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden
                  num_attention_heads=4, num_key_value_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These matrices are tiny: one thread avoids OpenMP overhead that dominates on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _matrix_group(opt):
-    return next(g for g in opt.param_groups if g["kind"] == "matrix")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_one_second_moment_per_head_or_row():
     torch.manual_seed(0)
     model = TinyLlama(GQA)
     opt = distopt.build_optimizer(model, "adam-mini", betas=(0.9, 0.99))
-    group = _matrix_group(opt)
+    group = matrix_group(opt)
     assert (group["n_heads"], group["n_kv_heads"]) == (4, 2)  # read from the model
     set_grads(list(model.parameters()), 0)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -114,34 +105,20 @@ def test_head_blocks_on_a_row_shard_that_cuts_a_head():
 
 
 def test_lowers_the_loss():
-    model = tiny_model()
-    opt = distopt.build_optimizer(model, "adam-mini", lr=1e-2)
-    losses = train(model, opt, 50)
-    assert losses[-1] < 0.8 * losses[0]
+    assert_lowers_the_loss("adam-mini", lr=1e-2)
 
 
-def _adam_mini_bytes(opt):
-    total = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if group["kind"] == "adamw":
-                total += 4 + 8 * p.numel()
-                continue
-            m, n = p.shape
-            role = opt.param_role(p)
-            count = {"q": group["n_heads"], "k": group["n_kv_heads"]}.get(role, m)
-            total += 8 + 4 * (m * n + count)
-    return total
+def _adam_mini_bytes(opt, p, group):
+    m, n = p.shape
+    count = {"q": group["n_heads"], "k": group["n_kv_heads"]}.get(opt.param_role(p), m)
+    return 8 + 4 * (m * n + count)
 
 
 def test_state_bytes_match_the_formula():
     torch.manual_seed(0)
     model = TinyLlama(GQA)
     opt = distopt.build_optimizer(model, "adam-mini")
-    opt.allocate_state()
-    before = distopt.state_bytes(opt)
-    train(model, opt, 2)
-    assert distopt.state_bytes(opt) == before == _adam_mini_bytes(opt)
+    assert_state_bytes_match(opt, model, _adam_mini_bytes, steps=2)
 
 
 @pytest.mark.parametrize("adam_form", ["torch", "hf"])
@@ -171,5 +148,4 @@ def test_checkpoint_with_other_head_counts_is_refused():
     ],
 )
 def test_bad_hyperparameters_are_refused(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        distopt.build_optimizer(tiny_model(), "adam-mini", **kwargs)
+    assert_refused("adam-mini", kwargs, match)

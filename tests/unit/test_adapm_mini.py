@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from helpers import assert_resume_bit_identical, set_grads, tiny_model, train
+from helpers import assert_resume_bit_identical, set_grads
+from optim_checks import assert_lowers_the_loss, assert_refused, assert_state_bytes_match, matrix_group, one_thread  # noqa: F401 (a fixture, used by name)
 from torch import nn
 
 import distopt
@@ -19,17 +20,7 @@ def _gqa_model():
     return TinyLlama(GQA)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These matrices are tiny: one thread avoids OpenMP overhead that dominates on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _matrix_group(opt):
-    return next(g for g in opt.param_groups if g["kind"] == "matrix")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_block_second_moment_with_adapm_momentum():
@@ -41,7 +32,7 @@ def test_block_second_moment_with_adapm_momentum():
     momentum = {"q_proj": {"left", "right"}, "k_proj": {"left", "right"}, "gate_proj": {"left", "right"},
                 "up_proj": {"left", "right"}, "down_proj": {"left", "right"}, "v_proj": {"exp_avg"},
                 "lm_head": {"exp_avg"}, "o_proj": set(), "embed_tokens": set()}
-    group = _matrix_group(opt)
+    group = matrix_group(opt)
     for name, p in zip(group["param_names"], group["params"]):
         key = name.split(".")[-2]
         state = opt.state[p]
@@ -89,40 +80,26 @@ def test_unknown_head_count_fails_with_the_fix():
 
 
 def test_lowers_the_loss():
-    model = tiny_model()
-    opt = distopt.build_optimizer(model, "adapm-mini", lr=1e-2, update_proj_gap=10)
-    losses = train(model, opt, 50)
-    assert losses[-1] < 0.8 * losses[0]
+    assert_lowers_the_loss("adapm-mini", lr=1e-2, update_proj_gap=10)
 
 
-def _adapm_mini_bytes(opt):
-    total = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if group["kind"] == "adamw":
-                total += 4 + 8 * p.numel()
-                continue
-            m, n = p.shape
-            role = opt.param_role(p)
-            blocks = {"q": group["n_heads"], "k": group["n_kv_heads"]}.get(role, m)
-            if role in ("q", "k", "mlp_in", "mlp_out"):
-                r = group["rank"] or max(1, math.floor(group["rank_fraction"] * m * n / (m + n)))
-                total += 8 + 4 * (r * (m + n) + blocks)
-            elif role in ("embedding", "o"):
-                total += 8 + 4 * blocks
-            else:
-                total += 8 + 4 * (m * n + blocks)
-    return total
+def _adapm_mini_bytes(opt, p, group):
+    m, n = p.shape
+    role = opt.param_role(p)
+    blocks = {"q": group["n_heads"], "k": group["n_kv_heads"]}.get(role, m)
+    if role in ("q", "k", "mlp_in", "mlp_out"):
+        r = group["rank"] or max(1, math.floor(group["rank_fraction"] * m * n / (m + n)))
+        return 8 + 4 * (r * (m + n) + blocks)
+    if role in ("embedding", "o"):
+        return 8 + 4 * blocks
+    return 8 + 4 * (m * n + blocks)
 
 
 @pytest.mark.parametrize("rank", [None, 4])
 def test_state_bytes_match_the_formula(rank):
     model = _gqa_model()
     opt = distopt.build_optimizer(model, "adapm-mini", rank=rank, update_proj_gap=3)
-    opt.allocate_state()
-    before = distopt.state_bytes(opt)
-    train(model, opt, 4)
-    assert distopt.state_bytes(opt) == before == _adapm_mini_bytes(opt)
+    assert_state_bytes_match(opt, model, _adapm_mini_bytes)
 
 
 def test_resume_is_bit_identical():
@@ -141,5 +118,4 @@ def test_resume_is_bit_identical():
     ],
 )
 def test_bad_hyperparameters_are_refused(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        distopt.build_optimizer(tiny_model(), "adapm-mini", **kwargs)
+    assert_refused("adapm-mini", kwargs, match)

@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 from helpers import assert_resume_bit_identical, batch, roundtrip, set_grads, tiny_model, train
+from optim_checks import assert_lowers_the_loss, assert_refused, assert_state_bytes_match, projected_adam_bytes, state_bytes_formula
 
 import distopt
-from distopt.core import projector, subspace
 
 
 def _grads_like(model, seed):
@@ -86,38 +86,14 @@ def test_defaults_are_randomized_and_staggered():
 
 
 def test_lowers_the_loss():
-    model = tiny_model()
-    opt = distopt.build_optimizer(model, "galore", lr=1e-2, rank=8, update_proj_gap=10)
-    losses = train(model, opt, 50)
-    assert losses[-1] < 0.5 * losses[0]
-
-
-def _galore_bytes(opt):
-    total = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if group["kind"] == "adamw":
-                total += 4 + 8 * p.numel()
-                continue
-            m, n = p.shape
-            plan = subspace.plan(opt._views[p], group)
-            if plan.full:
-                total += 8 + 8 * m * n
-            else:
-                d = projector.side_dim(plan.side, (m, n))
-                other = m * n // d
-                total += 8 + 4 * (d * plan.rank + 2 * plan.rank * other)
-    return total
+    assert_lowers_the_loss("galore", lr=1e-2, rank=8, update_proj_gap=10, factor=0.5)
 
 
 @pytest.mark.parametrize("rank,side", [(8, "auto"), (8, "left"), (8, "right"), (1000, "auto")])
 def test_state_bytes_match_the_formula(rank, side):
     model = tiny_model()
     opt = distopt.build_optimizer(model, "galore", rank=rank, side=side, update_proj_gap=3)
-    opt.allocate_state()
-    before = distopt.state_bytes(opt)
-    train(model, opt, 5)
-    assert distopt.state_bytes(opt) == before == _galore_bytes(opt)
+    assert_state_bytes_match(opt, model, projected_adam_bytes, steps=5)
 
 
 def test_low_precision_params_keep_fp32_state():
@@ -128,7 +104,7 @@ def test_low_precision_params_keep_fp32_state():
         for key, t in state.items():
             if key != "step":
                 assert t.dtype == torch.float32
-    assert distopt.state_bytes(opt) == _galore_bytes(opt)
+    assert distopt.state_bytes(opt) == state_bytes_formula(opt, projected_adam_bytes)
 
 
 def test_state_dict_is_plain_and_keyed_by_name():
@@ -188,8 +164,7 @@ def test_checkpoint_with_other_shapes_or_algorithm_is_refused():
     ],
 )
 def test_bad_hyperparameters_are_refused(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        distopt.build_optimizer(tiny_model(), "galore", **kwargs)
+    assert_refused("galore", kwargs, match)
 
 
 def test_unknown_optimizer_name():

@@ -2,33 +2,12 @@
 
 import pytest
 import torch
-from helpers import assert_resume_bit_identical, set_grads, tiny_model, train
+from helpers import assert_resume_bit_identical, set_grads, tiny_model
+from optim_checks import assert_lowers_the_loss, assert_refused, assert_state_bytes_match, matrices, projected_adam_bytes
 
 import distopt
 from distopt.core import projector, subspace
 from distopt.core.linalg import stable_seed
-
-
-def _state_bytes_formula(opt):
-    total = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if group["kind"] == "adamw":
-                total += 4 + 8 * p.numel()
-                continue
-            m, n = p.shape
-            plan = subspace.plan(opt._views[p], group)
-            if plan.full:
-                total += 8 + 8 * m * n
-                continue
-            d = projector.side_dim(plan.side, (m, n))
-            total += 8 + 4 * (d * plan.rank + 2 * plan.rank * (m * n // d)) + (4 if group["recovery_scaling"] else 0)
-    return total
-
-
-def _matrices(opt):
-    return [(p, opt.state[p], group, opt._views[p]) for group in opt.param_groups if group["kind"] == "matrix"
-            for p in group["params"]]
 
 
 def test_rotated_first_moment_is_stored():
@@ -38,10 +17,10 @@ def test_rotated_first_moment_is_stored():
     for step in range(3):
         set_grads(params, step)
         opt.step()
-    before = {id(p): (s["exp_avg"].clone(), s["basis"].clone()) for p, s, _, _ in _matrices(opt)}
+    before = {id(p): (s["exp_avg"].clone(), s["basis"].clone()) for p, s, _, _ in matrices(opt)}
     set_grads(params, 3)
     opt.step()  # step 3 refreshes every matrix (stagger=False)
-    for p, state, group, view in _matrices(opt):
+    for p, state, group, view in matrices(opt):
         old_avg, old_basis = before[id(p)]
         plan = subspace.plan(view, group)
         new = state["basis"]
@@ -64,34 +43,28 @@ def test_galore_steps_use_the_gradient_then_haar():
     params = list(model.parameters())
     set_grads(params, 0)
     opt.step()  # step 0: SVD of the gradient
-    for p, state, group, view in _matrices(opt):
+    for p, state, group, view in matrices(opt):
         plan = subspace.plan(view, group)
         svd = projector.svd_basis(p.grad, view, plan.side, plan.rank)
         torch.testing.assert_close(state["basis"].abs(), svd.abs(), rtol=1e-4, atol=1e-5)
     for step in (1, 2):
         set_grads(params, step)
         opt.step()  # step 2: Haar
-    for _p, state, group, view in _matrices(opt):
+    for _p, state, group, view in matrices(opt):
         plan = subspace.plan(view, group)
         haar = projector.random_basis(view, plan.side, plan.rank, stable_seed(0, view.name, 1, "haar"), "cpu")
         assert torch.equal(state["basis"], haar)
 
 
 def test_lowers_the_loss():
-    model = tiny_model()
-    opt = distopt.build_optimizer(model, "golore", lr=1e-2, rank=8, update_proj_gap=10)
-    losses = train(model, opt, 50)
-    assert losses[-1] < 0.8 * losses[0]
+    assert_lowers_the_loss("golore", lr=1e-2, rank=8, update_proj_gap=10)
 
 
 @pytest.mark.parametrize("rank,rs", [(8, False), (8, True), (1000, True)])
 def test_state_bytes_match_the_formula(rank, rs):
     model = tiny_model()
     opt = distopt.build_optimizer(model, "golore", rank=rank, update_proj_gap=3, recovery_scaling=rs)
-    opt.allocate_state()
-    before = distopt.state_bytes(opt)
-    train(model, opt, 4)
-    assert distopt.state_bytes(opt) == before == _state_bytes_formula(opt)
+    assert_state_bytes_match(opt, model, projected_adam_bytes)
 
 
 def test_resume_is_bit_identical():
@@ -112,5 +85,4 @@ def test_resume_is_bit_identical():
     ],
 )
 def test_bad_hyperparameters_are_refused(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        distopt.build_optimizer(tiny_model(), "golore", **kwargs)
+    assert_refused("golore", kwargs, match)

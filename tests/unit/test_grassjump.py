@@ -4,35 +4,14 @@ import math
 
 import pytest
 import torch
-from helpers import assert_resume_bit_identical, set_grads, tiny_model, train
+from helpers import assert_resume_bit_identical, set_grads, tiny_model
+from optim_checks import assert_lowers_the_loss, assert_refused, assert_state_bytes_match, matrices, projected_adam_bytes
 
 import distopt
-from distopt.core import projector, subspace
+from distopt.core import subspace
 from distopt.core.recovery import recovery_term
 from distopt.core.shard import MatrixShardView
 from distopt.optim.grassjump import GrassJump
-
-
-def _state_bytes_formula(opt):
-    total = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if group["kind"] == "adamw":
-                total += 4 + 8 * p.numel()
-                continue
-            m, n = p.shape
-            plan = subspace.plan(opt._views[p], group)
-            if plan.full:
-                total += 8 + 8 * m * n
-                continue
-            d = projector.side_dim(plan.side, (m, n))
-            total += 8 + 4 * (d * plan.rank + 2 * plan.rank * (m * n // d)) + (4 if group["recovery_scaling"] else 0)
-    return total
-
-
-def _matrices(opt):
-    return [(p, opt.state[p], group, opt._views[p]) for group in opt.param_groups if group["kind"] == "matrix"
-            for p in group["params"]]
 
 
 def _run(grad_seed, steps, **kw):
@@ -46,14 +25,14 @@ def _run(grad_seed, steps, **kw):
 
 def test_jump_is_haar_and_independent_of_the_gradient():
     a, b = _run(0, 4), _run(100, 4)  # step 3 jumps
-    for (_, sa, group, view), (_, sb, _, _) in zip(_matrices(a), _matrices(b)):
+    for (_, sa, group, view), (_, sb, _, _) in zip(matrices(a), matrices(b)):
         plan = subspace.plan(view, group)
         assert torch.equal(sa["basis"], sb["basis"])
         eye = torch.eye(plan.rank)
         torch.testing.assert_close(sa["basis"].T @ sa["basis"], eye, rtol=0, atol=1e-5)
     # before the jump the bases came from the (different) gradients
     a0, b0 = _run(0, 1), _run(100, 1)
-    assert not any(torch.allclose(x[1]["basis"], y[1]["basis"]) for x, y in zip(_matrices(a0), _matrices(b0)))
+    assert not any(torch.allclose(x[1]["basis"], y[1]["basis"]) for x, y in zip(matrices(a0), matrices(b0)))
 
 
 def test_jumps_are_uniform_on_the_grassmannian():
@@ -74,10 +53,10 @@ def test_ao_transform_maps_the_moments_as_documented():
     for step in range(3):
         set_grads(params, step)
         opt.step()
-    before = {id(p): (s["exp_avg"].clone(), s["exp_avg_sq"].clone(), s["basis"].clone()) for p, s, _, _ in _matrices(opt)}
+    before = {id(p): (s["exp_avg"].clone(), s["exp_avg_sq"].clone(), s["basis"].clone()) for p, s, _, _ in matrices(opt)}
     set_grads(params, 3)
     opt.step()
-    for p, state, group, view in _matrices(opt):
+    for p, state, group, view in matrices(opt):
         m_old, v_old, s_old = before[id(p)]
         side = subspace.plan(view, group).side
         s_new = state["basis"]
@@ -126,20 +105,14 @@ def test_recovery_scaling_is_fira_with_a_growth_limiter(side):
 
 
 def test_lowers_the_loss():
-    model = tiny_model()
-    opt = distopt.build_optimizer(model, "grassjump", lr=1e-2, rank=8, update_proj_gap=10)
-    losses = train(model, opt, 50)
-    assert losses[-1] < 0.8 * losses[0]
+    assert_lowers_the_loss("grassjump", lr=1e-2, rank=8, update_proj_gap=10)
 
 
 @pytest.mark.parametrize("rank,rs", [(8, True), (8, False), (1000, True)])
 def test_state_bytes_match_the_formula(rank, rs):
     model = tiny_model()
     opt = distopt.build_optimizer(model, "grassjump", rank=rank, update_proj_gap=3, recovery_scaling=rs)
-    opt.allocate_state()
-    before = distopt.state_bytes(opt)
-    train(model, opt, 4)
-    assert distopt.state_bytes(opt) == before == _state_bytes_formula(opt)
+    assert_state_bytes_match(opt, model, projected_adam_bytes)
 
 
 def test_resume_is_bit_identical():
@@ -161,5 +134,4 @@ def test_resume_is_bit_identical():
     ],
 )
 def test_bad_hyperparameters_are_refused(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        distopt.build_optimizer(tiny_model(), "grassjump", **kwargs)
+    assert_refused("grassjump", kwargs, match)

@@ -4,33 +4,12 @@ import math
 
 import pytest
 import torch
-from helpers import assert_resume_bit_identical, set_grads, tiny_model, train
+from helpers import assert_resume_bit_identical, set_grads, tiny_model
+from optim_checks import assert_lowers_the_loss, assert_refused, assert_state_bytes_match, matrices, projected_adam_bytes
 
 import distopt
-from distopt.core import projector, subspace
+from distopt.core import subspace
 from distopt.core.grassmann import principal_angles
-
-
-def _state_bytes_formula(opt):
-    total = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if group["kind"] == "adamw":
-                total += 4 + 8 * p.numel()
-                continue
-            m, n = p.shape
-            plan = subspace.plan(opt._views[p], group)
-            if plan.full:
-                total += 8 + 8 * m * n
-                continue
-            d = projector.side_dim(plan.side, (m, n))
-            total += 8 + 4 * (d * plan.rank + 2 * plan.rank * (m * n // d)) + (4 if group["recovery_scaling"] else 0)
-    return total
-
-
-def _matrices(opt):
-    return [(p, opt.state[p], group, opt._views[p]) for group in opt.param_groups if group["kind"] == "matrix"
-            for p in group["params"]]
 
 
 @pytest.mark.parametrize("tangent_rank,angle", [(None, 0.3), (1, 0.7), (2, math.pi / 2)])
@@ -42,13 +21,13 @@ def test_step_is_orthonormal_and_at_the_requested_geodesic_distance(tangent_rank
     params = list(model.parameters())
     set_grads(params, 0)
     opt.step()
-    old = {id(p): s["basis"].clone() for p, s, _, _ in _matrices(opt)}
+    old = {id(p): s["basis"].clone() for p, s, _, _ in matrices(opt)}
     set_grads(params, 1)
     opt.step()
     set_grads(params, 2)
     opt.step()  # step 2 walks
     k = tangent_rank or rank
-    for p, state, _, _ in _matrices(opt):
+    for p, state, _, _ in matrices(opt):
         new = state["basis"]
         torch.testing.assert_close(new.T @ new, torch.eye(rank), rtol=0, atol=2e-6)
         angles = principal_angles(old[id(p)], new)
@@ -69,7 +48,7 @@ def test_walk_is_seeded_and_independent_of_the_gradient():
         for step in range(3):
             set_grads(list(model.parameters()), grad_seed + step)
             opt.step()
-        bases.append([s["basis"] for _, s, _, _ in _matrices(opt)])
+        bases.append([s["basis"] for _, s, _, _ in matrices(opt)])
     for a, b in zip(*bases):
         assert torch.equal(a, b)
 
@@ -82,10 +61,10 @@ def test_moments_follow_the_walk():
     for step in range(2):
         set_grads(params, step)
         opt.step()
-    before = {id(p): (s["exp_avg"].clone(), s["basis"].clone()) for p, s, _, _ in _matrices(opt)}
+    before = {id(p): (s["exp_avg"].clone(), s["basis"].clone()) for p, s, _, _ in matrices(opt)}
     set_grads(params, 2)
     opt.step()
-    for p, state, group, view in _matrices(opt):
+    for p, state, group, view in matrices(opt):
         m_old, s_old = before[id(p)]
         side = subspace.plan(view, group).side
         s_new = state["basis"]
@@ -96,20 +75,14 @@ def test_moments_follow_the_walk():
 
 
 def test_lowers_the_loss():
-    model = tiny_model()
-    opt = distopt.build_optimizer(model, "grasswalk", lr=1e-2, rank=8, update_proj_gap=10)
-    losses = train(model, opt, 50)
-    assert losses[-1] < 0.8 * losses[0]
+    assert_lowers_the_loss("grasswalk", lr=1e-2, rank=8, update_proj_gap=10)
 
 
 @pytest.mark.parametrize("rank,rs", [(8, True), (8, False), (1000, True)])
 def test_state_bytes_match_the_formula(rank, rs):
     model = tiny_model()
     opt = distopt.build_optimizer(model, "grasswalk", rank=rank, update_proj_gap=3, recovery_scaling=rs)
-    opt.allocate_state()
-    before = distopt.state_bytes(opt)
-    train(model, opt, 4)
-    assert distopt.state_bytes(opt) == before == _state_bytes_formula(opt)
+    assert_state_bytes_match(opt, model, projected_adam_bytes)
 
 
 def test_resume_is_bit_identical():
@@ -131,5 +104,4 @@ def test_resume_is_bit_identical():
     ],
 )
 def test_bad_hyperparameters_are_refused(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        distopt.build_optimizer(tiny_model(), "grasswalk", **kwargs)
+    assert_refused("grasswalk", kwargs, match)

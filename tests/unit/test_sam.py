@@ -2,24 +2,14 @@
 
 import pytest
 import torch
-from helpers import assert_resume_bit_identical, set_grads, tiny_model, train
+from helpers import assert_resume_bit_identical, set_grads, tiny_model
+from optim_checks import assert_lowers_the_loss, assert_refused, assert_state_bytes_match, matrix_group, one_thread  # noqa: F401 (a fixture, used by name)
 from torch import nn
 
 import distopt
 from distopt.optim.sam import sam_rank
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These matrices are tiny: one thread avoids OpenMP overhead that dominates on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _matrix_group(opt):
-    return next(g for g in opt.param_groups if g["kind"] == "matrix")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Small(nn.Module):
@@ -37,7 +27,7 @@ def test_rank_is_min_5_m_over_10_from_the_global_shape():
     model = tiny_model()
     opt = distopt.build_optimizer(model, "sam")
     opt.allocate_state()
-    for name, p in zip(_matrix_group(opt)["param_names"], _matrix_group(opt)["params"]):
+    for name, p in zip(matrix_group(opt)["param_names"], matrix_group(opt)["params"]):
         m, n = p.shape
         k = {48: 4, 80: 5}[m]
         state = opt.state[p]
@@ -59,7 +49,7 @@ def test_numerator_is_rank_k_in_the_gradient_column_space(inside):
         set_grads(list(model.parameters()), seed)
         before = {p: p.detach().clone() for p in model.parameters()}
         opt.step()
-    for p in _matrix_group(opt)["params"]:
+    for p in matrix_group(opt)["params"]:
         state = opt.state[p]
         u = state["basis"]
         rms = state["exp_avg_sq"] / (1 - betas[1] ** 3)
@@ -88,33 +78,20 @@ def test_rotate_policy_carries_momentum_into_the_new_basis():
 
 
 def test_lowers_the_loss():
-    model = tiny_model()
-    opt = distopt.build_optimizer(model, "sam", lr=1e-2, update_proj_gap=10)
-    losses = train(model, opt, 50)
-    assert losses[-1] < 0.8 * losses[0]
+    assert_lowers_the_loss("sam", lr=1e-2, update_proj_gap=10)
 
 
-def _sam_bytes(opt):
-    total = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if group["kind"] == "adamw":
-                total += 4 + 8 * p.numel()
-                continue
-            m, n = p.shape
-            k = min(group["rank"] or max(1, min(5, m // 10)), m, n)
-            total += 8 + 8 * m * n if k >= m else 8 + 4 * (m * k + k * n + m * n)
-    return total
+def _sam_bytes(opt, p, group):
+    m, n = p.shape
+    k = min(group["rank"] or max(1, min(5, m // 10)), m, n)
+    return 8 + 8 * m * n if k >= m else 8 + 4 * (m * k + k * n + m * n)
 
 
 @pytest.mark.parametrize("rank", [None, 3, 1000])
 def test_state_bytes_match_the_formula(rank):
     model = tiny_model()
     opt = distopt.build_optimizer(model, "sam", rank=rank, update_proj_gap=3)
-    opt.allocate_state()
-    before = distopt.state_bytes(opt)
-    train(model, opt, 4)
-    assert distopt.state_bytes(opt) == before == _sam_bytes(opt)
+    assert_state_bytes_match(opt, model, _sam_bytes)
 
 
 @pytest.mark.parametrize("refresh,policy", [("randomized", "rotate"), ("svd", "keep"), ("random", "reset")])
@@ -138,5 +115,4 @@ def test_resume_is_bit_identical(refresh, policy):
     ],
 )
 def test_bad_hyperparameters_are_refused(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        distopt.build_optimizer(tiny_model(), "sam", **kwargs)
+    assert_refused("sam", kwargs, match)

@@ -2,36 +2,18 @@
 
 import pytest
 import torch
-from helpers import assert_resume_bit_identical, set_grads, tiny_model, train
+from helpers import assert_resume_bit_identical, tiny_model, train
+from optim_checks import assert_lowers_the_loss, assert_refused, assert_state_bytes_match, matrix_group, one_thread, step_with_grads  # noqa: F401 (a fixture, used by name)
 
 import distopt
 from distopt.core import projector, subspace
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These matrices are tiny: one thread avoids OpenMP overhead that dominates on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _matrix_group(opt):
-    return next(g for g in opt.param_groups if g["kind"] == "matrix")
-
-
-def _step_with_grads(model, opt, seed):
-    set_grads(list(model.parameters()), seed)
-    grads = {p: p.grad.clone() for p in model.parameters()}
-    before = {p: p.detach().clone() for p in model.parameters()}
-    opt.step()
-    return grads, before
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_linear_is_a_matrix_and_embeddings_norms_use_adamw():
     opt = distopt.build_optimizer(tiny_model(), "snsm", rank=4)
-    names = _matrix_group(opt)["param_names"]
+    names = matrix_group(opt)["param_names"]
     assert "lm_head.weight" in names and "model.layers.0.self_attn.o_proj.weight" in names
     assert "model.layers.1.mlp.down_proj.weight" in names
     assert not any("embed" in n or "norm" in n for n in names)
@@ -40,9 +22,9 @@ def test_every_linear_is_a_matrix_and_embeddings_norms_use_adamw():
 def test_second_moment_is_a_sum_per_subset_along_the_shorter_side():
     model = tiny_model()
     opt = distopt.build_optimizer(model, "snsm", rank=4, betas=(0.9, 0.99))
-    grads, _ = _step_with_grads(model, opt, seed=0)
+    grads, _ = step_with_grads(model, opt, seed=0)
     seen = set()
-    for p in _matrix_group(opt)["params"]:
+    for p in matrix_group(opt)["params"]:
         m, n = p.shape
         v = opt.state[p]["exp_avg_sq"]
         assert v.numel() == max(m, n)
@@ -56,7 +38,7 @@ def test_second_moment_is_a_sum_per_subset_along_the_shorter_side():
 
 def _expected_step(opt, p, grad, since, step, lr, eps, betas):
     """The documented update, rebuilt from the state the step left behind."""
-    group = _matrix_group(opt)
+    group = matrix_group(opt)
     state = opt.state[p]
     plan = subspace.plan(opt._views[p], group)
     basis = state["basis"]
@@ -73,11 +55,11 @@ def test_momentum_resets_on_the_refresh_step_and_the_complement_gets_sgd():
     opt = distopt.build_optimizer(model, "snsm", lr=lr, rank=4, update_proj_gap=3, stagger=False, eps=eps,
                                   betas=betas)
     for seed in range(3):  # steps 0, 1, 2; step 3 refreshes every matrix
-        _step_with_grads(model, opt, seed)
-    matrices = _matrix_group(opt)["params"]
+        step_with_grads(model, opt, seed)
+    matrices = matrix_group(opt)["params"]
     old_basis = {p: opt.state[p]["basis"].clone() for p in matrices}
 
-    grads, before = _step_with_grads(model, opt, seed=3)  # refresh step
+    grads, before = step_with_grads(model, opt, seed=3)  # refresh step
     for p in matrices:
         assert not torch.equal(opt.state[p]["basis"], old_basis[p])
         delta, low = _expected_step(opt, p, grads[p], since=1, step=4, lr=lr, eps=eps, betas=betas)
@@ -85,9 +67,9 @@ def test_momentum_resets_on_the_refresh_step_and_the_complement_gets_sgd():
         torch.testing.assert_close(opt.state[p]["exp_avg"], (1 - betas[0]) * low, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(before[p] - p.detach(), delta, rtol=1e-4, atol=1e-7)
 
-    grads, before = _step_with_grads(model, opt, seed=4)  # the step after: momentum is 2 steps old
+    grads, before = step_with_grads(model, opt, seed=4)  # the step after: momentum is 2 steps old
     for p in matrices:
-        plan = subspace.plan(opt._views[p], _matrix_group(opt))
+        plan = subspace.plan(opt._views[p], matrix_group(opt))
         delta, low = _expected_step(opt, p, grads[p], since=2, step=5, lr=lr, eps=eps, betas=betas)
         torch.testing.assert_close(before[p] - p.detach(), delta, rtol=1e-4, atol=1e-7)
         # Outside the subspace the numerator is the raw gradient (plain SGD), scaled only by 1/sqrt(v).
@@ -103,8 +85,8 @@ def test_full_rank_is_adam_with_subset_norm():
     model = tiny_model()
     opt = distopt.build_optimizer(model, "snsm", rank=10_000, lr=1e-2, betas=(0.8, 0.9))
     train(model, opt, 2)
-    grads, before = _step_with_grads(model, opt, seed=5)
-    for p in _matrix_group(opt)["params"]:
+    grads, before = step_with_grads(model, opt, seed=5)
+    for p in matrix_group(opt)["params"]:
         state = opt.state[p]
         assert "basis" not in state and state["exp_avg"].shape == p.shape
         expected = 1e-2 * (state["exp_avg"] / (1 - 0.8**3)) / ((state["exp_avg_sq"] / (1 - 0.9**3)).sqrt() + 1e-6)
@@ -112,39 +94,25 @@ def test_full_rank_is_adam_with_subset_norm():
 
 
 def test_lowers_the_loss():
-    model = tiny_model()
-    opt = distopt.build_optimizer(model, "snsm", lr=1e-2, rank=8, update_proj_gap=10)
-    losses = train(model, opt, 50)
-    assert losses[-1] < 0.8 * losses[0]
+    assert_lowers_the_loss("snsm", lr=1e-2, rank=8, update_proj_gap=10)
 
 
-def _snsm_bytes(opt):
-    total = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if group["kind"] == "adamw":
-                total += 4 + 8 * p.numel()
-                continue
-            m, n = p.shape
-            side = group["side"] if group["side"] != "auto" else ("right" if m >= n else "left")
-            d = n if side == "right" else m
-            other = m * n // d
-            if group["rank"] >= d:
-                total += 8 + 4 * (m * n + max(m, n))
-            else:
-                r = min(group["rank"], m, n)
-                total += 8 + 4 * (d * r + r * other + max(m, n))
-    return total
+def _snsm_bytes(opt, p, group):
+    m, n = p.shape
+    side = group["side"] if group["side"] != "auto" else ("right" if m >= n else "left")
+    d = n if side == "right" else m
+    other = m * n // d
+    if group["rank"] >= d:
+        return 8 + 4 * (m * n + max(m, n))
+    r = min(group["rank"], m, n)
+    return 8 + 4 * (d * r + r * other + max(m, n))
 
 
 @pytest.mark.parametrize("rank,side", [(8, "auto"), (8, "left"), (8, "right"), (1000, "auto")])
 def test_state_bytes_match_the_formula(rank, side):
     model = tiny_model()
     opt = distopt.build_optimizer(model, "snsm", rank=rank, side=side, update_proj_gap=3)
-    opt.allocate_state()
-    before = distopt.state_bytes(opt)
-    train(model, opt, 4)
-    assert distopt.state_bytes(opt) == before == _snsm_bytes(opt)
+    assert_state_bytes_match(opt, model, _snsm_bytes)
 
 
 @pytest.mark.parametrize("refresh,policy", [("randomized", "reset"), ("svd", "keep")])
@@ -168,5 +136,4 @@ def test_resume_is_bit_identical(refresh, policy):
     ],
 )
 def test_bad_hyperparameters_are_refused(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        distopt.build_optimizer(tiny_model(), "snsm", **kwargs)
+    assert_refused("snsm", kwargs, match)

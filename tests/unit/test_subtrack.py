@@ -8,35 +8,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_resume_bit_identical, set_grads, tiny_model, train
+from helpers import assert_resume_bit_identical, set_grads, tiny_model
+from optim_checks import assert_lowers_the_loss, assert_refused, assert_state_bytes_match, matrices, projected_adam_bytes
 
 import distopt
-from distopt.core import projector, subspace
+from distopt.core import subspace
 from distopt.core.shard import MatrixShardView
 from distopt.optim.grasswalk import GrassWalk
 from distopt.optim.subtrack import SubTrack
-
-
-def _state_bytes_formula(opt):
-    total = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if group["kind"] == "adamw":
-                total += 4 + 8 * p.numel()
-                continue
-            m, n = p.shape
-            plan = subspace.plan(opt._views[p], group)
-            if plan.full:
-                total += 8 + 8 * m * n
-                continue
-            d = projector.side_dim(plan.side, (m, n))
-            total += 8 + 4 * (d * plan.rank + 2 * plan.rank * (m * n // d)) + (4 if group["recovery_scaling"] else 0)
-    return total
-
-
-def _matrices(opt):
-    return [(p, opt.state[p], group, opt._views[p]) for group in opt.param_groups if group["kind"] == "matrix"
-            for p in group["params"]]
 
 
 def _group(**kw):
@@ -49,12 +28,12 @@ def test_basis_moves_for_both_orientations_and_stays_orthonormal():
     params = list(model.parameters())
     set_grads(params, 0)
     opt.step()
-    old = {id(p): s["basis"].clone() for p, s, _, _ in _matrices(opt)}
+    old = {id(p): s["basis"].clone() for p, s, _, _ in matrices(opt)}
     for step in (1, 2):
         set_grads(params, step)
         opt.step()  # step 2 tracks
     shapes = set()
-    for p, state, group, view in _matrices(opt):
+    for p, state, group, view in matrices(opt):
         m, n = p.shape
         shapes.add(m >= n)
         new = state["basis"]
@@ -101,10 +80,10 @@ def test_ao_uses_the_basis_held_just_before_each_switch():
     for step in range(5):  # switches at steps 2 and 4
         set_grads(params, step)
         if step == 1:
-            initial = {id(p): s["basis"].clone() for p, s, _, _ in _matrices(opt)}
-        before = {id(p): (s["exp_avg"].clone(), s["basis"].clone()) for p, s, _, _ in _matrices(opt)}
+            initial = {id(p): s["basis"].clone() for p, s, _, _ in matrices(opt)}
+        before = {id(p): (s["exp_avg"].clone(), s["basis"].clone()) for p, s, _, _ in matrices(opt)}
         opt.step()
-    for p, state, group, view in _matrices(opt):
+    for p, state, group, view in matrices(opt):
         m_old, s_old = before[id(p)]
         assert not torch.allclose(s_old, initial[id(p)])  # the first switch moved it
         side = subspace.plan(view, group).side
@@ -115,20 +94,14 @@ def test_ao_uses_the_basis_held_just_before_each_switch():
 
 
 def test_lowers_the_loss():
-    model = tiny_model()
-    opt = distopt.build_optimizer(model, "subtrack", lr=1e-2, rank=8, update_proj_gap=10)
-    losses = train(model, opt, 50)
-    assert losses[-1] < 0.8 * losses[0]
+    assert_lowers_the_loss("subtrack", lr=1e-2, rank=8, update_proj_gap=10)
 
 
 @pytest.mark.parametrize("rank,rs", [(8, True), (8, False), (1000, True)])
 def test_state_bytes_match_the_formula(rank, rs):
     model = tiny_model()
     opt = distopt.build_optimizer(model, "subtrack", rank=rank, update_proj_gap=3, recovery_scaling=rs)
-    opt.allocate_state()
-    before = distopt.state_bytes(opt)
-    train(model, opt, 4)
-    assert distopt.state_bytes(opt) == before == _state_bytes_formula(opt)
+    assert_state_bytes_match(opt, model, projected_adam_bytes)
 
 
 def test_resume_is_bit_identical():
@@ -148,8 +121,7 @@ def test_resume_is_bit_identical():
     ],
 )
 def test_bad_hyperparameters_are_refused(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        distopt.build_optimizer(tiny_model(), "subtrack", **kwargs)
+    assert_refused("subtrack", kwargs, match)
 
 
 # -- the same code on row shards ------------------------------------------------------------------
