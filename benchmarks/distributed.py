@@ -39,7 +39,7 @@ def _rank_main(rank, world_size, port, args, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = args.device == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_size))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // world_size))
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -123,6 +123,9 @@ def main(argv=None):
                         help="right keeps every per-step product shard-local under FSDP2")
     parser.add_argument("--refresh", default="randomized", choices=["randomized", "svd", "random"])
     parser.add_argument("--shard-basis", action="store_true", help="split right bases over the ranks too")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads per rank (0: the cores divided by the ranks). 1 gives every world size one core "
+                             "per rank, so the refresh speed-up measures parallelism rather than a shared core count")
     parser.add_argument("--out", default="runs/bench/distributed.json")
     args = parser.parse_args(argv)
     import tempfile
