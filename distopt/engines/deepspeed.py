@@ -290,12 +290,6 @@ class ZeroBinding:
         else:
             self._matrix(optimizer, group, part, values, grads)
 
-    @staticmethod
-    def _skip(optimizer, name: str) -> None:
-        if name not in optimizer.nonfinite_skips:
-            logger.warning("distopt: non-finite gradient for %s; skipping its update (state untouched)", name)
-        optimizer.nonfinite_skips[name] = optimizer.nonfinite_skips.get(name, 0) + 1
-
     def _adamw(self, optimizer, group, part: Partition, values, grads) -> None:
         size = part.end - part.start
         param, grad = values[:size], grads[:size]
@@ -303,7 +297,7 @@ class ZeroBinding:
         if not self.finite_checked:  # every holder of a slice decides alike
             comm.all_reduce_max(bad, part.group if part.world > 1 else None)
         if bad.item():
-            self._skip(optimizer, part.name)
+            optimizer.record_nonfinite_skip(part.name)
             return
         optimizer._adamw_apply(group, [param], [grad], [optimizer.state[part.param]])
 
@@ -328,7 +322,7 @@ class ZeroBinding:
                 comm.all_reduce_max(flag, group_pg)
             any_bad = bool(flag.item())
         if any_bad:  # every rank holding part of the matrix skips it together
-            self._skip(optimizer, part.name)
+            optimizer.record_nonfinite_skip(part.name)
             return
         rows = plan.view.local_rows
         own = slice(plan.head, plan.head + plan.own)

@@ -284,13 +284,16 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         keep = []
         for p, flag in zip(params, bad.tolist()):
             if flag:
-                name = self._names[p]
-                if name not in self.nonfinite_skips:
-                    logger.warning("distopt: non-finite gradient for %s; skipping its update (state untouched)", name)
-                self.nonfinite_skips[name] = self.nonfinite_skips.get(name, 0) + 1
+                self.record_nonfinite_skip(self._names[p])
             else:
                 keep.append(p)
         return keep
+
+    def record_nonfinite_skip(self, name: str) -> None:
+        """Count a step skipped for a non-finite gradient (warned once per parameter)."""
+        if name not in self.nonfinite_skips:
+            logger.warning("distopt: non-finite gradient for %s; skipping its update (state untouched)", name)
+        self.nonfinite_skips[name] = self.nonfinite_skips.get(name, 0) + 1
 
     @torch.no_grad()
     def step(self, closure=None):
