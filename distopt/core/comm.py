@@ -8,6 +8,7 @@ counted per kind, which is what the traffic benchmark reads.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -97,15 +98,48 @@ def all_gather_rows(local: torch.Tensor, row_counts: list[int], group) -> torch.
 
 def gather_rows(local: torch.Tensor, row_counts: list[int], dst_rank: int, group) -> torch.Tensor | None:
     """Reassemble a row-sharded matrix on ``dst_rank`` only (``None`` elsewhere)."""
-    if group is None or dist.get_world_size(group) == 1:
-        return local
-    width = max(row_counts)
-    padded = local.new_zeros((width, *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    me = dist.get_rank(group)
-    buffers = [torch.empty_like(padded) for _ in row_counts] if me == dst_rank else None
-    _record("gather", padded)
-    dist.gather(padded, buffers, dst=dist.get_global_rank(group, dst_rank), group=group)
-    if me != dst_rank:
-        return None
-    return torch.cat([b[:count] for b, count in zip(buffers, row_counts)], dim=0)
+    return gather_rows_async([(local, row_counts, dst_rank, group)])()[0]
+
+
+def gather_rows_async(requests: list[tuple[torch.Tensor, list[int], int, object]]) -> Callable[[], list[torch.Tensor | None]]:
+    """Start :func:`gather_rows` for several ``(local, row_counts, dst_rank, group)``; the returned
+    function waits and gives each result. Each destination receives while the others send."""
+    pending, out = [], []
+    for local, row_counts, dst_rank, group in requests:
+        if group is None or dist.get_world_size(group) == 1:
+            pending.append((None, None, None))
+            out.append(local)
+            continue
+        padded = local.new_zeros((max(row_counts), *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        mine = dist.get_rank(group) == dst_rank
+        buffers = [torch.empty_like(padded) for _ in row_counts] if mine else None
+        _record("gather", padded)
+        work = dist.gather(padded, buffers, dst=dist.get_global_rank(group, dst_rank), group=group, async_op=True)
+        pending.append((work, buffers, row_counts))
+        out.append(None)
+
+    def wait() -> list[torch.Tensor | None]:
+        for i, (work, buffers, row_counts) in enumerate(pending):
+            if work is not None:
+                work.wait()
+                if buffers is not None:
+                    out[i] = torch.cat([b[:count] for b, count in zip(buffers, row_counts)], dim=0)
+        return out
+
+    return wait
+
+
+def broadcast_async(requests: list[tuple[torch.Tensor, int, object]]) -> Callable[[], None]:
+    """Start :func:`broadcast` of several ``(tensor, src_rank, group)`` in place; call the result to wait."""
+    works = []
+    for tensor, src_rank, group in requests:
+        if group is not None and dist.get_world_size(group) > 1:
+            _record("broadcast", tensor)
+            works.append(dist.broadcast(tensor, src=dist.get_global_rank(group, src_rank), group=group, async_op=True))
+
+    def wait() -> None:
+        for work in works:
+            work.wait()
+
+    return wait

@@ -16,6 +16,9 @@ Refresh methods produce a new orthonormal basis from the current gradient:
 
 from __future__ import annotations
 
+import itertools
+from contextlib import contextmanager
+
 import torch
 
 from . import comm
@@ -72,18 +75,71 @@ def rotate_projected(low: torch.Tensor, c: torch.Tensor, side: str) -> torch.Ten
 def svd_basis(g: torch.Tensor, view: MatrixShardView, side: str, r: int) -> torch.Tensor:
     """Exact basis from ``torch.linalg.svd`` of the fp32 gradient (its singular vectors, signs
     included). Row-sharded: the view's owner gathers the matrix (one collective), factors it, and
-    broadcasts the basis."""
-    full = comm.gather_rows(g.float(), list(view.row_counts), view.owner, view.group)
-    dim = view.n if side == "right" else view.m
-    if full is not None:
-        u, _, vh = torch.linalg.svd(full, full_matrices=False)
-        basis = vh[:r].T.contiguous() if side == "right" else u[:, :r].contiguous()
-    else:
-        basis = torch.empty((dim, r), dtype=torch.float32, device=g.device)
-    comm.broadcast(basis, view.owner, view.group)
-    if side == "left":
-        basis = basis[view.row_start : view.row_end].contiguous()
-    return basis
+    broadcasts the basis. A basis computed ahead by :func:`svd_bases` for this step is used as is."""
+    ready = _prepared.pop(view.name, None)
+    if ready is not None and ready[0] == (side, r):
+        return ready[1]
+    return svd_bases([(g, view, side, r)])[0]
+
+
+def svd_bases(requests: list[tuple[torch.Tensor, MatrixShardView, str, int]]) -> list[torch.Tensor]:
+    """:func:`svd_basis` of several ``(g, view, side, r)`` at once, the owners factoring in parallel.
+
+    Work goes in rounds that give each owner at most one matrix. The next round's gathers start
+    before this round's factorizations and broadcasts, so an owner that finishes early goes on with
+    its next matrix instead of waiting for the slowest, and no rank holds more than two gathered
+    matrices. Every rank must pass the same requests in the same order (they depend only on names,
+    shapes and the step), so the collectives line up.
+    """
+    queues: dict[int, list[int]] = {}
+    for i, (_, view, _, _) in enumerate(requests):
+        queues.setdefault(view.owner, []).append(i)
+    rounds = [[i for i in round_ if i is not None] for round_ in itertools.zip_longest(*queues.values())]
+
+    def start_gathers(picked):
+        return comm.gather_rows_async(
+            [(requests[i][0].float(), list(requests[i][1].row_counts), requests[i][1].owner, requests[i][1].group) for i in picked]
+        )
+
+    out: list[torch.Tensor | None] = [None] * len(requests)
+    broadcasts = []
+    gathering = start_gathers(rounds[0]) if rounds else None
+    for j, picked in enumerate(rounds):
+        fulls = gathering()
+        if j + 1 < len(rounds):
+            gathering = start_gathers(rounds[j + 1])
+        bases = []
+        for i, full in zip(picked, fulls):
+            g, view, side, r = requests[i]
+            if full is not None:
+                u, _, vh = torch.linalg.svd(full, full_matrices=False)
+                bases.append(vh[:r].T.contiguous() if side == "right" else u[:, :r].contiguous())
+            else:
+                bases.append(torch.empty((side_dim(side, view.global_shape), r), dtype=torch.float32, device=g.device))
+            out[i] = bases[-1]
+        broadcasts.append(comm.broadcast_async([(basis, requests[i][1].owner, requests[i][1].group) for i, basis in zip(picked, bases)]))
+    for wait in broadcasts:
+        wait()
+    for i, (_, view, side, _) in enumerate(requests):
+        if side == "left":
+            out[i] = out[i][view.row_start : view.row_end].contiguous()
+    return out
+
+
+_prepared: dict[str, tuple[tuple[str, int], torch.Tensor]] = {}
+
+
+@contextmanager
+def prepared_svd_bases(requests: list[tuple[torch.Tensor, MatrixShardView, str, int]]):
+    """Compute the exact bases of ``requests`` together (:func:`svd_bases`); inside the context,
+    :func:`svd_basis` of each of those matrices returns its basis instead of factoring alone.
+    Whatever is not asked for is dropped on exit, so no basis outlives its step."""
+    bases = svd_bases(requests)
+    _prepared.update({view.name: ((side, r), basis) for (_, view, side, r), basis in zip(requests, bases)})
+    try:
+        yield
+    finally:
+        _prepared.clear()
 
 
 def random_basis(view: MatrixShardView, side: str, r: int, seed: int, device) -> torch.Tensor:
@@ -128,8 +184,8 @@ def randomized_basis(
         return comm.all_reduce_sum(g.T @ y, group)
 
     if side == "right":
+        # No QR of the start block: the iterates' spans, hence the Ritz vectors, do not depend on it.
         x = omega if previous is None else torch.cat([previous, omega], dim=1)
-        x = orthonormalize(x)
         for _ in range(power_iters + 1):
             x = orthonormalize(gt_times(orth_rows(g @ x)))
         z = g @ x

@@ -18,6 +18,7 @@ import torch
 from torch.optim.adamw import adamw as _functional_adamw
 
 from ..core import comm
+from ..core.projector import prepared_svd_bases
 from ..core.shard import MatrixShardView, dtensor_view, is_dtensor, local, lpt_owners, whole_matrix_view
 
 logger = logging.getLogger("distopt")
@@ -216,6 +217,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         raise NotImplementedError
 
+    def _exact_refresh_plan(self, group: dict, state: dict, view: MatrixShardView):
+        """The subspace plan (side, rank) of an exact ``svd`` refresh this matrix's next step will do,
+        else ``None``. The step computes those refreshes together, one owner per matrix; a wrong
+        answer only costs time (the step falls back to its own refresh), never different numbers."""
+        return None
+
     # -- state ------------------------------------------------------------------------------
     def param_name(self, p: torch.Tensor) -> str:
         return self._names[p]
@@ -324,8 +331,20 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if group["kind"] == "adamw":
             self._adamw_step(group, params)
         else:
-            for p in params:
-                self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
+            with prepared_svd_bases(self._exact_refresh_requests(group, params)):
+                for p in params:
+                    self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
+
+    def _exact_refresh_requests(self, group: dict, params: list[torch.Tensor]) -> list[tuple]:
+        """Row-sharded matrices whose step does an exact refresh, when there are several to overlap."""
+        requests = []
+        for p in params:
+            view = self._views[p]
+            if view.sharded and comm.world_size(view.group) > 1:
+                plan = self._exact_refresh_plan(group, self.state[p], view)
+                if plan is not None and not plan.full:
+                    requests.append((local(p.grad), view, plan.side, plan.rank))
+        return requests if len(requests) > 1 else []
 
     @torch.no_grad()
     def step_parameter(self, p: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core import subspace
 from ..core.moments import apply_moment_policy
 from ..core.projector import change_of_basis
 from ..core.schedule import refresh_index
@@ -18,6 +19,12 @@ from ..core.shard import MatrixShardView
 from .projected import ProjectedAdam
 
 POLICIES = ("keep", "reset", "rotate")
+
+
+def exact_refresh_plan(plan, state: dict, group: dict):
+    """``plan`` when this step's refresh is an exact ``svd`` one (see ``_exact_refresh_plan``)."""
+    step = int(state["step"])
+    return plan if group["refresh"] == "svd" and subspace.refresh_due(step, plan, group) else None
 
 
 def refresh(grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView, plan, step: int) -> None:

@@ -68,4 +68,4 @@ class GaLore(ProjectedAdam):
         super().__init__(params, hyperparameters(locals()))
 
     def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
-        return self._data_basis(group["refresh"], grad, state, group, view, plan, step, index)
+        return self._data_basis(self._data_method(group, step), grad, state, group, view, plan, step, index)

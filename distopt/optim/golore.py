@@ -81,7 +81,10 @@ class GoLore(ProjectedAdam):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"galore_steps={steps!r}: must be a non-negative integer number of steps")
 
+    def _data_method(self, group: dict, step: int) -> str | None:
+        return group["galore_refresh"] if step < group["galore_steps"] else None
+
     def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
-        if step < group["galore_steps"]:
-            return self._data_basis(group["galore_refresh"], grad, state, group, view, plan, step, index)
+        if method := self._data_method(group, step):
+            return self._data_basis(method, grad, state, group, view, plan, step, index)
         return self._haar(group, view, plan, index, grad.device)

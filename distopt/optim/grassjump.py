@@ -80,7 +80,10 @@ class GrassJump(ProjectedAdam):
     ):
         super().__init__(params, hyperparameters(locals()))
 
+    def _data_method(self, group: dict, step: int) -> str | None:
+        return group["init"] if step == 0 else None
+
     def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
-        if step == 0:
-            return self._data_basis(group["init"], grad, state, group, view, plan, step, index)
+        if method := self._data_method(group, step):
+            return self._data_basis(method, grad, state, group, view, plan, step, index)
         return self._haar(group, view, plan, index, grad.device)

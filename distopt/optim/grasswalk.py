@@ -101,9 +101,12 @@ class GrassWalk(ProjectedAdam):
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
             raise ValueError(f"tangent_rank={k!r}: must be None (all r directions) or a positive integer")
 
+    def _data_method(self, group: dict, step: int) -> str | None:
+        return group["init"] if step == 0 else None
+
     def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
-        if step == 0:
-            return self._data_basis(group["init"], grad, state, group, view, plan, step, index)
+        if method := self._data_method(group, step):
+            return self._data_basis(method, grad, state, group, view, plan, step, index)
         return self.walk(state["basis"], group, view, plan, index)
 
     @classmethod

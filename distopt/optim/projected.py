@@ -65,6 +65,16 @@ class ProjectedAdam(SubspaceOptimizer):
         """The basis to use from this refresh on (``step == 0``: the first one). Must not modify state."""
         raise NotImplementedError
 
+    def _data_method(self, group: dict, step: int) -> str | None:
+        """The data-driven method (``svd``, ``randomized``, ``random``) ``_new_basis`` uses at refresh step
+        ``step``, or ``None`` where it moves the basis another way."""
+        return group[self.data_method_key]
+
+    def _exact_refresh_plan(self, group: dict, state: dict, view: MatrixShardView):
+        plan = subspace.plan(view, group)
+        step = int(state["step"])
+        return plan if subspace.refresh_due(step, plan, group) and self._data_method(group, step) == "svd" else None
+
     @staticmethod
     def _data_basis(method: str, grad, state, group, view: MatrixShardView, plan, step: int, index: int) -> torch.Tensor:
         """A basis found from the gradient (``svd``, ``randomized``) or a seeded Haar one (``random``)."""

@@ -140,6 +140,9 @@ class SAM(SubspaceOptimizer):
         state["exp_avg"] = torch.zeros(subspace.projected_shape(view, plan), dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros((view.local_rows, view.n), dtype=torch.float32, device=p.device)
 
+    def _exact_refresh_plan(self, group: dict, state: dict, view: MatrixShardView):
+        return first_moment_subspace.exact_refresh_plan(self.plan(view, group), state, group)
+
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         plan = self.plan(view, group)
         step = int(state["step"])

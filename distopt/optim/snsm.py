@@ -125,6 +125,9 @@ class AdamSNSM(SubspaceOptimizer):
             return sq.sum(dim=1, keepdim=True)
         return comm.all_reduce_sum(sq.sum(dim=0, keepdim=True), view.group)
 
+    def _exact_refresh_plan(self, group: dict, state: dict, view: MatrixShardView):
+        return first_moment_subspace.exact_refresh_plan(subspace.plan(view, group), state, group)
+
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         plan = subspace.plan(view, group)
         step = int(state["step"])

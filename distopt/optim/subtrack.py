@@ -101,9 +101,12 @@ class SubTrack(ProjectedAdam):
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap <= math.pi / 2:
             raise ValueError(f"max_angle={cap!r}: must be an angle in radians in (0, pi/2]")
 
+    def _data_method(self, group: dict, step: int) -> str | None:
+        return group["init"] if step == 0 else None
+
     def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
-        if step == 0:
-            return self._data_basis(group["init"], grad, state, group, view, plan, step, index)
+        if method := self._data_method(group, step):
+            return self._data_basis(method, grad, state, group, view, plan, step, index)
         return self.track(state["basis"], grad, group, view, plan)[0]
 
     @classmethod

@@ -201,3 +201,50 @@ def test_sharded_basis_gives_the_same_numbers_with_less_memory_and_reshards(tmp_
     for got in (run_ranks(3, _shard_basis_resume_worker, path)[0], run_ranks(1, _shard_basis_resume_worker, path)[0]):
         for key, value in want.items():
             torch.testing.assert_close(got[key], value, rtol=RTOL, atol=ATOL, msg=key)
+
+
+EXACT = {"galore": "refresh", "golore": "galore_refresh", "grassjump": "init", "sam": "refresh", "snsm": "refresh"}
+
+
+def _exact_kwargs(name):
+    extra = {"galore_steps": 4} if name == "golore" else {}  # GoLore's data-driven refreshes come first
+    return {**build_kwargs(name), **extra, EXACT[name]: "svd", "stagger": False}
+
+
+def _exact_run(name, rank, world_size):
+    """Seven steps of ``name`` with exact refreshes, recording each SVD and each batch of gathers."""
+    model = shard(OddNet(), world_size) if world_size > 1 else OddNet()
+    opt = distopt.build_optimizer(model, name, **_exact_kwargs(name))
+    calls, batches = [], []
+    real_svd, real_gather = torch.linalg.svd, comm.gather_rows_async
+    torch.linalg.svd = lambda a, *args, **kw: calls.append(tuple(a.shape)) or real_svd(a, *args, **kw)
+    comm.gather_rows_async = lambda requests: batches.append(len(requests)) or real_gather(requests)
+    try:
+        with comm.counting() as traffic:
+            train_steps(model, opt, 7, rank, world_size)
+    finally:
+        torch.linalg.svd, comm.gather_rows_async = real_svd, real_gather
+    return {"params": full_params(model), "svd_calls": calls, "batches": batches, "traffic": traffic()}
+
+
+def _exact_worker(rank, world_size, names):
+    return {name: _exact_run(name, rank, world_size) for name in names}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_exact_refreshes_are_split_over_owners_and_give_the_one_process_numbers(world_size):
+    names = list(EXACT)
+    single = run_ranks(1, _exact_worker, names)[0]
+    per_rank = run_ranks(world_size, _exact_worker, names)
+    for name in names:
+        for key, value in single[name]["params"].items():
+            torch.testing.assert_close(per_rank[0][name]["params"][key], value, rtol=RTOL, atol=ATOL, msg=f"{name} {key}")
+        # Every matrix refreshes on the same steps (stagger off): each is factored exactly once, by its
+        # owner, and every rank factors some, so the ranks work in parallel.
+        counts = [len(r[name]["svd_calls"]) for r in per_rank]
+        assert sum(counts) == len(single[name]["svd_calls"]) > 0, (name, counts)
+        assert all(0 < c < sum(counts) for c in counts), (name, counts)
+        # ...and at the same time: each round gathers one matrix to every owner at once.
+        assert max(per_rank[0][name]["batches"]) == world_size, (name, per_rank[0][name]["batches"])
+        kinds = per_rank[0][name]["traffic"]["calls"]
+        assert kinds.get("gather", 0) > 0 and kinds.get("broadcast", 0) > 0
