@@ -134,6 +134,8 @@ def main(argv=None):
                              "per rank, so the refresh speed-up measures parallelism rather than a shared core count")
     parser.add_argument("--out", default="runs/bench/distributed.json")
     args = parser.parse_args(argv)
+    if args.refresh_repeats < 1:
+        parser.error(f"--refresh-repeats {args.refresh_repeats}: time at least one refresh cycle (e.g. 2)")
     import tempfile
 
     import torch.multiprocessing as mp
