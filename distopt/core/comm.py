@@ -59,6 +59,21 @@ def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_sum_async(requests: list[tuple[torch.Tensor, object]]) -> Callable[[], None]:
+    """Start :func:`all_reduce_sum` of several ``(tensor, group)`` in place; call the result to wait."""
+    works = []
+    for tensor, group in requests:
+        if group is not None and dist.get_world_size(group) > 1:
+            _record("all_reduce", tensor)
+            works.append(dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True))
+
+    def wait() -> None:
+        for work in works:
+            work.wait()
+
+    return wait
+
+
 def all_reduce_max(tensor: torch.Tensor, group) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         _record("all_reduce", tensor)
@@ -68,21 +83,36 @@ def all_reduce_max(tensor: torch.Tensor, group) -> torch.Tensor:
 
 def broadcast(tensor: torch.Tensor, src_rank: int, group) -> torch.Tensor:
     """Broadcast from ``src_rank`` (a rank inside ``group``) in place."""
-    if group is not None and dist.get_world_size(group) > 1:
-        _record("broadcast", tensor)
-        dist.broadcast(tensor, src=dist.get_global_rank(group, src_rank), group=group)
+    broadcast_async([(tensor, src_rank, group)])()
     return tensor
 
 
 def all_gather_stacked(tensor: torch.Tensor, group) -> torch.Tensor:
     """Gather same-shaped tensors from every rank into a new leading dimension."""
-    if group is None or dist.get_world_size(group) == 1:
-        return tensor.unsqueeze(0)
-    size = dist.get_world_size(group)
-    out = tensor.new_empty((size * tensor.numel(),))  # flat: gloo wants the inputs concatenated
-    _record("all_gather", tensor)
-    _all_gather_single(out, tensor.contiguous().reshape(-1), group=group)
-    return out.view(size, *tensor.shape)
+    return all_gather_stacked_async([(tensor, group)])()[0]
+
+
+def all_gather_stacked_async(requests: list[tuple[torch.Tensor, object]]) -> Callable[[], list[torch.Tensor]]:
+    """Start :func:`all_gather_stacked` of several ``(tensor, group)``; the returned function waits
+    and gives each result."""
+    pending = []
+    for tensor, group in requests:
+        if group is None or dist.get_world_size(group) == 1:
+            pending.append((None, tensor.unsqueeze(0)))
+            continue
+        size = dist.get_world_size(group)
+        out = tensor.new_empty((size * tensor.numel(),))  # flat: gloo wants the inputs concatenated
+        _record("all_gather", tensor)
+        work = _all_gather_single(out, tensor.contiguous().reshape(-1), group=group, async_op=True)
+        pending.append((work, out.view(size, *tensor.shape)))
+
+    def wait() -> list[torch.Tensor]:
+        for work, _ in pending:
+            if work is not None:
+                work.wait()
+        return [out for _, out in pending]
+
+    return wait
 
 
 def all_gather_rows(local: torch.Tensor, row_counts: list[int], group) -> torch.Tensor:
@@ -135,6 +165,8 @@ def broadcast_async(requests: list[tuple[torch.Tensor, int, object]]) -> Callabl
     works = []
     for tensor, src_rank, group in requests:
         if group is not None and dist.get_world_size(group) > 1:
+            if not tensor.is_contiguous():  # gloo would send the raw storage, in another order
+                raise ValueError(f"broadcast needs a contiguous tensor (shape {tuple(tensor.shape)}); call .contiguous() first")
             _record("broadcast", tensor)
             works.append(dist.broadcast(tensor, src=dist.get_global_rank(group, src_rank), group=group, async_op=True))
 

@@ -10,10 +10,11 @@ Every function gives the same result, up to summation order, whatever the number
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 
 import torch
 
-from . import comm
+from . import comm, lockstep
 
 
 def stable_seed(*parts: object) -> int:
@@ -48,6 +49,11 @@ def orthonormalize_rows(x_local: torch.Tensor, group, row_counts: tuple[int, ...
     stacked triangles are factored again. Unlike Cholesky-QR it stays orthonormal for
     rank-deficient input, and needs no full-matrix gather.
     """
+    return lockstep.run(orthonormalize_rows_routine(x_local, group, row_counts))
+
+
+def orthonormalize_rows_routine(x_local: torch.Tensor, group, row_counts: tuple[int, ...]) -> lockstep.Routine:
+    """:func:`orthonormalize_rows` as a :mod:`lockstep` routine (the stacked factorization is ``Owned``)."""
     x_local = x_local.float()
     if comm.world_size(group) == 1:
         return orthonormalize(x_local)
@@ -55,8 +61,9 @@ def orthonormalize_rows(x_local: torch.Tensor, group, row_counts: tuple[int, ...
     q_local, r_local = torch.linalg.qr(x_local)  # (rows, min(rows,k)), (min(rows,k), k)
     r_padded = r_local.new_zeros((k, k))
     r_padded[: r_local.shape[0]] = r_local
-    stacked = comm.all_gather_stacked(r_padded, group).reshape(-1, k)
-    q_top, r_top = _positive_diagonal(*torch.linalg.qr(stacked))
+    stacked = (yield lockstep.Gather(r_padded, group)).reshape(-1, k)
+    q_top = yield lockstep.Owned(partial(orthonormalize, stacked), tuple(stacked.shape), stacked.shape[0] * k * k,
+                                 group, x_local.device)
     me = comm.rank(group)
     block = q_top[me * k : me * k + r_local.shape[0]]
     return q_local @ block
@@ -73,7 +80,11 @@ def align_signs(new: torch.Tensor, old: torch.Tensor, group=None) -> torch.Tenso
     Singular vectors are defined up to sign; aligning them keeps a 'keep' moment policy from
     reading last period's momentum with flipped signs after a refresh.
     """
-    overlap = comm.all_reduce_sum((new * old).sum(dim=0), group)
+    return flip_to_overlap(new, comm.all_reduce_sum((new * old).sum(dim=0), group))
+
+
+def flip_to_overlap(new: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
+    """``new`` with the columns of negative ``overlap`` (see :func:`align_signs`) negated."""
     signs = torch.where(overlap < 0, -torch.ones_like(overlap), torch.ones_like(overlap))
     return new * signs
 

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import itertools
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 
-from . import comm
-from .linalg import align_signs, haar_basis, orthonormalize, orthonormalize_rows, seeded_gaussian
+from . import comm, lockstep
+from .linalg import align_signs, flip_to_overlap, haar_basis, orthonormalize, orthonormalize_rows_routine, seeded_gaussian
 from .shard import MatrixShardView
 
 SIDES = ("auto", "left", "right")
@@ -72,17 +74,39 @@ def rotate_projected(low: torch.Tensor, c: torch.Tensor, side: str) -> torch.Ten
     return c @ low if side == "left" else low @ c.T
 
 
+@dataclass(frozen=True, eq=False)
+class SvdRequest:
+    """Inputs of :func:`svd_basis`."""
+
+    g: torch.Tensor
+    view: MatrixShardView
+    side: str
+    r: int
+
+
+@dataclass(frozen=True, eq=False)
+class RangeRequest:
+    """Inputs of :func:`randomized_basis`."""
+
+    g: torch.Tensor
+    view: MatrixShardView
+    side: str
+    r: int
+    oversample: int
+    power_iters: int
+    seed: int
+    previous: torch.Tensor | None = None
+
+
 def svd_basis(g: torch.Tensor, view: MatrixShardView, side: str, r: int) -> torch.Tensor:
     """Exact basis from ``torch.linalg.svd`` of the fp32 gradient (its singular vectors, signs
     included). Row-sharded: the view's owner gathers the matrix (one collective), factors it, and
     broadcasts the basis. A basis computed ahead by :func:`svd_bases` for this step is used as is."""
-    ready = _prepared.pop(view.name, None)
-    if ready is not None and ready[0] == (side, r):
-        return ready[1]
-    return svd_bases([(g, view, side, r)])[0]
+    ready = _take_prepared(SvdRequest(g, view, side, r))
+    return ready if ready is not None else svd_bases([SvdRequest(g, view, side, r)])[0]
 
 
-def svd_bases(requests: list[tuple[torch.Tensor, MatrixShardView, str, int]]) -> list[torch.Tensor]:
+def svd_bases(requests: list[SvdRequest]) -> list[torch.Tensor]:
     """:func:`svd_basis` of several ``(g, view, side, r)`` at once, the owners factoring in parallel.
 
     Work goes in rounds that give each owner at most one matrix. The next round's gathers start
@@ -92,13 +116,13 @@ def svd_bases(requests: list[tuple[torch.Tensor, MatrixShardView, str, int]]) ->
     shapes and the step), so the collectives line up.
     """
     queues: dict[int, list[int]] = {}
-    for i, (_, view, _, _) in enumerate(requests):
-        queues.setdefault(view.owner, []).append(i)
+    for i, request in enumerate(requests):
+        queues.setdefault(request.view.owner, []).append(i)
     rounds = [[i for i in round_ if i is not None] for round_ in itertools.zip_longest(*queues.values())]
 
     def start_gathers(picked):
         return comm.gather_rows_async(
-            [(requests[i][0].float(), list(requests[i][1].row_counts), requests[i][1].owner, requests[i][1].group) for i in picked]
+            [(requests[i].g.float(), list(requests[i].view.row_counts), requests[i].view.owner, requests[i].view.group) for i in picked]
         )
 
     out: list[torch.Tensor | None] = [None] * len(requests)
@@ -110,36 +134,72 @@ def svd_bases(requests: list[tuple[torch.Tensor, MatrixShardView, str, int]]) ->
             gathering = start_gathers(rounds[j + 1])
         bases = []
         for i, full in zip(picked, fulls):
-            g, view, side, r = requests[i]
+            g, view, side, r = requests[i].g, requests[i].view, requests[i].side, requests[i].r
             if full is not None:
                 u, _, vh = torch.linalg.svd(full, full_matrices=False)
                 bases.append(vh[:r].T.contiguous() if side == "right" else u[:, :r].contiguous())
             else:
                 bases.append(torch.empty((side_dim(side, view.global_shape), r), dtype=torch.float32, device=g.device))
             out[i] = bases[-1]
-        broadcasts.append(comm.broadcast_async([(basis, requests[i][1].owner, requests[i][1].group) for i, basis in zip(picked, bases)]))
+        broadcasts.append(comm.broadcast_async([(basis, requests[i].view.owner, requests[i].view.group) for i, basis in zip(picked, bases)]))
     for wait in broadcasts:
         wait()
-    for i, (_, view, side, _) in enumerate(requests):
-        if side == "left":
-            out[i] = out[i][view.row_start : view.row_end].contiguous()
+    for i, request in enumerate(requests):
+        if request.side == "left":
+            out[i] = out[i][request.view.row_start : request.view.row_end].contiguous()
     return out
 
 
-_prepared: dict[str, tuple[tuple[str, int], torch.Tensor]] = {}
+def compute_basis(request: SvdRequest | RangeRequest) -> torch.Tensor:
+    """:func:`svd_basis` or :func:`randomized_basis` of ``request``."""
+    if isinstance(request, SvdRequest):
+        return svd_basis(request.g, request.view, request.side, request.r)
+    return randomized_basis(
+        request.g, request.view, request.side, request.r, oversample=request.oversample,
+        power_iters=request.power_iters, seed=request.seed, previous=request.previous,
+    )
+
+
+_prepared: dict[str, tuple[SvdRequest | RangeRequest, torch.Tensor]] = {}
 
 
 @contextmanager
-def prepared_svd_bases(requests: list[tuple[torch.Tensor, MatrixShardView, str, int]]):
-    """Compute the exact bases of ``requests`` together (:func:`svd_bases`); inside the context,
-    :func:`svd_basis` of each of those matrices returns its basis instead of factoring alone.
-    Whatever is not asked for is dropped on exit, so no basis outlives its step."""
-    bases = svd_bases(requests)
-    _prepared.update({view.name: ((side, r), basis) for (_, view, side, r), basis in zip(requests, bases)})
+def prepared_bases(requests: list[SvdRequest | RangeRequest]):
+    """Compute the bases of ``requests`` together (:func:`svd_bases`, :func:`randomized_bases`);
+    inside the context, :func:`svd_basis` or :func:`randomized_basis` of the same inputs returns
+    its basis instead of working alone. Other inputs are computed afresh, so a wrong request only
+    costs time. Whatever is not asked for is dropped on exit, so no basis outlives its step."""
+    exact = [request for request in requests if isinstance(request, SvdRequest)]
+    ranged = [request for request in requests if isinstance(request, RangeRequest)]
+    for batch, compute in ((exact, svd_bases), (ranged, randomized_bases)):
+        if batch:
+            _prepared.update({req.view.name: (req, basis) for req, basis in zip(batch, compute(batch))})
     try:
         yield
     finally:
         _prepared.clear()
+
+
+def _take_prepared(request: SvdRequest | RangeRequest) -> torch.Tensor | None:
+    entry = _prepared.pop(request.view.name, None)
+    if entry is None or not _same_inputs(entry[0], request):
+        return None
+    return entry[1]
+
+
+def _same_inputs(a: SvdRequest | RangeRequest, b: SvdRequest | RangeRequest) -> bool:
+    if type(a) is not type(b):
+        return False
+    for field in fields(a):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            same = x is y or (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                              and x.dtype == y.dtype and torch.equal(x, y))
+        else:
+            same = x == y
+        if not same:
+            return False
+    return True
 
 
 def random_basis(view: MatrixShardView, side: str, r: int, seed: int, device) -> torch.Tensor:
@@ -169,40 +229,71 @@ def randomized_basis(
     """Top-``r`` basis of ``side`` by a warm-started randomized range finder.
 
     Communication when row-sharded: one ``n x k`` all-reduce per ``G^T Y`` product, a ``k x k``
-    all-gather per row orthonormalization, and a ``k x k`` all-reduce for Rayleigh-Ritz.
+    all-gather per row orthonormalization, and a ``k x k`` all-reduce for Rayleigh-Ritz. A basis
+    computed ahead by :func:`randomized_bases` for this step is used as is.
     """
-    g = g.float()
+    request = RangeRequest(g, view, side, r, oversample, power_iters, seed, previous)
+    ready = _take_prepared(request)
+    return ready if ready is not None else lockstep.run(_range_finder(request))
+
+
+def randomized_bases(requests: list[RangeRequest]) -> list[torch.Tensor]:
+    """:func:`randomized_basis` of several row-sharded matrices side by side: one's collectives
+    overlap the others' products, and the replicated factorizations (``n x k`` QRs, stacked TSQR triangles, the
+    Rayleigh-Ritz eigenproblem) are split over the ranks instead of repeated on each. Same numbers
+    as one at a time. Every rank must pass the same requests in the same order."""
+    return lockstep.run_together([_range_finder(request) for request in requests])
+
+
+def _range_finder(request: RangeRequest) -> lockstep.Routine:
+    """:func:`randomized_basis` as a :mod:`lockstep` routine."""
+    g, view, side, r, previous = request.g.float(), request.view, request.side, request.r, request.previous
     group, counts = view.group, view.row_counts
-    k = min(r + oversample, view.m, view.n)
+    k = min(r + request.oversample, view.m, view.n)
     n_random = k - (previous.shape[1] if previous is not None else 0)
-    omega = seeded_gaussian((view.n, max(n_random, 0)), seed, g.device)
+    omega = seeded_gaussian((view.n, max(n_random, 0)), request.seed, g.device)
 
     def orth_rows(y):
-        return orthonormalize_rows(y, group, counts)
+        return orthonormalize_rows_routine(y, group, counts)
 
-    def gt_times(y):  # G^T Y, summed over row shards
-        return comm.all_reduce_sum(g.T @ y, group)
+    def orth_replicated(z):  # the n x k QR every rank would repeat
+        return lockstep.Owned(partial(orthonormalize, z), tuple(z.shape), z.shape[0] * k * k, group, g.device)
 
     if side == "right":
         # No QR of the start block: the iterates' spans, hence the Ritz vectors, do not depend on it.
         x = omega if previous is None else torch.cat([previous, omega], dim=1)
-        for _ in range(power_iters + 1):
-            x = orthonormalize(gt_times(orth_rows(g @ x)))
+        for _ in range(request.power_iters + 1):
+            y = yield from orth_rows(g @ x)
+            x = yield orth_replicated((yield lockstep.Sum(g.T @ y, group)))
         z = g @ x
-        gram = comm.all_reduce_sum(z.T @ z, group)
-    else:
-        y = g @ omega
-        if previous is not None:
-            y = torch.cat([previous, y], dim=1)
-        y = orth_rows(y)
-        for _ in range(power_iters):
-            y = orth_rows(g @ orthonormalize(gt_times(y)))
-        x = y
-        z = gt_times(y)
-        gram = z.T @ z
-    _, vecs = torch.linalg.eigh(gram.double())
-    top = _canonical_signs(vecs[:, -r:].flip(1)).to(x.dtype)  # descending eigenvalues
-    basis = x @ top
+        gram = yield lockstep.Sum(z.T @ z, group)
+        ritz = partial(_ritz_basis, gram, x, r, previous)
+        return (yield lockstep.Owned(ritz, (view.n, r), view.n * k * r + k**3, group, g.device))
+    y = g @ omega
     if previous is not None:
-        basis = align_signs(basis, previous, group if side == "left" else None)
+        y = torch.cat([previous, y], dim=1)
+    y = yield from orth_rows(y)
+    for _ in range(request.power_iters):
+        x = yield orth_replicated((yield lockstep.Sum(g.T @ y, group)))
+        y = yield from orth_rows(g @ x)
+    z = yield lockstep.Sum(g.T @ y, group)
+    top = yield lockstep.Owned(partial(_top_ritz_vectors, z, r), (k, r), view.n * k * k + k**3, group, g.device)
+    basis = y @ top
+    if previous is not None:
+        basis = flip_to_overlap(basis, (yield lockstep.Sum((basis * previous).sum(dim=0), group)))
+    return basis.contiguous()
+
+
+def _top_ritz_vectors(z: torch.Tensor, r: int) -> torch.Tensor:
+    """Top-``r`` eigenvectors of ``z^T z``, in descending order, with canonical signs."""
+    _, vecs = torch.linalg.eigh((z.T @ z).double())
+    return _canonical_signs(vecs[:, -r:].flip(1)).to(z.dtype)
+
+
+def _ritz_basis(gram: torch.Tensor, x: torch.Tensor, r: int, previous: torch.Tensor | None) -> torch.Tensor:
+    """``x`` times the top-``r`` eigenvectors of ``gram``, sign-aligned to a replicated ``previous``."""
+    _, vecs = torch.linalg.eigh(gram.double())
+    basis = x @ _canonical_signs(vecs[:, -r:].flip(1)).to(x.dtype)
+    if previous is not None:
+        basis = align_signs(basis, previous)
     return basis.contiguous()

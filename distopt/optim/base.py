@@ -18,7 +18,7 @@ import torch
 from torch.optim.adamw import adamw as _functional_adamw
 
 from ..core import comm
-from ..core.projector import prepared_svd_bases
+from ..core.projector import prepared_bases
 from ..core.shard import MatrixShardView, dtensor_view, is_dtensor, local, lpt_owners, whole_matrix_view
 
 logger = logging.getLogger("distopt")
@@ -217,10 +217,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         raise NotImplementedError
 
-    def _exact_refresh_plan(self, group: dict, state: dict, view: MatrixShardView):
-        """The subspace plan (side, rank) of an exact ``svd`` refresh this matrix's next step will do,
-        else ``None``. The step computes those refreshes together, one owner per matrix; a wrong
-        answer only costs time (the step falls back to its own refresh), never different numbers."""
+    def _refresh_request(self, group: dict, state: dict, view: MatrixShardView, grad: torch.Tensor):
+        """The inputs (``SvdRequest`` or ``RangeRequest`` of ``core.projector``) of the data-driven
+        refresh this matrix's next step will do, else ``None``. The step computes those refreshes
+        together, spreading the work over the ranks; a wrong answer only costs time (the step then
+        refreshes on its own), never different numbers."""
         return None
 
     # -- state ------------------------------------------------------------------------------
@@ -331,19 +332,19 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if group["kind"] == "adamw":
             self._adamw_step(group, params)
         else:
-            with prepared_svd_bases(self._exact_refresh_requests(group, params)):
+            with prepared_bases(self._batched_refresh_requests(group, params)):
                 for p in params:
                     self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
 
-    def _exact_refresh_requests(self, group: dict, params: list[torch.Tensor]) -> list[tuple]:
-        """Row-sharded matrices whose step does an exact refresh, when there are several to overlap."""
+    def _batched_refresh_requests(self, group: dict, params: list[torch.Tensor]) -> list:
+        """Refreshes of row-sharded matrices in this step, when there are several to overlap."""
         requests = []
         for p in params:
             view = self._views[p]
             if view.sharded and comm.world_size(view.group) > 1:
-                plan = self._exact_refresh_plan(group, self.state[p], view)
-                if plan is not None and not plan.full:
-                    requests.append((local(p.grad), view, plan.side, plan.rank))
+                request = self._refresh_request(group, self.state[p], view, local(p.grad))
+                if request is not None:
+                    requests.append(request)
         return requests if len(requests) > 1 else []
 
     @torch.no_grad()

@@ -21,10 +21,13 @@ from .projected import ProjectedAdam
 POLICIES = ("keep", "reset", "rotate")
 
 
-def exact_refresh_plan(plan, state: dict, group: dict):
-    """``plan`` when this step's refresh is an exact ``svd`` one (see ``_exact_refresh_plan``)."""
+def refresh_request(plan, state: dict, group: dict, view: MatrixShardView, grad: torch.Tensor):
+    """Inputs of this step's data-driven refresh, else ``None`` (see ``_refresh_request``)."""
     step = int(state["step"])
-    return plan if group["refresh"] == "svd" and subspace.refresh_due(step, plan, group) else None
+    if plan.full or not subspace.refresh_due(step, plan, group):
+        return None
+    index = refresh_index(step, group["update_proj_gap"], plan.phase)
+    return ProjectedAdam._data_request(group["refresh"], grad, state, group, view, plan, step, index)
 
 
 def refresh(grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView, plan, step: int) -> None:

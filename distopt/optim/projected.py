@@ -14,7 +14,7 @@ import torch
 from ..core import subspace
 from ..core.linalg import stable_seed
 from ..core.moments import apply_moment_policy
-from ..core.projector import REFRESH_METHODS, change_of_basis, random_basis, randomized_basis, svd_basis
+from ..core.projector import REFRESH_METHODS, RangeRequest, SvdRequest, change_of_basis, compute_basis, random_basis
 from ..core.recovery import check_recovery_hparams, recovery_term
 from ..core.routing import LINEAR_ROLES
 from ..core.schedule import refresh_index
@@ -70,23 +70,33 @@ class ProjectedAdam(SubspaceOptimizer):
         ``step``, or ``None`` where it moves the basis another way."""
         return group[self.data_method_key]
 
-    def _exact_refresh_plan(self, group: dict, state: dict, view: MatrixShardView):
+    def _refresh_request(self, group: dict, state: dict, view: MatrixShardView, grad: torch.Tensor):
         plan = subspace.plan(view, group)
         step = int(state["step"])
-        return plan if subspace.refresh_due(step, plan, group) and self._data_method(group, step) == "svd" else None
+        if plan.full or plan.basis_sharded or not subspace.refresh_due(step, plan, group):
+            return None
+        index = refresh_index(step, group["update_proj_gap"], plan.phase)
+        return self._data_request(self._data_method(group, step), grad, state, group, view, plan, step, index)
+
+    @staticmethod
+    def _data_request(method: str | None, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
+        """Inputs of a gradient-driven basis (``svd``, ``randomized``); ``None`` for other methods."""
+        grad = grad.float()  # what the step refreshes from: a no-op for fp32 gradients
+        if method == "svd":
+            return SvdRequest(grad, view, plan.side, plan.rank)
+        if method == "randomized":
+            return RangeRequest(
+                grad, view, plan.side, plan.rank, group["oversample"], group["power_iters"],
+                stable_seed(group["seed"], view.name, index, "range"), state["basis"] if step > 0 else None,
+            )
+        return None
 
     @staticmethod
     def _data_basis(method: str, grad, state, group, view: MatrixShardView, plan, step: int, index: int) -> torch.Tensor:
         """A basis found from the gradient (``svd``, ``randomized``) or a seeded Haar one (``random``)."""
-        if method == "svd":
-            return svd_basis(grad, view, plan.side, plan.rank)
         if method == "random":
             return ProjectedAdam._haar(group, view, plan, index, grad.device)
-        return randomized_basis(
-            grad, view, plan.side, plan.rank, oversample=group["oversample"], power_iters=group["power_iters"],
-            seed=stable_seed(group["seed"], view.name, index, "range"),
-            previous=state["basis"] if step > 0 else None,
-        )
+        return compute_basis(ProjectedAdam._data_request(method, grad, state, group, view, plan, step, index))
 
     @staticmethod
     def _haar(group, view: MatrixShardView, plan, index: int, device) -> torch.Tensor:

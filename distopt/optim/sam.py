@@ -140,8 +140,8 @@ class SAM(SubspaceOptimizer):
         state["exp_avg"] = torch.zeros(subspace.projected_shape(view, plan), dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros((view.local_rows, view.n), dtype=torch.float32, device=p.device)
 
-    def _exact_refresh_plan(self, group: dict, state: dict, view: MatrixShardView):
-        return first_moment_subspace.exact_refresh_plan(self.plan(view, group), state, group)
+    def _refresh_request(self, group: dict, state: dict, view: MatrixShardView, grad: torch.Tensor):
+        return first_moment_subspace.refresh_request(self.plan(view, group), state, group, view, grad)
 
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         plan = self.plan(view, group)

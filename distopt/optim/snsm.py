@@ -125,8 +125,8 @@ class AdamSNSM(SubspaceOptimizer):
             return sq.sum(dim=1, keepdim=True)
         return comm.all_reduce_sum(sq.sum(dim=0, keepdim=True), view.group)
 
-    def _exact_refresh_plan(self, group: dict, state: dict, view: MatrixShardView):
-        return first_moment_subspace.exact_refresh_plan(subspace.plan(view, group), state, group)
+    def _refresh_request(self, group: dict, state: dict, view: MatrixShardView, grad: torch.Tensor):
+        return first_moment_subspace.refresh_request(subspace.plan(view, group), state, group, view, grad)
 
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         plan = subspace.plan(view, group)

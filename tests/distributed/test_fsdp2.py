@@ -206,45 +206,65 @@ def test_sharded_basis_gives_the_same_numbers_with_less_memory_and_reshards(tmp_
 EXACT = {"galore": "refresh", "golore": "galore_refresh", "grassjump": "init", "sam": "refresh", "snsm": "refresh"}
 
 
-def _exact_kwargs(name):
+def _refresh_kwargs(name, method):
     extra = {"galore_steps": 4} if name == "golore" else {}  # GoLore's data-driven refreshes come first
-    return {**build_kwargs(name), **extra, EXACT[name]: "svd", "stagger": False}
+    return {**build_kwargs(name), **extra, EXACT[name]: method, "stagger": False}
 
 
-def _exact_run(name, rank, world_size):
-    """Seven steps of ``name`` with exact refreshes, recording each SVD and each batch of gathers."""
+def _refresh_run(name, method, rank, world_size):
+    """Seven steps of ``name`` refreshing every matrix at once by ``method``, recording each SVD, each
+    Rayleigh-Ritz eigenproblem and each batch of gathers."""
     model = shard(OddNet(), world_size) if world_size > 1 else OddNet()
-    opt = distopt.build_optimizer(model, name, **_exact_kwargs(name))
-    calls, batches = [], []
-    real_svd, real_gather = torch.linalg.svd, comm.gather_rows_async
-    torch.linalg.svd = lambda a, *args, **kw: calls.append(tuple(a.shape)) or real_svd(a, *args, **kw)
+    opt = distopt.build_optimizer(model, name, **_refresh_kwargs(name, method))
+    svds, eighs, batches = [], [], []
+    real_svd, real_eigh, real_gather = torch.linalg.svd, torch.linalg.eigh, comm.gather_rows_async
+    torch.linalg.svd = lambda a, *args, **kw: svds.append(tuple(a.shape)) or real_svd(a, *args, **kw)
+    torch.linalg.eigh = lambda a, *args, **kw: eighs.append(tuple(a.shape)) or real_eigh(a, *args, **kw)
     comm.gather_rows_async = lambda requests: batches.append(len(requests)) or real_gather(requests)
     try:
         with comm.counting() as traffic:
             train_steps(model, opt, 7, rank, world_size)
     finally:
-        torch.linalg.svd, comm.gather_rows_async = real_svd, real_gather
-    return {"params": full_params(model), "svd_calls": calls, "batches": batches, "traffic": traffic()}
+        torch.linalg.svd, torch.linalg.eigh, comm.gather_rows_async = real_svd, real_eigh, real_gather
+    return {"params": full_params(model), "svd": svds, "eigh": eighs, "batches": batches, "traffic": traffic()}
 
 
-def _exact_worker(rank, world_size, names):
-    return {name: _exact_run(name, rank, world_size) for name in names}
+def _refresh_worker(rank, world_size, names, method):
+    return {name: _refresh_run(name, method, rank, world_size) for name in names}
+
+
+def _check_split(name, single, per_rank, key):
+    """Each call of ``key`` made once on one process is made once over all ranks, and every rank
+    makes some: the ranks share that work instead of each repeating it."""
+    counts = [len(r[name][key]) for r in per_rank]
+    assert sum(counts) == len(single[name][key]) > 0, (name, key, counts)
+    assert all(0 < c < sum(counts) for c in counts), (name, key, counts)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_exact_refreshes_are_split_over_owners_and_give_the_one_process_numbers(world_size):
     names = list(EXACT)
-    single = run_ranks(1, _exact_worker, names)[0]
-    per_rank = run_ranks(world_size, _exact_worker, names)
+    single = run_ranks(1, _refresh_worker, names, "svd")[0]
+    per_rank = run_ranks(world_size, _refresh_worker, names, "svd")
     for name in names:
         for key, value in single[name]["params"].items():
             torch.testing.assert_close(per_rank[0][name]["params"][key], value, rtol=RTOL, atol=ATOL, msg=f"{name} {key}")
-        # Every matrix refreshes on the same steps (stagger off): each is factored exactly once, by its
-        # owner, and every rank factors some, so the ranks work in parallel.
-        counts = [len(r[name]["svd_calls"]) for r in per_rank]
-        assert sum(counts) == len(single[name]["svd_calls"]) > 0, (name, counts)
-        assert all(0 < c < sum(counts) for c in counts), (name, counts)
+        # Every matrix refreshes on the same steps (stagger off): each is factored exactly once, by its owner.
+        _check_split(name, single, per_rank, "svd")
         # ...and at the same time: each round gathers one matrix to every owner at once.
         assert max(per_rank[0][name]["batches"]) == world_size, (name, per_rank[0][name]["batches"])
         kinds = per_rank[0][name]["traffic"]["calls"]
         assert kinds.get("gather", 0) > 0 and kinds.get("broadcast", 0) > 0
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_randomized_refreshes_share_their_replicated_work_and_give_the_one_process_numbers(world_size):
+    names = list(EXACT)
+    single = run_ranks(1, _refresh_worker, names, "randomized")[0]
+    per_rank = run_ranks(world_size, _refresh_worker, names, "randomized")
+    for name in names:
+        for key, value in single[name]["params"].items():
+            torch.testing.assert_close(per_rank[0][name]["params"][key], value, rtol=RTOL, atol=ATOL, msg=f"{name} {key}")
+        # One Rayleigh-Ritz eigenproblem per refresh over all ranks (not one per rank), shared by all.
+        _check_split(name, single, per_rank, "eigh")
+        assert per_rank[0][name]["traffic"]["calls"].get("broadcast", 0) > 0, name
