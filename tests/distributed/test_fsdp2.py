@@ -241,14 +241,21 @@ def _check_split(name, single, per_rank, key):
     assert all(0 < c < sum(counts) for c in counts), (name, key, counts)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_exact_refreshes_are_split_over_owners_and_give_the_one_process_numbers(world_size):
+def _refresh_runs_match_one_process(world_size, method):
+    """Runs of every name in ``EXACT`` on one process and on ``world_size`` ranks, checked equal."""
     names = list(EXACT)
-    single = run_ranks(1, _refresh_worker, names, "svd")[0]
-    per_rank = run_ranks(world_size, _refresh_worker, names, "svd")
+    single = run_ranks(1, _refresh_worker, names, method)[0]
+    per_rank = run_ranks(world_size, _refresh_worker, names, method)
     for name in names:
         for key, value in single[name]["params"].items():
             torch.testing.assert_close(per_rank[0][name]["params"][key], value, rtol=RTOL, atol=ATOL, msg=f"{name} {key}")
+    return names, single, per_rank
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_exact_refreshes_are_split_over_owners_and_give_the_one_process_numbers(world_size):
+    names, single, per_rank = _refresh_runs_match_one_process(world_size, "svd")
+    for name in names:
         # Every matrix refreshes on the same steps (stagger off): each is factored exactly once, by its owner.
         _check_split(name, single, per_rank, "svd")
         # ...and at the same time: each round gathers one matrix to every owner at once.
@@ -259,12 +266,8 @@ def test_exact_refreshes_are_split_over_owners_and_give_the_one_process_numbers(
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_randomized_refreshes_share_their_replicated_work_and_give_the_one_process_numbers(world_size):
-    names = list(EXACT)
-    single = run_ranks(1, _refresh_worker, names, "randomized")[0]
-    per_rank = run_ranks(world_size, _refresh_worker, names, "randomized")
+    names, single, per_rank = _refresh_runs_match_one_process(world_size, "randomized")
     for name in names:
-        for key, value in single[name]["params"].items():
-            torch.testing.assert_close(per_rank[0][name]["params"][key], value, rtol=RTOL, atol=ATOL, msg=f"{name} {key}")
         # One Rayleigh-Ritz eigenproblem per refresh over all ranks (not one per rank), shared by all.
         _check_split(name, single, per_rank, "eigh")
         assert per_rank[0][name]["traffic"]["calls"].get("broadcast", 0) > 0, name
