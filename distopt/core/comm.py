@@ -53,9 +53,7 @@ def rank(group) -> int:
 
 def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
     """Sum ``tensor`` in place over ``group``; returns it."""
-    if group is not None and dist.get_world_size(group) > 1:
-        _record("all_reduce", tensor)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    all_reduce_sum_async([(tensor, group)])()
     return tensor
 
 

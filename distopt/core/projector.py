@@ -102,8 +102,7 @@ def svd_basis(g: torch.Tensor, view: MatrixShardView, side: str, r: int) -> torc
     """Exact basis from ``torch.linalg.svd`` of the fp32 gradient (its singular vectors, signs
     included). Row-sharded: the view's owner gathers the matrix (one collective), factors it, and
     broadcasts the basis. A basis computed ahead by :func:`svd_bases` for this step is used as is."""
-    ready = _take_prepared(SvdRequest(g, view, side, r))
-    return ready if ready is not None else svd_bases([SvdRequest(g, view, side, r)])[0]
+    return compute_basis(SvdRequest(g, view, side, r))
 
 
 def svd_bases(requests: list[SvdRequest]) -> list[torch.Tensor]:
@@ -151,13 +150,14 @@ def svd_bases(requests: list[SvdRequest]) -> list[torch.Tensor]:
 
 
 def compute_basis(request: SvdRequest | RangeRequest) -> torch.Tensor:
-    """:func:`svd_basis` or :func:`randomized_basis` of ``request``."""
+    """:func:`svd_basis` or :func:`randomized_basis` of ``request``: the basis prepared for the same
+    inputs by :func:`prepared_bases`, else computed for this matrix alone."""
+    entry = _prepared.pop(request.view.name, None)
+    if entry is not None and _same_inputs(entry[0], request):
+        return entry[1]
     if isinstance(request, SvdRequest):
-        return svd_basis(request.g, request.view, request.side, request.r)
-    return randomized_basis(
-        request.g, request.view, request.side, request.r, oversample=request.oversample,
-        power_iters=request.power_iters, seed=request.seed, previous=request.previous,
-    )
+        return svd_bases([request])[0]
+    return lockstep.run(_range_finder(request))
 
 
 _prepared: dict[str, tuple[SvdRequest | RangeRequest, torch.Tensor]] = {}
@@ -178,13 +178,6 @@ def prepared_bases(requests: list[SvdRequest | RangeRequest]):
         yield
     finally:
         _prepared.clear()
-
-
-def _take_prepared(request: SvdRequest | RangeRequest) -> torch.Tensor | None:
-    entry = _prepared.pop(request.view.name, None)
-    if entry is None or not _same_inputs(entry[0], request):
-        return None
-    return entry[1]
 
 
 def _same_inputs(a: SvdRequest | RangeRequest, b: SvdRequest | RangeRequest) -> bool:
@@ -232,9 +225,7 @@ def randomized_basis(
     all-gather per row orthonormalization, and a ``k x k`` all-reduce for Rayleigh-Ritz. A basis
     computed ahead by :func:`randomized_bases` for this step is used as is.
     """
-    request = RangeRequest(g, view, side, r, oversample, power_iters, seed, previous)
-    ready = _take_prepared(request)
-    return ready if ready is not None else lockstep.run(_range_finder(request))
+    return compute_basis(RangeRequest(g, view, side, r, oversample, power_iters, seed, previous))
 
 
 def randomized_bases(requests: list[RangeRequest]) -> list[torch.Tensor]:
@@ -284,16 +275,20 @@ def _range_finder(request: RangeRequest) -> lockstep.Routine:
     return basis.contiguous()
 
 
+def _top_eigenvectors(gram: torch.Tensor, r: int) -> torch.Tensor:
+    """Top-``r`` eigenvectors of a symmetric ``gram``, in descending order, with canonical signs."""
+    _, vecs = torch.linalg.eigh(gram.double())
+    return _canonical_signs(vecs[:, -r:].flip(1)).to(gram.dtype)
+
+
 def _top_ritz_vectors(z: torch.Tensor, r: int) -> torch.Tensor:
-    """Top-``r`` eigenvectors of ``z^T z``, in descending order, with canonical signs."""
-    _, vecs = torch.linalg.eigh((z.T @ z).double())
-    return _canonical_signs(vecs[:, -r:].flip(1)).to(z.dtype)
+    """Top-``r`` eigenvectors of ``z^T z``."""
+    return _top_eigenvectors(z.T @ z, r)
 
 
 def _ritz_basis(gram: torch.Tensor, x: torch.Tensor, r: int, previous: torch.Tensor | None) -> torch.Tensor:
     """``x`` times the top-``r`` eigenvectors of ``gram``, sign-aligned to a replicated ``previous``."""
-    _, vecs = torch.linalg.eigh(gram.double())
-    basis = x @ _canonical_signs(vecs[:, -r:].flip(1)).to(x.dtype)
+    basis = x @ _top_eigenvectors(gram, r).to(x.dtype)
     if previous is not None:
         basis = align_signs(basis, previous)
     return basis.contiguous()
