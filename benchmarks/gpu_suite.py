@@ -40,6 +40,7 @@ import importlib.util
 import inspect
 import re
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -437,6 +438,13 @@ def largest_batch(fits, start: int = 1, cap: int | None = None) -> dict:
 
 # -- sections -----------------------------------------------------------------------------------
 RUNS: dict[tuple[str, str], dict] = {}  # (scale, label) -> measured row, shared with the memory section
+_running_rows: list[dict] = []  # the running section's finished rows, saved if the run is stopped
+
+
+def _new_rows() -> list[dict]:
+    global _running_rows
+    _running_rows = []
+    return _running_rows
 
 
 def section_step(cfg: Config, labels: list[str]) -> dict:
@@ -444,7 +452,7 @@ def section_step(cfg: Config, labels: list[str]) -> dict:
 
     if cfg.cuda:
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32_step
-    rows = []
+    rows = _new_rows()
     for label in labels:
         progress: dict = {}
 
@@ -521,8 +529,9 @@ def _train_row(label: str, shape, cfg: Config, size: int, seq: int, steps: int, 
 def section_e2e(cfg: Config, labels: list[str]) -> dict:
     if cfg.cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # as the anchors' end-to-end runs
-    rows = [_train_row(label, cfg.shape_1b, cfg, cfg.batch, cfg.seq, cfg.e2e_steps, rank=cfg.rank, scale="1b")
-            for label in labels]
+    rows = _new_rows()
+    for label in labels:
+        rows.append(_train_row(label, cfg.shape_1b, cfg, cfg.batch, cfg.seq, cfg.e2e_steps, rank=cfg.rank, scale="1b"))
     base = next((r for r in rows if r["optimizer"] == "adamw-fused" and r["status"] == "ok"), None)
     for row in rows:
         if row["status"] == "ok":
@@ -542,7 +551,7 @@ def section_e2e(cfg: Config, labels: list[str]) -> dict:
 def section_maxbatch(cfg: Config, labels: list[str]) -> dict:
     if cfg.cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    rows = []
+    rows = _new_rows()
     for label in labels:
         progress: dict = {}
 
@@ -595,9 +604,10 @@ def section_maxbatch(cfg: Config, labels: list[str]) -> dict:
 def section_7b(cfg: Config, optimizer: str, adamw_rows: list[str]) -> dict:
     if cfg.cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    rows = [_train_row(optimizer, cfg.shape_7b, cfg, cfg.batch_7b, cfg.seq_7b, cfg.steps_7b, rank=cfg.rank_7b,
-                       scale="7b", bf16_weights=True, checkpointing=True, layerwise_mode=True,
-                       run_name=RUN_7B_OURS.format(optimizer))]
+    rows = _new_rows()
+    rows.append(_train_row(optimizer, cfg.shape_7b, cfg, cfg.batch_7b, cfg.seq_7b, cfg.steps_7b, rank=cfg.rank_7b,
+                           scale="7b", bf16_weights=True, checkpointing=True, layerwise_mode=True,
+                           run_name=RUN_7B_OURS.format(optimizer)))
     for variant in adamw_rows:
         if variant == "fused":  # the usual recipe: fp32 master weights, bf16 autocast, fused AdamW
             rows.append(_train_row("adamw-fused", cfg.shape_7b, cfg, cfg.batch_7b, cfg.seq_7b, cfg.steps_7b,
@@ -634,7 +644,7 @@ def section_memory(cfg: Config, flagship: list[str], optimizer_7b: str, adamw_ro
         plans.append(("7b", RUN_7B_LAYERWISE, "adamw", "bf16",
                       {"bf16_weights": True, "checkpointing": True, "layerwise_mode": True}))
     metas = {}
-    rows = []
+    rows = _new_rows()
     for scale, run_name, label, precision, options in plans:
         shape = cfg.shape_1b if scale == "1b" else cfg.shape_7b
         rank = cfg.rank if scale == "1b" else cfg.rank_7b
@@ -872,6 +882,8 @@ def main(argv: list[str] | None = None) -> dict:
     if tiny:
         notes.append("tiny shapes: checks the logic only; these figures are no evidence for the goals")
 
+    # `timeout` stops with SIGTERM: raise it as SystemExit so the finished rows are saved.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     out = Path(args.out)
     payload = {"benchmark": "gpu_suite", "env": env, "peers": versions, "anchors_h100": ANCHORS, "goals_targets": GOALS,
                "settings": {"tiny": tiny, "rank": cfg.rank, "rank_7b": cfg.rank_7b, "gap": cfg.gap, "lr": cfg.lr,
@@ -897,7 +909,17 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         print(f"[{name}]", file=sys.stderr, flush=True)
         tic = time.perf_counter()
-        result = runners[name]()
+        try:
+            result = runners[name]()
+        except (KeyboardInterrupt, SystemExit):  # keep what finished when stopped (Ctrl-C, `timeout`)
+            done = [{k: v for k, v in r.items() if k != "tried"} for r in _running_rows]
+            payload["sections"][name] = {"rows": done, "stopped": True, "elapsed_s": time.perf_counter() - tic}
+            notes.append(f"stopped during section {name}: {len(done)} row(s) finished, kept without ratios")
+            lines = [f"- {r.get('optimizer') or r.get('run')}: {_brief(r, 'mean_ms' if name == 'step' else 'tokens_per_s')}"
+                     for r in done]
+            markdown.append(f"## {name} (stopped: finished rows only)\n\n" + "\n".join(lines))
+            save()
+            raise
         result["elapsed_s"] = time.perf_counter() - tic
         payload["sections"][name] = result
         markdown.append(f"## {name}\n\n{result['markdown']}")
