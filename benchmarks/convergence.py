@@ -1,93 +1,316 @@
-"""Convergence of every optimizer against AdamW on real text, at an equal token budget.
+"""A tuned convergence study: every optimizer against a tuned AdamW, on real text, with seeds.
 
-A small LLaMA (``configs/models/llama_tiny.yaml`` by default) is trained on the source code of
-Python's standard library (byte tokens; no download) by ``distopt compare``: every optimizer sees
-the same data in the same order, the same schedule and the same number of tokens. Learning rates
-follow each method's published convention relative to AdamW's (``LR`` below: subspace methods
-with scale 0.25 run at 10x AdamW's rate as GaLore does, AdamSNSM's summed second moment also takes
-about 10x). Writes ``compare.png`` (all loss curves), ``compare.md`` (final validation loss, state
-bytes per parameter, step time, peak memory) and ``compare.json`` under ``--out_dir``, plus
-``convergence.json`` with the goal checks: the best optimizer within 1% of AdamW's final validation
-loss while holding at most 10% of AdamW's state bytes.
+The model (``configs/runs/convergence_cpu.yaml``: a byte-level LLaMA whose matrices are 256 on
+their short side, subspace rank 64 = a quarter of it) trains on Python's standard library source.
+Every run is one ``distopt compare`` job with one optimizer, so all runs see the same data order,
+schedule and token budget for a given seed. The study has four phases:
 
-    python benchmarks/convergence.py                   # all optimizers, 400 steps of the tiny model
-    python benchmarks/convergence.py --steps 2000 --optimizers adamw galore adapm-mini
+1. ``sweep``: AdamW and the flagships each run a learning-rate grid spaced about 3x apart. Where
+   the best value is at an end of the grid, the grid is extended in that direction (at most twice),
+   so the chosen value is interior.
+2. ``seeds``: each flagship's best lr (lowest final validation loss) runs again with seeds 1 and 2.
+3. ``relatives``: the other optimizers run once, at the best lr of their closest relative.
+4. ``corpus2``: the flagships at their chosen lr on a second corpus (C headers under
+   ``/usr/include``), to check that the ranking is not a property of one text.
+
+All other hyper-parameters are the library defaults (``docs/defaults.md``), except the rank. Each
+finished run is cached as ``docs/results/convergence/<corpus>__<optimizer>__lr<lr>__seed<seed>.json``
+(final and best validation loss, state bytes, both loss curves), so the study resumes where it
+stopped and can span several sittings; ``report`` writes the table into ``docs/convergence.md``
+and the best run per optimizer into ``docs/convergence.png``.
+
+    python benchmarks/convergence.py --plan             # what is done and what is left, no training
+    python benchmarks/convergence.py                    # run (or resume) every phase, then report
+    python benchmarks/convergence.py --phases sweep     # one phase
+    python benchmarks/convergence.py --report           # the table and plot from the cached runs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import distopt  # noqa: E402
-from launch import compare  # noqa: E402
+RESULTS = ROOT / "docs" / "results" / "convergence"
+RUNS = ROOT / "runs" / "convergence"
+CONFIG = "convergence_cpu"
+RANK = 64  # a quarter of the model's 256-wide short side
+PHASES = ("sweep", "seeds", "relatives", "corpus2")
+SEEDS = (0, 1, 2)
 
-ADAMW_LR = 3e-3
-# lr and algorithm settings per optimizer; rank 32 is a quarter of the tiny model's 128-wide side.
-SUBSPACE = dict(rank=32, update_proj_gap=50)
-RECIPES = {
-    "adamw": dict(lr=ADAMW_LR),
-    "galore": dict(lr=10 * ADAMW_LR, scale=0.25, **SUBSPACE),
-    "golore": dict(lr=10 * ADAMW_LR, scale=0.25, **SUBSPACE),
-    "grassjump": dict(lr=10 * ADAMW_LR, scale=0.25, **SUBSPACE),
-    "grasswalk": dict(lr=10 * ADAMW_LR, scale=0.25, **SUBSPACE),
-    "subtrack": dict(lr=10 * ADAMW_LR, scale=0.25, **SUBSPACE),
-    "snsm": dict(lr=10 * ADAMW_LR, **SUBSPACE),
-    "sam": dict(lr=ADAMW_LR, update_proj_gap=50),
-    "adam-mini": dict(lr=ADAMW_LR),
-    "adapm": dict(lr=ADAMW_LR),
-    "adapm-mini": dict(lr=ADAMW_LR),
-    "rso": dict(lr=10 * ADAMW_LR, **SUBSPACE),
+# The lr grid each flagship starts from (about 3x apart); extended at an end that wins.
+GRIDS = {
+    "adamw": [3e-4, 1e-3, 3e-3, 1e-2],
+    "adam-mini": [3e-4, 1e-3, 3e-3, 1e-2],
+    "adapm-mini": [3e-4, 1e-3, 3e-3, 1e-2],
+    "galore": [3e-3, 1e-2, 3e-2, 1e-1],
+    "subtrack": [3e-3, 1e-2, 3e-2, 1e-1],
+    "grassjump": [3e-3, 1e-2, 3e-2, 1e-1],
+    "snsm": [3e-3, 1e-2, 3e-2, 1e-1],
+}
+FLAGSHIPS = tuple(GRIDS)
+# The other optimizers, each at the chosen lr of its closest relative.
+RELATIVES = {"golore": "galore", "grasswalk": "grassjump", "rso": "galore", "adapm": "adapm-mini", "sam": "adamw"}
+MAX_EXTENSIONS = 2
+CORPORA = {
+    "stdlib": [],
+    "c-headers": ["data.source=/usr/include", "data.glob=**/*.h"],
 }
 
 
-def spec(name: str) -> str:
-    settings = RECIPES.get(name, dict(lr=ADAMW_LR))
-    return name + ":" + ",".join(f"{k}={v}" for k, v in settings.items())
+def hparams(optimizer: str) -> dict:
+    """The hyper-parameters set for ``optimizer`` beyond lr: the rank, where it has one."""
+    import inspect
+
+    from distopt.optim import REGISTRY
+
+    return {"rank": RANK} if "rank" in inspect.signature(REGISTRY[optimizer].__init__).parameters else {}
+
+
+def run_key(corpus: str, optimizer: str, lr: float, seed: int) -> str:
+    return f"{corpus}__{optimizer}__lr{lr:g}__seed{seed}"
+
+
+def cached(corpus: str, optimizer: str, lr: float, seed: int) -> dict | None:
+    path = RESULTS / f"{run_key(corpus, optimizer, lr, seed)}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def train(corpus: str, optimizer: str, lr: float, seed: int, extra: list[str]) -> dict:
+    """One run through ``distopt compare`` (cached): the summary and both loss curves."""
+    hit = cached(corpus, optimizer, lr, seed)
+    if hit is not None:
+        return hit
+    from launch import compare
+    from launch.metrics import read_jsonl, write_json_atomic
+
+    key = run_key(corpus, optimizer, lr, seed)
+    out_dir = RUNS / key
+    spec = optimizer + ":" + ",".join(f"{k}={v}" for k, v in {"lr": lr, **hparams(optimizer)}.items())
+    print(f"\n##### {key}", flush=True)
+    started = time.perf_counter()
+    code = compare.main(["--config", CONFIG, "--optimizers", spec, "--out_dir", str(out_dir), f"train.seed={seed}",
+                         *CORPORA[corpus], *extra])
+    (entry,) = json.loads((out_dir / "compare.json").read_text())
+    summary = entry["summary"]
+    record = {"corpus": corpus, "optimizer": optimizer, "lr": lr, "seed": seed, "hparams": hparams(optimizer),
+              "exit": code, "wall_s": time.perf_counter() - started}
+    if summary:
+        records = read_jsonl(Path(entry["dir"]) / "metrics.jsonl")
+        record.update({k: summary[k] for k in ("final_val_loss", "best_val_loss", "final_train_loss", "first_val_loss",
+                                               "state_bytes", "adamw_state_bytes", "num_params", "steps", "tokens",
+                                               "step_time_s")})
+        record["val_curve"] = [[r["step"], r["val_loss"]] for r in records if r.get("kind") == "eval"]
+        record["train_curve"] = [[r["step"], r["loss"]] for r in records if r.get("kind") == "train"]
+    else:  # a diverged or failed run is a result too: it bounds the grid
+        record.update(final_val_loss=math.inf, best_val_loss=math.inf)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(RESULTS / f"{key}.json", record)
+    return record
+
+
+def loss(record: dict | None) -> float:
+    value = record.get("final_val_loss") if record else None
+    return math.inf if value is None or not math.isfinite(value) else value
+
+
+class Study:
+    """The plan of runs, computed from what is cached, so every phase can be resumed."""
+
+    def __init__(self, extra: list[str], dry: bool):
+        self.extra, self.dry, self.pending = extra, dry, []
+
+    def get(self, corpus: str, optimizer: str, lr: float, seed: int) -> dict | None:
+        hit = cached(corpus, optimizer, lr, seed)
+        if hit is not None:
+            return hit
+        if self.dry:
+            self.pending.append(run_key(corpus, optimizer, lr, seed))
+            return None
+        return train(corpus, optimizer, lr, seed, self.extra)
+
+    def grid(self, optimizer: str) -> list[float]:
+        """The grid, extended at an end that wins (as far as the cached runs tell)."""
+        values = list(GRIDS[optimizer])
+        for _ in range(MAX_EXTENSIONS):
+            records = [self.get("stdlib", optimizer, lr, 0) for lr in values]
+            if any(r is None for r in records) or all(math.isinf(loss(r)) for r in records):
+                break
+            best = min(range(len(values)), key=lambda i: loss(records[i]))
+            if best == 0:
+                values.insert(0, _neighbour(values[0], up=False))
+            elif best == len(values) - 1:
+                values.append(_neighbour(values[-1], up=True))
+            else:
+                break
+        for lr in values:
+            self.get("stdlib", optimizer, lr, 0)
+        return values
+
+    def best_lr(self, optimizer: str) -> float | None:
+        values = self.grid(optimizer)
+        results = {lr: loss(cached("stdlib", optimizer, lr, 0)) for lr in values}
+        finite = {lr: r for lr, r in results.items() if math.isfinite(r)}
+        return min(finite, key=finite.get) if finite else None
+
+    def run(self, phases: list[str]) -> None:
+        best = {}
+        for optimizer in FLAGSHIPS:
+            best[optimizer] = self.best_lr(optimizer) if "sweep" in phases else self._best_cached(optimizer)
+        if "seeds" in phases:
+            for optimizer, lr in best.items():
+                for seed in SEEDS[1:]:
+                    if lr is not None:
+                        self.get("stdlib", optimizer, lr, seed)
+        if "relatives" in phases:
+            for optimizer, relative in RELATIVES.items():
+                if best.get(relative) is not None:
+                    self.get("stdlib", optimizer, best[relative], 0)
+        if "corpus2" in phases:
+            for optimizer, lr in best.items():
+                if lr is not None:
+                    self.get("c-headers", optimizer, lr, 0)
+
+    def _best_cached(self, optimizer: str) -> float | None:
+        runs = [r for r in all_runs() if r["corpus"] == "stdlib" and r["optimizer"] == optimizer and r["seed"] == 0]
+        finite = [r for r in runs if math.isfinite(loss(r))]
+        return min(finite, key=loss)["lr"] if finite else None
+
+
+def _neighbour(value: float, up: bool) -> float:
+    """The next value of a 1-3-10 grid: 1e-3 -> 3e-3 -> 1e-2 going up, and back going down."""
+    one = round(value / 10 ** math.floor(math.log10(value) + 1e-9)) == 1
+    factor = (3 if one else 10 / 3) if up else (3 / 10 if one else 1 / 3)
+    return float(f"{value * factor:.3g}")
+
+
+def all_runs() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+
+
+# -- report -----------------------------------------------------------------------------------------
+def summarize(runs: list[dict]) -> dict:
+    """Per optimizer on the main corpus: the chosen lr, the seeds' final losses, mean and spread."""
+    out = {}
+    for optimizer in sorted({r["optimizer"] for r in runs}):
+        mine = [r for r in runs if r["optimizer"] == optimizer and r["corpus"] == "stdlib"]
+        seed0 = [r for r in mine if r["seed"] == 0 and math.isfinite(loss(r))]
+        if not seed0:
+            continue
+        lr = min(seed0, key=loss)["lr"]
+        finals = [loss(r) for r in mine if r["lr"] == lr and math.isfinite(loss(r))]
+        any_run = next(r for r in mine if r["lr"] == lr)
+        out[optimizer] = {
+            "lr": lr, "grid": sorted({r["lr"] for r in mine if r["seed"] == 0}), "losses": finals,
+            "mean": statistics.fmean(finals), "spread": (max(finals) - min(finals)) / 2 if len(finals) > 1 else None,
+            "std": statistics.stdev(finals) if len(finals) > 1 else None,
+            "state_bytes": any_run["state_bytes"], "adamw_state_bytes": any_run["adamw_state_bytes"],
+            "relative_of": RELATIVES.get(optimizer),
+            "interior": lr not in (min(r["lr"] for r in seed0), max(r["lr"] for r in seed0)) if optimizer in GRIDS else None,
+        }
+    return out
+
+
+def report(runs: list[dict]) -> str:
+    table = summarize(runs)
+    if "adamw" not in table:
+        return "AdamW has no finished run yet: nothing to compare against.\n"
+    base = table["adamw"]
+    lines = ["| optimizer | lr (chosen) | final val loss, mean ± spread (seeds) | x AdamW loss | state x AdamW | grid |",
+             "|---|---|---|---|---|---|"]
+    for name, row in sorted(table.items(), key=lambda kv: kv[1]["mean"]):
+        spread = f" ± {row['spread']:.4f} ({len(row['losses'])})" if row["spread"] is not None else " (1)"
+        how = f"from {row['relative_of']}" if row["relative_of"] else ("interior" if row["interior"] else "**at an end**")
+        grid = ", ".join(f"{x:g}" for x in row["grid"])
+        lines.append(f"| {name} | {row['lr']:g} ({how}) | {row['mean']:.4f}{spread} | {row['mean'] / base['mean']:.4f} | "
+                     f"{row['state_bytes'] / base['state_bytes']:.3f} | {grid} |")
+    second = {r["optimizer"]: loss(r) for r in runs if r["corpus"] == "c-headers" and math.isfinite(loss(r))}
+    if second and "adamw" in second:
+        lines += ["", "Second corpus (C headers, seed 0, each at its chosen lr):", "",
+                  "| optimizer | final val loss | x AdamW loss |", "|---|---|---|"]
+        for name, value in sorted(second.items(), key=lambda kv: kv[1]):
+            lines.append(f"| {name} | {value:.4f} | {value / second['adamw']:.4f} |")
+    goal = [n for n, r in table.items() if r["state_bytes"] <= 0.10 * base["state_bytes"] and n != "adamw"]
+    if goal:
+        best = min(goal, key=lambda n: table[n]["mean"])
+        ratio = table[best]["mean"] / base["mean"]
+        lines += ["", f"Goal (best optimizer at <= 10% of AdamW's state within 1% of its loss): {best} at "
+                      f"{ratio:.4f}x AdamW's loss, {table[best]['state_bytes'] / base['state_bytes']:.3f}x its state: "
+                      f"{'met' if ratio <= 1.01 else 'not met'}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], out: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    table = summarize(runs)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, row in sorted(table.items(), key=lambda kv: kv[1]["mean"]):
+        run = cached("stdlib", name, row["lr"], 0)
+        if run and run.get("val_curve"):
+            steps, values = zip(*run["val_curve"])
+            ax.plot(steps, values, label=f"{name} (lr {row['lr']:g}): {row['mean']:.3f}", lw=2 if name == "adamw" else 1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (bytes, nats)")
+    ax.set_title("Best lr per optimizer, seed 0 (stdlib, byte LLaMA 3.3M)")
+    finals = [row["mean"] for row in table.values()]
+    if finals:
+        ax.set_ylim(min(finals) * 0.95, min(finals) * 1.6)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report() -> None:
+    runs = all_runs()
+    text = report(runs)
+    doc = ROOT / "docs" / "convergence.md"
+    start, end = "<!-- study:begin -->", "<!-- study:end -->"
+    body = doc.read_text() if doc.is_file() else f"{start}\n{end}\n"
+    if start not in body:
+        body += f"\n{start}\n{end}\n"
+    head, rest = body.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    doc.write_text(f"{head}{start}\n{text}{end}{tail}")
+    png = plot(runs, ROOT / "docs" / "convergence.png")
+    print(text)
+    print(f"table: {doc}" + (f", plot: {png}" if png else " (no plot: matplotlib missing)"))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--optimizers", nargs="+", default=["adamw"] + [n for n in distopt.list_optimizers() if n != "adamw"])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--config", default="tiny_cpu")
-    parser.add_argument("--nproc", type=int, default=1)
-    parser.add_argument("--out_dir", default="runs/convergence")
-    parser.add_argument("--check-only", action="store_true", help="only redo the goal check of an earlier run")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list from {PHASES}")
+    parser.add_argument("--plan", action="store_true", help="print the runs still to do (as far as the cache tells), train nothing")
+    parser.add_argument("--report", action="store_true", help="only write the table and the plot from the cached runs")
     args, extra = parser.parse_known_args(argv)
-    if "adamw" not in args.optimizers:
-        args.optimizers.insert(0, "adamw")
-    code = 0 if args.check_only else compare.main([
-        "--config", args.config, "--optimizers", *[spec(n) for n in args.optimizers], "--nproc", str(args.nproc),
-        "--out_dir", args.out_dir, f"train.steps={args.steps}", "checkpoint.every=0", *extra,
-    ])
-    results = json.loads((Path(args.out_dir) / "compare.json").read_text())
-    finished = {r["label"].split("(")[0]: r["summary"] for r in results if r["summary"]}
-    if "adamw" not in finished:
-        print("AdamW did not finish; no goal check", file=sys.stderr)
-        return 1
-
-    def val(summary):
-        return summary.get("final_val_loss", summary.get("val_loss"))
-
-    base = finished["adamw"]
-    checks = []
-    for name, summary in finished.items():
-        loss_ratio = val(summary) / val(base)
-        state_ratio = summary["state_bytes"] / base["state_bytes"]
-        checks.append({"optimizer": name, "val_loss": val(summary), "loss_vs_adamw": loss_ratio,
-                       "state_vs_adamw": state_ratio, "meets_goal": loss_ratio <= 1.01 and state_ratio <= 0.10})
-    Path(args.out_dir, "convergence.json").write_text(json.dumps(checks, indent=2))
-    print("\n| optimizer | val loss | x AdamW loss | x AdamW state | within 1% at <= 10% state |\n|---|---|---|---|---|")
-    for c in sorted(checks, key=lambda c: c["val_loss"]):
-        print(f"| {c['optimizer']} | {c['val_loss']:.4f} | {c['loss_vs_adamw']:.4f} | {c['state_vs_adamw']:.3f} | "
-              f"{'yes' if c['meets_goal'] else 'no'} |")
-    return code
+    phases = [p for p in args.phases.split(",") if p]
+    if bad := sorted(set(phases) - set(PHASES)):
+        parser.error(f"unknown phases {bad}; choose from {PHASES}")
+    if not args.report:
+        study = Study(extra, dry=args.plan)
+        study.run(phases)
+        if args.plan:
+            print(f"{len(all_runs())} runs cached in {RESULTS}; {len(study.pending)} to run next "
+                  "(more may follow once these tell where each grid's best lr lies):")
+            print("\n".join(f"  {key}" for key in study.pending))
+            return 0
+    write_report()
+    return 0
 
 
 if __name__ == "__main__":

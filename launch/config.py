@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import os
 import types
@@ -94,10 +95,10 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = _f("galore", "a name from `distopt list`")
-    lr: float = _f(1e-3, "peak learning rate", ge=0)
-    weight_decay: float = _f(0.0, "decoupled weight decay", ge=0)
-    betas: list = _f([0.9, 0.999], "Adam betas")
-    eps: float = _f(1e-8, "Adam epsilon", ge=0)
+    lr: float = _f(1e-3, "peak learning rate (unset: the optimizer's default, docs/defaults.md)", ge=0)
+    weight_decay: float = _f(0.0, "decoupled weight decay (unset: the optimizer's default)", ge=0)
+    betas: list = _f([0.9, 0.999], "Adam betas (unset: the optimizer's default)")
+    eps: float = _f(1e-8, "Adam epsilon (unset: the optimizer's default)", ge=0)
     elementwise_lr: float = _f(0.0, "learning rate of the element-wise AdamW group (embeddings, norms, LM head); 0: same as lr", ge=0)
     hparams: dict = _f({}, "algorithm-specific hyper-parameters (galore: rank, update_proj_gap, scale, refresh, stagger, ...)")
 
@@ -278,7 +279,7 @@ def _suggest(word: str, options) -> str:
 
 
 # -- building -------------------------------------------------------------------------------------
-def _apply(cfg: RunConfig, key: str, value: Any, problems: list[str], from_cli: bool) -> None:
+def _apply(cfg: RunConfig, key: str, value: Any, problems: list[str], from_cli: bool, given: set | None = None) -> None:
     parts = key.split(".")
     if parts[0] in SECTIONS:
         section = getattr(cfg, parts[0])
@@ -287,7 +288,7 @@ def _apply(cfg: RunConfig, key: str, value: Any, problems: list[str], from_cli: 
                 problems.append(f"{key}={value!r}: is a section; give a mapping or set {key}.<key>")
                 return
             for sub, v in value.items():
-                _apply(cfg, f"{key}.{sub}", v, problems, from_cli)
+                _apply(cfg, f"{key}.{sub}", v, problems, from_cli, given)
             return
         name = parts[1]
         hints = _HINTS[type(section)]
@@ -312,6 +313,8 @@ def _apply(cfg: RunConfig, key: str, value: Any, problems: list[str], from_cli: 
             problems.extend(err.problems)
             return
         setattr(section, name, coerced)
+        if given is not None:
+            given.add(key)
         return
     hints = _HINTS[RunConfig]
     if len(parts) == 1 and key in hints and key not in SECTIONS:
@@ -384,6 +387,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | li
     """Defaults, then the YAML file, then the overrides; validated. Raises :class:`ConfigError`."""
     cfg = RunConfig()
     problems: list[str] = []
+    given: set[str] = set()  # keys the file or the overrides set
     if path:
         file = find_config(str(path))
         try:
@@ -393,7 +397,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | li
         if not isinstance(data, dict):
             raise ConfigError(f"{file}: the top level must be a mapping of sections")
         for key, value in data.items():
-            _apply(cfg, str(key), value, problems, from_cli=False)
+            _apply(cfg, str(key), value, problems, from_cli=False, given=given)
     pairs = parse_overrides(list(overrides)) if overrides and isinstance(next(iter(overrides)), str) else list(overrides)
     explicit = set()
     for key, value in pairs:
@@ -404,7 +408,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | li
         explicit.add(key)
         if key == "checkpoint.resume" and str(value).lower() in _TRUE:
             value = "auto"
-        _apply(cfg, key, value, problems, from_cli=True)
+        _apply(cfg, key, value, problems, from_cli=True, given=given)
+    _fill_optimizer_defaults(cfg, given)
     try:
         validate(cfg)
     except ConfigError as err:
@@ -414,6 +419,25 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | li
     # Keys given as overrides: they win over an engine's own config file (engine.deepspeed_config).
     cfg.explicit_keys = frozenset(explicit)
     return cfg
+
+
+# optim.* keys that, when not set, take the chosen optimizer's own default (docs/defaults.md).
+OPTIMIZER_DEFAULT_KEYS = ("lr", "weight_decay", "betas", "eps")
+
+
+def _fill_optimizer_defaults(cfg: RunConfig, given: set[str]) -> None:
+    """Unset ``optim.lr``/``weight_decay``/``betas``/``eps`` take the optimizer's own defaults (the
+    paper's, e.g. AdaPM's betas (0.9, 0.95) and weight decay 0.1), not one set shared by all."""
+    from distopt.optim import REGISTRY  # here, so that reading a config does not import torch up front
+
+    cls = REGISTRY.get(cfg.optim.name)
+    if cls is None:  # an unknown name is reported by the job's checks, with suggestions
+        return
+    parameters = inspect.signature(cls.__init__).parameters
+    for key in OPTIMIZER_DEFAULT_KEYS:
+        if f"optim.{key}" not in given and key in parameters:
+            default = parameters[key].default
+            setattr(cfg.optim, key, list(default) if key == "betas" else default)
 
 
 def validate(cfg: RunConfig) -> None:

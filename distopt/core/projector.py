@@ -69,6 +69,14 @@ def change_of_basis(new: torch.Tensor, old: torch.Tensor, side: str, group) -> t
     return comm.all_reduce_sum(c, group) if side == "left" else c
 
 
+def unseen_fraction(new: torch.Tensor, old: torch.Tensor, c: torch.Tensor, side: str, group) -> torch.Tensor:
+    """``u_j = ||(I - old old^T) new_j||^2``: how much of each new basis vector lies outside the old
+    span. Formed from the residual, not as ``1 - sum_i C_ji^2``, whose rounding (``~1e-7``) would
+    weigh on coordinates whose second moment is that much smaller than their neighbours'."""
+    u = (new - old @ c.T).square().sum(dim=0)
+    return comm.all_reduce_sum(u, group) if side == "left" else u
+
+
 def rotate_projected(low: torch.Tensor, c: torch.Tensor, side: str) -> torch.Tensor:
     """Express projected coordinates in the new basis: ``C M`` (left) or ``M C^T`` (right)."""
     return c @ low if side == "left" else low @ c.T

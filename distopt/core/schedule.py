@@ -25,3 +25,9 @@ def refresh_index(step: int, gap: int, phase: int) -> int:
         return 0
     # step 0, plus every s in [1, step) with (s + phase) % gap == 0
     return 1 + (step - 1 + phase) // gap - phase // gap
+
+
+def last_refresh_step(step: int, gap: int, phase: int) -> int:
+    """The latest refresh step ``<= step`` of :func:`is_refresh_step` (0, the first step, if none)."""
+    candidate = step - (step + phase) % gap
+    return candidate if candidate >= 1 else 0

@@ -15,7 +15,7 @@ import torch
 from . import comm
 from .moments import MOMENT_POLICIES
 from .projector import REFRESH_METHODS, basis_local_shape, project, project_back, resolve_side, side_dim
-from .schedule import is_refresh_step, refresh_phase
+from .schedule import is_refresh_step, last_refresh_step, refresh_phase
 from .shard import MatrixShardView, chunk_rows
 
 
@@ -84,6 +84,16 @@ def gather_basis(state: dict, view: MatrixShardView) -> torch.Tensor:
 
 def refresh_due(step: int, plan_: SubspacePlan, group: dict) -> bool:
     return not plan_.full and is_refresh_step(step, group["update_proj_gap"], plan_.phase)
+
+
+def moment_updates(step: int, plan_: SubspacePlan, group: dict) -> int:
+    """How many updates the subspace moments hold after the update of step ``step`` (counted from 0):
+    since their last reset under ``moment_policy="reset"``, else since the first step. Adam's bias
+    corrections ``1 - beta^t`` use this ``t``, so a reset moment is not under-weighted (``M``) or
+    over-amplified against a global count (``V``) in the steps after the reset."""
+    if plan_.full or group["moment_policy"] != "reset":
+        return step + 1
+    return step - last_refresh_step(step, group["update_proj_gap"], plan_.phase) + 1
 
 
 def project_grad(grad: torch.Tensor, state: dict, view: MatrixShardView, plan_: SubspacePlan) -> torch.Tensor:

@@ -60,10 +60,13 @@ class AdaPM(SubspaceOptimizer):
     ``literal`` (``m_t/c_1 - (m_t - LR)/(1-\beta_1)``, line 8 of the paper's Algorithm 1 as
     printed) or ``none`` (``LR/c_1``). Norms and biases go to element-wise AdamW (no clip).
 
-    Defaults: ``lr=1e-3``, ``betas=(0.9, 0.999)``, ``eps=1e-8``, ``weight_decay=0``,
+    Defaults: ``lr=1e-3``, ``betas=(0.9, 0.95)`` and ``weight_decay=0.1`` (the paper's Section 5
+    setup, shared with its AdamW and Adam-mini baselines), ``eps=1e-8``,
     ``rank_fraction=0.05`` (``rank=None``), ``update_proj_gap=100``, ``fit_sweeps=1``,
     ``correction="derived"``, ``clip=1.0``, ``bias_correction=True``, ``oversample=8``,
-    ``power_iters=1``, ``stagger=True``, ``adam_form="torch"``.
+    ``power_iters=1``, ``stagger=True``, ``adam_form="torch"``. The element-wise group (norms and
+    biases) is not decayed unless ``elementwise={"weight_decay": ...}`` says so, as in the nanoGPT
+    code the paper trains with (it decays only parameters of two or more dimensions).
 
     Where we differ from the paper, and why:
     - Rank: ``r = floor(rank_fraction * m n / (m + n))`` (at least 1, at most ``min(m, n)``), i.e.
@@ -97,6 +100,7 @@ class AdaPM(SubspaceOptimizer):
 
     algorithm = "adapm"
     matrix_roles = frozenset(MOMENTUM_BY_ROLE)
+    elementwise_defaults = {"weight_decay": 0.0}
     shape_hparams = ("rank", "rank_fraction")
 
     def __init__(
@@ -111,9 +115,9 @@ class AdaPM(SubspaceOptimizer):
         clip: float | None = 1.0,
         bias_correction: bool = True,
         stagger: bool = True,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.1,
         oversample: int = 8,
         power_iters: int = 1,
         adam_form: str = "torch",

@@ -117,6 +117,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     # Hyper-parameters that only choose how state is laid out across ranks: a checkpoint written
     # with other values still loads (it is resharded), and the current values are kept.
     layout_hparams: tuple[str, ...] = ("shard_basis",)
+    # Defaults of the element-wise group that differ from the class's (``elementwise=`` still wins).
+    elementwise_defaults: dict = {}
 
     def __init__(self, params, defaults: dict):
         groups = list(params)
@@ -156,6 +158,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         return out
 
     def add_param_group(self, param_group: dict) -> None:
+        if param_group.get("kind") == "adamw":
+            param_group = {**self.elementwise_defaults, **param_group}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if len(group["param_names"]) != len(group["params"]):

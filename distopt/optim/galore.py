@@ -23,7 +23,11 @@ class GaLore(ProjectedAdam):
 
     where ``back(N)`` is ``N B^T`` (right) or ``B N`` (left) and ``alpha`` is ``scale``.
 
-    Defaults and where we differ from the paper's code (galore-torch):
+    Defaults: the paper's C4 pre-training settings (60M-1B): ``lr=1e-2``, ``scale=0.25``,
+    ``update_proj_gap=200``, ``rank=128`` (the 60M model's; 256 at 130M-350M, 512 at 1B), and
+    galore-torch's ``betas=(0.9, 0.999)``, ``eps=1e-6``, ``weight_decay=0``.
+
+    Where we differ from the paper's code (galore-torch):
     - ``refresh="randomized"`` (warm-started range finder, ``power_iters`` passes) and
       ``stagger=True`` (refresh phase from a hash of the name): no step refreshes every matrix, and a
       refresh costs O(mnk) instead of a full SVD. ``refresh="svd", stagger=False`` is the paper's rule.
@@ -31,7 +35,8 @@ class GaLore(ProjectedAdam):
     - ``adam_form="torch"`` puts ``eps`` where torch.optim.AdamW does; ``"hf"`` is galore-torch's
       form (``eps`` on the raw RMS, decay after the step) and reproduces it step for step.
     - ``rank >= d`` (the projected side's length) means the subspace is the whole space: the basis is
-      the identity and the step is AdamW's exactly.
+      the identity, ``scale`` is not applied (nothing is projected away to compensate for) and the
+      step is AdamW's exactly. galore-torch applies ``scale`` at full rank too.
     - ``moment_policy`` (``keep`` in the paper) can also be ``reset``, ``rotate`` or ``transform``.
     - ``recovery_scaling=True`` adds Fira's norm-scaled residual (off by default, as in the paper).
 
@@ -46,7 +51,7 @@ class GaLore(ProjectedAdam):
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
+        lr: float = 1e-2,
         rank: int = 128,
         update_proj_gap: int = 200,
         scale: float = 0.25,
@@ -55,7 +60,7 @@ class GaLore(ProjectedAdam):
         side: str = "auto",
         moment_policy: str = "keep",
         betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        eps: float = 1e-6,
         weight_decay: float = 0.0,
         oversample: int = 16,
         power_iters: int = 1,

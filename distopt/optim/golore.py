@@ -64,7 +64,7 @@ class GoLore(ProjectedAdam):
         side: str = "auto",
         moment_policy: str = "rotate",
         betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        eps: float = 1e-6,
         weight_decay: float = 0.0,
         recovery_scaling: bool = False,
         norm_growth_limit: float = 1.01,

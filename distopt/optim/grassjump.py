@@ -19,8 +19,7 @@ class GrassJump(ProjectedAdam):
         \begin{aligned}
         &\text{on refresh steps } (t > 0)\text{: } S' = \mathrm{qr}(Z),\ Z_{ij} \sim \mathcal N(0,1)
           \ (\text{Haar}),\quad C = S'^\top S\\
-        &\quad M \leftarrow C M,\quad V \leftarrow \big|(C \circ C)(V - M_{\mathrm{old}}^2) + (C M_{\mathrm{old}})^2\big|
-          \quad(\text{AO; } M C^\top,\ (V - M^2)(C\circ C)^\top \text{ for a right basis}),\quad S \leftarrow S'\\
+        &\quad (M, V) \leftarrow \mathrm{AO}_C(M, V)\ (\text{``transform'', }\texttt{core/moments.py}),\quad S \leftarrow S'\\
         &M \leftarrow \beta_1 M + (1-\beta_1) R, \quad V \leftarrow \beta_2 V + (1-\beta_2) R^2,\quad
           N = \frac{M/(1-\beta_1^t)}{\sqrt{V/(1-\beta_2^t)} + \epsilon}\\
         &\hat D = \phi \odot (G - \mathrm{back}(R)),\quad \phi = \|N\| / \|R\| \text{ per row (right) or column (left)},\quad
@@ -40,7 +39,11 @@ class GrassJump(ProjectedAdam):
     notes for the reconstruction):
     - AO is applied at the actual switch with the basis held until then. SubTrack++'s reference
       code fires it one step early against the *initial* basis.
-    - AO omits the reference code's extra ``(1 - beta2)`` factor on the transformed second moment.
+    - AO (``moment_policy="transform"``) maps the bias-corrected mean and variance, so it is the
+      identity when the subspace does not change, and it gives each new direction the part of the
+      second moment the old basis did not see (the mean over the old coordinates). Without that,
+      every jump left ``V`` at about ``r/d`` of its scale and the steps after it several times too
+      large. It omits the reference code's extra ``(1 - beta2)`` factor.
     - The recovery residual is ``G - back(R)``, orthogonal to the subspace. Fira's code subtracts
       ``alpha back(R)``, which leaves part of the in-subspace gradient in it when ``alpha != 1``.
       As there, ``D_hat`` is not multiplied by ``alpha``; the first step records its norm unlimited.
@@ -68,7 +71,7 @@ class GrassJump(ProjectedAdam):
         side: str = "auto",
         moment_policy: str = "transform",
         betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        eps: float = 1e-6,
         weight_decay: float = 0.0,
         recovery_scaling: bool = True,
         norm_growth_limit: float = 1.01,

@@ -28,8 +28,8 @@ class GrassWalk(ProjectedAdam):
           \Delta = U \Sigma V^\top \ (\text{thin SVD, top } k)\\
         &\quad \Theta = \min\big(\theta\, \Sigma / \mathrm{rms}(\Sigma),\ \pi/2\big),\quad
           S' = S V \cos(\Theta) V^\top + U \sin(\Theta) V^\top + S (I - V V^\top)\\
-        &\quad C = S'^\top S,\quad M \leftarrow C M,\quad
-          V \leftarrow \big|(C\circ C)(V - M_{\mathrm{old}}^2) + (C M_{\mathrm{old}})^2\big| \ (\text{AO}),\quad S \leftarrow S'\\
+        &\quad C = S'^\top S,\quad
+          (M, V) \leftarrow \mathrm{AO}_C(M, V)\ (\text{``transform'', }\texttt{core/moments.py}),\quad S \leftarrow S'\\
         &M \leftarrow \beta_1 M + (1-\beta_1) R, \quad V \leftarrow \beta_2 V + (1-\beta_2) R^2,\quad
           N = \frac{M/(1-\beta_1^t)}{\sqrt{V/(1-\beta_2^t)} + \epsilon}\\
         &\hat D = \phi \odot (G - \mathrm{back}(R)),\ \phi = \|N\| / \|R\| \text{ per row/column},\quad
@@ -81,7 +81,7 @@ class GrassWalk(ProjectedAdam):
         side: str = "auto",
         moment_policy: str = "transform",
         betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        eps: float = 1e-6,
         weight_decay: float = 0.0,
         recovery_scaling: bool = True,
         norm_growth_limit: float = 1.01,

@@ -14,7 +14,15 @@ import torch
 from ..core import subspace
 from ..core.linalg import stable_seed
 from ..core.moments import apply_moment_policy
-from ..core.projector import REFRESH_METHODS, RangeRequest, SvdRequest, change_of_basis, compute_basis, random_basis
+from ..core.projector import (
+    REFRESH_METHODS,
+    RangeRequest,
+    SvdRequest,
+    change_of_basis,
+    compute_basis,
+    random_basis,
+    unseen_fraction,
+)
 from ..core.recovery import check_recovery_hparams, recovery_term
 from ..core.routing import LINEAR_ROLES
 from ..core.schedule import refresh_index
@@ -28,7 +36,10 @@ class ProjectedAdam(SubspaceOptimizer):
     Per matrix, at a refresh step the new basis comes from :meth:`_new_basis`; the moments are then
     mapped per ``moment_policy`` with ``C = S_new^T S_old`` computed from the basis held just before
     the switch. Every step: ``R = proj(G)``, Adam on ``R``, ``W -= step (alpha back(N) + D_hat)``
-    where ``D_hat`` is the recovery-scaled residual (only with ``recovery_scaling``).
+    where ``D_hat`` is the recovery-scaled residual (only with ``recovery_scaling``). Adam's bias
+    corrections count the moment updates since the last reset under ``moment_policy="reset"``,
+    and since the first step otherwise. At full rank (``rank >= d``) nothing is projected and
+    ``alpha`` is not applied: the step is AdamW's.
 
     State per matrix: ``step`` (int64), ``basis`` (``d x r``), ``exp_avg`` and ``exp_avg_sq``
     (``r x D`` or ``D x r``), and ``rs_norm`` (0-d) with recovery scaling, all fp32.
@@ -124,8 +135,11 @@ class ProjectedAdam(SubspaceOptimizer):
         """Install ``new`` as the basis, mapping the moments from the basis held until now."""
         policy = group["moment_policy"]
         if policy != "keep":
-            c = change_of_basis(new, state["basis"], plan.side, view.group) if policy != "reset" else None
-            apply_moment_policy(policy, plan.side, c, state["exp_avg"], state["exp_avg_sq"])
+            old = state["basis"]
+            c = change_of_basis(new, old, plan.side, view.group) if policy != "reset" else None
+            unseen = unseen_fraction(new, old, c, plan.side, view.group) if policy == "transform" else None
+            apply_moment_policy(policy, plan.side, c, state["exp_avg"], state["exp_avg_sq"],
+                                step=int(state["step"]), betas=group["betas"], unseen=unseen)
         state["basis"].copy_(new)
 
     def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[int, ...]]:
@@ -160,9 +174,10 @@ class ProjectedAdam(SubspaceOptimizer):
         update_moments(exp_avg, exp_avg_sq, low, beta1, beta2, group["adam_form"])
         state["step"] += 1
         lr = float(group["lr"])
-        direction, step_size = adam_direction(exp_avg, exp_avg_sq, step + 1, beta1, beta2, group["eps"], lr, group["adam_form"])
+        count = subspace.moment_updates(step, plan, group)
+        direction, step_size = adam_direction(exp_avg, exp_avg_sq, count, beta1, beta2, group["eps"], lr, group["adam_form"])
         update = subspace.back_project(direction, state, plan)
-        if group["scale"] != 1:
+        if group["scale"] != 1 and not plan.full:  # nothing is projected away at full rank: AdamW's step
             update = update * group["scale"]
         if "rs_norm" in state:
             update = update + recovery_term(

@@ -43,7 +43,7 @@ class SAM(SubspaceOptimizer):
     global shape, at least 1 (``rank=`` overrides it; capped at ``min(m, n)``; ``k >= m`` uses
     the identity basis). The orthogonal complement of ``U_k`` is discarded, as in the seed.
 
-    Defaults: ``lr=1e-3``, ``betas=(0.9, 0.999)``, ``eps=1e-8``, ``eps_inside_sqrt=True``,
+    Defaults: ``lr=3e-4`` (the seed's only run, 134M), ``betas=(0.9, 0.999)``, ``eps=1e-8``, ``eps_inside_sqrt=True``,
     ``weight_decay=0``, ``rank=None`` (the rule above), ``update_proj_gap=200``,
     ``refresh="randomized"``, ``stagger=True``, ``moment_policy="rotate"``, ``oversample=16``,
     ``power_iters=1``, ``adam_form="torch"``.
@@ -52,7 +52,9 @@ class SAM(SubspaceOptimizer):
     The seed leaves most of the method open; our choices, and why:
     - ``T`` (not given): 200, GaLore's value; ``beta1``, ``beta2``: Adam's defaults.
     - ``M`` and ``V`` rules (not given): the EMAs above, ``M`` of the projected gradient and ``V``
-      of the full gradient, with Adam's bias correction (global step, never reset).
+      of the full gradient, with Adam's bias correction. ``V``'s counts from the first step; ``M``'s
+      too, except under ``moment_policy="reset"``, where it counts the updates since the last reset
+      (``t`` in ``1 - beta1^t`` restarts), so a fresh momentum is not divided down for 10 steps.
     - ``eps`` sits inside the square root, as the seed prints (``sqrt(v + eps)``), which floors the
       denominator at ``sqrt(eps)`` (1e-4 at the default). This matters more here than in Adam: the
       numerator is rank ``k`` but ``V`` is element-wise, so where a coordinate's gradient is tiny
@@ -83,7 +85,7 @@ class SAM(SubspaceOptimizer):
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
+        lr: float = 3e-4,
         rank: int | None = None,
         update_proj_gap: int = 200,
         refresh: str = "randomized",
@@ -155,15 +157,16 @@ class SAM(SubspaceOptimizer):
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         state["step"] += 1
         lr = float(group["lr"])
-        numerator = subspace.back_project(exp_avg, state, plan)
-        form = group["adam_form"]
+        # M's bias correction counts its updates since its last reset; V is never reset.
+        since = subspace.moment_updates(step, plan, group)
+        numerator = subspace.back_project(exp_avg, state, plan) / (1.0 - beta1**since)
+        form, eps = group["adam_form"], group["eps"]
         if group["eps_inside_sqrt"]:
-            c1, c2 = 1.0 - beta1 ** (step + 1), 1.0 - beta2 ** (step + 1)
+            c2 = 1.0 - beta2 ** (step + 1)
             if form == "hf":  # raw V, correction folded into the step size
-                direction, step_size = numerator / (exp_avg_sq + group["eps"]).sqrt(), lr * math.sqrt(c2) / c1
+                direction, step_size = numerator / (exp_avg_sq + eps).sqrt(), lr * math.sqrt(c2)
             else:
-                direction, step_size = numerator / (exp_avg_sq / c2 + group["eps"]).sqrt(), lr / c1
+                direction, step_size = numerator / (exp_avg_sq / c2 + eps).sqrt(), lr
         else:
-            direction, step_size = adam_direction(numerator, exp_avg_sq, step + 1, beta1, beta2, group["eps"], lr,
-                                                  form)
+            direction, step_size = adam_direction(numerator, exp_avg_sq, step + 1, 0.0, beta2, eps, lr, form)
         apply_update(p, direction, step_size, lr, group["weight_decay"], form)

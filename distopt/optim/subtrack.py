@@ -28,8 +28,8 @@ class SubTrack(ProjectedAdam):
           \nabla F = (I - S S^\top)(-2 E A^\top) \approx \sigma\, u v^\top\ (\text{top triplet})\\
         &\theta = \min\big(\eta\, \sigma / \|G\|_F^2,\ \theta_{\max}\big),\quad
           S' = (S v \cos\theta - u \sin\theta) v^\top + S (I - v v^\top)\\
-        &C = S'^\top S,\quad M \leftarrow C M,\quad
-          V \leftarrow \big|(C\circ C)(V - M_{\mathrm{old}}^2) + (C M_{\mathrm{old}})^2\big| \ (\text{AO}),\quad S \leftarrow S'
+        &C = S'^\top S,\quad
+          (M, V) \leftarrow \mathrm{AO}_C(M, V)\ (\text{``transform'', }\texttt{core/moments.py}),\quad S \leftarrow S'
         \end{aligned}
 
     then, every step, Adam on ``R = proj(G)`` with Fira's recovery scaling, as in GrassJump:
@@ -81,7 +81,7 @@ class SubTrack(ProjectedAdam):
         side: str = "auto",
         moment_policy: str = "transform",
         betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        eps: float = 1e-6,
         weight_decay: float = 0.0,
         recovery_scaling: bool = True,
         norm_growth_limit: float = 1.01,

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from helpers import assert_resume_bit_identical, set_grads, tiny_model, train
+from optim_checks import assert_matrix_group_trains
 
 import distopt
 from distopt.core import lowrank
@@ -128,20 +129,20 @@ def test_momentum_design_per_role():
 @pytest.mark.parametrize("role", ["q", "v", "o"])
 def test_update_is_clipped_elementwise(role):
     # Without bias correction v starts tiny, so every coordinate's ratio is far above 1 and clips.
-    w, opt = _one_matrix(role=role, lr=1e-3, bias_correction=False)
+    w, opt = _one_matrix(role=role, lr=1e-3, bias_correction=False, betas=(0.9, 0.999))
     w.grad = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
     opt.step()
     step = w.detach().abs()
     assert step.max() <= 1e-3 * (1 + 1e-6)
     assert (step > 1e-3 * (1 - 1e-6)).float().mean() > 0.9
-    w2, opt2 = _one_matrix(role=role, lr=1e-3, bias_correction=False, clip=None)
+    w2, opt2 = _one_matrix(role=role, lr=1e-3, bias_correction=False, clip=None, betas=(0.9, 0.999))
     w2.grad = w.grad
     opt2.step()
     assert w2.detach().abs().max() > 2e-3
 
 
 def test_no_momentum_blocks_take_an_adam_step_with_beta1_zero():
-    w, opt = _one_matrix(role="o", lr=1e-2, betas=(0.9, 0.99), clip=None)
+    w, opt = _one_matrix(role="o", lr=1e-2, betas=(0.9, 0.99), clip=None, weight_decay=0.0)
     for seed in range(3):
         set_grads([w], seed)
         before = w.detach().clone()
@@ -152,12 +153,8 @@ def test_no_momentum_blocks_take_an_adam_step_with_beta1_zero():
 
 
 @pytest.mark.parametrize("kw", [dict(correction="derived"), dict(correction="none", fit_sweeps=0)])
-def test_lowers_the_loss(kw):
-    model = tiny_model()
-    opt = distopt.build_optimizer(model, "adapm", lr=1e-2, update_proj_gap=10, **kw)
-    losses = train(model, opt, 50)
-    assert all(math.isfinite(x) for x in losses)
-    assert losses[-1] < 0.8 * losses[0]
+def test_matrix_group_alone_lowers_the_loss(kw):
+    assert_matrix_group_trains("adapm", lr=1e-2, update_proj_gap=10, **kw)
 
 
 def _adapm_bytes(opt, fraction=0.05, rank=None):
@@ -216,3 +213,35 @@ def test_resume_is_bit_identical(correction):
 def test_bad_hyperparameters_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         distopt.build_optimizer(tiny_model(), "adapm", **kwargs)
+
+
+@pytest.mark.parametrize("name", ["adapm", "adapm-mini"])
+def test_paper_defaults_decay_matrices_but_not_norms(name):
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, name)
+    norm, matrix = model.model.norm.weight, model.model.layers[0].mlp.up_proj.weight
+    before = {p: p.detach().clone() for p in (norm, matrix)}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    torch.testing.assert_close(matrix.detach(), before[matrix] * (1 - 1e-3 * 0.1), rtol=1e-6, atol=0)
+    assert torch.equal(norm.detach(), before[norm])
+    assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
+    decayed = distopt.build_optimizer(tiny_model(), name, elementwise={"weight_decay": 0.05})
+    assert next(g for g in decayed.param_groups if g["kind"] == "adamw")["weight_decay"] == 0.05
+
+
+@pytest.mark.parametrize("role,beta1", [("v", 0.9), ("o", 0.0)])  # full momentum; no momentum
+def test_full_and_no_momentum_blocks_are_torch_adamw(role, beta1):
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(40, 30, generator=g)
+    w, opt = _one_matrix(role=role, lr=1e-2, clip=None)  # the paper's betas (0.9, 0.95) and decay 0.1
+    w.data.copy_(w0)
+    ref = torch.nn.Parameter(w0.clone())
+    adamw = torch.optim.AdamW([ref], lr=1e-2, betas=(beta1, 0.95), eps=1e-8, weight_decay=0.1)
+    for _ in range(6):
+        grad = torch.randn(40, 30, generator=g)
+        w.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        adamw.step()
+    torch.testing.assert_close(w.detach(), ref.detach(), rtol=1e-5, atol=1e-7)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from helpers import assert_resume_bit_identical, set_grads, tiny_model
-from optim_checks import assert_lowers_the_loss, assert_refused, assert_state_bytes_match, matrix_group, one_thread  # noqa: F401 (a fixture, used by name)
+from optim_checks import assert_matrix_group_trains, assert_refused, assert_state_bytes_match, matrix_group, one_matrix_optimizer, one_thread  # noqa: F401 (a fixture, used by name)
 from torch import nn
 
 import distopt
@@ -77,8 +77,26 @@ def test_rotate_policy_carries_momentum_into_the_new_basis():
     torch.testing.assert_close(opt.state[p]["exp_avg"], expected, rtol=1e-5, atol=1e-7)
 
 
-def test_lowers_the_loss():
-    assert_lowers_the_loss("sam", lr=1e-2, update_proj_gap=10)
+@pytest.mark.parametrize("policy", ["reset", "rotate", "keep"])
+def test_constant_gradient_gives_a_constant_step_across_refreshes(policy):
+    # With G constant the basis and the bias-corrected moments are constant, so every step is the
+    # same; a reset momentum must be bias-corrected from its reset, not from the first step.
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(40, 3, generator=g) @ torch.randn(3, 24, generator=g)
+    w = torch.nn.Parameter(torch.zeros(40, 24))
+    opt = distopt.optim.SAM([{"params": [w], "param_names": ["layer.q_proj.weight"], "kind": "matrix", "roles": ["q"]}],
+                            lr=1e-3, update_proj_gap=3, stagger=False, refresh="svd", moment_policy=policy)
+    norms = []
+    for _ in range(10):
+        w.grad = grad.clone()
+        before = w.detach().clone()
+        opt.step()
+        norms.append((w.detach() - before).norm().item())
+    torch.testing.assert_close(torch.tensor(norms), torch.full((10,), norms[0]), rtol=1e-5, atol=0)
+
+
+def test_matrix_group_alone_lowers_the_loss():
+    assert_matrix_group_trains("sam", lr=1e-2, update_proj_gap=10)
 
 
 def _sam_bytes(opt, p, group):
@@ -116,3 +134,26 @@ def test_resume_is_bit_identical(refresh, policy):
 )
 def test_bad_hyperparameters_are_refused(kwargs, match):
     assert_refused("sam", kwargs, match)
+
+
+def test_constant_gradient_gives_the_closed_form_step_and_the_basis_follows_the_gradient():
+    # With G constant, U_k is G's top-k left singular space, M / c1 = U_k^T G and V / c2 = G^2:
+    # W <- W (1 - lr wd) - lr U_k U_k^T G / sqrt(G^2 + eps). Refreshes (steps 3, 6) find U_k again.
+    g = torch.Generator().manual_seed(0)
+    grad, w0 = torch.randn(40, 24, generator=g), torch.randn(40, 24, generator=g)
+    w = torch.nn.Parameter(w0.clone())
+    lr, wd, eps = 1e-2, 0.1, 1e-8
+    opt = one_matrix_optimizer("sam", w, lr=lr, weight_decay=wd, eps=eps, update_proj_gap=3, refresh="svd")
+    u = torch.linalg.svd(grad)[0][:, :4]  # k = min(5, 40 // 10)
+    expected = w0.clone()
+    for step in range(7):
+        w.grad = grad.clone()
+        opt.step()
+        expected = expected * (1 - lr * wd) - lr * (u @ (u.T @ grad)) / (grad.square() + eps).sqrt()
+        torch.testing.assert_close(w.detach(), expected, rtol=1e-4, atol=1e-6, msg=lambda m, step=step: f"step {step}: {m}")
+    other = torch.randn(40, 24, generator=g)  # a new gradient: the next refresh (step 9) follows it
+    for _ in range(3):
+        w.grad = other.clone()
+        opt.step()
+    basis, u2 = opt.state[w]["basis"], torch.linalg.svd(other)[0][:, :4]
+    torch.testing.assert_close(basis @ basis.T, u2 @ u2.T, rtol=0, atol=1e-4)
