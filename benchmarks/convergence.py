@@ -132,7 +132,8 @@ class Study:
         if hit is not None:
             return hit
         if self.dry:
-            self.pending.append(run_key(corpus, optimizer, lr, seed))
+            if (key := run_key(corpus, optimizer, lr, seed)) not in self.pending:
+                self.pending.append(key)
             return None
         return train(corpus, optimizer, lr, seed, self.extra)
 
