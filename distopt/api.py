@@ -13,6 +13,8 @@ from .optim import REGISTRY
 from .optim.base import flat_shard_error
 
 logger = logging.getLogger("distopt")
+# Hyper-parameters the element-wise AdamW group understands (``build_optimizer(elementwise=...)``).
+ELEMENTWISE_KEYS = frozenset({"lr", "betas", "eps", "weight_decay", "adam_form"})
 
 
 def list_optimizers() -> list[str]:
@@ -74,6 +76,10 @@ def build_optimizer(
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown optimizer {name!r}; choose one of {list_optimizers()}.{hint}")
     cls = REGISTRY[name]
+    unknown = sorted(set(elementwise or {}) - ELEMENTWISE_KEYS)
+    if unknown:
+        raise ValueError(f"elementwise={elementwise!r}: unknown keys {unknown}; the element-wise AdamW group takes "
+                         f"{sorted(ELEMENTWISE_KEYS)}")
     _refuse_flat_parameter_engines(model)
     # Algorithms that need the model itself (RSO reparametrizes linears in place, Adam-mini reads
     # head counts) do it here, before parameters are collected.
@@ -83,8 +89,8 @@ def build_optimizer(
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if roles[n] in cls.matrix_roles:
-            shape = _global_shape(p)
+        shape = _global_shape(p)
+        if roles[n] in cls.matrix_roles and 0 not in shape:  # an empty weight has nothing to project
             if len(shape) != 2:
                 raise flat_shard_error(n, shape)
             matrix.append((n, p))

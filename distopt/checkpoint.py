@@ -5,24 +5,236 @@ DTensors with the parameter's placement, so DCP writes each rank's rows once and
 the rows a new layout needs (2 ranks -> 3 ranks -> 1 process). Replicated tensors are written once.
 
 A checkpoint is written into ``<path>.tmp`` and renamed to ``<path>`` only after every rank has
-finished, so a save killed midway never leaves a directory that loads as valid.
+finished, so a save killed midway never leaves a directory that loads as valid. The completion
+marker lists every file with its size and CRC-32 (hashed by all ranks, each a share of the files);
+:func:`load` checks them all before reading a tensor, so a truncated or corrupted checkpoint raises
+:class:`IntegrityError` naming the file instead of loading garbage. The same helpers serve the
+training job's checkpoints (``launch/checkpoint.py``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from .optim.base import SubspaceOptimizer
 
 COMPLETE_MARKER = ".distopt-complete"
+logger = logging.getLogger("distopt")
+
+
+# -- integrity: sizes and CRC-32 of every file --------------------------------------------------------
+class IntegrityError(ValueError):
+    """A checkpoint file is missing, has the wrong size, or its CRC-32 differs from the manifest."""
+
+
+def digest(size: int, crc: int) -> dict:
+    return {"bytes": size, "crc32": f"{crc:08x}"}
+
+
+def save_file(obj, path: Path) -> dict:
+    """``torch.save`` with fsync; returns the file's digest (:func:`file_digest`)."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return file_digest(path)
+
+
+def file_digest(path: Path, chunk: int = 1 << 24) -> dict:
+    """Size and CRC-32 of ``path``. A ``torch.save`` file is a zip whose index already holds a
+    CRC-32 of every record (computed by ``torch.save`` as it wrote them): its digest is the CRC of
+    that index, read from the end of the file, so saving costs nothing more; :func:`check` then
+    checks every record against it. Any other file is CRC'd in 64 MiB blocks on several threads."""
+    path = Path(path)
+    index = _whole_zip_index(path)
+    if index is not None:
+        return {"bytes": path.stat().st_size, "zip_index": f"{index:08x}"}
+    size = path.stat().st_size
+    return {"bytes": size, "block_crc32": f"{_block_crc(path, size, chunk):08x}"}
+
+
+BLOCK = 1 << 26  # bytes per independently CRC'd block of a file that is not a torch.save zip
+THREADS = max(1, min(8, os.cpu_count() or 1))
+
+
+def _block_crc(path: Path, size: int, chunk: int) -> int:
+    """CRC-32 of the CRC-32s of ``path``'s 64 MiB blocks, computed on up to :data:`THREADS` threads."""
+
+    def one(index: int) -> int:
+        crc, left = 0, min(BLOCK, size - index * BLOCK)
+        with open(path, "rb") as fh:
+            fh.seek(index * BLOCK)
+            while left > 0 and (block := fh.read(min(chunk, left))):
+                crc, left = zlib.crc32(block, crc), left - len(block)
+        return crc
+
+    blocks = max(1, -(-size // BLOCK))
+    with ThreadPoolExecutor(min(THREADS, blocks)) as pool:
+        crcs = list(pool.map(one, range(blocks)))
+    return zlib.crc32(b"".join(c.to_bytes(4, "little") for c in crcs))
+
+
+def _whole_zip_index(path: Path) -> int | None:
+    """The index CRC of ``path`` if it is one uncompressed zip whose records tile it from byte 0 to
+    its index (a ``torch.save`` file), else None: a file that merely contains a zip is CRC'd whole."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PK\x03\x04" or not zipfile.is_zipfile(fh):
+                return None
+            with zipfile.ZipFile(fh) as archive:
+                records = sorted(archive.infolist(), key=lambda i: i.header_offset)
+                end = 0
+                for info in records:
+                    fh.seek(info.header_offset)
+                    header = fh.read(30)
+                    if info.header_offset != end or info.compress_type != zipfile.ZIP_STORED or len(header) < 30:
+                        return None
+                    end = (info.header_offset + 30 + int.from_bytes(header[26:28], "little")
+                           + int.from_bytes(header[28:30], "little") + info.compress_size)
+                    if info.flag_bits & 0x08:  # a data descriptor (CRC and sizes again) follows the data
+                        fh.seek(end)
+                        end += 16 if fh.read(4) == b"PK\x07\x08" else 12
+                return _zip_index(archive) if end == archive.start_dir else None
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
+def _zip_index(archive: zipfile.ZipFile) -> int:
+    entries = "".join(f"{i.filename}:{i.CRC:08x}:{i.file_size}:{i.header_offset};" for i in archive.infolist())
+    return zlib.crc32(entries.encode())
+
+
+def _bad_record(path: Path, records: list[zipfile.ZipInfo], chunk: int = 1 << 24) -> str | None:
+    """The first record of an uncompressed zip whose bytes do not match its CRC-32, or None."""
+    with open(path, "rb") as fh:
+        for info in records:
+            fh.seek(info.header_offset)
+            header = fh.read(30)
+            if header[:4] != b"PK\x03\x04":
+                return info.filename
+            fh.seek(info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little"))
+            crc, left = 0, info.compress_size
+            while left > 0:
+                block = fh.read(min(chunk, left))
+                if not block:
+                    return info.filename
+                crc, left = zlib.crc32(block, crc), left - len(block)
+            if crc != info.CRC or info.compress_type != zipfile.ZIP_STORED:
+                return info.filename
+    return None
+
+
+def check(path: Path, want: dict) -> str | None:
+    """What is wrong with ``path`` against its manifest entry ``want``, or None. Reads every byte."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    if size != want["bytes"]:
+        return f"{path.name} has {size} bytes, the checkpoint wrote {want['bytes']}"
+    if "zip_index" in want:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                if f"{_zip_index(archive):08x}" != want["zip_index"]:
+                    return f"{path.name} is corrupted (its record index differs from the one written)"
+                bad = _bad_record(path, archive.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError) as err:
+            return f"{path.name} is corrupted ({err})"
+        return None if bad is None else f"{path.name} is corrupted (record {bad} fails its CRC-32)"
+    if "crc32" in want:  # small files, CRC'd whole as they were written
+        got = f"{zlib.crc32(path.read_bytes()):08x}"
+        return None if got == want["crc32"] else f"{path.name} is corrupted (CRC-32 {got}, the checkpoint wrote {want['crc32']})"
+    got = file_digest(path)
+    return None if got == want else f"{path.name} is corrupted (its block CRC-32 differs from the one written)"
+
+
+def list_files(folder: Path) -> list[str]:
+    """Every file under ``folder``, as sorted relative paths."""
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
+
+
+def gather(obj) -> list:
+    """``obj`` of every rank (collective; ``[obj]`` without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def hash_files(folder: Path, names: list[str]) -> dict:
+    """Digests of ``names`` under ``folder``: each rank hashes a round-robin share, a few files at a
+    time, and every rank gets them all (collective)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = names[rank::world]
+    with ThreadPoolExecutor(min(2, max(1, len(mine)))) as pool:
+        local = dict(zip(mine, pool.map(lambda n: file_digest(Path(folder) / n), mine)))
+    return {k: v for part in gather(local) for k, v in part.items()}
+
+
+def check_sizes(folder: Path, manifest: dict) -> None:
+    """Cheap, on one rank: every file of ``manifest`` exists with its size. Raises :class:`IntegrityError`."""
+    for name, want in manifest.items():
+        try:
+            size = (Path(folder) / name).stat().st_size
+        except FileNotFoundError:
+            raise IntegrityError(f"{folder}: {name} is missing") from None
+        if size != want["bytes"]:
+            raise IntegrityError(f"{folder}: {name} has {size} bytes, the checkpoint wrote {want['bytes']}")
+
+
+def verify_files(folder: Path, manifest: dict) -> None:
+    """Every file of ``manifest`` exists with its size and CRC-32 (collective: each rank reads a
+    round-robin share). Raises :class:`IntegrityError` naming the first bad file, on every rank."""
+    problem = None
+    try:
+        check_sizes(folder, manifest)
+    except IntegrityError as err:
+        problem = str(err)
+    problems = [p for p in gather(problem) if p]
+    if not problems:
+        problems = [p for part in gather(local_problems(folder, manifest)) for p in part]
+    raise_if_any(problems)
+
+
+def local_problems(folder: Path, manifest: dict) -> list[str]:
+    """This rank's round-robin share of :func:`verify_files`, with no collective: it can run on a
+    helper thread beside a load. Returns what is wrong."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = sorted(manifest)[rank::world]
+    with ThreadPoolExecutor(min(2, max(1, len(mine)))) as pool:
+        return [f"{folder}: {p}" for p in pool.map(lambda n: check(Path(folder) / n, manifest[n]), mine) if p]
+
+
+def raise_if_any(problems: list[str]) -> None:
+    if problems:
+        raise IntegrityError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+def _read_manifest(path: Path) -> dict | None:
+    """The file digests in the completion marker; None for a checkpoint written before digests."""
+    text = (path / COMPLETE_MARKER).read_text()
+    try:
+        marker = json.loads(text)
+    except ValueError:
+        if text.strip() == "ok":
+            return None
+        raise IntegrityError(f"{path}/{COMPLETE_MARKER} is unreadable") from None
+    return marker.get("files") if isinstance(marker, dict) else None
 
 
 def get_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -74,8 +286,9 @@ def save(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
              "header": _header(optim_state)}
     dcp.save(state, checkpoint_id=str(tmp))
     _barrier()
+    manifest = hash_files(tmp, list_files(tmp))
     if _is_main():
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"files": manifest}, indent=1))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -83,20 +296,8 @@ def save(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
     return path
 
 
-def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict | None = None) -> dict:
-    """Load a checkpoint written by :func:`save`, on any world size; returns ``extra``.
-
-    The optimizer must be built with the same algorithm and state-shaping hyper-parameters
-    (rank, side); a mismatch is refused before any tensor is read.
-    """
-    path = Path(path)
-    if not is_complete(path):
-        raise FileNotFoundError(
-            f"{path} is not a complete distopt checkpoint (no {COMPLETE_MARKER}): the save that wrote it did "
-            "not finish. Resume from an earlier checkpoint."
-        )
-    optim_state = get_optimizer_state_dict(model, optimizer)
-    mine = _header(optim_state)
+def _load_matching(path: Path, state: dict, mine: str) -> None:
+    """``dcp.load`` of ``state``, after its header shows the same algorithm and shape hyper-parameters."""
     header = {"header": ""}
     dcp.load(header, checkpoint_id=str(path))
     if header["header"] != mine:
@@ -106,8 +307,48 @@ def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
             f"optimizer is {want['algorithm']!r} with {want['shape_hparams']}; build it with the checkpoint's "
             "algorithm and shape hyper-parameters (rank, side) to resume"
         )
-    state = {"model": get_model_state_dict(model), "optim": optim_state, "extra": dict(extra or {})}
     dcp.load(state, checkpoint_id=str(path))
+
+
+def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict | None = None) -> dict:
+    """Load a checkpoint written by :func:`save`, on any world size; returns ``extra``.
+
+    The optimizer must be built with the same algorithm and state-shaping hyper-parameters
+    (rank, side); a mismatch is refused before any tensor is read. Every file's size and CRC-32 are
+    checked first (collective): :class:`IntegrityError` names a missing, truncated or corrupted file.
+    """
+    path = Path(path)
+    if not is_complete(path):
+        raise FileNotFoundError(
+            f"{path} is not a complete distopt checkpoint (no {COMPLETE_MARKER}): the save that wrote it did "
+            "not finish. Resume from an earlier checkpoint."
+        )
+    manifest = _read_manifest(path)
+    if manifest is None:
+        if _is_main():
+            logger.warning("%s was written without file digests: its contents cannot be verified", path)
+        manifest = {}
+    problem = None
+    try:
+        check_sizes(path, manifest)
+    except IntegrityError as err:
+        problem = str(err)
+    raise_if_any([p for p in gather(problem) if p])
+    optim_state = get_optimizer_state_dict(model, optimizer)
+    state = {"model": get_model_state_dict(model), "optim": optim_state, "extra": dict(extra or {})}
+    # The shards are CRC'd on a helper thread (no collective there) while DCP reads them into
+    # ``state``; nothing reaches the model or the optimizer before every rank's share has passed.
+    with ThreadPoolExecutor(1) as pool:
+        checking = pool.submit(local_problems, path, manifest)
+        try:
+            _load_matching(path, state, _header(optim_state))
+            failure = None
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - judged once the verification is in
+            failure = err
+        found = checking.result()
+    raise_if_any([p for part in gather(found) for p in part])
+    if failure is not None:
+        raise failure
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     return state["extra"]

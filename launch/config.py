@@ -14,6 +14,7 @@ import difflib
 import inspect
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -119,6 +120,8 @@ class TrainConfig:
     precision: str = _f("fp32", "fp32; bf16-mixed (fp32 weights, bf16 autocast); bf16 (bf16 weights, fp32 optimizer math)", choices=PRECISIONS)
     seed: int = _f(0, "seed of the model init and the data order", ge=0)
     stop_at: int = _f(0, "stop after this step with a checkpoint, as if preempted (0: run to train.steps)", ge=0)
+    max_bad_steps: int = _f(5, "stop the run as diverged (exit code 3) after this many consecutive steps whose loss or "
+                               "gradient norm is not finite; no checkpoint is written of such a state (0: never stop)", ge=0)
 
 
 @dataclass
@@ -130,8 +133,10 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every: int = _f(0, "write a checkpoint every N steps (0: only at the end and on SIGTERM)", ge=0)
-    keep: int = _f(2, "checkpoints kept; older ones are deleted (0: keep all)", ge=0)
+    keep: int = _f(2, "checkpoints kept on the current branch; older ones are deleted (0: keep all)", ge=0)
     resume: str = _f("", "'auto' (or --resume alone): continue from the latest checkpoint in out_dir if there is one; a checkpoint folder; '' to start fresh")
+    strict: bool = _f(False, "refuse to resume when the chosen checkpoint fails its integrity check, instead of falling back "
+                              "(loudly) to the newest one that passes")
 
 
 @dataclass
@@ -261,12 +266,19 @@ def _coerce(key: str, value: Any, typ) -> Any:
             return {}
         if not isinstance(value, dict):
             raise ConfigError(f"{key}={value!r}: must be a mapping, e.g. {{rank: 128}}")
-        return dict(value)
+        return {k: _scalar_from_cli(v) if isinstance(v, str) and _NUMBER.fullmatch(v.strip()) else v for k, v in value.items()}
     raise ConfigError(f"{key}: unsupported type {typ}")
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _scalar_from_cli(text: str) -> Any:
-    """Values in ``hparams`` have no declared type: read them as YAML scalars (64 -> int, 0.25 -> float)."""
+    """Values in ``hparams`` have no declared type: read them as YAML scalars (64 -> int, 0.25 -> float,
+    and 5e-1 -> 0.5, which YAML 1.1 would leave a string)."""
+    if _NUMBER.fullmatch(text.strip()):
+        number = float(text)
+        return int(number) if number.is_integer() and "." not in text else number  # 64 and 1e2 are counts
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -305,7 +317,8 @@ def _apply(cfg: RunConfig, key: str, value: Any, problems: list[str], from_cli: 
                 if not isinstance(target, dict):
                     problems.append(f"{key}: {sub} is not a mapping")
                     return
-            target[parts[-1]] = _scalar_from_cli(value) if from_cli and isinstance(value, str) else value
+            # YAML 1.1 reads 5e-1 (no dot) as a string: numbers in hparams are read as numbers either way.
+            target[parts[-1]] = _scalar_from_cli(value) if isinstance(value, str) and (from_cli or _NUMBER.fullmatch(value)) else value
             return
         try:
             coerced = _coerce(key, value, hints[name])

@@ -578,8 +578,8 @@ class ZeroEngine(Engine):
         self.ds.step()
         self._norm = self.ds.get_global_grad_norm()
 
-    def last_grad_norm(self) -> float:
-        return math.nan if self._norm is None else float(self._norm)
+    def last_grad_norm(self) -> float | None:
+        return None if self._norm is None else float(self._norm)
 
     def save_sharded(self, folder: Path) -> None:
         self.ds.save_checkpoint(str(folder / "deepspeed"), tag=self.TAG)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger("distopt.train")
 
 
 def human_bytes(n: float) -> str:
@@ -60,17 +63,42 @@ class JsonlLog:
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [json.dumps(r) for r in read_jsonl(path) if r.get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(dumps(record) + "\n")
+
+
+def finite(obj):
+    """``obj`` with every non-finite float replaced by None: JSON has no NaN or Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj, **kw) -> str:
+    """Strict JSON (non-finite floats become null)."""
+    return json.dumps(finite(obj), allow_nan=False, **kw)
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a JSONL file; a torn line (a write cut short by a kill) is skipped with a warning."""
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            logger.warning("%s: line %d is not valid JSON (a write cut short?); skipped", path, number)
+    return records
 
 
 class Progress:
@@ -152,8 +180,8 @@ def plot_runs(runs: dict[str, Path], out: Path, title: str) -> Path | None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, path) in enumerate(runs.items()):
         records = read_jsonl(path)
-        train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
-        val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
+        train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+        val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval" and r.get("val_loss") is not None]
         color = colors[i % len(colors)]
         prefix = f"{label} " if len(runs) > 1 else ""
         if train:
@@ -196,5 +224,5 @@ def summary_table(rows: list[tuple[str, str]], title: str) -> str:
 
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(dumps(obj, indent=1))
     os.replace(tmp, path)

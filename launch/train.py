@@ -21,6 +21,7 @@ import os
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,12 @@ by SIGTERM after writing a checkpoint.
 """
 
 EXIT_PREEMPTED = 143
+EXIT_DIVERGED = 3
+EXIT_CHECKPOINT_FAILED = 4
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permissions): the job stops, the last one stays."""
 
 
 # -- checks before any work -------------------------------------------------------------------------
@@ -87,6 +94,8 @@ class Plan:
     out_dir: Path
     resume_from: Path | None
     notes: list[str] = field(default_factory=list)
+    # Older complete checkpoints to fall back to, newest first, when resume_from fails verification.
+    fallbacks: list[Path] = field(default_factory=list)
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -146,11 +155,13 @@ def preflight(cfg: RunConfig, info: dist.DistInfo) -> Plan:
 
     out_dir = cfg.output_dir
     root = out_dir / "checkpoints"
-    resume_from = None
+    resume_from, fallbacks = None, []
     if cfg.checkpoint.resume == "auto":
-        resume_from = ckpt.latest(root)
-        if resume_from is None:
+        found = ckpt.candidates(root, notes)
+        if not found:
             notes.append(f"no checkpoint in {root} yet: starting fresh")
+        else:
+            resume_from, fallbacks = found[0], ([] if cfg.checkpoint.strict else found[1:])
     elif cfg.checkpoint.resume:
         resume_from = Path(cfg.checkpoint.resume)
         if not (resume_from / "meta.json").is_file():
@@ -160,14 +171,75 @@ def preflight(cfg: RunConfig, info: dist.DistInfo) -> Plan:
             f"out_dir={str(out_dir)!r} already holds checkpoints (latest: {ckpt.latest(root).name}). "
             "Continue that run with --resume, start over with --overwrite (deletes them), or set another --out_dir"
         )
-    if resume_from is not None:
-        saved = torch.load(resume_from / "trainer.pt", weights_only=True)
-        wanted = {"optim.name": (saved["optimizer"], cfg.optim.name), "data.seq_len": (saved["seq_len"], cfg.data.seq_len),
-                  "model.name": (saved["model"], cfg.model.name)}
-        differ = [f"{k}={old!r}" for k, (old, new) in wanted.items() if old != new]
-        if differ:
-            raise ConfigError(f"{resume_from} was written with {', '.join(differ)}; resume it with the same values")
-    return Plan(engine_cls, shape, impl, tokenizer, num_params, matrix, state, adamw, out_dir, resume_from, notes)
+    check_output_paths(out_dir, checkpoint_bytes=num_params * 4 + state + (1 << 20))
+    while resume_from is not None:  # cheap checks here; every byte is verified once the ranks are up
+        try:
+            ckpt.check_files(resume_from)
+            check_resume_point(cfg, resume_from)
+            break
+        except ckpt.IntegrityError as err:
+            resume_from, fallbacks = fall_back(cfg, err, fallbacks, notes)
+    return Plan(engine_cls, shape, impl, tokenizer, num_params, matrix, state, adamw, out_dir, resume_from, notes, fallbacks)
+
+
+def check_output_paths(out_dir: Path, checkpoint_bytes: int) -> None:
+    """Before any data or model is loaded: ``out_dir`` and its files can be written, nothing is in
+    the way, and the disk has room for a checkpoint (fp32 weights plus optimizer state). ConfigError
+    names the path and the fix."""
+    problems = []
+    for path, kind in ((out_dir, "dir"), (out_dir / "checkpoints", "dir"), (out_dir / "metrics.jsonl", "file"),
+                       (out_dir / "summary.json", "file"), (out_dir / "config.yaml", "file")):
+        if kind == "dir" and path.exists() and not path.is_dir():
+            problems.append(f"{path} is a file, where the job needs a folder: move it away or set another out_dir")
+        if kind == "file" and path.is_dir():
+            problems.append(f"{path} is a folder, where the job writes a file: move it away or set another out_dir")
+    if problems:
+        raise ConfigError(problems)
+    base = out_dir  # the nearest folder that exists: nothing is created here
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ConfigError(f"{base} is a file, where out_dir={str(out_dir)!r} needs a folder: set another out_dir")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as err:
+        raise ConfigError(f"out_dir={str(out_dir)!r} cannot be written ({err.strerror or err} in {base}): set out_dir "
+                          "to a writable folder") from None
+    free = shutil.disk_usage(base).free
+    if free < checkpoint_bytes:
+        raise ConfigError(f"out_dir={str(out_dir)!r} has {human_bytes(free)} free, but one checkpoint needs about "
+                          f"{human_bytes(checkpoint_bytes)} (fp32 weights and optimizer state): free space or set "
+                          "another out_dir")
+
+
+def check_resume_point(cfg: RunConfig, path: Path) -> dict:
+    """The trainer state of checkpoint ``path``, refused (ConfigError) when it was written for another
+    optimizer, model or sequence length; :class:`ckpt.IntegrityError` when it cannot be read."""
+    try:
+        saved = torch.load(path / "trainer.pt", weights_only=True)
+    except FileNotFoundError:
+        raise ckpt.IntegrityError(f"{path}: trainer.pt is missing") from None
+    except Exception as err:  # noqa: BLE001 - a truncated or garbled file fails in many ways
+        raise ckpt.IntegrityError(f"{path}: trainer.pt cannot be read ({type(err).__name__}: {err})") from None
+    wanted = {"optim.name": (saved["optimizer"], cfg.optim.name), "data.seq_len": (saved["seq_len"], cfg.data.seq_len),
+              "model.name": (saved["model"], cfg.model.name)}
+    differ = [f"{k}={old!r}" for k, (old, new) in wanted.items() if old != new]
+    if differ:
+        raise ConfigError(f"{path} was written with {', '.join(differ)}; resume it with the same values")
+    return saved
+
+
+def fall_back(cfg: RunConfig, err: Exception, fallbacks: list[Path], say) -> tuple[Path, list[Path]]:
+    """The next checkpoint to try after ``err``, announced loudly; ConfigError when there is none or
+    ``checkpoint.strict`` (or an explicitly named checkpoint) forbids falling back."""
+    if not fallbacks:
+        hint = ("" if cfg.checkpoint.strict or cfg.checkpoint.resume != "auto" else
+                " and no older complete checkpoint passes either")
+        raise ConfigError(f"cannot resume: {err}{hint}. Resume another checkpoint with checkpoint.resume=<folder>, "
+                          "or start over with --overwrite")
+    (say.append if isinstance(say, list) else say)(f"WARNING: cannot resume: {err}. Falling back to {fallbacks[0]}")
+    return fallbacks[0], fallbacks[1:]
 
 
 # -- the run ----------------------------------------------------------------------------------------------
@@ -177,6 +249,7 @@ class Result:
     steps_done: int
     preempted: bool
     summary: dict
+    diverged: bool = False
 
 
 def lr_factor(step: int, cfg: RunConfig) -> float:
@@ -276,19 +349,32 @@ def _train(cfg: RunConfig, info: dist.DistInfo, plan: Plan, device: torch.device
     tokens_per_step = samples_per_step * seq
 
     step, consumed, elapsed_before, best_val = 0, 0, 0.0, math.inf
-    if resuming:
+    resume_from, fallbacks = plan.resume_from, list(plan.fallbacks)
+    while resuming:  # every file's CRC is checked, over all ranks, before anything is applied
         try:
-            trainer = ckpt.load(plan.resume_from, info, engine)
+            check_resume_point(cfg, resume_from)
+            trainer = ckpt.load(resume_from, info, engine)
+            break
+        except ckpt.IntegrityError as err:
+            resume_from, fallbacks = fall_back(cfg, err, fallbacks, say)
         except ValueError as err:  # shapes or hyper-parameters that fix state shapes differ
-            raise ConfigError(f"cannot resume from {plan.resume_from}: {err}") from None
+            raise ConfigError(f"cannot resume from {resume_from}: {err}") from None
+    if resuming:
         if trainer["samples_per_step"] != samples_per_step and main:
             logger.warning("global batch changed from %d to %d sequences: the data order now differs from an uninterrupted run",
                            trainer["samples_per_step"], samples_per_step)
         step, consumed = int(trainer["step"]), int(trainer["samples_consumed"])
         elapsed_before, best_val = float(trainer.get("train_seconds", 0.0)), float(trainer.get("best_val", math.inf))
-        say(f"resumed from {plan.resume_from} at step {step}")
+        say(f"resumed from {resume_from} at step {step}")
+        for change in getattr(optimizer, "resumed_changes", []):
+            say(f"resume: {change}")
+        if main:  # a rollback starts a new branch: later checkpoints are kept aside, never deleted
+            aside = ckpt.start_branch(root, resume_from, step)
+            if aside is not None:
+                say(f"checkpoints after step {step} (the run being rolled back) moved to {aside}")
+        dist.barrier()
     if step >= cfg.train.steps:
-        say(f"nothing to do: {plan.resume_from} is at step {step} and train.steps={cfg.train.steps}")
+        say(f"nothing to do: {resume_from} is at step {step} and train.steps={cfg.train.steps}")
         previous = out_dir / "summary.json"
         return Result(out_dir, step, False, json.loads(previous.read_text()) if main and previous.is_file() else {})
 
@@ -315,8 +401,9 @@ def _train(cfg: RunConfig, info: dist.DistInfo, plan: Plan, device: torch.device
     eval_history: list[tuple[int, float]] = []
     train_losses: list[float] = []
     step_times: list[float] = []
-    preempted = stopped = False
+    preempted = stopped = diverged = False
     last_ckpt = None
+    bad_steps = 0  # consecutive steps with a non-finite loss or gradient norm
 
     def record_eval(at: int) -> None:
         nonlocal best_val
@@ -335,7 +422,13 @@ def _train(cfg: RunConfig, info: dist.DistInfo, plan: Plan, device: torch.device
             "train_seconds": elapsed_before + sum(step_times), "best_val": best_val,
         }
         started = time.perf_counter()
-        path = ckpt.save(root, at, info, engine, trainer_state, config_text, cfg.checkpoint.keep)
+        try:
+            path = ckpt.save(root, at, info, engine, trainer_state, config_text, cfg.checkpoint.keep)
+        except OSError as err:
+            raise CheckpointWriteError(
+                f"could not write checkpoint step {at} under {root}: {err}. The last complete checkpoint, "
+                f"{last_ckpt or ckpt.latest(root) or 'none'}, is untouched; free space (or fix the folder) and "
+                "resume with --resume") from None
         if progress.mode == "lines":
             say(f"checkpoint {path} ({time.perf_counter() - started:.1f}s)")
         return path
@@ -376,8 +469,16 @@ def _train(cfg: RunConfig, info: dist.DistInfo, plan: Plan, device: torch.device
             step_times.append(dt)
             train_losses.append(loss_value)
             interval_losses.append(loss_value)
-            if not math.isfinite(loss_value) and main:
-                logger.warning("step %d: loss is %s", step, loss_value)
+            finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm))
+            bad_steps = 0 if finite else bad_steps + 1
+            if not finite and main:
+                logger.warning("step %d: loss %s, gradient norm %s", step, loss_value, grad_norm)
+            if cfg.train.max_bad_steps and bad_steps >= cfg.train.max_bad_steps:
+                diverged = True
+                say(f"DIVERGED: {bad_steps} consecutive steps with a non-finite loss or gradient norm (step {step}, "
+                    f"loss {loss_value}, gradient norm {grad_norm}); stopping without a checkpoint of this state. "
+                    f"Last checkpoint: {last_ckpt or 'none'}. Lower optim.lr, or resume from an earlier checkpoint.")
+                break
             final = step == cfg.train.steps
             stop_here = stop_signal or (cfg.train.stop_at and step == cfg.train.stop_at)
             if step % cfg.log.every == 0 or step == 1 or final or stop_here:
@@ -397,7 +498,10 @@ def _train(cfg: RunConfig, info: dist.DistInfo, plan: Plan, device: torch.device
             if final or stop_here or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 if final:
                     record_eval(step)
-                last_ckpt = save(step)
+                if bad_steps:  # never checkpoint a state the last step left non-finite or skipped
+                    say(f"step {step}: no checkpoint, the step's loss or gradient norm was not finite")
+                else:
+                    last_ckpt = save(step)
             if stop_here:
                 preempted, stopped = stop_signal, True
                 break
@@ -407,17 +511,18 @@ def _train(cfg: RunConfig, info: dist.DistInfo, plan: Plan, device: torch.device
 
     summary = {}
     if main:
+        status = "diverged" if diverged else "preempted" if preempted else "stopped" if stopped else "completed"
         summary = _summarize(cfg, info, plan, engine, out_dir, step, train_losses, step_times, eval_history, best_val,
-                             tokens_per_step, state_now, last_ckpt, preempted, stopped, elapsed_before, device)
+                             tokens_per_step, state_now, last_ckpt, preempted, stopped, elapsed_before, device, status)
         if preempted:
             say(f"stopped by signal at step {step}; checkpoint {last_ckpt}. Resume with --resume.")
         else:
             say(summary["screen"])
-    return Result(out_dir, step, preempted, summary)
+    return Result(out_dir, step, preempted, summary, diverged)
 
 
 def _summarize(cfg, info, plan, engine, out_dir, step, train_losses, step_times, eval_history, best_val,
-               tokens_per_step, state_now, last_ckpt, preempted, stopped, elapsed_before, device) -> dict:
+               tokens_per_step, state_now, last_ckpt, preempted, stopped, elapsed_before, device, status) -> dict:
     jsonl = out_dir / "metrics.jsonl"
     png = None
     if cfg.log.plot and not preempted:
@@ -435,7 +540,7 @@ def _summarize(cfg, info, plan, engine, out_dir, step, train_losses, step_times,
     state = state_now
     ratio = plan.adamw_state_bytes / state if state else float("inf")
     summary = {
-        "run": cfg.name, "out_dir": str(out_dir), "optimizer": cfg.optim.name, "hparams": cfg.optim.hparams,
+        "status": status, "run": cfg.name, "out_dir": str(out_dir), "optimizer": cfg.optim.name, "hparams": cfg.optim.hparams,
         "model": cfg.model.name, "engine": engine.name, "world_size": info.world_size, "steps": step,
         "tokens": step * tokens_per_step, "final_train_loss": final_train, "first_train_loss": first_train,
         "final_val_loss": val, "first_val_loss": first_val, "best_val_loss": best_val,
@@ -458,7 +563,8 @@ def _summarize(cfg, info, plan, engine, out_dir, step, train_losses, step_times,
         ("loss curve", str(png) if png else PLOT_HINT.format(jsonl=jsonl) if cfg.log.plot else "off (log.plot=false)"),
         ("checkpoint", str(last_ckpt) if last_ckpt else "none"),
     ]
-    summary["screen"] = summary_table(rows, "done" if not stopped else f"stopped at step {step} (train.stop_at)")
+    title = {"diverged": f"DIVERGED at step {step}", "stopped": f"stopped at step {step} (train.stop_at)"}.get(status, "done")
+    summary["screen"] = summary_table(rows, title)
     write_json_atomic(out_dir / "summary.json", {k: v for k, v in summary.items() if k != "screen"})
     return summary
 
@@ -518,8 +624,13 @@ def main(argv: list[str] | None = None) -> int:
         if info.is_main:
             print(f"distopt train: {err}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as err:
+        print(f"distopt train: {err}", file=sys.stderr)
+        return EXIT_CHECKPOINT_FAILED
     finally:
         dist.shutdown()
+    if result.diverged:
+        return EXIT_DIVERGED
     return EXIT_PREEMPTED if result.preempted else 0
 
 

@@ -61,6 +61,12 @@ Not supported yet (refused with the fix): optimizer or parameter offload, fp16 a
 BF16_Optimizer (bf16 at stage 1 with fp32 gradient accumulation, pipeline bf16), pipeline, tensor,
 sequence and expert parallelism, ZeRO++ (quantized weights/gradients, hpZ), MiCS, ZenFlow,
 SuperOffload, DeepCompile, elastic and universal checkpoints, ``rso``.
+
+Trust boundary: distopt reads checkpoint files with ``weights_only=True`` (:func:`safe_load` allows
+only DeepSpeed's plain-data classes), so a planted file cannot run code through distopt's converter
+or :func:`load_full_state`; the converter checks every file before DeepSpeed's ``zero_to_fp32``
+reads them. DeepSpeed's own ``engine.load_checkpoint`` (same-size resume) unpickles its files with
+``weights_only=False``: resume that way only from checkpoints you trust.
 """
 
 from __future__ import annotations
@@ -68,9 +74,11 @@ from __future__ import annotations
 import copy
 import difflib
 import glob
+import importlib
 import logging
 import math
 import os
+import pickle
 import re
 from dataclasses import dataclass
 
@@ -832,6 +840,40 @@ def merge_states(states: list[dict]) -> dict:
     return {"state": full, "param_groups": states[0]["param_groups"], "distopt": meta}
 
 
+# Plain data holders DeepSpeed pickles into its checkpoint files: allowed when loading them with
+# ``weights_only=True``. Anything else in a file is refused by name, never unpickled.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+)
+
+
+def _resolve(qualified: str):
+    module, _, name = qualified.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def safe_load(path: str):
+    """``torch.load(path, weights_only=True)`` that also accepts DeepSpeed's own plain-data classes
+    (:data:`DEEPSPEED_SAFE_GLOBALS`). A file holding any other object is refused, naming it."""
+    allowed = [c for c in map(_resolve, DEEPSPEED_SAFE_GLOBALS) if c is not None]
+    with torch.serialization.safe_globals(allowed):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            others = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - set(DEEPSPEED_SAFE_GLOBALS))
+            raise ValueError(
+                f"{path} holds objects of {others or 'unknown classes'}, which distopt does not unpickle: it loads "
+                "checkpoint files with weights_only=True, so that a file cannot run code. If you trust this file and "
+                "these classes are plain data, add them with torch.serialization.add_safe_globals([...]) and retry"
+            ) from None
+
+
 def convert_checkpoint(load_dir: str, out: str, tag=None) -> str:
     """Write one file with everything needed to resume a distopt DeepSpeed checkpoint on any
     data-parallel size: fp32 weights by name, the whole optimizer state by name, the LR scheduler,
@@ -846,11 +888,12 @@ def convert_checkpoint(load_dir: str, out: str, tag=None) -> str:
         matches = [f for f in glob.glob(os.path.join(folder, f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))]
         if len(matches) != 1:
             raise FileNotFoundError(f"{folder}: expected one optimizer file of rank {rank}, found {matches}")
-        states.append(_distopt_state(torch.load(matches[0], map_location="cpu", weights_only=False)))
+        states.append(_distopt_state(safe_load(matches[0])))
     optimizer = merge_states(states)
+    # Every file DeepSpeed's zero_to_fp32 unpickles has now passed a weights_only load here.
+    model_states = safe_load(_model_states_file(folder))
     weights = get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
     weights = {k: v.detach().clone().float() for k, v in weights.items()}
-    model_states = torch.load(_model_states_file(folder), map_location="cpu", weights_only=False)
     engine_keys = ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")
     known = set(engine_keys) | {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes",
                                 "shared_params", "frozen_param_fragments", "dp_world_size", "mp_world_size",
@@ -874,7 +917,7 @@ def load_full_state(engine, path: str, load_optimizer_states: bool = True, load_
     Sets this rank's fp32 master partitions and the model's working weights, this rank's rows and
     elements of the optimizer state, the LR scheduler and the engine's step counters. Returns the
     client state saved with the checkpoint."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = safe_load(path)
     if blob.get("format") != FULL_FORMAT:
         raise ValueError(f"{path} was not written by `python -m distopt.deepspeed convert`")
     optimizer = engine.basic_optimizer

@@ -32,6 +32,13 @@ ADAPTER_KEY = "adapter"
 
 
 def flat_shard_error(name: str, shape: tuple[int, ...]) -> ValueError:
+    if len(shape) > 2:
+        return ValueError(
+            f"parameter {name!r} of shape {tuple(shape)} reached the matrix group, which takes 2-D weights; a "
+            f"{len(shape)}-D tensor (a convolution kernel, a stacked expert weight) has no single row/column "
+            "layout to project. Route it to the element-wise group with rules=[(pattern, 'other')], or reshape "
+            "it into a 2-D parameter in the model."
+        )
     return ValueError(
         f"parameter {name!r} reached the matrix group as a flat 1-D tensor of shape {tuple(shape)}. "
         "DeepSpeed ZeRO-1/2/3 and FSDP1 (FlatParameter) hand optimizers flat shards, which lose the "
@@ -45,6 +52,8 @@ def check_lr(lr) -> None:
     value = float(lr)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"lr={lr!r}: the learning rate must be a finite number >= 0")
+    if value > torch.finfo(torch.float32).max:  # it multiplies fp32 tensors: inf from the first step
+        raise ValueError(f"lr={lr!r}: above the largest float32 ({torch.finfo(torch.float32).max:.3g}); use a real learning rate")
 
 
 def check_common_hparams(group: dict) -> None:
@@ -151,7 +160,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 out.append({**group, "params": params, "param_names": names, "roles": roles})
                 continue
             for kind in ("adamw", "matrix"):
-                picked = [i for i, p in enumerate(params) if (roles[i] in self.matrix_roles and p.dim() == 2) == (kind == "matrix")]
+                picked = [i for i, p in enumerate(params)
+                          if (roles[i] in self.matrix_roles and p.dim() == 2 and 0 not in getattr(p, "ds_shape", p.shape))
+                          == (kind == "matrix")]
                 if picked:
                     out.append({**group, "params": [params[i] for i in picked], "param_names": [names[i] for i in picked],
                                 "roles": [roles[i] for i in picked], "kind": kind})
@@ -518,8 +529,13 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         missing = sorted(set(by_name) - set(saved_state))
         if unknown or missing:
             raise ValueError(f"checkpoint parameters do not match: unknown {unknown[:5]}, missing {missing[:5]}")
+        for group, saved in zip(self.param_groups, saved_groups):
+            if list(saved["params"]) != list(group["param_names"]):
+                raise ValueError("checkpoint parameter groups list different parameters")
+        # Everything is checked before anything is copied: a refused checkpoint leaves no trace.
         self.allocate_state()
         group_of = {p: g for g in self.param_groups for p in self._state_params(g)}
+        incoming = []
         for name, entries in saved_state.items():
             p = by_name[name]
             target = self.state[p]
@@ -529,14 +545,35 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 value = self._import(p, group_of[p], key, value)
                 if tuple(value.shape) != tuple(target[key].shape):
                     raise ValueError(f"{name}.{key}: checkpoint shape {tuple(value.shape)} != {tuple(target[key].shape)}")
-                target[key].copy_(value)
+                incoming.append((target[key], value))
+        for target, value in incoming:
+            target.copy_(value)
+        self.resumed_changes = self._keep_current_hparams(saved_groups)
+
+    # Group entries that are bookkeeping, not hyper-parameters (``lr`` is owned by schedules).
+    _NOT_HPARAMS = frozenset({"params", "param_names", "kind", "roles", "lr", "initial_lr"})
+
+    def _keep_current_hparams(self, saved_groups: list[dict]) -> list[str]:
+        """The hyper-parameters this optimizer was built with stay in force after a load; entries only
+        the checkpoint has are taken from it. Returns (and logs) what differs from the checkpoint."""
+        changes = []
         for group, saved in zip(self.param_groups, saved_groups):
-            if list(saved["params"]) != list(group["param_names"]):
-                raise ValueError("checkpoint parameter groups list different parameters")
             for key, value in saved.items():
-                # Layout choices of this run (e.g. shard_basis) stay; the state was resharded to them.
-                if key != "params" and key not in self.layout_hparams:
-                    group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
+                if key == "params" or key in self.layout_hparams:
+                    continue
+                if key not in group:
+                    group[key] = value
+                elif key not in self._NOT_HPARAMS and not _same_value(group[key], value):
+                    changes.append(f"{group['kind']} group {key}: {value!r} in the checkpoint -> {group[key]!r} now (applied)")
+        for change in changes:
+            logger.warning("load_state_dict: %s", change)
+        return changes
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -61,8 +61,8 @@ class ProjectedAdam(SubspaceOptimizer):
             raise ValueError(f"{key}={group[key]!r} is not one of {REFRESH_METHODS}")
         subspace.check_subspace_hparams({**group, "refresh": group[key]})
         scale = group["scale"]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"scale={scale!r}: must be a finite number")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale={scale!r}: must be a finite number > 0 (GaLore's alpha, e.g. 0.25)")
         check_recovery_hparams(group)
         if not isinstance(group.get("shard_basis", False), bool):
             raise ValueError(f"shard_basis={group['shard_basis']!r}: must be True or False")

@@ -322,7 +322,7 @@ class RSO(SubspaceOptimizer):
                         "distopt.optim.rso.reparametrize(model, rank=..., ...) before fully_shard, then "
                         "distopt.build_optimizer(model, 'rso', ...) with the same hyper-parameters."
                     )
-                if type(module) is nn.Linear:
+                if type(module) is nn.Linear and module.weight.numel() > 0:  # an empty layer has nothing to train
                     targets.append((name, module))
         for name, module in targets:
             r = min(rank, module.in_features)

@@ -271,3 +271,58 @@ def test_randomized_refreshes_share_their_replicated_work_and_give_the_one_proce
         # One Rayleigh-Ritz eigenproblem per refresh over all ranks (not one per rank), shared by all.
         _check_split(name, single, per_rank, "eigh")
         assert per_rank[0][name]["traffic"]["calls"].get("broadcast", 0) > 0, name
+
+
+class _SlimBlock(torch.nn.Module):
+    """A block whose k and gate projections have 2 rows: on 3 ranks one rank holds none of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.self_attn = torch.nn.Module()
+        self.self_attn.k_proj = torch.nn.Linear(37, 2, bias=False)
+        self.self_attn.o_proj = torch.nn.Linear(2, 37, bias=False)
+        self.mlp = torch.nn.Module()
+        self.mlp.gate_proj = torch.nn.Linear(37, 2, bias=False)
+        self.mlp.down_proj = torch.nn.Linear(2, 37, bias=False)
+
+    def forward(self, x):
+        return x + self.self_attn.o_proj(torch.tanh(self.self_attn.k_proj(x))) + self.mlp.down_proj(self.mlp.gate_proj(x))
+
+
+class _SlimNet(OddNet):
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        torch.manual_seed(seed + 1)
+        self.layers = torch.nn.ModuleList([_SlimBlock(), _SlimBlock()])
+
+
+def _slim_worker(rank, world_size, names, steps):
+    out = {}
+    for name in names:
+        try:
+            model = shard(prepare(_SlimNet(), name), world_size)
+            opt = build(model, name)
+            train_steps(model, opt, steps, rank, world_size)
+            out[name] = full_params(model)
+        except Exception:  # noqa: BLE001 - one optimizer's failure must not hide the others'
+            out[name] = traceback.format_exc()
+    return out
+
+
+def test_ranks_with_empty_shards_step_and_match_one_process():
+    # FSDP2 hands a rank with no rows of a matrix a 0 x n shard; every optimizer must step it.
+    results = run_ranks(3, _slim_worker, NAMES, 4)[0]
+    problems = []
+    for name in NAMES:
+        got = results[name]
+        if isinstance(got, str):
+            problems.append(f"{name}: raised\n{got[-1500:]}")
+            continue
+        model = prepare(_SlimNet(), name)
+        opt = build(model, name)
+        train_steps(model, opt, 4)
+        for key, value in full_params(model).items():
+            if not torch.allclose(got[key], value, rtol=RTOL, atol=ATOL):
+                problems.append(f"{name}: {key} differs by {(got[key] - value).abs().max().item():.3g}")
+                break
+    assert not problems, "\n".join(problems)

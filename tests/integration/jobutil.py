@@ -84,3 +84,29 @@ def assert_same_tensors(a, b, where: str = "") -> None:
             assert_same_tensors(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def launch_ranks(world: int, args: list[str], timeout: float = 240, **extra_env) -> list[subprocess.CompletedProcess]:
+    """``world`` processes of launch/train.py with the variables torchrun would set; one result per rank."""
+    port = free_port()
+    procs = [subprocess.Popen([python(), "launch/train.py", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              env=env(RANK=r, WORLD_SIZE=world, LOCAL_RANK=r, LOCAL_WORLD_SIZE=world,
+                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra_env))
+             for r in range(world)]
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return done
+
+
+def ok(results) -> str:
+    for r in results:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return results[0].stdout

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from jobutil import REPO, env, free_port, job_args, python
+from jobutil import REPO, env, free_port, job_args, launch_ranks, ok
 
 from launch import train
 from launch.config import load_config
@@ -27,32 +27,6 @@ STEPS = 4
 BASE = {"train.steps": STEPS, "train.batch_size": 6, "train.grad_accum": 2, "eval.every": 2, "log.every": 1}
 RTOL, ATOL = 1e-5, 1e-6
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-
-
-def launch_ranks(world: int, args: list[str], timeout: float = 240, **extra_env) -> list[subprocess.CompletedProcess]:
-    """``world`` processes of launch/train.py with the variables torchrun would set; one result per rank."""
-    port = free_port()
-    procs = [subprocess.Popen([python(), "launch/train.py", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE,
-                              env=env(RANK=r, WORLD_SIZE=world, LOCAL_RANK=r, LOCAL_WORLD_SIZE=world,
-                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra_env))
-             for r in range(world)]
-    done = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=timeout)
-            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    return done
-
-
-def ok(results) -> str:
-    for r in results:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return results[0].stdout
 
 
 def losses(out_dir: Path) -> dict[int, float]:

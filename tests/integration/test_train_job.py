@@ -84,3 +84,14 @@ def test_every_registered_optimizer_trains_and_resumes(tmp_path, name):
     assert train.main(job_args(tmp_path, **base) + [f"{k}={v}" for k, v in hparams.items()] + ["--resume"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["state_bytes"] > 0
+
+
+def test_numbers_in_yaml_hparams_are_numbers_even_without_a_dot(tmp_path):
+    # YAML 1.1 reads 5e-1 as a string; the job reads it as the number it is.
+    from launch.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  name: galore\n  hparams:\n    scale: 5e-1\n    rank: 8\n    refresh: svd\n")
+    cfg = load_config(str(path), ["optim.hparams.update_proj_gap=1e2"])
+    assert cfg.optim.hparams == {"scale": 0.5, "rank": 8, "refresh": "svd", "update_proj_gap": 100}
+    assert isinstance(cfg.optim.hparams["update_proj_gap"], int)

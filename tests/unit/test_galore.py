@@ -2,6 +2,7 @@
 
 import copy
 import math
+import types
 import warnings
 
 import pytest
@@ -155,6 +156,34 @@ def test_checkpoint_with_other_shapes_or_algorithm_is_refused():
         distopt.build_optimizer(tiny_model(), "adamw").load_state_dict(sd)
 
 
+def test_changed_hyperparameters_apply_after_a_load_and_are_reported():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "galore", rank=8, scale=0.25, weight_decay=0.0, betas=(0.9, 0.999))
+    train(model, opt, 2)
+    sd = roundtrip(opt.state_dict())
+    again = distopt.build_optimizer(tiny_model(), "galore", rank=8, scale=0.5, weight_decay=0.1, betas=(0.8, 0.99))
+    again.load_state_dict(sd)
+    matrix = next(g for g in again.param_groups if g["kind"] == "matrix")
+    assert (matrix["scale"], matrix["weight_decay"], matrix["betas"]) == (0.5, 0.1, (0.8, 0.99))
+    changes = " ".join(again.resumed_changes)
+    assert "scale: 0.25 in the checkpoint -> 0.5 now" in changes and "weight_decay" in changes and "betas" in changes
+
+
+def test_a_refused_checkpoint_leaves_the_state_untouched():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "galore", rank=8)
+    train(model, opt, 2)
+    sd = roundtrip(opt.state_dict())
+    sd["param_groups"][-1]["params"] = list(reversed(sd["param_groups"][-1]["params"]))  # a foreign layout
+    fresh = distopt.build_optimizer(tiny_model(), "galore", rank=8)
+    fresh.allocate_state()
+    before = {n: {k: v.clone() for k, v in fresh.state[p].items()} for p, n in fresh._names.items()}
+    with pytest.raises(ValueError, match="different parameters"):
+        fresh.load_state_dict(sd)
+    for p, n in fresh._names.items():
+        assert all(torch.equal(fresh.state[p][k], v) for k, v in before[n].items()), n
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -163,6 +192,10 @@ def test_checkpoint_with_other_shapes_or_algorithm_is_refused():
         (dict(rank=2.5), "rank=2.5"),
         (dict(lr=float("nan")), "lr=nan"),
         (dict(lr=float("inf")), "lr=inf"),
+        (dict(lr=1e39), "largest float32"),
+        (dict(scale=-1), "scale=-1"),
+        (dict(scale=0), "scale=0"),
+        (dict(elementwise={"lrr": 1e-3}), "unknown keys"),
         (dict(lr=-1.0), "lr=-1.0"),
         (dict(update_proj_gap=0), "update_proj_gap"),
         (dict(refresh="qr"), "refresh='qr'"),
@@ -197,6 +230,14 @@ def test_flat_shard_in_matrix_group_names_cause_and_fix():
     message = str(err.value)
     assert "q_proj.weight" in message and "(1380,)" in message
     assert "ZeRO" in message and "distopt.deepspeed.initialize" in message and "FSDP2" in message
+
+
+def test_a_3d_weight_in_the_matrix_group_is_named_as_such():
+    model = torch.nn.Module()
+    model.q_proj = torch.nn.Module()
+    model.q_proj.weight = torch.nn.Parameter(torch.randn(4, 6, 5))
+    with pytest.raises(ValueError, match=r"\(4, 6, 5\).*3-D tensor.*rules=\[\(pattern, 'other'\)\]"):
+        distopt.build_optimizer(model, "galore")
 
 
 def test_flat_shard_swapped_in_at_step_time_is_refused():
@@ -245,3 +286,22 @@ def test_nonfinite_gradient_leaves_param_state_and_basis_untouched(bad):
 @pytest.mark.parametrize("shape", [(24, 18), (18, 24)])  # a right and a left basis
 def test_constant_gradient_gives_the_closed_form_step(shape):
     assert_constant_gradient_step("galore", shape)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0)])
+@pytest.mark.parametrize("name", distopt.list_optimizers())
+def test_an_empty_weight_is_stepped_element_wise(name, shape):
+    # A matrix with no rows or no columns has nothing to project: it joins the element-wise group.
+    model = torch.nn.Module()
+    model.config = types.SimpleNamespace(num_attention_heads=1, num_key_value_heads=1, hidden_size=5)
+    model.self_attn = torch.nn.Module()
+    model.self_attn.q_proj = torch.nn.Linear(shape[1], shape[0], bias=False)
+    model.self_attn.v_proj = torch.nn.Linear(5, 5, bias=False)
+    opt = distopt.build_optimizer(model, name)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    opt.load_state_dict(roundtrip(opt.state_dict()))
+    groups = {n: g["kind"] for g in opt.param_groups for n in g["param_names"]}
+    assert all(kind == "adamw" for n, kind in groups.items() if "q_proj" in n)
