@@ -14,7 +14,7 @@ import distopt
 from distopt import checkpoint
 from distopt.core import comm
 
-from .common import OddNet, build, full_params, prepare, shard, train_steps
+from .common import OddNet, build, full_params, local_batch, prepare, shard, train_steps
 from .harness import run_ranks
 
 pytestmark = pytest.mark.distributed
@@ -326,3 +326,69 @@ def test_ranks_with_empty_shards_step_and_match_one_process():
                 problems.append(f"{name}: {key} differs by {(got[key] - value).abs().max().item():.3g}")
                 break
     assert not problems, "\n".join(problems)
+
+
+def _layerwise_worker(rank, world_size, names, steps, sharded):
+    from distopt.engines import layerwise
+
+    out = {}
+    for name in names:
+        try:
+            model = prepare(OddNet(), name)
+            model = shard(model, world_size) if sharded else model
+            opt = build(model, name)
+            layerwise.attach(opt, data_parallel=None if sharded else True)
+            params = list(model.parameters())
+            alive = []
+
+            def count(_, params=params, alive=alive):  # how many gradients exist whenever one becomes final
+                alive.append(sum(q.grad is not None for q in params))
+
+            for p in params:
+                p.register_post_accumulate_grad_hook(count)
+            for step in range(steps):
+                model(local_batch(step, rank, world_size)).backward()
+                assert all(p.grad is None for p in params), "a gradient outlived backward"
+            out[name] = (full_params(model), max(alive), len(params))
+        except Exception:  # noqa: BLE001 - one optimizer's failure must not hide the others'
+            out[name] = traceback.format_exc()
+    return out
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["data-parallel", "fsdp2"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_layerwise_mode_on_several_ranks_matches_one_process(world_size, sharded):
+    # Each parameter steps inside backward on the averaged (data parallel) or reduce-scattered
+    # (FSDP2) gradient, and the result is one process's on the whole batch.
+    names = ["galore", "adapm-mini", "grassjump", "adamw"]
+    results = run_ranks(world_size, _layerwise_worker, names, 4, sharded)
+    problems = []
+    for name in names:
+        got = results[0][name]
+        if isinstance(got, str):
+            problems.append(f"{name}: raised\n{got[-1500:]}")
+            continue
+        params, peak_alive, count = got
+        for key, value in _reference(name, steps=4).items():
+            if not torch.allclose(params[key], value, rtol=RTOL, atol=ATOL):
+                problems.append(f"{name}: {key} differs by {(params[key] - value).abs().max().item():.3g}")
+                break
+        if peak_alive > count // 2:
+            problems.append(f"{name}: {peak_alive} of {count} gradients alive at once")
+    assert not problems, "\n".join(problems)
+
+
+def _layerwise_refusal_worker(rank, world_size):
+    from distopt.engines import layerwise
+
+    opt = build(OddNet(), "galore")
+    try:
+        layerwise.attach(opt)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_layerwise_mode_on_replicated_ranks_needs_a_data_parallel_choice():
+    messages = run_ranks(2, _layerwise_refusal_worker)
+    assert all(m and "data_parallel=True" in m and "DDP" in m for m in messages), messages
