@@ -62,6 +62,12 @@ BF16_Optimizer (bf16 at stage 1 with fp32 gradient accumulation, pipeline bf16),
 sequence and expert parallelism, ZeRO++ (quantized weights/gradients, hpZ), MiCS, ZenFlow,
 SuperOffload, DeepCompile, elastic and universal checkpoints, ``rso``.
 
+Non-finite gradients: DeepSpeed computes the global gradient norm and, when it is not finite,
+skips the whole step on every rank (measured with DeepSpeed 0.19.8, ZeRO-1/2/3, fp32 and bf16: the
+replicas stay identical and equal one process that skips that step). One process without
+DeepSpeed skips only the parameters whose gradient is not finite. Where DeepSpeed does not check,
+the adapter's own skip flag is agreed over every rank holding the parameter.
+
 Trust boundary: distopt reads checkpoint files with ``weights_only=True`` (:func:`safe_load` allows
 only DeepSpeed's plain-data classes), so a planted file cannot run code through distopt's converter
 or :func:`load_full_state`; the converter checks every file before DeepSpeed's ``zero_to_fp32``

@@ -448,3 +448,78 @@ def test_deepspeed_launcher_with_a_shipped_config(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for rank in range(2):
         assert f"rank {rank}/2 ok DeepSpeedZeroOptimizer adapm-mini" in done.stdout
+
+
+NAN_STEP = 3
+NAN_PARAM = "layers.0.self_attn.q_proj.weight"
+
+
+def _nan_worker(rank, world, cases):
+    """Each case trains with one NaN planted in one element of ``NAN_PARAM``'s gradient on rank 1
+    only, at step ``NAN_STEP``; returns the masters and each rank's skip counts."""
+    import deepspeed  # noqa: F401
+
+    import distopt.deepspeed as dds
+
+    _setup_rank(rank)
+    out = {}
+    for case in cases:
+        stage, bf16 = case["stage"], case["bf16"]
+        model = OddNet()
+        engine, _, _, _ = dds.initialize(model=model, config=_config(stage, "galore", world, bf16=bf16))
+        target = dict(engine.module.named_parameters())[NAN_PARAM]
+        for step in range(6):
+            handle = None
+            if step == NAN_STEP and rank == 1:
+                def plant(grad):
+                    grad = grad.clone()
+                    grad.view(-1)[0] = float("nan")
+                    return grad
+                handle = target.register_hook(plant)
+            engine.backward(engine(local_batch(step, rank, world)))
+            engine.step()
+            if handle is not None:
+                handle.remove()
+        out[(stage, bf16)] = {"params": _masters(engine, stage), "skips": dict(engine.basic_optimizer.nonfinite_skips)}
+    return out
+
+
+def _nan_reference(whole_step: bool = False):
+    """One process given the same NaN: distopt skips that parameter's update; with ``whole_step``,
+    the step is skipped for every parameter instead (DeepSpeed's overflow rule)."""
+    model = OddNet()
+    opt = build(model, "galore")
+    for step in range(6):
+        model(global_batch(step)).backward()
+        if step == NAN_STEP:
+            dict(model.named_parameters())[NAN_PARAM].grad.view(-1)[0] = float("nan")
+            if whole_step:
+                opt.zero_grad(set_to_none=True)
+                continue
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, dict(opt.nonfinite_skips)
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank_alike_and_never_hangs():
+    # DeepSpeed's own overflow check (it computes the global gradient norm) skips the whole step
+    # when any gradient is not finite, so the distopt optimizer never sees the NaN: every rank
+    # skips alike, and the result is one process skipping that step. (One process alone skips only
+    # the parameter whose gradient is not finite: a documented difference of the ZeRO engines.)
+    cases = [{"stage": s, "bf16": b} for s in (1, 2, 3) for b in (False, True)]
+    per_rank = run_ranks(2, _nan_worker, cases, timeout=900)  # a hang would time out, not pass
+    want, _ = _nan_reference(whole_step=True)
+    problems = []
+    for case in cases:
+        key = (case["stage"], case["bf16"])
+        a, b = per_rank[0][key]["params"], per_rank[1][key]["params"]
+        for name in a:  # the replicas agree bit for bit
+            if not torch.equal(a[name], b[name]):
+                problems.append(f"stage {key[0]} bf16={key[1]}: ranks disagree on {name}")
+                break
+        if not key[1]:  # fp32: one process's numbers (bf16 runs are compared by replay elsewhere)
+            for name, value in want.items():
+                if not torch.allclose(a[name], value, rtol=RTOL, atol=ATOL):
+                    problems.append(f"stage {key[0]}: {name} differs by {(a[name] - value).abs().max().item():.3g}")
+                    break
+    assert not problems, "\n".join(problems)
