@@ -118,6 +118,9 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-steps per optimizer step", ge=1)
     clip_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0: no clipping, the norm is still logged)", ge=0)
     precision: str = _f("fp32", "fp32; bf16-mixed (fp32 weights, bf16 autocast); bf16 (bf16 weights, fp32 optimizer math)", choices=PRECISIONS)
+    reduce_dtype: str = _f("fp32", "dtype of the gradient reduction across ranks in bf16 runs (FSDP2/HSDP reduce-scatter, "
+                                   "DeepSpeed communication_data_type): fp32 (exact sums, twice the bytes of bf16) or "
+                                   "bf16 (half the traffic; each sum rounds to 8 bits of mantissa)", choices=("fp32", "bf16"))
     seed: int = _f(0, "seed of the model init and the data order", ge=0)
     stop_at: int = _f(0, "stop after this step with a checkpoint, as if preempted (0: run to train.steps)", ge=0)
     max_bad_steps: int = _f(5, "stop the run as diverged (exit code 3) after this many consecutive steps whose loss or "

@@ -17,7 +17,8 @@ engine cannot run, with the fix.
     (``set_requires_gradient_sync``). Precision: ``fp32`` as is; ``bf16-mixed`` is FSDP2's
     ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` (fp32 sharded weights, bf16
     all-gathers and compute, fp32 gradient reduction) with the job's autocast kept for the ops it
-    runs in fp32; ``bf16`` shards the bf16 parameters as they are. Checkpoints go through
+    runs in fp32; ``bf16`` shards the bf16 parameters as they are. Both reduce gradients in
+    ``train.reduce_dtype`` (fp32 by default). Checkpoints go through
     ``torch.distributed.checkpoint`` (:mod:`distopt.checkpoint`) into ``dcp/``: a checkpoint
     written on N ranks resumes on any number of ranks, and with ``hsdp``.
 ``hsdp``
@@ -250,9 +251,12 @@ class FSDP2Engine(Engine):
     def mp_policy(self):
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
+        reduce = torch.float32 if self.cfg.train.reduce_dtype == "fp32" else torch.bfloat16
         if self.cfg.train.precision == "bf16-mixed":
-            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        return MixedPrecisionPolicy()  # fp32, or bf16 parameters that are sharded as they are
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
+        if self.cfg.train.precision == "bf16":  # bf16 parameters sharded as they are; the sums in reduce_dtype
+            return MixedPrecisionPolicy(reduce_dtype=reduce)
+        return MixedPrecisionPolicy()
 
     def setup(self, model: nn.Module, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -438,6 +442,8 @@ def deepspeed_config(cfg: RunConfig, info: DistInfo, stage: int) -> tuple[dict, 
                                f"{train.precision!r} -> {wanted!r}")
             train.precision = wanted
     raw[bf16_key] = {**block, "enabled": train.precision != "fp32"}
+    if train.precision != "fp32" and "communication_data_type" not in raw:  # reduce gradients in fp32 by default
+        raw["communication_data_type"] = train.reduce_dtype
 
     # Optimizer.
     spec = raw.get("optimizer") or {}

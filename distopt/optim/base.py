@@ -10,9 +10,11 @@ skipping parameters whose gradient is not finite, and a state dict keyed by para
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
 
 import torch
 from torch.optim.adamw import adamw as _functional_adamw
@@ -112,6 +114,29 @@ def apply_update(param, update, step_size: float, lr: float, weight_decay: float
         param.add_(param, alpha=-lr * weight_decay)
 
 
+@contextlib.contextmanager
+def fp32_matmuls():
+    """Full fp32 matmuls inside the optimizer whatever the global TF32 flag (restored on exit): a
+    basis refresh squares its sketch, and TF32's 10-bit mantissa would lose the basis's tail."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _warn_tf32_override() -> None:
+    if os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1" and not _warn_tf32_override.done:
+        _warn_tf32_override.done = True
+        logger.warning("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 (set by NGC images) makes cuBLAS run fp32 matmuls in TF32 "
+                       "whatever the flags, the optimizer's projections and basis refreshes included; unset it for "
+                       "fp32 optimizer math")
+
+
+_warn_tf32_override.done = False
+
+
 class SubspaceOptimizer(torch.optim.Optimizer):
     """Base class: element-wise AdamW for the ``adamw`` group, the algorithm for ``matrix`` groups.
 
@@ -141,6 +166,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         # Set by an engine adapter (distopt.deepspeed) after the engine is built; see ADAPTER_KEY.
         self._binding = None
         super().__init__(groups, defaults)
+        _warn_tf32_override()
 
     def _split_unnamed(self, groups: list[dict]) -> list[dict]:
         """Groups built from bare parameters (``Opt(model.parameters())``, or inside
@@ -335,11 +361,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     if p.dim() != 2:  # an engine swapped in a flat partition after construction
                         raise flat_shard_error(self._names.get(p, "<unnamed>"), tuple(p.shape))
         self.allocate_state()
-        for group in self.param_groups:
-            if self._bound(group):  # the adapter rebuilds rows from the engine's partition
-                self._binding.step_group(self, group)
-                continue
-            self._step_params(group, [p for p in group["params"] if p.grad is not None])
+        with fp32_matmuls():
+            for group in self.param_groups:
+                if self._bound(group):  # the adapter rebuilds rows from the engine's partition
+                    self._binding.step_group(self, group)
+                    continue
+                self._step_params(group, [p for p in group["params"] if p.grad is not None])
         return loss
 
     def _step_params(self, group: dict, params: list[torch.Tensor]) -> None:
@@ -376,7 +403,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if group["kind"] == "matrix" and p.dim() != 2:
             raise flat_shard_error(self._names.get(p, "<unnamed>"), tuple(p.shape))
         self.allocate_state()
-        self._step_params(group, [p])
+        with fp32_matmuls():
+            self._step_params(group, [p])
 
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
         states = [self.state[p] for p in params]

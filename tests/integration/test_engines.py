@@ -229,3 +229,18 @@ def test_deepspeed_style_arguments():
     assert cfg.engine.deepspeed_config == "configs/ds/zero2_galore.json" and cfg.engine.name == "auto"
     _, rest = train.split_argv(["--deepscale_config=x.json"])
     assert rest == ["--engine.deepspeed_config=x.json"]
+
+
+def test_bf16_runs_reduce_gradients_in_fp32_unless_told_otherwise(tmp_path):
+    from launch.engines import FSDP2Engine
+
+    for precision in ("bf16", "bf16-mixed"):
+        for reduce, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
+            cfg = load_config(None, [f"train.precision={precision}", f"train.reduce_dtype={reduce}"])
+            assert str(FSDP2Engine(cfg, DistInfo(), None).mp_policy().reduce_dtype) == f"torch.{dtype}"
+            if importlib.util.find_spec("deepspeed") is not None:
+                config, _ = deepspeed_config(cfg, DistInfo(world_size=2), stage=2)
+                assert config["communication_data_type"] == reduce
+    for path in sorted((REPO / "configs" / "ds").glob("*.json")):  # the shipped bf16 configs reduce in fp32
+        shipped = json.loads(path.read_text())
+        assert not shipped.get("bf16", {}).get("enabled") or shipped["communication_data_type"] == "fp32", path.name

@@ -305,3 +305,22 @@ def test_an_empty_weight_is_stepped_element_wise(name, shape):
     opt.load_state_dict(roundtrip(opt.state_dict()))
     groups = {n: g["kind"] for g in opt.param_groups for n in g["param_names"]}
     assert all(kind == "adamw" for n, kind in groups.items() if "q_proj" in n)
+
+
+def test_the_step_runs_fp32_matmuls_whatever_the_tf32_flag(monkeypatch):
+    from distopt.core import subspace
+
+    seen = []
+    real = subspace.project
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(subspace, "project", spy)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "galore", rank=8)
+    train(model, opt, 2)
+    assert seen and not any(seen)  # off inside the step
+    assert torch.backends.cuda.matmul.allow_tf32  # and the caller's setting is back
