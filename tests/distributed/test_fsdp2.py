@@ -24,18 +24,18 @@ NAMES = distopt.list_optimizers()
 RTOL, ATOL = 1e-4, 2e-5
 
 
-def _reference(name, steps=STEPS):
-    model = OddNet()
+def _reference(name, steps=STEPS, model_cls=OddNet):
+    model = prepare(model_cls(), name)
     opt = build(model, name)
     train_steps(model, opt, steps)
     return full_params(model)
 
 
-def _parity_worker(rank, world_size, names, steps, mesh_shape):
+def _parity_worker(rank, world_size, names, steps, mesh_shape, model_cls=OddNet):
     out = {}
     for name in names:
         try:
-            model = shard(prepare(OddNet(), name), world_size, mesh_shape)
+            model = shard(prepare(model_cls(), name), world_size, mesh_shape)
             opt = build(model, name)
             train_steps(model, opt, steps, rank, world_size)
             out[name] = full_params(model)
@@ -44,14 +44,14 @@ def _parity_worker(rank, world_size, names, steps, mesh_shape):
     return out
 
 
-def _compare(results: dict, names) -> list[str]:
+def _compare(results: dict, names, steps=STEPS, model_cls=OddNet) -> list[str]:
     problems = []
     for name in names:
         got = results[name]
         if isinstance(got, str):
             problems.append(f"{name}: raised\n{got}")
             continue
-        want = _reference(name)
+        want = _reference(name, steps, model_cls)
         for key, value in want.items():
             if not torch.allclose(got[key], value, rtol=RTOL, atol=ATOL):
                 diff = (got[key] - value).abs().max().item()
@@ -296,35 +296,10 @@ class _SlimNet(OddNet):
         self.layers = torch.nn.ModuleList([_SlimBlock(), _SlimBlock()])
 
 
-def _slim_worker(rank, world_size, names, steps):
-    out = {}
-    for name in names:
-        try:
-            model = shard(prepare(_SlimNet(), name), world_size)
-            opt = build(model, name)
-            train_steps(model, opt, steps, rank, world_size)
-            out[name] = full_params(model)
-        except Exception:  # noqa: BLE001 - one optimizer's failure must not hide the others'
-            out[name] = traceback.format_exc()
-    return out
-
-
 def test_ranks_with_empty_shards_step_and_match_one_process():
     # FSDP2 hands a rank with no rows of a matrix a 0 x n shard; every optimizer must step it.
-    results = run_ranks(3, _slim_worker, NAMES, 4)[0]
-    problems = []
-    for name in NAMES:
-        got = results[name]
-        if isinstance(got, str):
-            problems.append(f"{name}: raised\n{got[-1500:]}")
-            continue
-        model = prepare(_SlimNet(), name)
-        opt = build(model, name)
-        train_steps(model, opt, 4)
-        for key, value in full_params(model).items():
-            if not torch.allclose(got[key], value, rtol=RTOL, atol=ATOL):
-                problems.append(f"{name}: {key} differs by {(got[key] - value).abs().max().item():.3g}")
-                break
+    results = run_ranks(3, _parity_worker, NAMES, 4, None, _SlimNet)[0]
+    problems = _compare(results, NAMES, 4, _SlimNet)
     assert not problems, "\n".join(problems)
 
 
