@@ -432,6 +432,7 @@ LAUNCHED = textwrap.dedent('''
         engine.step()
     assert scheduler is not None and 0 < scheduler.get_last_lr()[0] < 1e-3, scheduler.get_last_lr()
     print(f"rank {{rank}}/{{world}} ok {{type(optimizer).__name__}} {{engine.basic_optimizer.algorithm}}", flush=True)
+    torch.distributed.barrier()  # no rank tears the group down while another still communicates
     torch.distributed.destroy_process_group()
 ''')
 

@@ -318,9 +318,13 @@ def test_the_step_runs_fp32_matmuls_whatever_the_tf32_flag(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(subspace, "project", spy)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    model = tiny_model()
-    opt = distopt.build_optimizer(model, "galore", rank=8)
-    train(model, opt, 2)
-    assert seen and not any(seen)  # off inside the step
-    assert torch.backends.cuda.matmul.allow_tf32  # and the caller's setting is back
+    previous = torch.backends.cuda.matmul.allow_tf32  # a property of torch's module: set and restore by hand
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        model = tiny_model()
+        opt = distopt.build_optimizer(model, "galore", rank=8)
+        train(model, opt, 2)
+        assert seen and not any(seen)  # off inside the step
+        assert torch.backends.cuda.matmul.allow_tf32  # and the caller's setting is back
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
