@@ -40,10 +40,6 @@ class IntegrityError(ValueError):
     """A checkpoint file is missing, has the wrong size, or its CRC-32 differs from the manifest."""
 
 
-def digest(size: int, crc: int) -> dict:
-    return {"bytes": size, "crc32": f"{crc:08x}"}
-
-
 def save_file(obj, path: Path) -> dict:
     """``torch.save`` with fsync; returns the file's digest (:func:`file_digest`)."""
     with open(path, "wb") as fh:
@@ -87,6 +83,15 @@ def _block_crc(path: Path, size: int, chunk: int) -> int:
     return zlib.crc32(b"".join(c.to_bytes(4, "little") for c in crcs))
 
 
+def _data_start(fh, info: zipfile.ZipInfo) -> int | None:
+    """Offset of a record's data, after its local header; None where no local header is."""
+    fh.seek(info.header_offset)
+    header = fh.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        return None
+    return info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+
+
 def _whole_zip_index(path: Path) -> int | None:
     """The index CRC of ``path`` if it is one uncompressed zip whose records tile it from byte 0 to
     its index (a ``torch.save`` file), else None: a file that merely contains a zip is CRC'd whole."""
@@ -98,12 +103,10 @@ def _whole_zip_index(path: Path) -> int | None:
                 records = sorted(archive.infolist(), key=lambda i: i.header_offset)
                 end = 0
                 for info in records:
-                    fh.seek(info.header_offset)
-                    header = fh.read(30)
-                    if info.header_offset != end or info.compress_type != zipfile.ZIP_STORED or len(header) < 30:
+                    start = _data_start(fh, info)
+                    if info.header_offset != end or info.compress_type != zipfile.ZIP_STORED or start is None:
                         return None
-                    end = (info.header_offset + 30 + int.from_bytes(header[26:28], "little")
-                           + int.from_bytes(header[28:30], "little") + info.compress_size)
+                    end = start + info.compress_size
                     if info.flag_bits & 0x08:  # a data descriptor (CRC and sizes again) follows the data
                         fh.seek(end)
                         end += 16 if fh.read(4) == b"PK\x07\x08" else 12
@@ -121,11 +124,10 @@ def _bad_record(path: Path, records: list[zipfile.ZipInfo], chunk: int = 1 << 24
     """The first record of an uncompressed zip whose bytes do not match its CRC-32, or None."""
     with open(path, "rb") as fh:
         for info in records:
-            fh.seek(info.header_offset)
-            header = fh.read(30)
-            if header[:4] != b"PK\x03\x04":
+            start = _data_start(fh, info)
+            if start is None:
                 return info.filename
-            fh.seek(info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little"))
+            fh.seek(start)
             crc, left = 0, info.compress_size
             while left > 0:
                 block = fh.read(min(chunk, left))
@@ -137,15 +139,19 @@ def _bad_record(path: Path, records: list[zipfile.ZipInfo], chunk: int = 1 << 24
     return None
 
 
-def check(path: Path, want: dict) -> str | None:
-    """What is wrong with ``path`` against its manifest entry ``want``, or None. Reads every byte."""
-    path = Path(path)
+def _size_problem(path: Path, want: dict) -> str | None:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         return f"{path.name} is missing"
-    if size != want["bytes"]:
-        return f"{path.name} has {size} bytes, the checkpoint wrote {want['bytes']}"
+    return None if size == want["bytes"] else f"{path.name} has {size} bytes, the checkpoint wrote {want['bytes']}"
+
+
+def check(path: Path, want: dict) -> str | None:
+    """What is wrong with ``path`` against its manifest entry ``want``, or None. Reads every byte."""
+    path = Path(path)
+    if problem := _size_problem(path, want):
+        return problem
     if "zip_index" in want:
         try:
             with zipfile.ZipFile(path) as archive:
@@ -155,9 +161,6 @@ def check(path: Path, want: dict) -> str | None:
         except (zipfile.BadZipFile, OSError, ValueError) as err:
             return f"{path.name} is corrupted ({err})"
         return None if bad is None else f"{path.name} is corrupted (record {bad} fails its CRC-32)"
-    if "crc32" in want:  # small files, CRC'd whole as they were written
-        got = f"{zlib.crc32(path.read_bytes()):08x}"
-        return None if got == want["crc32"] else f"{path.name} is corrupted (CRC-32 {got}, the checkpoint wrote {want['crc32']})"
     got = file_digest(path)
     return None if got == want else f"{path.name} is corrupted (its block CRC-32 differs from the one written)"
 
@@ -176,48 +179,50 @@ def gather(obj) -> list:
     return out
 
 
-def hash_files(folder: Path, names: list[str]) -> dict:
-    """Digests of ``names`` under ``folder``: each rank hashes a round-robin share, a few files at a
-    time, and every rank gets them all (collective)."""
+def _on_my_share(fn, names: list[str]) -> dict:
+    """``{name: fn(name)}`` for this rank's round-robin share of ``names``, two files at a time."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = names[rank::world]
     with ThreadPoolExecutor(min(2, max(1, len(mine)))) as pool:
-        local = dict(zip(mine, pool.map(lambda n: file_digest(Path(folder) / n), mine)))
+        return dict(zip(mine, pool.map(fn, mine)))
+
+
+def hash_files(folder: Path, names: list[str]) -> dict:
+    """Digests of ``names`` under ``folder``: each rank hashes a round-robin share, and every rank
+    gets them all (collective)."""
+    local = _on_my_share(lambda n: file_digest(Path(folder) / n), names)
     return {k: v for part in gather(local) for k, v in part.items()}
 
 
 def check_sizes(folder: Path, manifest: dict) -> None:
     """Cheap, on one rank: every file of ``manifest`` exists with its size. Raises :class:`IntegrityError`."""
     for name, want in manifest.items():
-        try:
-            size = (Path(folder) / name).stat().st_size
-        except FileNotFoundError:
-            raise IntegrityError(f"{folder}: {name} is missing") from None
-        if size != want["bytes"]:
-            raise IntegrityError(f"{folder}: {name} has {size} bytes, the checkpoint wrote {want['bytes']}")
+        if problem := _size_problem(Path(folder) / name, want):
+            raise IntegrityError(f"{folder}: {problem}")
 
 
-def verify_files(folder: Path, manifest: dict) -> None:
-    """Every file of ``manifest`` exists with its size and CRC-32 (collective: each rank reads a
-    round-robin share). Raises :class:`IntegrityError` naming the first bad file, on every rank."""
+def _agree_on_sizes(folder: Path, manifest: dict) -> None:
+    """:func:`check_sizes` on every rank, and every rank raises if any found a problem (collective)."""
     problem = None
     try:
         check_sizes(folder, manifest)
     except IntegrityError as err:
         problem = str(err)
-    problems = [p for p in gather(problem) if p]
-    if not problems:
-        problems = [p for part in gather(local_problems(folder, manifest)) for p in part]
-    raise_if_any(problems)
+    raise_if_any([p for p in gather(problem) if p])
+
+
+def verify_files(folder: Path, manifest: dict) -> None:
+    """Every file of ``manifest`` exists with its size and CRC-32 (collective: each rank reads a
+    round-robin share). Raises :class:`IntegrityError` naming the first bad file, on every rank."""
+    _agree_on_sizes(folder, manifest)
+    raise_if_any([p for part in gather(local_problems(folder, manifest)) for p in part])
 
 
 def local_problems(folder: Path, manifest: dict) -> list[str]:
     """This rank's round-robin share of :func:`verify_files`, with no collective: it can run on a
     helper thread beside a load. Returns what is wrong."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = sorted(manifest)[rank::world]
-    with ThreadPoolExecutor(min(2, max(1, len(mine)))) as pool:
-        return [f"{folder}: {p}" for p in pool.map(lambda n: check(Path(folder) / n, manifest[n]), mine) if p]
+    found = _on_my_share(lambda n: check(Path(folder) / n, manifest[n]), sorted(manifest))
+    return [f"{folder}: {p}" for p in found.values() if p]
 
 
 def raise_if_any(problems: list[str]) -> None:
@@ -225,7 +230,7 @@ def raise_if_any(problems: list[str]) -> None:
         raise IntegrityError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
 
-def _read_manifest(path: Path) -> dict | None:
+def read_manifest(path: Path) -> dict | None:
     """The file digests in the completion marker; None for a checkpoint written before digests."""
     text = (path / COMPLETE_MARKER).read_text()
     try:
@@ -323,17 +328,12 @@ def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
             f"{path} is not a complete distopt checkpoint (no {COMPLETE_MARKER}): the save that wrote it did "
             "not finish. Resume from an earlier checkpoint."
         )
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     if manifest is None:
         if _is_main():
             logger.warning("%s was written without file digests: its contents cannot be verified", path)
         manifest = {}
-    problem = None
-    try:
-        check_sizes(path, manifest)
-    except IntegrityError as err:
-        problem = str(err)
-    raise_if_any([p for p in gather(problem) if p])
+    _agree_on_sizes(path, manifest)
     optim_state = get_optimizer_state_dict(model, optimizer)
     state = {"model": get_model_state_dict(model), "optim": optim_state, "extra": dict(extra or {})}
     # The shards are CRC'd on a helper thread (no collective there) while DCP reads them into

@@ -25,12 +25,12 @@ write their part through ``engine.save_sharded(tmp)`` and read it with ``engine.
 
 Integrity: a ``torch.save`` file is a zip whose index holds a CRC-32 of every record, computed by
 ``torch.save`` itself; the manifest keeps a CRC of that index, read from the file's end, so saving
-costs no extra pass. Other files (DCP shards, text) are CRC'd whole after the write, spread over the
-ranks. Resume checks every file's size and CRC before anything is applied (:func:`verify`,
+costs no extra pass. Other files (DCP shards, text) are CRC'd in blocks after the write, spread
+over the ranks. Resume checks every file's size and CRC before anything is applied (:func:`verify`,
 collective; the job's own files are read meanwhile), so a truncated or corrupted checkpoint is
-named and skipped instead of being trained on. Resuming from a checkpoint older than the newest starts a new branch: the later
-checkpoints are moved into ``abandoned-<time>/`` (:func:`start_branch`), where ``keep`` never
-deletes them.
+named and skipped instead of being trained on. Resuming from a checkpoint older than the newest
+starts a new branch: the later checkpoints are moved into ``abandoned-<time>/``
+(:func:`start_branch`), where ``keep`` never deletes them.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ import random
 import shutil
 import signal
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -74,17 +73,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def save_file(obj, path: Path) -> dict:
-    """``torch.save`` with fsync; returns the file's digest (:func:`distopt.checkpoint.file_digest`)."""
-    return integrity.save_file(obj, path)
-
-
-def write_text(path: Path, text: str) -> dict:
-    data = text.encode()
-    path.write_bytes(data)
-    return integrity.digest(len(data), zlib.crc32(data))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -142,19 +130,20 @@ def save(root: Path, step: int, info: DistInfo, engine, trainer_state: dict, con
     digests = {}
     if engine.replicated:
         if info.is_main:
-            digests["model.pt"] = save_file(engine.model_state_dict(), tmp / "model.pt")
-            digests["optimizer.pt"] = save_file(engine.optimizer_state_dict(), tmp / "optimizer.pt")
+            digests["model.pt"] = integrity.save_file(engine.model_state_dict(), tmp / "model.pt")
+            digests["optimizer.pt"] = integrity.save_file(engine.optimizer_state_dict(), tmp / "optimizer.pt")
     elif hasattr(engine, "save_sharded"):
         engine.save_sharded(tmp)
     else:
         for kind, state in (("model", engine.model_state_dict()), ("optimizer", engine.optimizer_state_dict())):
-            digests[f"{kind}_rank{info.rank:05d}.pt"] = save_file(state, tmp / f"{kind}_rank{info.rank:05d}.pt")
-    digests[f"rng_rank{info.rank:05d}.pt"] = save_file(rng_state(), tmp / f"rng_rank{info.rank:05d}.pt")
+            digests[f"{kind}_rank{info.rank:05d}.pt"] = integrity.save_file(state, tmp / f"{kind}_rank{info.rank:05d}.pt")
+    digests[f"rng_rank{info.rank:05d}.pt"] = integrity.save_file(rng_state(), tmp / f"rng_rank{info.rank:05d}.pt")
     if info.is_main:
-        digests["trainer.pt"] = save_file(trainer_state, tmp / "trainer.pt")
-        digests["config.yaml"] = write_text(tmp / "config.yaml", config_text)
+        digests["trainer.pt"] = integrity.save_file(trainer_state, tmp / "trainer.pt")
+        (tmp / "config.yaml").write_text(config_text)  # hashed below with the engine's files
     barrier()
-    # Files an engine wrote (DCP shards, DeepSpeed) are hashed now, spread over the ranks.
+    # The files hashed as they were saved, then the rest (config.yaml, DCP shards, DeepSpeed's),
+    # spread over the ranks.
     for part in integrity.gather(digests):
         digests.update(part)
     for folder, manifest in _library_manifests(tmp).items():  # dcp/: hashed by distopt.checkpoint.save
@@ -201,7 +190,7 @@ def _library_manifests(folder: Path) -> dict[str, dict]:
     """``{subfolder: manifest}`` of the subfolders written by ``distopt.checkpoint.save``."""
     out = {}
     for marker in Path(folder).glob(f"*/{integrity.COMPLETE_MARKER}"):
-        manifest = integrity._read_manifest(marker.parent)
+        manifest = integrity.read_manifest(marker.parent)
         if manifest:
             out[marker.parent.name] = manifest
     return out
@@ -262,11 +251,13 @@ def _step_of(path: Path) -> int | None:
         return None
 
 
-def _read(path: Path):
-    """``torch.load(weights_only=True)``; a file that is not plain tensors and values, or cannot be
-    read at all, raises :class:`IntegrityError` naming it (nothing in it is executed)."""
+def read_file(path: Path):
+    """``torch.load(weights_only=True)``; a file that is missing, is not plain tensors and values, or
+    cannot be read at all raises :class:`IntegrityError` naming it (nothing in it is executed)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise IntegrityError(f"{path.parent}: {path.name} is missing") from None
     except Exception as err:  # noqa: BLE001 - refused globals, truncation and garbage fail in many ways
         first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise IntegrityError(f"{path} cannot be read as a checkpoint file ({type(err).__name__}: {first[:300]})") from None
@@ -292,7 +283,7 @@ def load(path: Path, info: DistInfo, engine) -> dict:
         checking = pool.submit(verify, path, info, tuple(_library_manifests(path)))
         if not mine:  # the engine reads its files itself: verify before it does
             checking.result()
-        loaded = [_read(path / name) for name in mine]
+        loaded = [read_file(path / name) for name in mine]
         checking.result()
     if loaded:
         engine.load_model_state_dict(loaded[0])
@@ -302,10 +293,10 @@ def load(path: Path, info: DistInfo, engine) -> dict:
         engine.load_sharded(path)  # refuses (ValueError) what it cannot read, e.g. ZeRO on another world size
     rng = path / f"rng_rank{info.rank:05d}.pt"
     if rng.is_file():
-        set_rng_state(_read(rng))
+        set_rng_state(read_file(rng))
     elif info.is_main:
         logger.warning("%s has no RNG state for rank %d (it was written by %d ranks)", path, info.rank, meta["world_size"])
-    return _read(path / "trainer.pt")
+    return read_file(path / "trainer.pt")
 
 
 class Preemption:

@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,7 +179,7 @@ def preflight(cfg: RunConfig, info: dist.DistInfo) -> Plan:
             check_resume_point(cfg, resume_from)
             break
         except ckpt.IntegrityError as err:
-            resume_from, fallbacks = fall_back(cfg, err, fallbacks, notes)
+            resume_from, fallbacks = fall_back(cfg, err, fallbacks, notes.append)
     return Plan(engine_cls, shape, impl, tokenizer, num_params, matrix, state, adamw, out_dir, resume_from, notes, fallbacks)
 
 
@@ -213,24 +214,19 @@ def check_output_paths(out_dir: Path, checkpoint_bytes: int) -> None:
                           "another out_dir")
 
 
-def check_resume_point(cfg: RunConfig, path: Path) -> dict:
-    """The trainer state of checkpoint ``path``, refused (ConfigError) when it was written for another
-    optimizer, model or sequence length; :class:`ckpt.IntegrityError` when it cannot be read."""
-    try:
-        saved = torch.load(path / "trainer.pt", weights_only=True)
-    except FileNotFoundError:
-        raise ckpt.IntegrityError(f"{path}: trainer.pt is missing") from None
-    except Exception as err:  # noqa: BLE001 - a truncated or garbled file fails in many ways
-        raise ckpt.IntegrityError(f"{path}: trainer.pt cannot be read ({type(err).__name__}: {err})") from None
+def check_resume_point(cfg: RunConfig, path: Path, saved: dict | None = None) -> None:
+    """Refuse (ConfigError) checkpoint ``path`` when its trainer state (read here unless given) was
+    written for another optimizer, model or sequence length; :class:`ckpt.IntegrityError` when it
+    cannot be read."""
+    saved = ckpt.read_file(path / "trainer.pt") if saved is None else saved
     wanted = {"optim.name": (saved["optimizer"], cfg.optim.name), "data.seq_len": (saved["seq_len"], cfg.data.seq_len),
               "model.name": (saved["model"], cfg.model.name)}
     differ = [f"{k}={old!r}" for k, (old, new) in wanted.items() if old != new]
     if differ:
         raise ConfigError(f"{path} was written with {', '.join(differ)}; resume it with the same values")
-    return saved
 
 
-def fall_back(cfg: RunConfig, err: Exception, fallbacks: list[Path], say) -> tuple[Path, list[Path]]:
+def fall_back(cfg: RunConfig, err: Exception, fallbacks: list[Path], say: Callable[[str], None]) -> tuple[Path, list[Path]]:
     """The next checkpoint to try after ``err``, announced loudly; ConfigError when there is none or
     ``checkpoint.strict`` (or an explicitly named checkpoint) forbids falling back."""
     if not fallbacks:
@@ -238,7 +234,7 @@ def fall_back(cfg: RunConfig, err: Exception, fallbacks: list[Path], say) -> tup
                 " and no older complete checkpoint passes either")
         raise ConfigError(f"cannot resume: {err}{hint}. Resume another checkpoint with checkpoint.resume=<folder>, "
                           "or start over with --overwrite")
-    (say.append if isinstance(say, list) else say)(f"WARNING: cannot resume: {err}. Falling back to {fallbacks[0]}")
+    say(f"WARNING: cannot resume: {err}. Falling back to {fallbacks[0]}")
     return fallbacks[0], fallbacks[1:]
 
 
@@ -352,8 +348,8 @@ def _train(cfg: RunConfig, info: dist.DistInfo, plan: Plan, device: torch.device
     resume_from, fallbacks = plan.resume_from, list(plan.fallbacks)
     while resuming:  # every file's CRC is checked, over all ranks, before anything is applied
         try:
-            check_resume_point(cfg, resume_from)
             trainer = ckpt.load(resume_from, info, engine)
+            check_resume_point(cfg, resume_from, trainer)
             break
         except ckpt.IntegrityError as err:
             resume_from, fallbacks = fall_back(cfg, err, fallbacks, say)

@@ -39,4 +39,3 @@ def refresh(grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView,
         c = change_of_basis(new, state["basis"], plan.side, view.group) if policy == "rotate" else None
         apply_moment_policy(policy, plan.side, c, state["exp_avg"], None)
     state["basis"].copy_(new)
-
