@@ -97,6 +97,17 @@ def one_matrix_optimizer(name: str, w: torch.Tensor, role: str = "q", **hparams)
                           **hparams)
 
 
+def update_norms(opt, w: torch.Tensor, grads) -> list[float]:
+    """``||W_after - W_before||`` of each step of ``opt`` on the gradients ``grads``, in turn."""
+    norms = []
+    for grad in grads:
+        w.grad = grad.clone()
+        before = w.detach().clone()
+        opt.step()
+        norms.append((w.detach() - before).norm().item())
+    return norms
+
+
 def assert_constant_gradient_step(name: str, shape: tuple[int, int], steps: int = 4, lr: float = 1e-3, wd: float = 0.1,
                                   scale: float = 0.25, **hparams) -> None:
     """Projected Adam, closed form: a constant gradient ``G`` gives bias-corrected moments ``R`` and

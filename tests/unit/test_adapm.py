@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from helpers import assert_resume_bit_identical, set_grads, tiny_model, train
-from optim_checks import assert_matrix_group_trains
+from optim_checks import assert_matrix_group_trains, one_matrix_optimizer
 
 import distopt
 from distopt.core import lowrank
@@ -74,9 +74,7 @@ def test_corrected_momentum_tracks_the_full_ema_better_than_uncorrected():
 
 def _one_matrix(role="q", shape=(40, 30), **kw):
     w = torch.nn.Parameter(torch.zeros(shape))
-    opt = distopt.optim.AdaPM([{"params": [w], "param_names": [f"layer.{role}_proj.weight"], "kind": "matrix",
-                                "roles": [role]}], **kw)
-    return w, opt
+    return w, one_matrix_optimizer("adapm", w, role, **kw)
 
 
 def test_low_rank_fit_is_seeded_not_zero():

@@ -3,10 +3,10 @@
 import pytest
 import torch
 from helpers import batch, tiny_model
+from optim_checks import one_matrix_optimizer, update_norms
 
 import distopt
 from distopt.core import moments, projector
-from distopt.optim.grassjump import GrassJump
 
 
 def _snapshots(steps: tuple[int, ...], betas=(0.9, 0.999)) -> dict[int, list[tuple[str, torch.Tensor, torch.Tensor]]]:
@@ -108,16 +108,9 @@ def _exact_low_rank_steps(policy: str, refresh: str, side: str, steps: int = 14)
     vt = torch.linalg.qr(torch.randn(18, 3, generator=g))[0].T
     grad = u @ torch.diag(torch.tensor([3.0, 2.0, 1.0])) @ vt
     w = torch.nn.Parameter(torch.zeros(24, 18))
-    opt = distopt.optim.GaLore([{"params": [w], "param_names": ["layer.q_proj.weight"], "kind": "matrix", "roles": ["q"]}],
-                               lr=1e-3, rank=3, update_proj_gap=5, stagger=False, refresh=refresh, side=side,
+    opt = one_matrix_optimizer("galore", w, lr=1e-3, rank=3, update_proj_gap=5, stagger=False, refresh=refresh, side=side,
                                moment_policy=policy, scale=1.0)
-    norms = []
-    for _ in range(steps):
-        w.grad = grad.clone()
-        before = w.detach().clone()
-        opt.step()
-        norms.append((w.detach() - before).norm().item())
-    return norms
+    return update_norms(opt, w, [grad] * steps)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -141,16 +134,10 @@ def _in_subspace_step_norms(policy: str, periods: int = 10, gap: int = 25) -> li
     signal = torch.randn(m, n, generator=g) * 0.3
     w = torch.nn.Parameter(torch.zeros(m, n))
     lr = 1e-3
-    opt = GrassJump([{"params": [w], "param_names": ["layer.q_proj.weight"], "kind": "matrix", "roles": ["q"]}],
-                    lr=lr, rank=8, update_proj_gap=gap, stagger=False, scale=1.0, recovery_scaling=False,
-                    moment_policy=policy)
-    norms = []
-    for _ in range(gap * periods):
-        w.grad = signal + torch.randn(m, n, generator=g)
-        before = w.detach().clone()
-        opt.step()
-        norms.append((w.detach() - before).norm().item() / lr)
-    return norms
+    opt = one_matrix_optimizer("grassjump", w, lr=lr, rank=8, update_proj_gap=gap, stagger=False, scale=1.0,
+                               recovery_scaling=False, moment_policy=policy)
+    grads = [signal + torch.randn(m, n, generator=g) for _ in range(gap * periods)]
+    return [norm / lr for norm in update_norms(opt, w, grads)]
 
 
 def test_grassjump_steps_do_not_grow_across_jumps():

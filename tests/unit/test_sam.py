@@ -3,7 +3,7 @@
 import pytest
 import torch
 from helpers import assert_resume_bit_identical, set_grads, tiny_model
-from optim_checks import assert_matrix_group_trains, assert_refused, assert_state_bytes_match, matrix_group, one_matrix_optimizer, one_thread  # noqa: F401 (a fixture, used by name)
+from optim_checks import assert_matrix_group_trains, assert_refused, assert_state_bytes_match, matrix_group, one_matrix_optimizer, one_thread, update_norms  # noqa: F401 (a fixture, used by name)
 from torch import nn
 
 import distopt
@@ -84,14 +84,8 @@ def test_constant_gradient_gives_a_constant_step_across_refreshes(policy):
     g = torch.Generator().manual_seed(0)
     grad = torch.randn(40, 3, generator=g) @ torch.randn(3, 24, generator=g)
     w = torch.nn.Parameter(torch.zeros(40, 24))
-    opt = distopt.optim.SAM([{"params": [w], "param_names": ["layer.q_proj.weight"], "kind": "matrix", "roles": ["q"]}],
-                            lr=1e-3, update_proj_gap=3, stagger=False, refresh="svd", moment_policy=policy)
-    norms = []
-    for _ in range(10):
-        w.grad = grad.clone()
-        before = w.detach().clone()
-        opt.step()
-        norms.append((w.detach() - before).norm().item())
+    opt = one_matrix_optimizer("sam", w, lr=1e-3, update_proj_gap=3, stagger=False, refresh="svd", moment_policy=policy)
+    norms = update_norms(opt, w, [grad] * 10)
     torch.testing.assert_close(torch.tensor(norms), torch.full((10,), norms[0]), rtol=1e-5, atol=0)
 
 
