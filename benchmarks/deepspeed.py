@@ -23,6 +23,7 @@ import argparse
 import copy
 import gc
 import importlib.util
+import inspect
 import json
 import os
 import statistics
@@ -68,8 +69,10 @@ def _config(stage: int, name: str, args) -> dict:
         cfg.pop("bf16", None)
     if args.rank is not None and "rank" in cfg["optimizer"]["params"]:
         cfg["optimizer"]["params"]["rank"] = args.rank
-    if args.shard_basis and name in ("galore", "grassjump"):
-        cfg["optimizer"]["params"]["shard_basis"] = True
+    from distopt.optim import REGISTRY
+
+    if "state_layout" in inspect.signature(REGISTRY[name].__init__).parameters:
+        cfg["optimizer"]["params"]["state_layout"] = args.state_layout
     return cfg
 
 
@@ -175,7 +178,8 @@ def main(argv=None):
                         help="config: as the JSON says (bf16); fp32: drop the bf16 section. Default: config on "
                              "CUDA, fp32 on CPU (CPUs without bf16 units run bf16 matmuls orders of magnitude slower)")
     parser.add_argument("--rank", type=int, default=None, help="override the configs' subspace rank")
-    parser.add_argument("--shard-basis", action="store_true", help="split right bases over the ranks (galore, grassjump)")
+    parser.add_argument("--state-layout", default="partitioned", choices=["partitioned", "replicated"],
+                        help="how subspace state is laid out over the ranks (see distopt.core.subspace)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first basis of every matrix)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default="runs/bench/deepspeed.json")

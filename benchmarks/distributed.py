@@ -1,16 +1,24 @@
-"""Sharded GaLore under FSDP2: per-rank state memory, distopt's own traffic, refresh time.
+"""A subspace optimizer under FSDP2: per-rank memory against ``1/N``, distopt's traffic, refresh time.
 
 For each world size it spawns gloo ranks (CPU) or NCCL ranks (one per GPU), shards LLaMA-shaped
 decoder layers with ``fully_shard``, and measures:
-- ``state_bytes`` per rank, split into row-sharded state and replicated state (right bases);
-- bytes of distopt's collectives per optimizer step over one refresh cycle (``--gap`` steps), as
-  counted by ``distopt.core.comm``, against FSDP2's own traffic for the same matrices
-  (parameters all-gathered for forward and backward, gradients reduce-scattered: 3 x fp32 bytes);
+- ``state_bytes`` per rank: *everything* the optimizer holds (moments, bases, element-wise state,
+  step counters), against the ideal, one process's ``state_bytes`` over ``N``; the part that is
+  replicated (whole on every rank) is shown too;
+- distopt's collective traffic per optimizer step over one refresh cycle (``--gap`` steps), as
+  counted by ``distopt.core.comm`` and converted to ring bytes sent per rank, against FSDP2's own
+  traffic for the decoder matrices (parameters all-gathered for forward and backward, gradients
+  reduce-scattered, at the ``--precision``'s byte sizes);
 - the time of a full refresh cycle (every matrix refreshed in one optimizer step: ``stagger=False``).
-Embeddings and the LM head are left out on both sides (a tiny vocabulary); counting them would
-only lower distopt's share of the traffic.
 
-    python benchmarks/distributed.py                               # 1 and 2 CPU ranks, 60M shapes
+It also prints, by formula, the traffic that the partitioned layout adds per step over the
+replicated one (an ``n x r`` fp32 all-gather per right basis; the left side's reduce-scatter plus
+all-gather equals the all-reduce it replaces) as a share of FSDP2's, at 1B and 7B shapes for
+``r = 256`` and ``1024``. Embeddings and the LM head are left out of FSDP2's traffic; counting them
+would only lower the share.
+
+    python benchmarks/distributed.py                               # 1, 2 and 3 CPU ranks, 60M shapes
+    python benchmarks/distributed.py --state-layout replicated     # the layout without basis traffic
     python benchmarks/distributed.py --shapes 1b --layers 1 --rank 512 --gap 200
 """
 
@@ -32,7 +40,39 @@ from step_time import SHAPES  # noqa: E402
 
 import distopt  # noqa: E402
 from distopt.core import comm  # noqa: E402
+from distopt.core.projector import resolve_side  # noqa: E402
 from distopt.models import LlamaShape, TinyLlama  # noqa: E402
+
+# FSDP2's bytes per parameter element per step: gathered weights (forward, backward) + reduced gradient.
+FSDP_BYTES = {"fp32": 4 + 4 + 4, "bf16-mixed": 2 + 2 + 4, "bf16": 2 + 2 + 2}
+FORMULA_SHAPES = {"1b": (2048, 5461), "7b": (4096, 11008)}  # hidden, intermediate
+
+
+def decoder_matrices(hidden: int, intermediate: int) -> list[tuple[int, int]]:
+    """``(m, n)`` of one LLaMA decoder layer's linears (out x in)."""
+    return [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
+
+
+def partition_traffic_share(hidden: int, intermediate: int, rank: int, precision: str, side: str = "auto") -> float:
+    """Ring bytes per rank that partitioning adds per step (each right basis all-gathered, ``n r``
+    fp32) over FSDP2's for the same matrices; the ``(N-1)/N`` factor is common to both and cancels."""
+    added = fsdp = 0
+    for m, n in decoder_matrices(hidden, intermediate):
+        if resolve_side(side, (m, n)) == "right" and rank < n:
+            added += 4 * n * rank
+        fsdp += FSDP_BYTES[precision] * m * n
+    return added / fsdp
+
+
+def ring_bytes(traffic: dict[str, int], world_size: int) -> float:
+    """Bytes each rank sends in ring algorithms, from ``comm``'s per-kind payload counts (the input
+    tensor of each call: the whole buffer for reductions, this rank's piece for all-gathers)."""
+    if world_size == 1:
+        return 0.0
+    share = (world_size - 1) / world_size
+    factor = {"all_reduce": 2 * share, "reduce_scatter": share, "all_gather": world_size - 1,
+              "broadcast": share, "gather": share}
+    return sum(factor.get(kind, 1.0) * b for kind, b in traffic.items())
 
 
 def _rank_main(rank, world_size, port, args, out):
@@ -55,21 +95,22 @@ def _rank_main(rank, world_size, port, args, out):
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = distopt.build_optimizer(model, "galore", rank=args.rank, update_proj_gap=args.gap, side=args.side,
-                                  refresh=args.refresh, shard_basis=args.shard_basis)
+    hparams = dict(rank=args.rank, update_proj_gap=args.gap, state_layout=args.state_layout)
+    if "side" in args.optimizer_params:
+        hparams["side"] = args.side
+    if "refresh" in args.optimizer_params:
+        hparams["refresh"] = args.refresh
+    opt = distopt.build_optimizer(model, args.optimizer, **hparams)
     opt.allocate_state()
     matrices = [p for g in opt.param_groups if g["kind"] == "matrix" for p in g["params"]]
     group = next(g for g in opt.param_groups if g["kind"] == "matrix")
-    sharded = replicated = 0
+    replicated = 0
     for p in matrices:
-        rows = opt._distributed_keys(p, group) if opt._views[p].sharded else {}
+        split = opt._distributed_keys(p, group) if opt._views[p].sharded else None
         for key, t in opt.state[p].items():
-            nbytes = t.numel() * t.element_size()
-            if key in rows or not opt._views[p].sharded:
-                sharded += nbytes
-            else:
-                replicated += nbytes
-    matrix_param_bytes = sum(opt._views[p].m * opt._views[p].n * 4 for p in matrices)
+            if split is not None and key not in split:
+                replicated += t.numel() * t.element_size()
+    matrix_param_elements = sum(opt._views[p].m * opt._views[p].n for p in matrices)
 
     ids = torch.randint(0, 256, (1, 16), device=device)
     model(ids, ids).backward()
@@ -90,8 +131,7 @@ def _rank_main(rank, world_size, port, args, out):
     # A full refresh cycle done at once, through the optimizer's own step: with stagger off and a gap
     # of 2, every matrix refreshes on even steps; a refresh step minus the plain step after it is the
     # time of refreshing every matrix (warm-started, with the moments mapped).
-    full = distopt.build_optimizer(model, "galore", rank=args.rank, update_proj_gap=2, side=args.side,
-                                   refresh=args.refresh, shard_basis=args.shard_basis, stagger=False)
+    full = distopt.build_optimizer(model, args.optimizer, **{**hparams, "update_proj_gap": 2, "stagger": False})
     for _ in range(2):  # the first bases, then a plain step: timing starts on a warm-started refresh
         full.step()
     refresh_times = []
@@ -107,10 +147,10 @@ def _rank_main(rank, world_size, port, args, out):
         refresh_times.append(times[0] - times[1])
     refresh_s = min(refresh_times)
     row = {
-        "world_size": world_size, "rank": rank, "state_bytes": distopt.state_bytes(opt),
-        "matrix_state_bytes": sharded + replicated, "replicated_bytes": replicated, "sharded_bytes": sharded,
-        "distopt_bytes_per_step": sum(traffic.values()) / args.gap, "traffic_by_kind": traffic,
-        "fsdp_bytes_per_step": 3 * matrix_param_bytes, "cycle_s": cycle_s, "full_refresh_s": refresh_s,
+        "world_size": world_size, "rank": rank, "state_bytes": distopt.state_bytes(opt), "replicated_bytes": replicated,
+        "distopt_bytes_per_step": ring_bytes(traffic, world_size) / args.gap, "traffic_by_kind": traffic,
+        "fsdp_bytes_per_step": FSDP_BYTES[args.precision] * matrix_param_elements * (world_size - 1) / world_size,
+        "cycle_s": cycle_s, "full_refresh_s": refresh_s,
     }
     torch.save(row, os.path.join(out, f"r{world_size}_{rank}.pt"))
     dist.destroy_process_group()
@@ -119,16 +159,18 @@ def _rank_main(rank, world_size, port, args, out):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--world-sizes", default="1,2")
+    parser.add_argument("--world-sizes", default="1,2,3")
+    parser.add_argument("--optimizer", default="galore", choices=distopt.list_optimizers())
     parser.add_argument("--shapes", default="60m", choices=sorted(SHAPES))
     parser.add_argument("--layers", type=int, default=1, help="decoder layers (traffic and memory scale per layer)")
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--gap", type=int, default=50)
-    parser.add_argument("--side", default="right", choices=["auto", "left", "right"],
-                        help="right keeps every per-step product shard-local under FSDP2")
+    parser.add_argument("--side", default="auto", choices=["auto", "left", "right"])
     parser.add_argument("--refresh", default="randomized", choices=["randomized", "svd", "random"])
     parser.add_argument("--refresh-repeats", type=int, default=2, help="full refresh cycles timed (the fastest is kept)")
-    parser.add_argument("--shard-basis", action="store_true", help="split right bases over the ranks too")
+    parser.add_argument("--state-layout", default="partitioned", choices=["partitioned", "replicated"])
+    parser.add_argument("--precision", default="bf16-mixed", choices=sorted(FSDP_BYTES),
+                        help="byte sizes of FSDP2's traffic compared against (default: bf16 compute, fp32 reduce)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads per rank (0: the cores divided by the ranks). 1 gives every world size one core "
                              "per rank, so the refresh speed-up measures parallelism rather than a shared core count")
@@ -136,6 +178,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.refresh_repeats < 1:
         parser.error(f"--refresh-repeats {args.refresh_repeats}: time at least one refresh cycle (e.g. 2)")
+    import inspect
+
+    from distopt.optim import REGISTRY
+
+    args.optimizer_params = sorted(inspect.signature(REGISTRY[args.optimizer].__init__).parameters)
+    if "rank" not in args.optimizer_params or "state_layout" not in args.optimizer_params:
+        parser.error(f"--optimizer {args.optimizer}: takes no subspace rank or state layout")
     import tempfile
 
     import torch.multiprocessing as mp
@@ -152,24 +201,30 @@ def main(argv=None):
             rows += [torch.load(os.path.join(out, f"r{world_size}_{r}.pt"), weights_only=False) for r in range(world_size)]
     single = next((r for r in rows if r["world_size"] == 1), None)
     for row in rows:
-        row["traffic_share"] = row["distopt_bytes_per_step"] / row["fsdp_bytes_per_step"]
+        row["traffic_share"] = row["distopt_bytes_per_step"] / row["fsdp_bytes_per_step"] if row["world_size"] > 1 else 0.0
         if single:
-            ideal = single["matrix_state_bytes"] / row["world_size"]
-            row["sharded_vs_ideal"] = (row["sharded_bytes"]) / (ideal - row["replicated_bytes"] / row["world_size"]) \
-                if row["world_size"] > 1 else 1.0
-            row["memory_goal_ratio"] = (single["matrix_state_bytes"] / row["world_size"]) / row["matrix_state_bytes"]
+            row["state_vs_ideal"] = row["state_bytes"] / (single["state_bytes"] / row["world_size"])
             row["refresh_speedup"] = single["full_refresh_s"] / row["full_refresh_s"]
-    payload = {"benchmark": "distributed", "env": environment(args.device), "settings": vars(args), "results": rows}
+    formula = [
+        {"shapes": key, "rank": r, "precision": args.precision,
+         "added_share": partition_traffic_share(*FORMULA_SHAPES[key], r, args.precision, args.side)}
+        for key in FORMULA_SHAPES for r in (256, 1024)
+    ]
+    payload = {"benchmark": "distributed", "env": environment(args.device),
+               "settings": {k: v for k, v in vars(args).items() if k != "optimizer_params"},
+               "results": rows, "partition_traffic_formula": formula}
     path = write_json(args.out, payload)
     print(markdown_table(rows, [
-        ("world_size", "ranks", "d"), ("rank", "rank", "d"), ("matrix_state_bytes", "matrix state B", ",d"),
-        ("sharded_bytes", "split over ranks B", ",d"), ("replicated_bytes", "replicated B", ",d"),
-        ("memory_goal_ratio", "(1-rank/N) / this", ".3f"), ("distopt_bytes_per_step", "distopt B/step", ",.0f"),
-        ("traffic_share", "share of FSDP2 traffic", ".5%"), ("full_refresh_s", "full refresh s", ".3f"),
-        ("refresh_speedup", "refresh speed-up", ".2f"),
+        ("world_size", "ranks", "d"), ("rank", "rank", "d"), ("state_bytes", "state B (all)", ",d"),
+        ("state_vs_ideal", "x ideal (1-rank/N)", ".3f"), ("replicated_bytes", "replicated B", ",d"),
+        ("distopt_bytes_per_step", "distopt B/step", ",.0f"), ("traffic_share", "share of FSDP2 traffic", ".3%"),
+        ("full_refresh_s", "full refresh s", ".3f"), ("refresh_speedup", "refresh speed-up", ".2f"),
     ]))
-    print(f"\nshapes {args.shapes} x {args.layers} layer(s) | rank {args.rank} | gap {args.gap} | side {args.side} "
-          f"| refresh {args.refresh} | shard_basis {args.shard_basis} | JSON: {path}")
+    print("\nTraffic the partitioned layout adds over the replicated one, by formula (one decoder layer):")
+    print(markdown_table(formula, [("shapes", "shapes", "s"), ("rank", "r", "d"), ("precision", "FSDP2 bytes", "s"),
+                                   ("added_share", "added / FSDP2's", ".2%")]))
+    print(f"\n{args.optimizer} | shapes {args.shapes} x {args.layers} layer(s) | rank {args.rank} | gap {args.gap} | "
+          f"side {args.side} | refresh {args.refresh} | state_layout {args.state_layout} | JSON: {path}")
     return payload
 
 

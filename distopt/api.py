@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 
 import torch
@@ -106,7 +107,17 @@ def build_optimizer(
     try:
         optimizer = cls(groups, **hparams)
     except TypeError as err:
-        raise TypeError(f"{name}: {err}") from None
+        accepted = [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "params")]
+        unknown = [k for k in hparams if k not in accepted]
+        hints = []
+        for key in unknown:
+            if key == "shard_basis":
+                hints.append("shard_basis became state_layout: 'partitioned' (the default) splits bases and "
+                             "moments over the ranks, 'replicated' keeps them whole")
+            elif close := difflib.get_close_matches(key, accepted, n=1):
+                hints.append(f"{key!r}: did you mean {close[0]!r}?")
+        detail = f" ({'; '.join(hints)})" if hints else ""
+        raise TypeError(f"{name}: {err}{detail}. It takes: {', '.join(accepted)}") from None
     if logger.isEnabledFor(logging.INFO):
         for g in optimizer.param_groups:
             count = sum(p.numel() for p in g["params"])

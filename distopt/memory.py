@@ -36,8 +36,10 @@ gradient partition). :func:`deepspeed_reference` returns DeepSpeed's numbers for
 Optimizer state placement:
 - ``ddp``: whole on every rank.
 - ``fsdp2``/``hsdp``: each rank holds a row block of every matrix (rank 0 the largest,
-  ``ceil(m/N)`` rows); the algorithm's own shard view decides the state shapes (a GaLore right
-  basis ``n x r`` is replicated, its moments are row-sharded). Element-wise state is split by rows.
+  ``ceil(m/N)`` rows); the algorithm's own shard view decides the state shapes. With the default
+  ``state_layout="partitioned"`` a GaLore right basis keeps ``ceil(n/N)`` of its ``n`` rows and a
+  left side's ``r x n`` moments ``ceil(n/N)`` columns; ``"replicated"`` keeps both whole on every
+  rank. Element-wise state is split by rows.
 - ``zero1/2/3``: the same row blocks: ``distopt.deepspeed`` turns each rank's flat ZeRO partition
   of a matrix into a block of about ``m/N`` rows and steps the algorithm on it, so the state
   follows the FSDP2 layout above (element-wise state is the rank's flat slice, about ``1/N``).
@@ -114,16 +116,42 @@ def _row_chunks(rows: int, world: int) -> tuple[int, ...]:
     return tuple(max(0, min(size, rows - i * size)) for i in range(world))
 
 
-def state_layout(model: nn.Module, optimizer: str, hparams: dict | None = None, shard_ranks: int = 1) -> list[ParamState]:
+def zero_partition_length(numel: int, world: int, engine: str) -> int:
+    """Elements per rank of a parameter that ``distopt.deepspeed`` puts in a group of its own:
+    ZeRO-3 cuts it into ``ceil(numel / N)``; ZeRO-1/2 pad the group's flat buffer to a multiple of
+    ``2 N`` first."""
+    if engine == "zero3":
+        return math.ceil(numel / world)
+    return math.ceil(numel / (2 * world)) * 2
+
+
+def _shard_rows(engine: str, shape: tuple[int, int], world: int) -> tuple[int, ...]:
+    """Rows of a matrix per rank: ``torch.chunk`` blocks (FSDP2's ``Shard(0)``), or the row blocks
+    ``distopt.deepspeed`` builds from ZeRO's flat partitions (rank ``k`` owns the rows whose first
+    element lies in ``[k S, (k+1) S)``)."""
+    if not engine.startswith("zero"):
+        return _row_chunks(shape[0], world)
+    m, n = shape
+    length = zero_partition_length(m * n, world, engine)
+    edges = [min(m, -(-min(k * length, m * n) // n)) for k in range(world + 1)]
+    return tuple(edges[k + 1] - edges[k] for k in range(world))
+
+
+def state_layout(model: nn.Module, optimizer: str, hparams: dict | None = None, shard_ranks: int = 1, *,
+                 engine: str = "fsdp2", shard_index: int = 0) -> list[ParamState]:
     """Per-parameter optimizer state of ``optimizer`` on ``model`` (build it on the meta device).
 
     ``shard_ranks > 1``: every matrix is row-sharded over that many ranks (FSDP2, HSDP's shard
-    group, ZeRO through ``distopt.deepspeed``), and the state is the one rank 0 holds (the largest
-    row block); element-wise state is split by rows likewise.
+    group, ZeRO through ``distopt.deepspeed``; ``engine`` picks how the rows are cut) and the state
+    is the one rank ``shard_index`` holds (rank 0 by default: under FSDP2 the largest row block).
+    Element-wise state is split by rows (FSDP2) or in flat slices (ZeRO) likewise.
     """
     from .api import build_optimizer
     from .core.shard import MatrixShardView
 
+    if not 0 <= shard_index < shard_ranks:
+        raise ValueError(f"shard_index={shard_index}: must be in [0, {shard_ranks})")
+    zero = engine.startswith("zero")
     hparams = dict(hparams or {})
     elementwise = hparams.pop("elementwise", None)
     with torch.device("meta"):
@@ -132,8 +160,10 @@ def state_layout(model: nn.Module, optimizer: str, hparams: dict | None = None, 
         views = getattr(opt, "_views", {})
         if shard_ranks > 1:
             for p, view in list(views.items()):
-                counts = _row_chunks(view.m, shard_ranks)
-                views[p] = MatrixShardView(view.name, view.global_shape, 0, counts[0], _SHARDED, counts)
+                counts = _shard_rows(engine, view.global_shape, shard_ranks)
+                start = sum(counts[:shard_index])
+                views[p] = MatrixShardView(view.name, view.global_shape, start, start + counts[shard_index], _SHARDED,
+                                           counts, index=shard_index)
         opt.allocate_state()
     out = []
     names = {p: n for n, p in meta.named_parameters()}
@@ -146,7 +176,12 @@ def state_layout(model: nn.Module, optimizer: str, hparams: dict | None = None, 
                     continue
                 size = _tensor_bytes(value)
                 if kind != "matrix" and shard_ranks > 1 and value.dim() > 0:
-                    size = size * _row_chunks(value.shape[0], shard_ranks)[0] // max(1, value.shape[0])
+                    if zero:  # this rank's flat slice
+                        length = zero_partition_length(value.numel(), shard_ranks, engine)
+                        held = max(0, min(length, value.numel() - shard_index * length))
+                        size = held * value.element_size()
+                    else:
+                        size = size * _row_chunks(value.shape[0], shard_ranks)[shard_index] // max(1, value.shape[0])
                 if kind == "matrix" and is_projector_key(key):
                     proj += size
                 else:
@@ -251,7 +286,8 @@ def estimate(
             weights = shard_w + master + 2 * (2 if precision != "fp32" else 4) * largest
             grads = shard_g + part_g
     if layout is None:
-        layout = state_layout(model, optimizer, hparams, shard_ranks=n if engine not in ("single", "ddp") else 1)
+        layout = state_layout(model, optimizer, hparams, shard_ranks=n if engine not in ("single", "ddp") else 1,
+                              engine=engine)
     state = sum(s.state_bytes for s in layout)
     projectors = sum(s.projector_bytes for s in layout)
     return Breakdown(optimizer, engine, world_size, precision, total, weights, grads, state, projectors, notes)

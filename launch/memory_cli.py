@@ -141,7 +141,7 @@ def run(args) -> dict:
     layouts = {}
     for label, name, hparams in specs:
         try:
-            layouts[(label, 1)] = memory.state_layout(model, name, hparams)
+            layouts[(label, 1, "fsdp2")] = memory.state_layout(model, name, hparams)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"optimizer {label}: {err}") from None
         for world in worlds:
@@ -152,18 +152,27 @@ def run(args) -> dict:
                     continue
                 replicas = args.hsdp_replicas or (2 if world % 2 == 0 and world > 2 else 1)
                 shard = world // replicas if engine == "hsdp" else world
-                key = (label, shard if engine not in ("ddp", "single") else 1)
+                cut = engine if engine.startswith("zero") else "fsdp2"
+                key = (label, shard if engine not in ("ddp", "single") else 1, cut)
                 if key not in layouts:
-                    layouts[key] = memory.state_layout(model, name, hparams, shard_ranks=key[1])
+                    layouts[key] = memory.state_layout(model, name, hparams, shard_ranks=key[1], engine=engine)
                 for precision in precisions:
                     if engine.startswith("zero") and precision == "bf16" and "bf16-mixed" in precisions:
                         continue  # DeepSpeed keeps an fp32 master either way: the same numbers
                     b = memory.estimate(model, name, engine, world, precision, hparams=hparams,
                                         hsdp_replicas=replicas, layout=layouts[key])
+                    adamw_key = ("adamw", key[1], cut)
+                    if adamw_key not in layouts:
+                        layouts[adamw_key] = memory.state_layout(model, "adamw", shard_ranks=key[1], engine=engine)
+                    adamw = memory.estimate(model, "adamw", engine, world, precision, hsdp_replicas=replicas,
+                                            layout=layouts[adamw_key])
+                    one = sum(s.total for s in layouts[(label, 1, "fsdp2")])
                     rows.append({
                         "world": world, "engine": engine, "optimizer": label, "precision": precision,
                         "weights": b.weights, "gradients": b.gradients, "optimizer_state": b.optimizer_state,
-                        "projectors": b.projectors, "total": b.total,
+                        "projectors": b.projectors, "total": b.total, "adamw_total": adamw.total,
+                        # state + projectors per rank against one process's total over the ranks sharing it
+                        "state_vs_ideal": (b.optimizer_state + b.projectors) / (one / key[1]) if one else 1.0,
                         "fits": b.fits(args.gpu_gib * GIB, args.reserve), "notes": b.notes,
                     })
     total_params = rows[0] and sum(p.numel() for p in model.parameters())
@@ -178,6 +187,7 @@ def run(args) -> dict:
 
 def render(result: dict) -> str:
     gib = lambda b: f"{b / GIB:8.2f}"  # noqa: E731
+    width = max([22] + [len(r["optimizer"]) for r in result["rows"]])
     lines = [
         f"LLaMA {result['model']}: {result['num_params'] / 1e9:.2f}B parameters "
         f"(largest FSDP unit {result['largest_unit_params'] / 1e6:.0f}M). Model states per rank in GiB; "
@@ -185,8 +195,8 @@ def render(result: dict) -> str:
         + (f" Optimizers with a rank use {result['paper_rank']}, the GaLore paper's for this size, unless given."
            if result.get("paper_rank") else ""),
         "",
-        f"{'world':>5}  {'engine':<6}  {'precision':<10}  {'optimizer':<22} {'weights':>8} {'grads':>8} "
-        f"{'state':>8} {'proj':>8} {'total':>8}  fits {result['gpu_gib']:g} GiB",
+        f"{'world':>5}  {'engine':<6}  {'precision':<10}  {'optimizer':<{width}} {'weights':>8} {'grads':>8} "
+        f"{'state':>8} {'proj':>8} {'total':>8} {'xAdamW':>7} {'xideal':>7}  fits {result['gpu_gib']:g} GiB",
     ]
     last = None
     for r in result["rows"]:
@@ -195,10 +205,12 @@ def render(result: dict) -> str:
             lines.append("")
         last = key
         lines.append(
-            f"{r['world']:>5}  {r['engine']:<6}  {r['precision']:<10}  {r['optimizer']:<22} {gib(r['weights'])} "
-            f"{gib(r['gradients'])} {gib(r['optimizer_state'])} {gib(r['projectors'])} {gib(r['total'])}  "
-            f"{'yes' if r['fits'] else 'no'}"
+            f"{r['world']:>5}  {r['engine']:<6}  {r['precision']:<10}  {r['optimizer']:<{width}} {gib(r['weights'])} "
+            f"{gib(r['gradients'])} {gib(r['optimizer_state'])} {gib(r['projectors'])} {gib(r['total'])} "
+            f"{r['total'] / r['adamw_total']:7.2f} {r['state_vs_ideal']:7.2f}  {'yes' if r['fits'] else 'no'}"
         )
+    lines += ["", "xAdamW: total against AdamW's on the same engine, ranks and precision. xideal: state + proj per rank "
+              "against one process's state + proj divided by the ranks sharing it (1.00 = split perfectly)."]
     ref = result["deepspeed_adamw_reference"]
     if ref:
         lines += ["", "DeepSpeed's own estimate for AdamW (estimate_zero2/3_model_states_mem_needs, no offload), GiB per rank: "

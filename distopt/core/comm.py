@@ -14,8 +14,9 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-# torch >= 2.10 renamed all_gather_into_tensor; keep working on older releases.
+# torch >= 2.10 renamed all_gather_into_tensor and reduce_scatter_tensor; keep working on older releases.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 _bytes: Counter = Counter()
 _calls: Counter = Counter()
@@ -122,6 +123,34 @@ def all_gather_rows(local: torch.Tensor, row_counts: list[int], group) -> torch.
     padded[: local.shape[0]] = local
     stacked = all_gather_stacked(padded, group)
     return torch.cat([stacked[i, :count] for i, count in enumerate(row_counts)], dim=0)
+
+
+def reduce_scatter_cols(full: torch.Tensor, col_counts: list[int], group) -> torch.Tensor:
+    """Sum ``full`` (``k x n``, one partial sum per rank) over ``group`` and keep this rank's columns:
+    rank ``i`` gets the ``col_counts[i]`` columns after those of ranks ``0..i-1``. Half of an
+    all-reduce's traffic; :func:`all_gather_cols` is the other half."""
+    if group is None or dist.get_world_size(group) == 1:
+        return full
+    parts, width = len(col_counts), max(col_counts)
+    padded = full.new_zeros((parts, full.shape[0], width))
+    start = 0
+    for i, count in enumerate(col_counts):
+        padded[i, :, :count] = full[:, start : start + count]
+        start += count
+    out = full.new_empty((full.shape[0] * width,))  # flat: gloo checks the first dimensions
+    _record("reduce_scatter", padded)
+    _reduce_scatter_single(out, padded.reshape(-1), group=group)
+    return out.view(full.shape[0], width)[:, : col_counts[dist.get_rank(group)]].contiguous()
+
+
+def all_gather_cols(local: torch.Tensor, col_counts: list[int], group) -> torch.Tensor:
+    """Reassemble a column-sharded matrix whose rank ``i`` holds ``col_counts[i]`` columns."""
+    if group is None or dist.get_world_size(group) == 1:
+        return local
+    padded = local.new_zeros((local.shape[0], max(col_counts)))
+    padded[:, : local.shape[1]] = local
+    stacked = all_gather_stacked(padded, group)
+    return torch.cat([stacked[i, :, :count] for i, count in enumerate(col_counts)], dim=1)
 
 
 def gather_rows(local: torch.Tensor, row_counts: list[int], dst_rank: int, group) -> torch.Tensor | None:

@@ -22,7 +22,10 @@ like the matrix) and ``R`` (``r x n``, replicated). Each step:
    - ``none``: ``L R / c``, the plain low-rank momentum.
 
 Communication when row-sharded: ``L^T m_t`` is an ``r x n`` all-reduce per sweep; ``orth`` is a
-TSQR (one ``r x r`` all-gather); the range finder is the one of :mod:`projector`.
+TSQR (one ``r x r`` all-gather); the range finder is the one of :mod:`projector`. With ``R`` kept
+in column chunks (``chunked``: each rank stores ``n/N`` of its columns), each ``L^T m_t`` is a
+reduce-scatter instead, and ``R`` is all-gathered where it is used whole: the same bandwidth per
+fit, plus one ``r x n`` all-gather of the stored ``R`` per step.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 from . import comm
 from .linalg import orthonormalize_rows
 from .projector import randomized_basis
-from .shard import MatrixShardView
+from .shard import MatrixShardView, chunk_rows
 
 CORRECTIONS = ("derived", "literal", "none")
 
@@ -49,6 +52,19 @@ def lowrank_rank(global_shape: tuple[int, int], fraction: float, rank: int | Non
     return max(1, min(int(rank), m, n))
 
 
+def _whole_right(right: torch.Tensor, view: MatrixShardView, chunked: bool) -> torch.Tensor:
+    return comm.all_gather_cols(right, list(chunk_rows(view.n, view.parts)), view.group) if chunked else right
+
+
+def _set_right(right: torch.Tensor, left: torch.Tensor, target: torch.Tensor, view: MatrixShardView, chunked: bool) -> None:
+    """``R <- L^T m_t``, summed over the row shards (this rank's column chunk when ``chunked``)."""
+    product = left.T @ target
+    if chunked:
+        right.copy_(comm.reduce_scatter_cols(product, list(chunk_rows(view.n, view.parts)), view.group))
+    else:
+        right.copy_(comm.all_reduce_sum(product, view.group))
+
+
 def fit(
     target: torch.Tensor,
     left: torch.Tensor,
@@ -61,8 +77,10 @@ def fit(
     seed: int,
     oversample: int,
     power_iters: int,
+    chunked: bool = False,
 ) -> None:
-    """Refit ``left @ right ~ target`` in place (local rows of ``target`` and ``left``).
+    """Refit ``left @ right ~ target`` in place (local rows of ``target`` and ``left``; ``right`` whole,
+    or this rank's column chunk when ``chunked``).
 
     ``reseed`` runs the seeded range finder, warm-started from ``left`` when ``warm`` (the factors
     already hold a fit); otherwise ``sweeps`` ALS sweeps start from the current factors.
@@ -73,9 +91,9 @@ def fit(
         left.copy_(new)
     else:
         for _ in range(sweeps):
-            right.copy_(comm.all_reduce_sum(left.T @ target, view.group))
-            left.copy_(orthonormalize_rows(target @ right.T, view.group, view.row_counts))
-    right.copy_(comm.all_reduce_sum(left.T @ target, view.group))
+            _set_right(right, left, target, view, chunked)
+            left.copy_(orthonormalize_rows(target @ _whole_right(right, view, chunked).T, view.group, view.row_counts))
+    _set_right(right, left, target, view, chunked)
 
 
 def momentum_estimate(
@@ -93,14 +111,15 @@ def momentum_estimate(
     seed: int,
     oversample: int,
     power_iters: int,
+    chunked: bool = False,
 ) -> torch.Tensor:
     """One step of low-rank momentum: update the factors in place and return the (bias-corrected)
     momentum estimate for this rank's rows. ``step`` counts from 1."""
     grad = grad.float()
-    target = torch.addmm(grad, left, right, beta=1.0 - beta1, alpha=beta1)  # m_t
+    target = torch.addmm(grad, left, _whole_right(right, view, chunked), beta=1.0 - beta1, alpha=beta1)  # m_t
     fit(target, left, right, view, reseed=reseed or step == 1, warm=step > 1, sweeps=sweeps, seed=seed,
-        oversample=oversample, power_iters=power_iters)
-    low = left @ right
+        oversample=oversample, power_iters=power_iters, chunked=chunked)
+    low = left @ _whole_right(right, view, chunked)
     c = 1.0 - beta1**step if bias_correction else 1.0
     if correction == "none":
         return low.div_(c)

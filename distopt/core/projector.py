@@ -1,8 +1,8 @@
 """Projection onto a rank-r subspace of one side of a (possibly row-sharded) matrix.
 
 Conventions, for a gradient ``G`` of global shape ``m x n``:
-- ``right``: basis ``Q`` is ``n x r`` and replicated; ``R = G Q`` is ``m x r`` and row-sharded like G;
-  back-projection ``N Q^T``. No communication per step.
+- ``right``: basis ``Q`` is ``n x r`` (whole here; ``core.subspace`` may keep it in chunks); ``R = G Q``
+  is ``m x r`` and row-sharded like G; back-projection ``N Q^T``. No communication.
 - ``left``: basis ``P`` is ``m x r`` and row-sharded like G; ``R = P^T G`` is ``r x n``, a sum over
   the row shards; back-projection ``P N`` gives this rank's rows.
 - ``auto`` picks the shorter side, as GaLore does: ``right`` when ``m >= n``, else ``left``.
@@ -43,14 +43,6 @@ def resolve_side(side: str, global_shape: tuple[int, int]) -> str:
 def side_dim(side: str, global_shape: tuple[int, int]) -> int:
     """Length of the basis vectors: ``n`` for a right basis, ``m`` for a left one."""
     return global_shape[1] if side == "right" else global_shape[0]
-
-
-def basis_local_shape(side: str, view: MatrixShardView, r: int) -> tuple[int, int]:
-    return (view.n, r) if side == "right" else (view.local_rows, r)
-
-
-def projected_local_shape(side: str, view: MatrixShardView, r: int) -> tuple[int, int]:
-    return (view.local_rows, r) if side == "right" else (r, view.n)
 
 
 def project(g: torch.Tensor, basis: torch.Tensor, side: str, group) -> torch.Tensor:

@@ -11,8 +11,9 @@ projected side):
 - norm-growth limiter: if ``||D_hat||_F > gamma * ||D_hat_prev||_F`` it is rescaled to
   ``gamma * ||D_hat_prev||_F``; the norm kept for the next step is the one after limiting.
 
-The ratio is row-local for a right basis and uses the already all-reduced ``R`` and ``N`` for a
-left one, so only the Frobenius norm needs a collective (one scalar all-reduce) on row shards.
+The ratio is row-local for a right basis and column-local for a left one, so on row shards only
+the Frobenius norm needs a collective (one scalar all-reduce); with the left side's ``R`` and ``N``
+in column chunks (``state_layout="partitioned"``), ``R`` and the ratio are all-gathered too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from . import comm
 from .projector import project_back
-from .shard import MatrixShardView
+from .shard import MatrixShardView, chunk_rows
 
 RATIO_EPS = 1e-8
 
@@ -45,15 +46,20 @@ def recovery_term(
     view: MatrixShardView,
     last_norm: torch.Tensor,
     limit: float,
+    *,
+    columns_chunked: bool = False,
 ) -> torch.Tensor:
     """The limited, scaled residual ``D_hat`` (this rank's rows); updates ``last_norm`` in place.
 
     ``last_norm`` is a 0-d fp32 state tensor; 0 means "no previous step", and the first residual
     is then taken as it is (Fira records its norm without limiting it).
     """
-    residual = grad - project_back(low, basis, side)
     dim = 1 if side == "right" else 0
     ratio = direction.norm(dim=dim) / (low.norm(dim=dim) + RATIO_EPS)
+    if columns_chunked:  # this rank holds some columns of the left side's R and N: gather R and the ratio
+        both = comm.all_gather_cols(torch.cat([low, ratio[None]]), list(chunk_rows(view.n, view.parts)), view.group)
+        low, ratio = both[:-1], both[-1]
+    residual = grad - project_back(low, basis, side)
     scaled = residual * (ratio.unsqueeze(1) if side == "right" else ratio.unsqueeze(0))
     norm = comm.all_reduce_sum(scaled.square().sum(), view.group).sqrt()
     cap = last_norm * limit

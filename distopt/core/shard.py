@@ -23,6 +23,8 @@ class MatrixShardView:
     mesh: object = None  # DeviceMesh of a DTensor parameter, to wrap row-sharded state for DCP
     placements: tuple = ()
     owner: int = 0  # rank in ``group`` that does this matrix's whole-matrix work (exact SVD)
+    # This rank's position in ``group`` (and in ``row_counts``); found from ``row_start`` when not given.
+    index: int | None = None
 
     def __post_init__(self):
         if len(self.global_shape) != 2:
@@ -33,6 +35,16 @@ class MatrixShardView:
             object.__setattr__(self, "row_counts", (self.global_shape[0],))
         if not 0 <= self.row_start <= self.row_end <= self.global_shape[0]:
             raise ValueError(f"{self.name}: rows [{self.row_start}, {self.row_end}) lie outside {self.global_shape}")
+        if not self.sharded:
+            object.__setattr__(self, "index", 0)
+            return
+        starts = [sum(self.row_counts[:i]) for i in range(len(self.row_counts))]
+        if self.index is None:
+            found = [i for i, s in enumerate(starts) if s == self.row_start and self.row_counts[i] == self.local_rows]
+            object.__setattr__(self, "index", found[0] if found else 0)
+        if not (0 <= self.index < len(self.row_counts) and starts[self.index] == self.row_start
+                and self.row_counts[self.index] == self.local_rows):
+            raise ValueError(f"{self.name}: rows [{self.row_start}, {self.row_end}) are not block {self.index} of {self.row_counts}")
 
     @property
     def m(self) -> int:
@@ -49,6 +61,18 @@ class MatrixShardView:
     @property
     def sharded(self) -> bool:
         return self.group is not None
+
+    @property
+    def parts(self) -> int:
+        """Ranks the matrix is split over (1 when it is all here)."""
+        return len(self.row_counts) if self.sharded else 1
+
+    def chunk(self, length: int) -> tuple[int, int]:
+        """``[start, end)`` of this rank's share when ``length`` entries (the rows of a right basis,
+        the columns of a left-side moment) are split over the shard group like ``torch.chunk``."""
+        counts = chunk_rows(length, self.parts)
+        me = self.index if self.sharded else 0
+        return sum(counts[:me]), sum(counts[: me + 1])
 
 
 def whole_matrix_view(name: str, tensor: torch.Tensor) -> MatrixShardView:
@@ -99,7 +123,7 @@ def dtensor_view(name: str, tensor) -> MatrixShardView:
     me = mesh.get_local_rank(mesh_dim)
     start = sum(counts[:me])
     return MatrixShardView(name=name, global_shape=shape, row_start=start, row_end=start + counts[me],
-                           group=group, row_counts=counts, mesh=mesh, placements=placements)
+                           group=group, row_counts=counts, mesh=mesh, placements=placements, index=me)
 
 
 def lpt_owners(costs: dict[str, float], ranks: int) -> dict[str, int]:

@@ -1,22 +1,38 @@
 """The subspace engine shared by every projection-based algorithm.
 
 It owns the per-matrix basis: its shape (from the global shape, the rank and the side), its
-refresh schedule, and projection to and from it. How a new basis is found and what happens to the
-moments then is the algorithm's (``optim/projected.py`` holds the shared loop). State it keeps,
-all tensors: ``basis`` (``d x r``, fp32; row-sharded for a left basis).
+refresh schedule, its layout across ranks, and projection to and from it. How a new basis is
+found and what happens to the moments then is the algorithm's (``optim/projected.py`` holds the
+shared loop). State it keeps, all tensors: ``basis`` (``d x r``, fp32).
+
+Layouts of a matrix row-sharded over ``N`` ranks (``G`` local: ``m/N x n``), ``state_layout=``:
+
+- ``partitioned`` (the default): every ``d``-long tensor is split over the ranks. A left basis
+  ``P`` (``m x r``) is row-sharded like ``G``; its projected tensors (``r x n``) are split by columns:
+  ``P^T G`` is reduce-scattered, each rank updates its ``n/N`` columns, and the direction is
+  all-gathered for ``P N``: the bandwidth of the all-reduce it replaces. A right basis ``Q``
+  (``n x r``) keeps ``n/N`` rows per rank and is all-gathered for each step (``n r`` floats, one
+  gathered basis alive at a time); its projected tensors (``m x r``) are row-sharded like ``G``.
+- ``replicated``: ``Q`` and the left side's ``r x n`` tensors whole on every rank; no traffic for
+  ``Q``, memory that does not fall with ``N``.
+
+Either way the numbers are those of one process (to float tolerance): only where sums happen moves.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from . import comm
 from .moments import MOMENT_POLICIES
-from .projector import REFRESH_METHODS, basis_local_shape, project, project_back, resolve_side, side_dim
+from .projector import REFRESH_METHODS, resolve_side, side_dim
 from .schedule import is_refresh_step, last_refresh_step, refresh_phase
 from .shard import MatrixShardView, chunk_rows
+
+STATE_LAYOUTS = ("partitioned", "replicated")
 
 
 @dataclass(frozen=True)
@@ -28,7 +44,18 @@ class SubspacePlan:
     rank: int
     full: bool
     phase: int
-    basis_sharded: bool = False  # a right basis split over the shard group, gathered for each step
+    # Split over the shard group: a right basis's rows, a left side's projected columns (see above).
+    partitioned: bool = False
+
+    @property
+    def basis_chunked(self) -> bool:
+        """A right basis kept as ``n/N``-row chunks and gathered for each step."""
+        return self.partitioned and self.side == "right"
+
+    @property
+    def columns_chunked(self) -> bool:
+        """Left-side projected tensors (``r x n``) kept as ``n/N``-column chunks."""
+        return self.partitioned and self.side == "left"
 
 
 def check_subspace_hparams(group: dict) -> None:
@@ -47,39 +74,80 @@ def check_subspace_hparams(group: dict) -> None:
         value = group[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{key}={value!r}: must be a non-negative integer")
+    check_state_layout(group)
+
+
+def check_state_layout(group: dict) -> None:
+    if group.get("state_layout", "partitioned") not in STATE_LAYOUTS:
+        raise ValueError(f"state_layout={group['state_layout']!r} is not one of {STATE_LAYOUTS}")
+
+
+def is_partitioned(view: MatrixShardView, group: dict) -> bool:
+    """Whether this matrix's subspace state is split over its shard group (see the module docstring)."""
+    return view.parts > 1 and group.get("state_layout", "partitioned") == "partitioned"
+
+
+def make_plan(view: MatrixShardView, group: dict, side: str, rank: int, full: bool) -> SubspacePlan:
+    """The plan of a matrix whose side and rank the algorithm has chosen."""
+    phase = refresh_phase(view.name, group["update_proj_gap"], group["stagger"])
+    return SubspacePlan(side, rank, full, phase, not full and is_partitioned(view, group))
 
 
 def plan(view: MatrixShardView, group: dict) -> SubspacePlan:
     side = resolve_side(group["side"], view.global_shape)
-    dim = side_dim(side, view.global_shape)
-    full = group["rank"] >= dim
-    rank = min(group["rank"], view.m, view.n)
-    basis_sharded = bool(group.get("shard_basis")) and view.sharded and side == "right" and not full
-    phase = refresh_phase(view.name, group["update_proj_gap"], group["stagger"])
-    return SubspacePlan(side, rank, full, phase, basis_sharded)
+    full = group["rank"] >= side_dim(side, view.global_shape)
+    return make_plan(view, group, side, min(group["rank"], view.m, view.n), full)
 
 
-def basis_chunk_rows(view: MatrixShardView) -> tuple[int, int]:
-    """Rows ``[start, end)`` of an ``n x r`` right basis this rank keeps when the basis is sharded."""
-    counts = chunk_rows(view.n, comm.world_size(view.group))
-    me = comm.rank(view.group)
-    return sum(counts[:me]), sum(counts[: me + 1])
+def column_counts(view: MatrixShardView) -> list[int]:
+    """Columns (of ``n``) per rank of a left side's column-chunked projected tensors, and rows of a
+    chunked right basis."""
+    return list(chunk_rows(view.n, view.parts))
+
+
+def basis_local_shape(view: MatrixShardView, plan_: SubspacePlan) -> tuple[int, int]:
+    if plan_.side == "left":
+        return (view.local_rows, plan_.rank)
+    if plan_.basis_chunked:
+        start, end = view.chunk(view.n)
+        return (end - start, plan_.rank)
+    return (view.n, plan_.rank)
 
 
 def allocate_basis(state: dict, view: MatrixShardView, plan_: SubspacePlan, device) -> None:
-    if plan_.full:
+    if not plan_.full:
+        state["basis"] = torch.zeros(basis_local_shape(view, plan_), dtype=torch.float32, device=device)
+
+
+def distributed_state(view: MatrixShardView, plan_: SubspacePlan, keys: tuple[str, ...]) -> dict[str, tuple[tuple[int, int], int]]:
+    """``{key: (global shape, dim)}`` of the state split in ``torch.chunk`` pieces over the shard
+    group along ``dim`` (not by the matrix's rows): a chunked right basis, and the left side's
+    column-chunked projected tensors named in ``keys``."""
+    if plan_.basis_chunked:
+        return {"basis": ((view.n, plan_.rank), 0)}
+    if plan_.columns_chunked:
+        return {key: ((plan_.rank, view.n), 1) for key in keys}
+    return {}
+
+
+def gathered_basis(state: dict, view: MatrixShardView, plan_: SubspacePlan) -> torch.Tensor:
+    """The whole basis: a chunked right basis all-gathered (``n x r``), else ``state["basis"]``."""
+    if not plan_.basis_chunked:
+        return state["basis"]
+    return comm.all_gather_rows(state["basis"], column_counts(view), view.group)
+
+
+@contextmanager
+def whole_basis(state: dict, view: MatrixShardView, plan_: SubspacePlan):
+    """``state`` with the whole basis for one step: a chunked right basis is all-gathered (``n x r``)
+    and, on exit, this rank's rows of it (changed by a refresh) are kept; other layouts as they are."""
+    if not plan_.basis_chunked:
+        yield state
         return
-    shape = basis_local_shape(plan_.side, view, plan_.rank)
-    if plan_.basis_sharded:
-        start, end = basis_chunk_rows(view)
-        shape = (end - start, plan_.rank)
-    state["basis"] = torch.zeros(shape, dtype=torch.float32, device=device)
-
-
-def gather_basis(state: dict, view: MatrixShardView) -> torch.Tensor:
-    """The whole right basis from its per-rank chunks (one ``n x r`` all-gather)."""
-    counts = chunk_rows(view.n, comm.world_size(view.group))
-    return comm.all_gather_rows(state["basis"], list(counts), view.group)
+    work = {**state, "basis": gathered_basis(state, view, plan_)}
+    yield work
+    start, end = view.chunk(view.n)
+    state["basis"].copy_(work["basis"][start:end])
 
 
 def refresh_due(step: int, plan_: SubspacePlan, group: dict) -> bool:
@@ -97,14 +165,39 @@ def moment_updates(step: int, plan_: SubspacePlan, group: dict) -> int:
 
 
 def project_grad(grad: torch.Tensor, state: dict, view: MatrixShardView, plan_: SubspacePlan) -> torch.Tensor:
-    return grad if plan_.full else project(grad, state["basis"], plan_.side, view.group)
+    """This rank's part of ``proj(G)``: ``G Q`` (local rows), or ``P^T G`` summed over the row
+    shards (its column chunk when partitioned). ``state`` holds the whole basis (:func:`whole_basis`)."""
+    if plan_.full:
+        return grad
+    basis = state["basis"]
+    if plan_.side == "right":
+        return grad @ basis
+    if plan_.columns_chunked:
+        return comm.reduce_scatter_cols(basis.T @ grad, column_counts(view), view.group)
+    return comm.all_reduce_sum(basis.T @ grad, view.group)
 
 
-def back_project(low: torch.Tensor, state: dict, plan_: SubspacePlan) -> torch.Tensor:
-    return low if plan_.full else project_back(low, state["basis"], plan_.side)
+def gather_projected(low: torch.Tensor, view: MatrixShardView, plan_: SubspacePlan) -> torch.Tensor:
+    """A projected tensor whole along ``n`` (``r x n`` for a left basis): column chunks gathered."""
+    return comm.all_gather_cols(low, column_counts(view), view.group) if plan_.columns_chunked else low
+
+
+def back_project(low: torch.Tensor, state: dict, view: MatrixShardView, plan_: SubspacePlan) -> torch.Tensor:
+    """``back(low)`` for this rank's rows: ``low Q^T``, or ``P low`` (column chunks gathered first)."""
+    if plan_.full:
+        return low
+    basis = state["basis"]
+    if plan_.side == "right":
+        return low @ basis.T
+    return basis @ gather_projected(low, view, plan_)
 
 
 def projected_shape(view: MatrixShardView, plan_: SubspacePlan) -> tuple[int, int]:
     if plan_.full:
         return (view.local_rows, view.n)
-    return (view.local_rows, plan_.rank) if plan_.side == "right" else (plan_.rank, view.n)
+    if plan_.side == "right":
+        return (view.local_rows, plan_.rank)
+    if plan_.columns_chunked:
+        start, end = view.chunk(view.n)
+        return (plan_.rank, end - start)
+    return (plan_.rank, view.n)

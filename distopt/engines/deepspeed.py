@@ -195,7 +195,8 @@ def _plan(part: Partition, owner: int) -> _Plan:
     r0, r1 = part.rows(k)
     counts = tuple(part.rows(j)[1] - part.rows(j)[0] for j in range(world))
     view = MatrixShardView(name=part.name, global_shape=(m, n), row_start=r0, row_end=r1,
-                           group=part.group if world > 1 else None, row_counts=counts, owner=owner)
+                           group=part.group if world > 1 else None, row_counts=counts, owner=owner,
+                           index=k if world > 1 else 0)
     head = part.head(k)
     own = (min(part.end, r1 * n) - r0 * n) if r1 > r0 else 0
     tail = part.tail(k)
@@ -245,7 +246,9 @@ class ZeroBinding:
             entry = part.describe()
             if part.kind == "matrix":  # state split by the matrix's rows, and split in rank chunks
                 entry["row_keys"] = sorted(optimizer._row_sharded_keys(part.param, group))
-                entry["chunk_keys"] = sorted(optimizer._chunked_state(part.param, group))
+                chunked = optimizer._chunked_state(part.param, group)
+                entry["chunk_keys"] = sorted(chunked)
+                entry["chunk_dims"] = {key: dim for key, (_, dim) in sorted(chunked.items())}
             layout[part.name] = entry
         world = next(iter(self.parts.values())).world if self.parts else 1
         rank = next(iter(self.parts.values())).rank if self.parts else 0
@@ -282,10 +285,10 @@ class ZeroBinding:
             r0, r1 = part.rows(part.rank)
             return value[r0:r1]
         chunked = optimizer._chunked_state(p, group) if part.kind == "matrix" else {}
-        if key in chunked and tuple(value.shape) == tuple(chunked[key]):
-            counts = chunk_rows(value.shape[0], part.world)
-            start = sum(counts[: part.rank])
-            return value[start : start + counts[part.rank]]
+        if key in chunked and tuple(value.shape) == tuple(chunked[key][0]):
+            dim = chunked[key][1]
+            counts = chunk_rows(value.shape[dim], part.world)
+            return value.narrow(dim, sum(counts[: part.rank]), counts[part.rank])
         return value  # the caller reports the shape mismatch
 
     # -- the step ------------------------------------------------------------------------------------
@@ -835,8 +838,8 @@ def merge_states(states: list[dict]) -> dict:
                 entries[key] = torch.cat(pieces, dim=0)
                 if entries[key].shape[0] != lay["shape"][0]:
                     raise ValueError(f"{name}.{key}: row blocks add up to {entries[key].shape[0]} rows, not {lay['shape'][0]}")
-            elif lay["kind"] == "matrix" and key in lay.get("chunk_keys", ()):
-                entries[key] = torch.cat(pieces, dim=0)  # per-rank chunks, in rank order
+            elif lay["kind"] == "matrix" and key in lay.get("chunk_keys", ()):  # per-rank chunks, in rank order
+                entries[key] = torch.cat(pieces, dim=lay.get("chunk_dims", {}).get(key, 0))
             else:
                 entries[key] = first.clone()
         full[name] = entries

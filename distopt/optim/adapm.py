@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..core import lowrank
+from ..core import lowrank, subspace
 from ..core.linalg import stable_seed
 from ..core.schedule import is_refresh_step, refresh_index, refresh_phase
 from ..core.shard import MatrixShardView
@@ -95,7 +95,8 @@ class AdaPM(SubspaceOptimizer):
     State per matrix (fp32; ``step`` int64, 8 bytes; ``r`` as above), in bytes:
     low rank (q, k, MLP) ``8 + 4 (r (m + n) + m n)``; full (v, lm_head, qkv, other)
     ``8 + 8 m n``; none (embedding, o) ``8 + 4 m n``. Element-wise AdamW parameters:
-    ``4 + 8 N``. Under row sharding ``m`` is this rank's row count (``R`` is replicated).
+    ``4 + 8 N``. Under row sharding ``m`` is this rank's row count, and ``R`` keeps ``n/N`` of its
+    columns (``state_layout="partitioned"``, the default; ``"replicated"`` keeps it whole).
     """
 
     algorithm = "adapm"
@@ -122,6 +123,7 @@ class AdaPM(SubspaceOptimizer):
         power_iters: int = 1,
         adam_form: str = "torch",
         seed: int = 0,
+        state_layout: str = "partitioned",
     ):
         super().__init__(params, hyperparameters(locals()))
 
@@ -146,6 +148,7 @@ class AdaPM(SubspaceOptimizer):
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
                                  or not math.isfinite(clip) or clip <= 0):
             raise ValueError(f"clip={clip!r}: must be a finite number > 0, or None for no clip")
+        subspace.check_state_layout(group)
         for key in ("bias_correction", "stagger"):
             if not isinstance(group[key], bool):
                 raise ValueError(f"{key}={group[key]!r}: must be True or False")
@@ -174,8 +177,9 @@ class AdaPM(SubspaceOptimizer):
         kind = self.momentum_kind(view)
         if kind == "lowrank":
             r = self.rank_of(view, group)
+            start, end = view.chunk(view.n) if subspace.is_partitioned(view, group) else (0, view.n)
             state["left"] = torch.zeros((view.local_rows, r), dtype=torch.float32, device=p.device)
-            state["right"] = torch.zeros((r, view.n), dtype=torch.float32, device=p.device)
+            state["right"] = torch.zeros((r, end - start), dtype=torch.float32, device=p.device)
         elif kind == "full":
             state["exp_avg"] = torch.zeros((view.local_rows, view.n), dtype=torch.float32, device=p.device)
         self._init_second_moment(p, state, group, view)
@@ -200,7 +204,14 @@ class AdaPM(SubspaceOptimizer):
             reseed=is_refresh_step(done, gap, phase), sweeps=group["fit_sweeps"],
             seed=stable_seed(group["seed"], view.name, refresh_index(done, gap, phase)),
             oversample=group["oversample"], power_iters=group["power_iters"],
+            chunked=subspace.is_partitioned(view, group),
         )
+
+    def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, int], int]]:
+        view = self._views[p]
+        if self.momentum_kind(view) != "lowrank" or not subspace.is_partitioned(view, group):
+            return {}
+        return {"right": ((self.rank_of(view, group), view.n), 1)}
 
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         step = int(state["step"]) + 1

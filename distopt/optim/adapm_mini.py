@@ -62,6 +62,7 @@ class AdaPMMini(blocks.BlockSecondMoment, AdaPM):
         seed: int = 0,
         n_heads: int | None = None,
         n_kv_heads: int | None = None,
+        state_layout: str = "partitioned",
     ):
         blocks.check_head_hparams(n_heads, n_kv_heads)
         # AdaPM's constructor only packs its keywords into the defaults; these are a superset.

@@ -150,7 +150,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     shape_hparams: tuple[str, ...] = ()
     # Hyper-parameters that only choose how state is laid out across ranks: a checkpoint written
     # with other values still loads (it is resharded), and the current values are kept.
-    layout_hparams: tuple[str, ...] = ("shard_basis",)
+    layout_hparams: tuple[str, ...] = ("state_layout",)
     # Defaults of the element-wise group that differ from the class's (``elementwise=`` still wins).
     elementwise_defaults: dict = {}
 
@@ -461,14 +461,24 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             cache[p] = {k: tuple(v.shape) for k, v in full.items() if tuple(v.shape) != tuple(empty[k].shape)}
         return cache[p]
 
-    def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[int, ...]]:
-        """State tensors split over the shard group by rank rather than by the matrix's rows
-        (e.g. a sharded basis), with their global shapes. None by default."""
+    def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], int]]:
+        """State tensors split over the shard group in ``torch.chunk`` pieces by rank rather than by
+        the matrix's rows (a chunked right basis, column-chunked left-side moments), as
+        ``{key: (global shape, split dim)}``. None by default."""
         return {}
 
-    def _distributed_keys(self, p: torch.Tensor, group: dict) -> dict[str, tuple[int, ...]]:
-        """Global shapes of every state tensor of a sharded matrix that is split across ranks."""
-        return {**self._row_sharded_keys(p, group), **self._chunked_state(p, group)}
+    def _distributed_keys(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], int]]:
+        """``{key: (global shape, split dim)}`` of every state tensor of a sharded matrix that is
+        split across ranks; the others are replicated."""
+        rows = {key: (shape, 0) for key, shape in self._row_sharded_keys(p, group).items()}
+        return {**rows, **self._chunked_state(p, group)}
+
+    @staticmethod
+    def _split_placements(view: MatrixShardView, dim: int) -> tuple:
+        """The view's placements with its ``Shard(0)`` moved to ``dim``."""
+        from torch.distributed.tensor import Shard
+
+        return tuple(Shard(dim) if isinstance(pl, Shard) else pl for pl in view.placements)
 
     def _export(self, p: torch.Tensor, group: dict, state: dict) -> dict:
         """Wrap this rank's state of a DTensor parameter into DTensors DCP can reshard."""
@@ -482,8 +492,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
 
         if group["kind"] == "adamw":
             return {k: (wrap(t, p.device_mesh, p.placements, tuple(p.shape)) if t.dim() else t) for k, t in state.items()}
-        view, rows = self._views[p], self._distributed_keys(p, group)
-        return {k: (wrap(t, view.mesh, view.placements, rows[k]) if k in rows and view.sharded else t)
+        view, split = self._views[p], self._distributed_keys(p, group)
+        return {k: (wrap(t, view.mesh, self._split_placements(view, split[k][1]), split[k][0]) if k in split and view.sharded else t)
                 for k, t in state.items()}
 
     def _import(self, p: torch.Tensor, group: dict, key: str, value: torch.Tensor) -> torch.Tensor:
@@ -500,10 +510,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if group["kind"] == "adamw":
             mesh, placements = p.device_mesh, p.placements
         else:
-            view = self._views[p]
-            if key not in self._distributed_keys(p, group):
+            view, split = self._views[p], self._distributed_keys(p, group)
+            if key not in split:
                 return value
-            mesh, placements = view.mesh, view.placements
+            mesh, placements = view.mesh, self._split_placements(view, split[key][1])
         shape, offset = compute_local_shape_and_global_offset(tuple(value.shape), mesh, placements)
         return value[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 

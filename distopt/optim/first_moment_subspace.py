@@ -27,7 +27,9 @@ def refresh_request(plan, state: dict, group: dict, view: MatrixShardView, grad:
     if plan.full or not subspace.refresh_due(step, plan, group):
         return None
     index = refresh_index(step, group["update_proj_gap"], plan.phase)
-    return ProjectedAdam._data_request(group["refresh"], grad, state, group, view, plan, step, index)
+    method = group["refresh"]
+    return ProjectedAdam._data_request(method, grad, ProjectedAdam._whole_previous(method, state, view, plan, step),
+                                       group, view, plan, step, index)
 
 
 def refresh(grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView, plan, step: int) -> None:

@@ -67,7 +67,7 @@ class GaLore(ProjectedAdam):
         adam_form: str = "torch",
         recovery_scaling: bool = False,
         norm_growth_limit: float = 1.01,
-        shard_basis: bool = False,
+        state_layout: str = "partitioned",
         seed: int = 0,
     ):
         super().__init__(params, hyperparameters(locals()))

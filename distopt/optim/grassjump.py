@@ -78,7 +78,7 @@ class GrassJump(ProjectedAdam):
         oversample: int = 16,
         power_iters: int = 1,
         adam_form: str = "torch",
-        shard_basis: bool = False,
+        state_layout: str = "partitioned",
         seed: int = 0,
     ):
         super().__init__(params, hyperparameters(locals()))

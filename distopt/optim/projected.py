@@ -44,9 +44,10 @@ class ProjectedAdam(SubspaceOptimizer):
     State per matrix: ``step`` (int64), ``basis`` (``d x r``), ``exp_avg`` and ``exp_avg_sq``
     (``r x D`` or ``D x r``), and ``rs_norm`` (0-d) with recovery scaling, all fp32.
 
-    ``shard_basis=True`` (FSDP2/HSDP, right bases only) stores each rank's ``1/N`` of the rows of the
-    ``n x r`` basis instead of all of it, and all-gathers it for each step: ``(N-1)/N`` of the
-    replicated basis memory saved for one ``n x r`` all-gather per matrix per step.
+    Row-sharded (FSDP2, HSDP, ZeRO through ``distopt.deepspeed``), ``state_layout="partitioned"``
+    (the default) splits every ``d``-long tensor over the shard group: a right basis by rows
+    (all-gathered for each step), the left side's moments by columns (``P^T G`` reduce-scattered,
+    the direction all-gathered). ``"replicated"`` keeps them whole on every rank. See ``core.subspace``.
     """
 
     matrix_roles = LINEAR_ROLES
@@ -64,8 +65,6 @@ class ProjectedAdam(SubspaceOptimizer):
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale={scale!r}: must be a finite number > 0 (GaLore's alpha, e.g. 0.25)")
         check_recovery_hparams(group)
-        if not isinstance(group.get("shard_basis", False), bool):
-            raise ValueError(f"shard_basis={group['shard_basis']!r}: must be True or False")
         self._check_algorithm_hparams(group)
 
     def _check_algorithm_hparams(self, group: dict) -> None:
@@ -84,10 +83,20 @@ class ProjectedAdam(SubspaceOptimizer):
     def _refresh_request(self, group: dict, state: dict, view: MatrixShardView, grad: torch.Tensor):
         plan = subspace.plan(view, group)
         step = int(state["step"])
-        if plan.full or plan.basis_sharded or not subspace.refresh_due(step, plan, group):
+        if plan.full or not subspace.refresh_due(step, plan, group):
             return None
         index = refresh_index(step, group["update_proj_gap"], plan.phase)
-        return self._data_request(self._data_method(group, step), grad, state, group, view, plan, step, index)
+        method = self._data_method(group, step)
+        return self._data_request(method, grad, self._whole_previous(method, state, view, plan, step), group, view,
+                                  plan, step, index)
+
+    @staticmethod
+    def _whole_previous(method: str | None, state: dict, view: MatrixShardView, plan, step: int) -> dict:
+        """``state`` with the whole basis where a warm-started refresh request needs it (a chunked
+        right basis is gathered ahead of the step, which gathers it again: refresh steps only)."""
+        if method == "randomized" and step > 0 and plan.basis_chunked:
+            return {**state, "basis": subspace.gathered_basis(state, view, plan)}
+        return state
 
     @staticmethod
     def _data_request(method: str | None, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
@@ -142,21 +151,14 @@ class ProjectedAdam(SubspaceOptimizer):
                                 step=int(state["step"]), betas=group["betas"], unseen=unseen)
         state["basis"].copy_(new)
 
-    def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[int, ...]]:
+    def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, int], int]]:
         view = self._views[p]
-        plan = subspace.plan(view, group)
-        return {"basis": (view.n, plan.rank)} if plan.basis_sharded else {}
+        return subspace.distributed_state(view, subspace.plan(view, group), ("exp_avg", "exp_avg_sq"))
 
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         plan = subspace.plan(view, group)
-        if plan.basis_sharded:
-            # Run the step on the whole basis, then keep this rank's chunk of it.
-            work = {**state, "basis": subspace.gather_basis(state, view)}
+        with subspace.whole_basis(state, view, plan) as work:
             self._step_with_basis(p, grad, work, group, view, plan)
-            start, end = subspace.basis_chunk_rows(view)
-            state["basis"].copy_(work["basis"][start:end])
-        else:
-            self._step_with_basis(p, grad, state, group, view, plan)
 
     def _step_with_basis(self, p, grad, state: dict, group: dict, view: MatrixShardView, plan) -> None:
         step = int(state["step"])
@@ -176,11 +178,12 @@ class ProjectedAdam(SubspaceOptimizer):
         lr = float(group["lr"])
         count = subspace.moment_updates(step, plan, group)
         direction, step_size = adam_direction(exp_avg, exp_avg_sq, count, beta1, beta2, group["eps"], lr, group["adam_form"])
-        update = subspace.back_project(direction, state, plan)
+        update = subspace.back_project(direction, state, view, plan)
         if group["scale"] != 1 and not plan.full:  # nothing is projected away at full rank: AdamW's step
             update = update * group["scale"]
         if "rs_norm" in state:
             update = update + recovery_term(
-                grad, low, direction, state["basis"], plan.side, view, state["rs_norm"], group["norm_growth_limit"]
+                grad, low, direction, state["basis"], plan.side, view, state["rs_norm"], group["norm_growth_limit"],
+                columns_chunked=plan.columns_chunked,
             )
         apply_update(p, update, step_size, lr, group["weight_decay"], group["adam_form"])

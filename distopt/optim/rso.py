@@ -354,8 +354,9 @@ class RSO(SubspaceOptimizer):
     def _init_matrix_state(self, p: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         # No side effects on the layer here (the base also calls this on meta tensors); the layer
         # is pointed at ``state["proj"]`` by ``_bind`` before it is next used.
-        state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        shape = (view.local_rows, view.n)  # this rank's rows of B^T, from the view (p may be a whole meta tensor)
+        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         state["proj"] = self.owner(view.name).rso_p.to(device=p.device, dtype=torch.float32)
 
     def _bind(self) -> None:

@@ -9,10 +9,9 @@ import torch
 from ..core import subspace
 from ..core.projector import REFRESH_METHODS
 from ..core.routing import LINEAR_ROLES
-from ..core.schedule import refresh_phase
 from ..core.shard import MatrixShardView
 from . import first_moment_subspace
-from .base import SubspaceOptimizer, adam_direction, apply_update
+from .base import SubspaceOptimizer, adam_direction, apply_update, hyperparameters
 
 MOMENT_POLICIES = first_moment_subspace.POLICIES
 
@@ -74,8 +73,9 @@ class SAM(SubspaceOptimizer):
 
     State per matrix: ``step`` (int64) + ``basis`` (m x k) + ``exp_avg`` (k x n) +
     ``exp_avg_sq`` (m x n), fp32: ``8 + 4 (m k + k n + m n)`` bytes (``8 + 8 m n`` when
-    ``k >= m``). Element-wise AdamW parameters of ``N`` elements: ``4 + 8 N``. Row-sharded, ``m``
-    is this rank's row count in ``basis`` and ``exp_avg_sq``; ``exp_avg`` is replicated.
+    ``k >= m``). Element-wise AdamW parameters of ``N`` elements: ``4 + 8 N``. Row-sharded over
+    ``N`` ranks, ``basis`` and ``exp_avg_sq`` hold this rank's rows and ``exp_avg`` its ``n/N``
+    columns (``state_layout="partitioned"``, the default; ``"replicated"`` keeps ``exp_avg`` whole).
     """
 
     algorithm = "sam"
@@ -99,14 +99,9 @@ class SAM(SubspaceOptimizer):
         power_iters: int = 1,
         adam_form: str = "torch",
         seed: int = 0,
+        state_layout: str = "partitioned",
     ):
-        defaults = dict(
-            lr=lr, rank=rank, update_proj_gap=update_proj_gap, refresh=refresh, stagger=stagger,
-            moment_policy=moment_policy, betas=tuple(betas), eps=eps, eps_inside_sqrt=eps_inside_sqrt,
-            weight_decay=weight_decay,
-            oversample=oversample, power_iters=power_iters, adam_form=adam_form, seed=seed,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, hyperparameters(locals()))
 
     def _check_matrix_hparams(self, group: dict) -> None:
         rank = group["rank"]
@@ -126,15 +121,13 @@ class SAM(SubspaceOptimizer):
             value = group[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{key}={value!r}: must be a non-negative integer")
+        subspace.check_state_layout(group)
 
     @staticmethod
     def plan(view: MatrixShardView, group: dict) -> subspace.SubspacePlan:
         """Always a left basis (``U_k``), whatever the shape; the rank from the global shape."""
         k = sam_rank(view.global_shape, group["rank"])
-        return subspace.SubspacePlan(
-            side="left", rank=k, full=k >= view.m,
-            phase=refresh_phase(view.name, group["update_proj_gap"], group["stagger"]),
-        )
+        return subspace.make_plan(view, group, "left", k, k >= view.m)
 
     def _init_matrix_state(self, p: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         plan = self.plan(view, group)
@@ -144,6 +137,10 @@ class SAM(SubspaceOptimizer):
 
     def _refresh_request(self, group: dict, state: dict, view: MatrixShardView, grad: torch.Tensor):
         return first_moment_subspace.refresh_request(self.plan(view, group), state, group, view, grad)
+
+    def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, int], int]]:
+        view = self._views[p]
+        return subspace.distributed_state(view, self.plan(view, group), ("exp_avg",))
 
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         plan = self.plan(view, group)
@@ -159,7 +156,7 @@ class SAM(SubspaceOptimizer):
         lr = float(group["lr"])
         # M's bias correction counts its updates since its last reset; V is never reset.
         since = subspace.moment_updates(step, plan, group)
-        numerator = subspace.back_project(exp_avg, state, plan) / (1.0 - beta1**since)
+        numerator = subspace.back_project(exp_avg, state, view, plan) / (1.0 - beta1**since)
         form, eps = group["adam_form"], group["eps"]
         if group["eps_inside_sqrt"]:
             c2 = 1.0 - beta2 ** (step + 1)

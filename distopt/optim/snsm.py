@@ -97,6 +97,7 @@ class AdamSNSM(SubspaceOptimizer):
         power_iters: int = 1,
         adam_form: str = "torch",
         seed: int = 0,
+        state_layout: str = "partitioned",
     ):
         super().__init__(params, hyperparameters(locals()))
 
@@ -125,8 +126,16 @@ class AdamSNSM(SubspaceOptimizer):
     def _refresh_request(self, group: dict, state: dict, view: MatrixShardView, grad: torch.Tensor):
         return first_moment_subspace.refresh_request(subspace.plan(view, group), state, group, view, grad)
 
+    def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, int], int]]:
+        view = self._views[p]
+        return subspace.distributed_state(view, subspace.plan(view, group), ("exp_avg",))
+
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         plan = subspace.plan(view, group)
+        with subspace.whole_basis(state, view, plan) as work:
+            self._step_with_basis(p, grad, work, group, view, plan)
+
+    def _step_with_basis(self, p, grad, state: dict, group: dict, view: MatrixShardView, plan) -> None:
         step = int(state["step"])
         grad = grad.float()
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -140,7 +149,7 @@ class AdamSNSM(SubspaceOptimizer):
         if plan.full:
             numerator = corrected
         else:  # back(M / c) + (G - back(proj G)) = G + back(M / c - proj G)
-            numerator = grad + subspace.back_project(corrected.sub_(low), state, plan)
+            numerator = grad + subspace.back_project(corrected.sub_(low), state, view, plan)
         state["step"] += 1
         lr = float(group["lr"])
         # beta1=0: the momentum is already bias-corrected, only the second moment's correction remains

@@ -298,9 +298,10 @@ def _parity_cases(world):
             "zero3-adapm-mini-gas2-clip": {"kind": "train", "stage": 3, "name": "adapm-mini", "gas": 2, "clip": CLIP},
             "zero3-galore-zero.Init": {"kind": "train", "stage": 3, "name": "galore", "zero_init": True,
                                        "zero": {"stage3_param_persistence_threshold": 100000}},
-            "resume-zero2": {"kind": "resume", "stage": 2},
-            # shard_basis splits right bases over the ranks: chunked state in the checkpoint.
-            "resume-zero3": {"kind": "resume", "stage": 3, "params": {"shard_basis": True}},
+            # Saved whole (replicated) and resized into the default partitioned layout through the
+            # converter; ZeRO-3 saves rank chunks of the right bases and left moments.
+            "resume-zero2": {"kind": "resume", "stage": 2, "params": {"state_layout": "replicated"}},
+            "resume-zero3": {"kind": "resume", "stage": 3},
         })
     else:
         cases.update({
@@ -337,8 +338,7 @@ def three_ranks(two_ranks, ckpt_dirs, tmp_path_factory):
     converted["resize-zero3"] = convert_checkpoint(ckpt_dirs["resume-zero3"], str(out / "zero3.pt"), tag="half")
     cases = _parity_cases(3)
     for key, path in converted.items():
-        cases[key] = {"kind": "resize", "stage": int(key[-1]), "converted": path,
-                      "params": {"shard_basis": True} if key.endswith("3") else None}
+        cases[key] = {"kind": "resize", "stage": int(key[-1]), "converted": path}
     ckpt = {**{k: ckpt_dirs["resume-zero2"] for k in cases}, "resize-zero3": ckpt_dirs["resume-zero3"]}
     return cases, run_ranks(3, _worker, cases, ckpt, False, timeout=900)
 

@@ -311,13 +311,13 @@ def test_the_step_runs_fp32_matmuls_whatever_the_tf32_flag(monkeypatch):
     from distopt.core import subspace
 
     seen = []
-    real = subspace.project
+    real = subspace.project_grad
 
     def spy(*args, **kwargs):
         seen.append(torch.backends.cuda.matmul.allow_tf32)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(subspace, "project", spy)
+    monkeypatch.setattr(subspace, "project_grad", spy)
     previous = torch.backends.cuda.matmul.allow_tf32  # a property of torch's module: set and restore by hand
     torch.backends.cuda.matmul.allow_tf32 = True
     try:

@@ -56,16 +56,21 @@ def test_galore_projectors_are_its_bases():
 
 
 def test_fsdp2_row_shards_follow_the_shard_view():
-    """Two ranks, rank 0 holds the first ceil(m/2) rows: a right basis (n x r) is replicated, the
-    moments (rows x r) are split; a left basis (rows x r) is split and the moments (r x n) replicated."""
+    """Two ranks, rank 0 holds the first ceil(m/2) rows. Partitioned (the default): a right basis
+    (n x r) keeps ceil(n/2) rows and the moments (rows x r) are split; a left basis (rows x r) is split
+    and the moments (r x n) keep ceil(n/2) columns. Replicated: the right basis and the left moments whole."""
     full = {s.name: s for s in memory.state_layout(tiny_model(), "galore", {"rank": 8})}
     half = {s.name: s for s in memory.state_layout(tiny_model(), "galore", {"rank": 8}, shard_ranks=2)}
+    whole = {s.name: s for s in memory.state_layout(tiny_model(), "galore", {"rank": 8, "state_layout": "replicated"},
+                                                   shard_ranks=2)}
     up = "model.layers.0.mlp.up_proj.weight"  # 80 x 48: right side
     down = "model.layers.0.mlp.down_proj.weight"  # 48 x 80: left side
-    assert (full[up].projector_bytes, half[up].projector_bytes) == (4 * 48 * 8, 4 * 48 * 8)
-    assert half[up].state_bytes == 8 + 2 * 4 * 40 * 8
+    assert (full[up].projector_bytes, half[up].projector_bytes, whole[up].projector_bytes) == (4 * 48 * 8, 4 * 24 * 8, 4 * 48 * 8)
+    assert half[up].state_bytes == whole[up].state_bytes == 8 + 2 * 4 * 40 * 8
     assert (full[down].projector_bytes, half[down].projector_bytes) == (4 * 48 * 8, 4 * 24 * 8)
-    assert half[down].state_bytes == full[down].state_bytes == 8 + 2 * 4 * 8 * 80
+    assert whole[down].projector_bytes == 4 * 24 * 8
+    assert full[down].state_bytes == whole[down].state_bytes == 8 + 2 * 4 * 8 * 80
+    assert half[down].state_bytes == 8 + 2 * 4 * 8 * 40
     emb = "model.embed_tokens.weight"  # 96 x 48, element-wise: rows split
     assert half[emb].state_bytes == 4 + 2 * 4 * 48 * 48
 
