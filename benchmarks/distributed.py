@@ -106,7 +106,7 @@ def _rank_main(rank, world_size, port, args, out):
     group = next(g for g in opt.param_groups if g["kind"] == "matrix")
     replicated = 0
     for p in matrices:
-        split = opt._distributed_keys(p, group) if opt._views[p].sharded else None
+        split = opt._distributed_keys(p, group) if opt._views[p].parts > 1 else None
         for key, t in opt.state[p].items():
             if split is not None and key not in split:
                 replicated += t.numel() * t.element_size()
