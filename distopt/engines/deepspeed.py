@@ -62,6 +62,22 @@ BF16_Optimizer (bf16 at stage 1 with fp32 gradient accumulation, pipeline bf16),
 sequence and expert parallelism, ZeRO++ (quantized weights/gradients, hpZ), MiCS, ZenFlow,
 SuperOffload, DeepCompile, elastic and universal checkpoints, ``rso``.
 
+DeepSpeed versions and the internals read
+-----------------------------------------
+Supported: 0.19.6 to 0.19.8 (``DEEPSPEED_RANGE``), the releases this file's tests pass with;
+:func:`initialize` refuses an older release with the fix and warns on a newer one. (0.18.0 and
+0.19.0 were tried: 0.18.0 gives other numbers for ZeRO-2 with gradient accumulation and clipping.)
+The adapter reads these attributes of DeepSpeed's ZeRO optimizer (``engine.optimizer``) and checks
+the layout they describe against its own formula: ``bit16_groups``, ``bit16_groups_flat``,
+``single_partition_of_fp32_groups``, ``partition_size``, ``real_dp_process_group``, ``dtype``,
+``compute_grad_norm`` and ``check_grad_overflow`` (ZeRO-1/2; 0.19.6 lacks the first, and the
+adapter then agrees on skips itself); ``fp16_groups``, ``sub_group_to_group_id``,
+``fp32_partitioned_groups_flat``, ``_get_sub_group_process_group`` (ZeRO-3) and each parameter's
+``partition_numel()``, ``ds_tensor`` and ``ds_shape``; the engine's ``basic_optimizer``,
+``zero_optimization_stage()``, ``seq_dp_world_size`` and ``skipped_steps``; the config's
+``float16_config``, ``bfloat16_config``, ``torch_autocast_enabled``, ``managed_gradient_accumulation``
+and ``compile_config``; and ``deepspeed.runtime.tensor_parallel.init_utils.load_ds_config``.
+
 Non-finite gradients: DeepSpeed computes the global gradient norm and, when it is not finite,
 skips the whole step on every rank (measured with DeepSpeed 0.19.8, ZeRO-1/2/3, fp32 and bf16: the
 replicas stay identical and equal one process that skips that step). One process without
@@ -100,6 +116,10 @@ from ..optim.base import ADAPTER_KEY, SubspaceOptimizer, flat_shard_error
 logger = logging.getLogger("distopt")
 
 ADAPTER = "deepspeed"
+# DeepSpeed releases the adapter is tested with (tests/distributed/test_deepspeed.py, on CPU). Older
+# ones are refused before anything is built; newer ones are tried with a warning.
+DEEPSPEED_MIN, DEEPSPEED_TESTED_MAX = (0, 19, 6), (0, 19, 8)
+DEEPSPEED_RANGE = "deepspeed>=0.19.6,<=0.19.8"
 CONFIG_PREFIX = "distopt."
 FULL_FORMAT = "distopt-deepspeed-full"
 CONVERT_HINT = ("convert it once with `python -m distopt.deepspeed convert {ckpt} OUT.pt` and resume with "
@@ -470,7 +490,9 @@ def attach(engine, optimizer: SubspaceOptimizer) -> ZeroBinding:
     if stage == 3:
         finite_checked = True
     elif stage in (1, 2):
-        finite_checked = bool(zopt.compute_grad_norm) and (zopt.dtype != torch.bfloat16 or bool(zopt.check_grad_overflow))
+        # Releases without these switches (0.19.6) are not trusted to check: the adapter agrees on skips itself.
+        norm, overflow = getattr(zopt, "compute_grad_norm", None), getattr(zopt, "check_grad_overflow", None)
+        finite_checked = norm is not None and overflow is not None and bool(norm) and (zopt.dtype != torch.bfloat16 or bool(overflow))
     else:
         finite_checked = False
     binding = ZeroBinding(stage, parts, engine, finite_checked)
@@ -679,6 +701,38 @@ def _check_model_parameters(model, model_parameters) -> None:
         )
 
 
+def _release(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def check_deepspeed_version(version: str | None = None) -> None:
+    """Refuse a DeepSpeed older than the adapter supports (its ZeRO internals or results differ);
+    warn once on one newer than it was tested with."""
+    if version is None:
+        import deepspeed
+
+        version = deepspeed.__version__
+    release = _release(version)
+    if release < DEEPSPEED_MIN:
+        raise RuntimeError(
+            f"DeepSpeed {version} is older than distopt's ZeRO adapter supports ({DEEPSPEED_RANGE}). Fix: pip install "
+            f"\"{DEEPSPEED_RANGE}\" (with DS_BUILD_OPS=0 and --no-build-isolation for the source build)."
+        )
+    if release > DEEPSPEED_TESTED_MAX and not check_deepspeed_version.warned:
+        check_deepspeed_version.warned = True
+        logger.warning("DeepSpeed %s is newer than distopt's adapter was tested with (%s); the adapter checks the "
+                       "partition layout it reads and fails loudly if it changed", version, DEEPSPEED_RANGE)
+
+
+check_deepspeed_version.warned = False
+
+
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
                distributed_port=None, mpu=None, dist_init_required=None, collate_fn=None, config=None,
                mesh_param=None, config_params=None):
@@ -691,6 +745,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     parameters), as in :func:`distopt.build_optimizer`. The config's ``scheduler`` drives every group.
     """
     import deepspeed
+
+    check_deepspeed_version(deepspeed.__version__)
     from deepspeed.accelerator import get_accelerator
     from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
 
@@ -867,13 +923,14 @@ def _resolve(qualified: str):
         return None
 
 
-def safe_load(path: str):
+def safe_load(path: str, mmap: bool = False):
     """``torch.load(path, weights_only=True)`` that also accepts DeepSpeed's own plain-data classes
-    (:data:`DEEPSPEED_SAFE_GLOBALS`). A file holding any other object is refused, naming it."""
+    (:data:`DEEPSPEED_SAFE_GLOBALS`). A file holding any other object is refused, naming it.
+    ``mmap=True`` maps the tensors from the file instead of reading them into memory."""
     allowed = [c for c in map(_resolve, DEEPSPEED_SAFE_GLOBALS) if c is not None]
     with torch.serialization.safe_globals(allowed):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError:
             others = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - set(DEEPSPEED_SAFE_GLOBALS))
             raise ValueError(
@@ -925,8 +982,9 @@ def load_full_state(engine, path: str, load_optimizer_states: bool = True, load_
 
     Sets this rank's fp32 master partitions and the model's working weights, this rank's rows and
     elements of the optimizer state, the LR scheduler and the engine's step counters. Returns the
-    client state saved with the checkpoint."""
-    blob = safe_load(path)
+    client state saved with the checkpoint. The file is memory-mapped: each rank reads its share,
+    so the ranks of a node do not each hold the whole merged state in host memory."""
+    blob = safe_load(path, mmap=True)
     if blob.get("format") != FULL_FORMAT:
         raise ValueError(f"{path} was not written by `python -m distopt.deepspeed convert`")
     optimizer = engine.basic_optimizer
