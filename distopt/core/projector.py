@@ -10,7 +10,11 @@ Conventions, for a gradient ``G`` of global shape ``m x n``:
 Refresh methods produce a new orthonormal basis from the current gradient:
 - ``svd``: exact, from ``torch.linalg.svd`` of the fp32 gradient (the reference);
 - ``randomized``: subspace iteration warm-started from the previous basis plus ``oversample``
-  Gaussian columns, ``power_iters`` passes, then a Rayleigh-Ritz step to keep the top ``r``;
+  Gaussian columns, ``power_iters`` passes, then a Rayleigh-Ritz step to keep the top ``r``. That
+  step takes the eigenvectors (fp64) of the ``k x k`` Gram ``z^T z``, one small all-reduce on row
+  shards; against an fp64 SVD of the same sketch it gives the same subspace to a principal-angle
+  sine of at most 3e-6 and the same captured energy to 2e-7, for ``1/i``, ``1/i^2`` and ``e^{-i/20}``
+  spectra (``benchmarks/rayleigh_ritz.py``), so no TSQR of the sketch is spent on it;
 - ``random``: a seeded Haar basis, with no communication and no gradient.
 """
 
