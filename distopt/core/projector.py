@@ -240,9 +240,15 @@ def randomized_bases(requests: list[RangeRequest]) -> list[torch.Tensor]:
     return lockstep.run_together([_range_finder(request) for request in requests])
 
 
+def _times(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``g @ x`` in fp32. A bf16 gradient is converted for this product only: routines of several
+    matrices run side by side, and each holding an fp32 copy would hold them all at once."""
+    return g.float() @ x
+
+
 def _range_finder(request: RangeRequest) -> lockstep.Routine:
     """:func:`randomized_basis` as a :mod:`lockstep` routine."""
-    g, view, side, r, previous = request.g.float(), request.view, request.side, request.r, request.previous
+    g, view, side, r, previous = request.g, request.view, request.side, request.r, request.previous
     group, counts = view.group, view.row_counts
     k = min(r + request.oversample, view.m, view.n)
     n_random = k - (previous.shape[1] if previous is not None else 0)
@@ -258,20 +264,20 @@ def _range_finder(request: RangeRequest) -> lockstep.Routine:
         # No QR of the start block: the iterates' spans, hence the Ritz vectors, do not depend on it.
         x = omega if previous is None else torch.cat([previous, omega], dim=1)
         for _ in range(request.power_iters + 1):
-            y = yield from orth_rows(g @ x)
-            x = yield orth_replicated((yield lockstep.Sum(g.T @ y, group)))
-        z = g @ x
+            y = yield from orth_rows(_times(g, x))
+            x = yield orth_replicated((yield lockstep.Sum(_times(g.T, y), group)))
+        z = _times(g, x)
         gram = yield lockstep.Sum(z.T @ z, group)
         ritz = partial(_ritz_basis, gram, x, r, previous)
         return (yield lockstep.Owned(ritz, (view.n, r), view.n * k * r + k**3, group, g.device))
-    y = g @ omega
+    y = _times(g, omega)
     if previous is not None:
         y = torch.cat([previous, y], dim=1)
     y = yield from orth_rows(y)
     for _ in range(request.power_iters):
-        x = yield orth_replicated((yield lockstep.Sum(g.T @ y, group)))
-        y = yield from orth_rows(g @ x)
-    z = yield lockstep.Sum(g.T @ y, group)
+        x = yield orth_replicated((yield lockstep.Sum(_times(g.T, y), group)))
+        y = yield from orth_rows(_times(g, x))
+    z = yield lockstep.Sum(_times(g.T, y), group)
     top = yield lockstep.Owned(partial(_top_ritz_vectors, z, r), (k, r), view.n * k * k + k**3, group, g.device)
     basis = y @ top
     if previous is not None:

@@ -100,8 +100,9 @@ class ProjectedAdam(SubspaceOptimizer):
 
     @staticmethod
     def _data_request(method: str | None, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
-        """Inputs of a gradient-driven basis (``svd``, ``randomized``); ``None`` for other methods."""
-        grad = grad.float()  # what the step refreshes from: a no-op for fp32 gradients
+        """Inputs of a gradient-driven basis (``svd``, ``randomized``); ``None`` for other methods. The
+        gradient is kept as it is (bf16 included): the refresh converts it where it uses it, so no
+        fp32 copy of a refreshing gradient lives through the step."""
         if method == "svd":
             return SvdRequest(grad, view, plan.side, plan.rank)
         if method == "randomized":
@@ -162,11 +163,12 @@ class ProjectedAdam(SubspaceOptimizer):
 
     def _step_with_basis(self, p, grad, state: dict, group: dict, view: MatrixShardView, plan) -> None:
         step = int(state["step"])
-        grad = grad.float()
+        raw, grad = grad, grad.float()
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if subspace.refresh_due(step, plan, group):
             index = refresh_index(step, group["update_proj_gap"], plan.phase)
-            new = self._new_basis(grad, state, group, view, plan, step, index)
+            # The gradient as the step received it: the refresh prepared for this step matches it by identity.
+            new = self._new_basis(raw, state, group, view, plan, step, index)
             if step == 0:
                 state["basis"].copy_(new)
             else:

@@ -145,10 +145,10 @@ class SAM(SubspaceOptimizer):
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         plan = self.plan(view, group)
         step = int(state["step"])
-        grad = grad.float()
+        raw, grad = grad, grad.float()  # the refresh takes the gradient as received (see ProjectedAdam)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if subspace.refresh_due(step, plan, group):
-            first_moment_subspace.refresh(grad, state, group, view, plan, step)
+            first_moment_subspace.refresh(raw, state, group, view, plan, step)
         beta1, beta2 = group["betas"]
         exp_avg.lerp_(subspace.project_grad(grad, state, view, plan), 1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)

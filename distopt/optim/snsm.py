@@ -137,10 +137,10 @@ class AdamSNSM(SubspaceOptimizer):
 
     def _step_with_basis(self, p, grad, state: dict, group: dict, view: MatrixShardView, plan) -> None:
         step = int(state["step"])
-        grad = grad.float()
+        raw, grad = grad, grad.float()  # the refresh takes the gradient as received (see ProjectedAdam)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if subspace.refresh_due(step, plan, group):  # reset (per policy) before M is updated
-            first_moment_subspace.refresh(grad, state, group, view, plan, step)
+            first_moment_subspace.refresh(raw, state, group, view, plan, step)
         beta1, beta2 = group["betas"]
         low = subspace.project_grad(grad, state, view, plan)
         exp_avg.lerp_(low, 1.0 - beta1)

@@ -387,3 +387,60 @@ def _layerwise_refusal_worker(rank, world_size):
 def test_layerwise_mode_on_replicated_ranks_needs_a_data_parallel_choice():
     messages = run_ranks(2, _layerwise_refusal_worker)
     assert all(m and "data_parallel=True" in m and "DDP" in m for m in messages), messages
+
+
+class _LiveGradientCopies:
+    """Counts fp32 copies (``aten._to_copy``) of gradient-shaped tensors while they are alive."""
+
+    def __init__(self, shapes):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        self.shapes, self.live, self.peak = set(shapes), 0, 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if (func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor)
+                        and out.dtype == torch.float32 and tuple(out.shape) in counter.shapes):
+                    counter.live += 1
+                    counter.peak = max(counter.peak, counter.live)
+                    weakref.finalize(out, counter._released)
+                return out
+
+        self.mode = Mode()
+
+    def _released(self):
+        self.live -= 1
+
+
+def _refresh_copies_worker(rank, world_size):
+    from distopt.core.shard import local
+
+    out = {}
+    for method in ("randomized", "svd"):
+        model = shard(OddNet().to(torch.bfloat16), world_size)
+        opt = distopt.build_optimizer(model, "galore", rank=5, update_proj_gap=3, stagger=False, refresh=method)
+        matrices = [p for g in opt.param_groups if g["kind"] == "matrix" for p in g["params"]]
+        peaks = []
+        for step in range(4):  # every matrix refreshes on steps 0 and 3
+            model(local_batch(step, rank, world_size)).backward()
+            counter = _LiveGradientCopies(tuple(local(p.grad).shape) for p in matrices)
+            with counter.mode:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            peaks.append(counter.peak)
+        out[method] = {"peaks": peaks, "matrices": len(matrices)}
+    return out
+
+
+def test_a_refresh_step_holds_at_most_two_fp32_gradient_copies():
+    """bf16 gradients, every matrix refreshing in one step (its bases computed together): no fp32
+    copy of a refreshing gradient is kept through the step, so at most two are alive at once."""
+    for r in run_ranks(2, _refresh_copies_worker):
+        for method, got in r.items():
+            assert got["matrices"] == 10
+            assert max(got["peaks"]) <= 2, (method, got["peaks"])
+            assert min(got["peaks"]) >= 1, (method, got["peaks"])  # the counter sees the step's own copy
