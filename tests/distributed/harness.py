@@ -30,6 +30,11 @@ def _entry(rank, world_size, port, outdir, fn, args):
         result = {"error": traceback.format_exc()}
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
     try:
+        if "ok" in result:
+            # Tear down together: a rank that exits while another still uses the group can abort it
+            # ("terminate called without an active exception"). A failed rank skips this, so the
+            # others' barrier fails at once instead of waiting for it.
+            dist.barrier()
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001
         pass
