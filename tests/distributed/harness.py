@@ -28,7 +28,9 @@ def _entry(rank, world_size, port, outdir, fn, args):
         result = {"ok": fn(rank, world_size, *args)}
     except BaseException:  # noqa: BLE001 - reported to the parent
         result = {"error": traceback.format_exc()}
-    torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+    path = os.path.join(outdir, f"rank{rank}.pt")
+    torch.save(result, path + ".tmp")
+    os.replace(path + ".tmp", path)  # whole or absent: the parent may read it while this rank tears down
     try:
         if "ok" in result:
             # Tear down together: a rank that exits while another still uses the group can abort it
@@ -46,14 +48,26 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 600.0) -> list:
         ctx = mp.start_processes(_entry, args=(world_size, free_port(), outdir, fn, args), nprocs=world_size,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=5):
+        files = [os.path.join(outdir, f"rank{rank}.pt") for rank in range(world_size)]
+        while True:
+            try:
+                if ctx.join(timeout=5):
+                    break
+            except mp.ProcessExitedException:
+                # A rank that dies after every rank wrote its result died tearing down the group
+                # (gloo can abort there when the ranks leave at different times): the results stand.
+                if all(os.path.exists(f) for f in files):
+                    for process in ctx.processes:
+                        process.join(timeout=30)
+                    break
+                raise
             if time.monotonic() > deadline:
                 for process in ctx.processes:
                     process.kill()
                 raise TimeoutError(f"{world_size} ranks did not finish in {timeout:.0f} s (a collective hang?)")
         results = []
         for rank in range(world_size):
-            res = torch.load(os.path.join(outdir, f"rank{rank}.pt"), weights_only=False)
+            res = torch.load(files[rank], weights_only=False)
             if "error" in res:
                 raise AssertionError(f"rank {rank} failed:\n{res['error']}")
             results.append(res["ok"])
