@@ -57,6 +57,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .core.shard import chunk_rows
+
 ENGINES = ("single", "ddp", "fsdp2", "hsdp", "zero1", "zero2", "zero3")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 _PROJECTOR_KEY = re.compile(r"basis|proj|^[PQUV]$|ortho", re.IGNORECASE)
@@ -110,12 +112,6 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _row_chunks(rows: int, world: int) -> tuple[int, ...]:
-    """Rows per rank when dim 0 is split like ``torch.chunk`` (FSDP2's ``Shard(0)``)."""
-    size = math.ceil(rows / world)
-    return tuple(max(0, min(size, rows - i * size)) for i in range(world))
-
-
 def zero_partition_length(numel: int, world: int, engine: str) -> int:
     """Elements per rank of a parameter that ``distopt.deepspeed`` puts in a group of its own:
     ZeRO-3 cuts it into ``ceil(numel / N)``; ZeRO-1/2 pad the group's flat buffer to a multiple of
@@ -125,16 +121,23 @@ def zero_partition_length(numel: int, world: int, engine: str) -> int:
     return math.ceil(numel / (2 * world)) * 2
 
 
+def _zero_partition(shape: tuple[int, ...], world: int, engine: str):
+    """The layout ``distopt.deepspeed`` reads from ZeRO for a parameter of ``shape`` (its flat ranges
+    and, for a matrix, its row blocks), computed rather than read."""
+    from .engines.deepspeed import Partition
+
+    length = zero_partition_length(math.prod(shape), world, engine)
+    return Partition(name="", param=None, kind="", shape=tuple(shape), length=length, rank=0, world=world,
+                     group=None, device="meta")
+
+
 def _shard_rows(engine: str, shape: tuple[int, int], world: int) -> tuple[int, ...]:
     """Rows of a matrix per rank: ``torch.chunk`` blocks (FSDP2's ``Shard(0)``), or the row blocks
-    ``distopt.deepspeed`` builds from ZeRO's flat partitions (rank ``k`` owns the rows whose first
-    element lies in ``[k S, (k+1) S)``)."""
+    ``distopt.deepspeed`` builds from ZeRO's flat partitions."""
     if not engine.startswith("zero"):
-        return _row_chunks(shape[0], world)
-    m, n = shape
-    length = zero_partition_length(m * n, world, engine)
-    edges = [min(m, -(-min(k * length, m * n) // n)) for k in range(world + 1)]
-    return tuple(edges[k + 1] - edges[k] for k in range(world))
+        return chunk_rows(shape[0], world)
+    part = _zero_partition(shape, world, engine)
+    return tuple(end - start for start, end in map(part.rows, range(world)))
 
 
 def state_layout(model: nn.Module, optimizer: str, hparams: dict | None = None, shard_ranks: int = 1, *,
@@ -177,11 +180,10 @@ def state_layout(model: nn.Module, optimizer: str, hparams: dict | None = None, 
                 size = _tensor_bytes(value)
                 if kind != "matrix" and shard_ranks > 1 and value.dim() > 0:
                     if zero:  # this rank's flat slice
-                        length = zero_partition_length(value.numel(), shard_ranks, engine)
-                        held = max(0, min(length, value.numel() - shard_index * length))
-                        size = held * value.element_size()
+                        start, end = _zero_partition(tuple(value.shape), shard_ranks, engine).bounds(shard_index)
+                        size = (end - start) * value.element_size()
                     else:
-                        size = size * _row_chunks(value.shape[0], shard_ranks)[shard_index] // max(1, value.shape[0])
+                        size = size * chunk_rows(value.shape[0], shard_ranks)[shard_index] // max(1, value.shape[0])
                 if kind == "matrix" and is_projector_key(key):
                     proj += size
                 else:

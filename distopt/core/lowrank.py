@@ -37,7 +37,7 @@ import torch
 from . import comm
 from .linalg import orthonormalize_rows
 from .projector import randomized_basis
-from .shard import MatrixShardView, chunk_rows
+from .shard import MatrixShardView
 
 CORRECTIONS = ("derived", "literal", "none")
 
@@ -53,14 +53,14 @@ def lowrank_rank(global_shape: tuple[int, int], fraction: float, rank: int | Non
 
 
 def _whole_right(right: torch.Tensor, view: MatrixShardView, chunked: bool) -> torch.Tensor:
-    return comm.all_gather_cols(right, list(chunk_rows(view.n, view.parts)), view.group) if chunked else right
+    return comm.all_gather_cols(right, view.chunk_counts(view.n), view.group) if chunked else right
 
 
 def _set_right(right: torch.Tensor, left: torch.Tensor, target: torch.Tensor, view: MatrixShardView, chunked: bool) -> None:
     """``R <- L^T m_t``, summed over the row shards (this rank's column chunk when ``chunked``)."""
     product = left.T @ target
     if chunked:
-        right.copy_(comm.reduce_scatter_cols(product, list(chunk_rows(view.n, view.parts)), view.group))
+        right.copy_(comm.reduce_scatter_cols(product, view.chunk_counts(view.n), view.group))
     else:
         right.copy_(comm.all_reduce_sum(product, view.group))
 

@@ -24,7 +24,7 @@ import torch
 
 from . import comm
 from .projector import project_back
-from .shard import MatrixShardView, chunk_rows
+from .shard import MatrixShardView
 
 RATIO_EPS = 1e-8
 
@@ -57,7 +57,7 @@ def recovery_term(
     dim = 1 if side == "right" else 0
     ratio = direction.norm(dim=dim) / (low.norm(dim=dim) + RATIO_EPS)
     if columns_chunked:  # this rank holds some columns of the left side's R and N: gather R and the ratio
-        both = comm.all_gather_cols(torch.cat([low, ratio[None]]), list(chunk_rows(view.n, view.parts)), view.group)
+        both = comm.all_gather_cols(torch.cat([low, ratio[None]]), view.chunk_counts(view.n), view.group)
         low, ratio = both[:-1], both[-1]
     residual = grad - project_back(low, basis, side)
     scaled = residual * (ratio.unsqueeze(1) if side == "right" else ratio.unsqueeze(0))

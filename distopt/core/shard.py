@@ -67,12 +67,15 @@ class MatrixShardView:
         """Ranks the matrix is split over (1 when it is all here)."""
         return len(self.row_counts) if self.sharded else 1
 
+    def chunk_counts(self, length: int) -> list[int]:
+        """Entries per rank when ``length`` entries (the rows of a right basis, the columns of a
+        left-side moment) are split over the shard group like ``torch.chunk``."""
+        return list(chunk_rows(length, self.parts))
+
     def chunk(self, length: int) -> tuple[int, int]:
-        """``[start, end)`` of this rank's share when ``length`` entries (the rows of a right basis,
-        the columns of a left-side moment) are split over the shard group like ``torch.chunk``."""
-        counts = chunk_rows(length, self.parts)
-        me = self.index if self.sharded else 0
-        return sum(counts[:me]), sum(counts[: me + 1])
+        """``[start, end)`` of this rank's share of :meth:`chunk_counts`."""
+        counts = self.chunk_counts(length)
+        return sum(counts[: self.index]), sum(counts[: self.index + 1])
 
 
 def whole_matrix_view(name: str, tensor: torch.Tensor) -> MatrixShardView:

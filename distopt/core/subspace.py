@@ -30,7 +30,7 @@ from . import comm
 from .moments import MOMENT_POLICIES
 from .projector import REFRESH_METHODS, resolve_side, side_dim
 from .schedule import is_refresh_step, last_refresh_step, refresh_phase
-from .shard import MatrixShardView, chunk_rows
+from .shard import MatrixShardView
 
 STATE_LAYOUTS = ("partitioned", "replicated")
 
@@ -99,12 +99,6 @@ def plan(view: MatrixShardView, group: dict) -> SubspacePlan:
     return make_plan(view, group, side, min(group["rank"], view.m, view.n), full)
 
 
-def column_counts(view: MatrixShardView) -> list[int]:
-    """Columns (of ``n``) per rank of a left side's column-chunked projected tensors, and rows of a
-    chunked right basis."""
-    return list(chunk_rows(view.n, view.parts))
-
-
 def basis_local_shape(view: MatrixShardView, plan_: SubspacePlan) -> tuple[int, int]:
     if plan_.side == "left":
         return (view.local_rows, plan_.rank)
@@ -134,7 +128,7 @@ def gathered_basis(state: dict, view: MatrixShardView, plan_: SubspacePlan) -> t
     """The whole basis: a chunked right basis all-gathered (``n x r``), else ``state["basis"]``."""
     if not plan_.basis_chunked:
         return state["basis"]
-    return comm.all_gather_rows(state["basis"], column_counts(view), view.group)
+    return comm.all_gather_rows(state["basis"], view.chunk_counts(view.n), view.group)
 
 
 @contextmanager
@@ -173,13 +167,13 @@ def project_grad(grad: torch.Tensor, state: dict, view: MatrixShardView, plan_: 
     if plan_.side == "right":
         return grad @ basis
     if plan_.columns_chunked:
-        return comm.reduce_scatter_cols(basis.T @ grad, column_counts(view), view.group)
+        return comm.reduce_scatter_cols(basis.T @ grad, view.chunk_counts(view.n), view.group)
     return comm.all_reduce_sum(basis.T @ grad, view.group)
 
 
 def gather_projected(low: torch.Tensor, view: MatrixShardView, plan_: SubspacePlan) -> torch.Tensor:
     """A projected tensor whole along ``n`` (``r x n`` for a left basis): column chunks gathered."""
-    return comm.all_gather_cols(low, column_counts(view), view.group) if plan_.columns_chunked else low
+    return comm.all_gather_cols(low, view.chunk_counts(view.n), view.group) if plan_.columns_chunked else low
 
 
 def back_project(low: torch.Tensor, state: dict, view: MatrixShardView, plan_: SubspacePlan) -> torch.Tensor:

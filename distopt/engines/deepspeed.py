@@ -701,16 +701,6 @@ def _check_model_parameters(model, model_parameters) -> None:
         )
 
 
-def _release(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split("+")[0].split(".")[:3]:
-        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
 def check_deepspeed_version(version: str | None = None) -> None:
     """Refuse a DeepSpeed older than the adapter supports (its ZeRO internals or results differ);
     warn once on one newer than it was tested with."""
@@ -718,7 +708,9 @@ def check_deepspeed_version(version: str | None = None) -> None:
         import deepspeed
 
         version = deepspeed.__version__
-    release = _release(version)
+    from packaging.version import Version  # a dependency of DeepSpeed
+
+    release = Version(version).release
     if release < DEEPSPEED_MIN:
         raise RuntimeError(
             f"DeepSpeed {version} is older than distopt's ZeRO adapter supports ({DEEPSPEED_RANGE}). Fix: pip install "
