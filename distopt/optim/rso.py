@@ -5,6 +5,15 @@ Each attention/MLP linear becomes ``y = x W^T + (x P) B``: ``W`` frozen, ``P`` a
 parameter so that FSDP2 splits its rows exactly like ``W``'s. Every ``tau`` steps the increment is
 merged (``W += (P B)^T = B^T P^T``, row by row), ``B`` restarts from zero with a new ``P`` and fresh
 Adam states.
+
+Where ``P`` lives (``state_layout``):
+
+- ``partitioned`` (the default): ``P`` is a frozen parameter of the layer (``rso_p``). FSDP2 splits
+  its ``in`` rows over the shard group like any weight and all-gathers it just in time for forward
+  and backward, with its prefetch; a rank keeps ``in/N x r``. A merge all-gathers the current ``P``
+  once. Checkpoints hold ``P`` in the model's state dict.
+- ``replicated``: ``P`` is a buffer, whole on every rank, kept in the optimizer state (``proj``); no
+  collective at all, ``in x r`` per rank.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from ..core.shard import MatrixShardView, is_dtensor, local
 from .base import SubspaceOptimizer, adam_direction, apply_update, check_common_hparams
 
 PROJECTIONS = ("haar", "gaussian")
+STATE_LAYOUTS = ("partitioned", "replicated")
 DEFAULT_RANK = 128
 DEFAULT_PROJECTION = "haar"
 DEFAULT_SCALE = 1.0
@@ -71,11 +81,13 @@ class SubspaceLinear(nn.Module):
     ``weight`` (``out x in``) keeps the Linear's name and place in the state dict and has
     ``requires_grad=False``. ``rso_b`` is the trained factor ``B`` (``r x out``) stored transposed,
     as an ``out x r`` parameter: its rows pair with ``weight``'s rows, so a row split of the layer
-    (FSDP2's ``Shard(0)``) gives each rank matching rows of both. ``rso_p`` (``in x r``) is a
-    non-persistent buffer that the optimizer owns (it lives in its state).
+    (FSDP2's ``Shard(0)``) gives each rank matching rows of both. ``rso_p`` (``in x r``) is a frozen
+    parameter in the weight's dtype (``partitioned=True``: FSDP2 shards and gathers it like ``weight``)
+    or a buffer that the optimizer keeps in its state (``partitioned=False``). Either way ``rso_p`` is
+    in the model's state dict, so a checkpoint resumes under the other layout.
     """
 
-    def __init__(self, linear: nn.Linear, proj: torch.Tensor):
+    def __init__(self, linear: nn.Linear, proj: torch.Tensor, partitioned: bool = True):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
@@ -83,8 +95,21 @@ class SubspaceLinear(nn.Module):
         self.bias = linear.bias
         w = linear.weight
         self.rso_b = nn.Parameter(torch.zeros(self.out_features, proj.shape[1], dtype=w.dtype, device=w.device))
-        self.register_buffer("rso_p", proj, persistent=False)
+        if partitioned:
+            self.rso_p = nn.Parameter(proj.to(w.dtype).contiguous(), requires_grad=False)  # FSDP2 shards contiguous tensors
+        else:
+            self.register_buffer("rso_p", proj)
         self.rso_sampling: tuple | None = None  # (projection, scale, seed) of P, when reparametrize drew it
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether ``P`` is a parameter of the layer (sharded by FSDP2) rather than an optimizer buffer."""
+        return isinstance(self.rso_p, nn.Parameter)
+
+    def projection(self) -> torch.Tensor:
+        """The whole ``P`` (all-gathered when the layer is sharded: a collective over its mesh)."""
+        proj = self.rso_p
+        return proj.full_tensor() if is_dtensor(proj) else proj
 
     @property
     def rank(self) -> int:
@@ -99,8 +124,9 @@ class SubspaceLinear(nn.Module):
         """``W + (P B)^T = W + B^T P^T`` in fp32: the weight of the equivalent plain Linear.
 
         On a sharded layer (FSDP2, outside forward) each rank computes its own rows and the
-        result is a DTensor with the weight's placement; ``.full_tensor()`` gathers it."""
-        merged = local(self.weight).float() + local(self.rso_b).float() @ self.rso_p.float().T
+        result is a DTensor with the weight's placement; ``.full_tensor()`` gathers it. A sharded
+        ``P`` is all-gathered, so every rank of the mesh must call this."""
+        merged = local(self.weight).float() + local(self.rso_b).float() @ self.projection().float().T
         if not is_dtensor(self.weight):
             return merged
         from torch.distributed.tensor import DTensor
@@ -110,7 +136,8 @@ class SubspaceLinear(nn.Module):
                                   shape=w.shape, stride=w.stride())
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+        layout = "partitioned" if self.partitioned else "replicated"
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, P {layout}"
 
 
 def subspace_linears(model: nn.Module) -> list[SubspaceLinear]:
@@ -152,6 +179,8 @@ def _check_rso_hparams(group: dict) -> None:
     prox = group["prox"]
     if isinstance(prox, bool) or not isinstance(prox, (int, float)) or not (math.isfinite(prox) and prox >= 0):
         raise ValueError(f"prox={prox!r}: must be a finite number >= 0 (the proximal weight 1/eta)")
+    if group.get("state_layout", "partitioned") not in STATE_LAYOUTS:
+        raise ValueError(f"state_layout={group['state_layout']!r} is not one of {STATE_LAYOUTS}")
 
 
 class RSO(SubspaceOptimizer):
@@ -192,10 +221,14 @@ class RSO(SubspaceOptimizer):
 
     ``W`` and ``B^T`` have ``out`` rows each and are split alike (``torch.chunk`` over the same
     mesh), so Adam on ``B^T``'s rows and the merge ``W[rows] += B^T[rows] P^T`` only use this rank's
-    rows and the replicated ``P`` (same seed on every rank): no collective beyond FSDP2's own.
+    rows and the whole ``P``. With ``state_layout="partitioned"`` (the default) ``P`` is a frozen
+    parameter that FSDP2 shards by its ``in`` rows and gathers for forward and backward like ``W``;
+    the merge all-gathers it once (every ``tau`` steps per layer). ``"replicated"`` keeps ``P`` whole
+    in the optimizer state on every rank and the merge issues no collective. Both draw the same ``P``
+    (same seed on every rank) and give the same numbers.
 
     Defaults: ``lr=1e-3``, ``rank=128``, ``update_proj_gap=200`` (``tau``), ``projection="haar"``,
-    ``scale=1``, ``prox=0``, ``stagger=True``.
+    ``scale=1``, ``prox=0``, ``stagger=True``, ``state_layout="partitioned"``.
 
     Choices where the paper is silent or where we differ, deliberately:
     - ``P = sqrt(in/r) Q`` with ``Q`` Haar (``P^T P = (in/r) I``, ``E[P P^T] = I``: the paper's
@@ -207,14 +240,16 @@ class RSO(SubspaceOptimizer):
     - ``weight_decay`` decays the effective weight ``W + (P B)^T``: both ``W`` and ``B`` are scaled.
     - Merges are staggered over ``tau`` by a hash of the parameter name; the merge happens at the end
       of an outer iteration's last step, so the next forward already uses the new ``P``.
-    - ``P`` is seeded by ``(seed, factor name, outer index)`` and kept in the optimizer state, which
-      the layer reads (so ``state_bytes`` counts it). Only ``nn.Linear`` modules are reparametrized,
-      chosen by the default routing rules (``build_optimizer``'s ``rules`` do not reach them).
+    - ``P`` is seeded by ``(seed, factor name, outer index)``. It is the optimizer's memory wherever
+      it is kept: ``state_bytes`` counts this rank's part of a ``P`` held by the layer. Only
+      ``nn.Linear`` modules are reparametrized, chosen by the default routing rules
+      (``build_optimizer``'s ``rules`` do not reach them).
 
     State per factor ``B`` of a layer ``out x in`` with rank ``r`` (``min(rank, in)``): ``step``
     (int64) + ``exp_avg``, ``exp_avg_sq`` (out x r, laid out like ``rso_b``; row-sharded under
-    FSDP2) + ``proj`` (in x r, replicated), all fp32:
-    ``8 + 4 (2 r out + in r)`` bytes. The frozen ``W`` is a model tensor, not optimizer state.
+    FSDP2), fp32, + ``P`` (in x r): in the weight's dtype and row-sharded under FSDP2 (partitioned),
+    or fp32 and whole in the state as ``proj`` (replicated). One fp32 process: ``8 + 4 (2 r out + in r)``
+    bytes. The frozen ``W`` is a model tensor, not optimizer state.
     """
 
     algorithm = "rso"
@@ -236,12 +271,14 @@ class RSO(SubspaceOptimizer):
         weight_decay: float = 0.0,
         adam_form: str = "torch",
         seed: int = DEFAULT_SEED,
+        state_layout: str = "partitioned",
         factors: list[SubspaceLinear] | None = None,
     ):
         self._owners: dict[int, SubspaceLinear] = {id(module.rso_b): module for module in factors or ()}
         defaults = dict(
             lr=lr, rank=rank, update_proj_gap=update_proj_gap, projection=projection, scale=scale, prox=prox,
             stagger=stagger, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adam_form=adam_form, seed=seed,
+            state_layout=state_layout,
         )
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
@@ -300,6 +337,7 @@ class RSO(SubspaceOptimizer):
         config = cls._config(hparams)
         rank, projection, scale, seed = config["rank"], config["projection"], config["scale"], config["seed"]
         sampling = (projection, float(scale), seed)
+        partitioned = config["state_layout"] == "partitioned"
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         roles = assign_roles(names)
         targets = []
@@ -312,6 +350,14 @@ class RSO(SubspaceOptimizer):
                         f"(projection, scale, seed)={module.rso_sampling}, but RSO here has rank {r} (min(rank, in)) "
                         f"and {sampling}: pass reparametrize() and build_optimizer() the same rank, projection, "
                         "scale and seed"
+                    )
+                if module.partitioned != partitioned:
+                    have = "partitioned" if module.partitioned else "replicated"
+                    raise ValueError(
+                        f"{name} was reparametrized with state_layout={have!r} (P "
+                        f"{'a parameter of the layer' if module.partitioned else 'an optimizer buffer'}), but RSO here "
+                        f"has state_layout={config['state_layout']!r}: pass reparametrize() and build_optimizer() the "
+                        "same state_layout"
                     )
             elif isinstance(module, nn.Linear) and roles.get(f"{name}.weight" if name else "weight") in LINEAR_ROLES:
                 if is_dtensor(module.weight):
@@ -329,7 +375,7 @@ class RSO(SubspaceOptimizer):
             factor_name = f"{name}.rso_b" if name else "rso_b"
             proj = sample_projection(module.in_features, r, projection, scale,
                                      stable_seed(seed, factor_name, 0, "rso"), module.weight.device)
-            layer = SubspaceLinear(module, proj)
+            layer = SubspaceLinear(module, proj, partitioned)
             layer.rso_sampling = sampling
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
@@ -357,15 +403,53 @@ class RSO(SubspaceOptimizer):
         shape = (view.local_rows, view.n)  # this rank's rows of B^T, from the view (p may be a whole meta tensor)
         state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        state["proj"] = self.owner(view.name).rso_p.to(device=p.device, dtype=torch.float32)
+        module = self.owner(view.name)
+        if not module.partitioned:
+            state["proj"] = module.rso_p.to(device=p.device, dtype=torch.float32)
+
+    def projections_in_model(self) -> dict[torch.Tensor, torch.Tensor]:
+        """``{factor: P}`` for every ``P`` the layers hold as a parameter (``state_layout="partitioned"``):
+        optimizer memory that lives in the model, counted by ``state_bytes``."""
+        out = {}
+        for group in self.param_groups:
+            if group["kind"] == "matrix":
+                for p in group["params"]:
+                    module = self.owner(self._names[p])
+                    if module.partitioned:
+                        out[p] = module.rso_p
+        return out
 
     def _bind(self) -> None:
-        """Make every layer read its ``P`` from the optimizer state (after a load, a cast or a move)."""
+        """Make every replicated layer read its ``P`` from the optimizer state (after a load, a cast or a move)."""
         for p, state in self.state.items():
             if "proj" in state:
                 module = self.owner(self._names[p])
                 if module.rso_p is not state["proj"]:
                     module.rso_p = state["proj"]
+
+    def _reconcile_layout(self, p: torch.Tensor, entries: dict, target: dict) -> tuple[dict, list]:
+        """``P`` travels with the model's state dict under both layouts; a replicated checkpoint also
+        has it in the optimizer state. Into a partitioned layer, that copy goes to the layer's
+        parameter; a replicated optimizer resuming a partitioned checkpoint keeps the model's ``P``."""
+        if "proj" in target and "proj" not in entries:
+            return {**entries, "proj": target["proj"]}, []
+        if "proj" in entries and "proj" not in target:
+            module, whole = self.owner(self._names[p]), entries["proj"]
+            return {k: v for k, v in entries.items() if k != "proj"}, [lambda: self._set_projection(module, whole)]
+        return entries, []
+
+    @staticmethod
+    def _set_projection(module: SubspaceLinear, whole: torch.Tensor) -> None:
+        """Write a whole ``P`` into a layer that holds it as a parameter (its own part when sharded)."""
+        if is_dtensor(module.rso_p):
+            from torch.distributed.tensor import distribute_tensor
+
+            # Every rank has the whole P: keep this rank's part, no communication.
+            mine = distribute_tensor(whole.to(local(module.rso_p).device), module.rso_p.device_mesh,
+                                     module.rso_p.placements, src_data_rank=None)
+            local(module.rso_p).copy_(mine.to_local())
+        else:
+            module.rso_p.copy_(whole)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -396,7 +480,7 @@ class RSO(SubspaceOptimizer):
 
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         module = self.owner(view.name)
-        if module.rso_p is not state["proj"]:  # a first step, or the model was moved or cast
+        if not module.partitioned and module.rso_p is not state["proj"]:  # a first step, or the model was moved or cast
             module.rso_p = state["proj"]
         gap = group["update_proj_gap"]
         phase = refresh_phase(view.name, gap, group["stagger"])
@@ -425,17 +509,22 @@ class RSO(SubspaceOptimizer):
     def merge(self, p: torch.Tensor, state: dict, group: dict, view: MatrixShardView, index: int) -> None:
         """End an outer iteration: ``W += (P B)^T``, ``B = 0``, fresh moments, ``P`` for outer ``index``.
 
-        ``p`` is this rank's rows of ``B^T``, so ``W[rows] += B^T[rows] P^T`` needs nothing from
-        other ranks; every rank draws the same next ``P``."""
+        ``p`` is this rank's rows of ``B^T``, so ``W[rows] += B^T[rows] P^T`` needs the whole ``P``
+        and nothing else from other ranks (a sharded ``P`` is all-gathered once); every rank draws
+        the same next ``P`` and keeps its part."""
         module = self.owner(view.name)
-        proj = state["proj"]
+        proj = module.projection() if module.partitioned else state["proj"]
         weight = self.frozen_rows(module, p, view)
-        weight.copy_(weight.float().add_(p.float() @ proj.T))
+        weight.copy_(weight.float().add_(p.float() @ proj.float().T))
         p.zero_()
         state["exp_avg"].zero_()
         state["exp_avg_sq"].zero_()
         seed = stable_seed(group["seed"], view.name, index, "rso")
-        proj.copy_(sample_projection(proj.shape[0], proj.shape[1], group["projection"], group["scale"], seed, proj.device))
+        fresh = sample_projection(proj.shape[0], proj.shape[1], group["projection"], group["scale"], seed, proj.device)
+        if module.partitioned:
+            self._set_projection(module, fresh)
+        else:
+            proj.copy_(fresh)
 
 
 def reparametrize(model: nn.Module, **hparams) -> nn.Module:

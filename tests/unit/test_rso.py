@@ -103,9 +103,10 @@ def test_gradients_match_the_reparametrized_formula():
     torch.testing.assert_close(gb, b.grad.T)  # the stored factor's gradient is B's, transposed
 
 
-def test_merge_leaves_the_function_unchanged_and_restarts_the_inner_problem():
+@pytest.mark.parametrize("layout", ["partitioned", "replicated"])
+def test_merge_leaves_the_function_unchanged_and_restarts_the_inner_problem(layout):
     model = tiny_model()
-    opt = distopt.build_optimizer(model, "rso", rank=4, lr=1e-2, update_proj_gap=100)
+    opt = distopt.build_optimizer(model, "rso", rank=4, lr=1e-2, update_proj_gap=100, state_layout=layout)
     train(model, opt, 3)
     ids = batch()
     with torch.no_grad():
@@ -124,7 +125,11 @@ def test_merge_leaves_the_function_unchanged_and_restarts_the_inner_problem():
         assert torch.count_nonzero(layer.rso_b) == 0 and not torch.equal(layer.weight, w)
         assert not torch.equal(layer.rso_p, proj)
         state = opt.state[layer.rso_b]
-        assert state["proj"] is layer.rso_p  # the layer reads P from the optimizer state
+        if layout == "replicated":
+            assert state["proj"] is layer.rso_p  # the layer reads P from the optimizer state
+        else:  # the layer holds P as a frozen parameter, which the optimizer accounts for
+            assert "proj" not in state and isinstance(layer.rso_p, nn.Parameter) and not layer.rso_p.requires_grad
+            assert opt.projections_in_model()[layer.rso_b] is layer.rso_p
         assert torch.count_nonzero(state["exp_avg"]) == 0 and torch.count_nonzero(state["exp_avg_sq"]) == 0
 
 
@@ -177,22 +182,27 @@ def test_state_bytes_match_the_formula(rank):
     assert distopt.state_bytes(opt) == before == expected
 
 
-def test_resume_is_bit_identical():
+@pytest.mark.parametrize("saved_layout,resumed_layout", [("partitioned", "partitioned"), ("replicated", "replicated"),
+                                                          ("partitioned", "replicated"), ("replicated", "partitioned")])
+def test_resume_is_bit_identical(saved_layout, resumed_layout):
+    # P is in the model's state dict under either layout, so a checkpoint resumes under the other.
     hparams = dict(lr=1e-2, rank=4, update_proj_gap=3)
     model = tiny_model()
-    opt = distopt.build_optimizer(model, "rso", **hparams)
+    opt = distopt.build_optimizer(model, "rso", state_layout=saved_layout, **hparams)
     train(model, opt, 7)
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = roundtrip(opt.state_dict())
     train(model, opt, 6, data_seed=50)
 
     resumed = tiny_model(seed=123)
-    opt2 = distopt.build_optimizer(resumed, "rso", **hparams)
+    opt2 = distopt.build_optimizer(resumed, "rso", state_layout=resumed_layout, **hparams)
     resumed.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
     train(resumed, opt2, 6, data_seed=50)
-    for (n, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
-        assert torch.equal(a, b), n
+    final, final2 = model.state_dict(), resumed.state_dict()
+    assert final.keys() == final2.keys()
+    for n in final:
+        assert torch.equal(final[n], final2[n]), n
     for a, b in zip(subspace_linears(model), subspace_linears(resumed)):
         assert torch.equal(a.rso_p, b.rso_p)
 
@@ -233,7 +243,8 @@ def test_reparametrize_first_then_build_is_the_same_run():
 
 
 @pytest.mark.parametrize(
-    "kwargs,match", [(dict(rank=3), "RSO here has rank 3"), (dict(rank=4, seed=1), r"\('haar', 1\.0, 1\)")]
+    "kwargs,match", [(dict(rank=3), "RSO here has rank 3"), (dict(rank=4, seed=1), r"\('haar', 1\.0, 1\)"),
+                     (dict(rank=4, state_layout="replicated"), "same state_layout")]
 )
 def test_reparametrize_and_build_must_agree(kwargs, match):
     model = reparametrize(tiny_model(), rank=4)
@@ -242,7 +253,7 @@ def test_reparametrize_and_build_must_agree(kwargs, match):
 
 
 # -- FSDP2 row shards -----------------------------------------------------------------------------
-def _fsdp_case(rank, world):
+def _fsdp_case(rank, world, layout):
     from distributed.common import OddNet, local_batch, shard, train_steps
     from torch.distributed.tensor.debug import CommDebugMode
 
@@ -251,8 +262,8 @@ def _fsdp_case(rank, world):
         distopt.build_optimizer(shard(OddNet(), world), "rso", rank=5)
     except ValueError as err:
         out["refusal"] = str(err)
-    model = shard(reparametrize(OddNet(), rank=5), world)
-    opt = distopt.build_optimizer(model, "rso", rank=5, lr=1e-2, update_proj_gap=100)
+    model = shard(reparametrize(OddNet(), rank=5, state_layout=layout), world)
+    opt = distopt.build_optimizer(model, "rso", rank=5, lr=1e-2, update_proj_gap=100, state_layout=layout)
     train_steps(model, opt, 2, rank, world)
     ids = local_batch(7, rank, world)
     with torch.no_grad():
@@ -261,12 +272,17 @@ def _fsdp_case(rank, world):
     expected = {opt.param_name(p): opt.owner(opt.param_name(p)).merged_weight().full_tensor() for p in group["params"]}
     out["shards"] = {opt.param_name(p): (tuple(local(p).shape), tuple(local(opt.owner(opt.param_name(p)).weight).shape))
                      for p in group["params"] if is_dtensor(p) and opt._views[p].sharded}
+    out["proj_rows"] = {opt.param_name(p): (local(opt.owner(opt.param_name(p)).rso_p).shape[0],
+                                            opt.owner(opt.param_name(p)).in_features) for p in group["params"]}
+    held = opt.projections_in_model()
+    out["held_bytes"] = sum(local(proj).numel() * local(proj).element_size() for proj in held.values())
     with CommDebugMode() as merging:
         for p in group["params"]:
             opt.merge(local(p), opt.state[p], group, opt._views[p], index=1)
     out["merge_collectives"] = merging.get_total_counts()
     out["merged"] = {name: torch.allclose(opt.owner(name).weight.full_tensor(), want, rtol=1e-5, atol=1e-6)
                      for name, want in expected.items()}
+    out["fresh_proj"] = {opt.param_name(p): opt.owner(opt.param_name(p)).projection().clone() for p in group["params"]}
     with torch.no_grad():
         out["loss_after"] = model(ids).item()
     model(ids).backward()
@@ -276,31 +292,43 @@ def _fsdp_case(rank, world):
     return out
 
 
-def _fsdp_worker(rank, world, init_file, out_dir):
+def _fsdp_worker(rank, world, init_file, out_dir, layout):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        torch.save(_fsdp_case(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(_fsdp_case(rank, world, layout), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.distributed
-def test_fsdp2_factor_rows_pair_with_weight_rows_and_the_merge_is_local(tmp_path):
+@pytest.mark.parametrize("layout", ["partitioned", "replicated"])
+def test_fsdp2_factor_rows_pair_with_weight_rows_and_the_merge_is_local(tmp_path, layout):
     """Two gloo ranks, FSDP2 Shard(0) with uneven rows (53 -> 27/26, 37 -> 19/18, 61 -> 31/30):
-    each rank's rows of B^T pair with its rows of W, so the merge issues no collective and gives
-    the rows of W + B^T P^T; building on an already sharded model points at reparametrize."""
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    for r in range(2):
-        res = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+    each rank's rows of B^T pair with its rows of W, so the merge gives the rows of W + B^T P^T
+    from this rank's rows and the whole P. Partitioned, each rank keeps ``ceil(in/2)`` or
+    ``floor(in/2)`` rows of P and a merge all-gathers it once; replicated, P is whole and the merge
+    issues no collective. Both layouts draw the same next P. Building on an already sharded model
+    points at reparametrize."""
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), layout), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for r, res in enumerate(results):
         assert "reparametrize" in res["refusal"] and "before fully_shard" in res["refusal"]
         assert len(res["shards"]) == 10
         for factor_rows, weight_rows in res["shards"].values():
             assert factor_rows[0] == weight_rows[0] and factor_rows[1] == 5
-        assert res["merge_collectives"] == 0
+        for rows, in_features in res["proj_rows"].values():
+            expected = -(-in_features // 2) if r == 0 else in_features // 2
+            assert rows == (expected if layout == "partitioned" else in_features)
+        assert res["merge_collectives"] == (len(res["proj_rows"]) if layout == "partitioned" else 0)
         assert all(res["merged"].values()), res["merged"]
         assert math.isclose(res["loss_after"], res["loss_before"], rel_tol=1e-5)
         assert res["step_collectives"] > 0
+        for name, proj in res["fresh_proj"].items():  # every rank holds its part of the same next P
+            torch.testing.assert_close(proj, results[0]["fresh_proj"][name], rtol=0, atol=0)
+    in_r = sum(5 * in_features for _, in_features in results[0]["proj_rows"].values())
+    # Partitioned, the ranks' parts of P add up to one whole P (fp32 here).
+    assert sum(res["held_bytes"] for res in results) == (4 * in_r if layout == "partitioned" else 0)
 
 
 def test_inner_problem_is_torch_adamw_on_b_and_w_only_decays():
