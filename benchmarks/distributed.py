@@ -14,8 +14,9 @@ decoder layers with ``fully_shard``, and measures:
 It also prints, by formula, the traffic that the partitioned layout adds per step over the
 replicated one (an ``n x r`` fp32 all-gather per right basis; the left side's reduce-scatter plus
 all-gather equals the all-reduce it replaces) as a share of FSDP2's, at 1B and 7B shapes for
-``r = 256`` and ``1024``. Embeddings and the LM head are left out of FSDP2's traffic; counting them
-would only lower the share.
+``r = 256`` and ``1024``, and RSO's (its partitioned ``P``, ``in x r`` per linear, gathered by
+FSDP2 for forward and backward). Embeddings and the LM head are left out of FSDP2's traffic;
+counting them would only lower the share.
 
     python benchmarks/distributed.py                               # 1, 2 and 3 CPU ranks, 60M shapes
     python benchmarks/distributed.py --state-layout replicated     # the layout without basis traffic
@@ -61,6 +62,26 @@ def partition_traffic_share(hidden: int, intermediate: int, rank: int, precision
         if resolve_side(side, (m, n)) == "right" and rank < n:
             added += 4 * n * rank
         fsdp += FSDP_BYTES[precision] * m * n
+    return added / fsdp
+
+
+# Bytes of one element of a gathered weight (compute dtype) and of a reduced gradient.
+GATHER_BYTES = {"fp32": 4, "bf16-mixed": 2, "bf16": 2}
+REDUCE_BYTES = {"fp32": 4, "bf16-mixed": 4, "bf16": 2}
+
+
+def rso_traffic_share(hidden: int, intermediate: int, rank: int, precision: str) -> float:
+    """Ring bytes per rank that RSO's partitioned ``P`` adds per step: FSDP2 gathers each ``in x r``
+    ``P`` for forward and again for backward, in the compute dtype. Against FSDP2's traffic for the
+    same reparametrized layer: frozen ``W`` and ``B^T`` (``out x r``) gathered twice, ``B``'s
+    gradient reduced (``W`` has none). A merge's all-gather of ``P`` (once per ``tau`` steps) is
+    left out."""
+    added = fsdp = 0
+    c, g = GATHER_BYTES[precision], REDUCE_BYTES[precision]
+    for out, inp in decoder_matrices(hidden, intermediate):
+        r = min(rank, inp)
+        added += 2 * c * inp * r
+        fsdp += 2 * c * (out * inp + out * r) + g * out * r
     return added / fsdp
 
 
@@ -207,7 +228,8 @@ def main(argv=None):
             row["refresh_speedup"] = single["full_refresh_s"] / row["full_refresh_s"]
     formula = [
         {"shapes": key, "rank": r, "precision": args.precision,
-         "added_share": partition_traffic_share(*FORMULA_SHAPES[key], r, args.precision, args.side)}
+         "added_share": partition_traffic_share(*FORMULA_SHAPES[key], r, args.precision, args.side),
+         "rso_added_share": rso_traffic_share(*FORMULA_SHAPES[key], r, args.precision)}
         for key in FORMULA_SHAPES for r in (256, 1024)
     ]
     payload = {"benchmark": "distributed", "env": environment(args.device),
@@ -222,7 +244,8 @@ def main(argv=None):
     ]))
     print("\nTraffic the partitioned layout adds over the replicated one, by formula (one decoder layer):")
     print(markdown_table(formula, [("shapes", "shapes", "s"), ("rank", "r", "d"), ("precision", "FSDP2 bytes", "s"),
-                                   ("added_share", "added / FSDP2's", ".2%")]))
+                                   ("added_share", "added / FSDP2's", ".2%"),
+                                   ("rso_added_share", "rso: P gathers / FSDP2's", ".2%")]))
     print(f"\n{args.optimizer} | shapes {args.shapes} x {args.layers} layer(s) | rank {args.rank} | gap {args.gap} | "
           f"side {args.side} | refresh {args.refresh} | state_layout {args.state_layout} | JSON: {path}")
     return payload

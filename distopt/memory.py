@@ -79,6 +79,7 @@ class ParamState:
     kind: str  # "matrix" or "adamw"
     state_bytes: int  # moments, step counters, anything but projectors
     projector_bytes: int
+    held_projector_numel: int = 0  # elements of projectors the model holds for the optimizer (RSO's P)
 
     @property
     def total(self) -> int:
@@ -168,6 +169,9 @@ def state_layout(model: nn.Module, optimizer: str, hparams: dict | None = None, 
                 views[p] = MatrixShardView(view.name, view.global_shape, start, start + counts[shard_index], _SHARDED,
                                            counts, index=shard_index)
         opt.allocate_state()
+    held = opt.projections_in_model() if hasattr(opt, "projections_in_model") else {}
+    if held and zero:
+        raise ValueError(f"{optimizer} is not available under DeepSpeed ZeRO ({engine}): use fsdp2, hsdp or ddp")
     out = []
     names = {p: n for n, p in meta.named_parameters()}
     for group in opt.param_groups:
@@ -188,7 +192,14 @@ def state_layout(model: nn.Module, optimizer: str, hparams: dict | None = None, 
                     proj += size
                 else:
                     state += size
-            out.append(ParamState(names.get(p, "?"), p.numel(), kind, state, proj))
+            held_numel = 0
+            if p in held:  # a projector kept in the model: FSDP2 shards its rows like a weight
+                tensor = held[p]
+                # FSDP2 pads every rank's shard storage to ceil(rows / N) rows
+                rows = -(-tensor.shape[0] // shard_ranks)
+                held_numel = rows * math.prod(tensor.shape[1:])
+                proj += held_numel * tensor.element_size()
+            out.append(ParamState(names.get(p, "?"), p.numel(), kind, state, proj, held_numel))
     return out
 
 
@@ -214,6 +225,48 @@ def largest_unit_params(model: nn.Module) -> int:
         m = re.search(r"(.*\b(?:layers|h|blocks)\.\d+)\.", name)
         units[m.group(1) if m else "<root>"] = units.get(m.group(1) if m else "<root>", 0) + p.numel()
     return max(units.values()) if units else 0
+
+
+def supported(optimizer: str, engine: str) -> bool:
+    """Whether ``distopt`` trains ``optimizer`` under ``engine`` (RSO reparametrizes layers, which
+    DeepSpeed's flat partitions do not allow)."""
+    return not (optimizer == "rso" and engine.startswith("zero"))
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """Parameters of the model as the optimizer trains it (RSO adds factors and freezes weights)."""
+
+    total: int  # every parameter, frozen ones included, less projectors counted as optimizer memory
+    trainable: int  # those with gradients
+    largest_unit: int  # parameters of the largest FSDP unit, projectors included (they are gathered too)
+
+
+def model_counts(model: nn.Module, optimizer: str = "adamw", hparams: dict | None = None) -> ModelCounts:
+    """Parameter counts of ``model`` as ``optimizer`` trains it. Algorithms that change the model
+    (``prepare_model``) are built on a meta copy to see the model they will train."""
+    from .optim import REGISTRY
+    from .optim.base import SubspaceOptimizer
+
+    cls = REGISTRY.get(optimizer)
+    held: set[int] = set()
+    if cls is not None and cls.prepare_model.__func__ is not SubspaceOptimizer.prepare_model.__func__:
+        from .api import build_optimizer
+
+        hparams = dict(hparams or {})
+        hparams.pop("elementwise", None)
+        with torch.device("meta"):
+            model = _to_meta(model)
+            opt = build_optimizer(model, optimizer, **hparams)
+        held = {id(t) for t in getattr(opt, "projections_in_model", dict)().values()}
+    seen, total, trainable = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen or id(p) in held:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return ModelCounts(total, trainable, largest_unit_params(model))
 
 
 def _dtype_bytes(precision: str) -> tuple[int, int, int, int]:
@@ -247,15 +300,15 @@ def estimate(
         raise ValueError(f"world_size={world_size}: must be >= 1")
     if engine == "single" and world_size != 1:
         raise ValueError("engine='single' means world_size=1")
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
+    if not supported(optimizer, engine):
+        raise ValueError(f"{optimizer} is not available under DeepSpeed ZeRO ({engine}): use fsdp2, hsdp or ddp")
+    counts = model_counts(model, optimizer, hparams)
+    total, trainable, largest = counts.total, counts.trainable, counts.largest_unit
     n = world_size
     notes: list[str] = []
     w, g, c, r = _dtype_bytes(precision)
-    largest = largest_unit_params(model)
+    if trainable < total:
+        notes.append(f"{total - trainable:,} frozen parameters have no gradient")
 
     if engine == "hsdp":
         if hsdp_replicas < 1 or world_size % hsdp_replicas:
@@ -264,12 +317,12 @@ def estimate(
         notes.append(f"hsdp: {hsdp_replicas} replica group(s) of {n} shard rank(s)")
 
     if engine in ("single", "ddp"):
-        weights, grads = w * total, g * total
+        weights, grads = w * total, g * trainable
         if precision == "bf16-mixed":
             notes.append("bf16-mixed under torch engines is autocast: fp32 weights and gradients")
     elif engine in ("fsdp2", "hsdp"):
         weights = math.ceil(w * total / n) + (2 * c * largest if n > 1 else 0)
-        grads = math.ceil(g * total / n) + (r * largest if n > 1 else 0)
+        grads = math.ceil(g * trainable / n) + (r * largest if n > 1 else 0)
     else:  # DeepSpeed ZeRO: bf16 weights with an fp32 master, or fp32 throughout
         if precision == "fp32":
             full_w, full_g, master, part_g = 4 * total, 4 * total, 0, 0
@@ -292,6 +345,8 @@ def estimate(
                               engine=engine)
     state = sum(s.state_bytes for s in layout)
     projectors = sum(s.projector_bytes for s in layout)
+    if precision == "bf16":  # projectors held in the model take the weights' dtype (counted at fp32 above)
+        projectors -= (4 - w) * sum(s.held_projector_numel for s in layout)
     return Breakdown(optimizer, engine, world_size, precision, total, weights, grads, state, projectors, notes)
 
 

@@ -139,6 +139,7 @@ def run(args) -> dict:
         model = build_model(shape, impl)
     rows = []
     layouts = {}
+    unavailable: set[str] = set()
     for label, name, hparams in specs:
         try:
             layouts[(label, 1, "fsdp2")] = memory.state_layout(model, name, hparams)
@@ -149,6 +150,9 @@ def run(args) -> dict:
                 if world == 1 and engine not in ("ddp", "single"):
                     continue
                 if world > 1 and engine == "single":
+                    continue
+                if not memory.supported(name, engine):
+                    unavailable.add(f"{label} under {engine}: not available (use fsdp2, hsdp or ddp)")
                     continue
                 replicas = args.hsdp_replicas or (2 if world % 2 == 0 and world > 2 else 1)
                 shard = world // replicas if engine == "hsdp" else world
@@ -175,13 +179,14 @@ def run(args) -> dict:
                         "state_vs_ideal": (b.optimizer_state + b.projectors) / (one / key[1]) if one else 1.0,
                         "fits": b.fits(args.gpu_gib * GIB, args.reserve), "notes": b.notes,
                     })
-    total_params = rows[0] and sum(p.numel() for p in model.parameters())
+    total_params = sum(p.numel() for p in model.parameters())
     largest = memory.largest_unit_params(model)
     reference = {
         f"{e}@{w}": memory.deepspeed_reference(e, total_params, w, largest)
         for w in worlds if w > 1 for e in engines if e.startswith("zero")
     }
-    return {"model": args.model, "paper_rank": paper_rank, "num_params": total_params, "largest_unit_params": largest, "rows": rows,
+    return {"model": args.model, "paper_rank": paper_rank, "num_params": total_params, "largest_unit_params": largest,
+            "rows": rows, "unavailable": sorted(unavailable),
             "deepspeed_adamw_reference": reference, "gpu_gib": args.gpu_gib, "reserve": args.reserve}
 
 
@@ -229,7 +234,7 @@ def render(result: dict) -> str:
         if no and ok:
             lines.append("      does not fit: " + "; ".join(
                 f"{r['engine']}+{r['optimizer']} ({r['precision']}, {r['total'] / GIB:.1f})" for r in no))
-    notes = sorted({n for r in result["rows"] for n in r["notes"]})
+    notes = sorted({n for r in result["rows"] for n in r["notes"]}) + result.get("unavailable", [])
     if notes:
         lines += ["", "Notes:"] + [f"  - {n}" for n in notes]
     return "\n".join(lines)
