@@ -193,10 +193,12 @@ def state_layout(model: nn.Module, optimizer: str, hparams: dict | None = None, 
                 else:
                     state += size
             held_numel = 0
-            if p in held:  # a projector kept in the model: FSDP2 shards its rows like a weight
+            if p in held:  # a projector kept in the model (RSO's P)
                 tensor = held[p]
-                # FSDP2 pads every rank's shard storage to ceil(rows / N) rows
-                rows = -(-tensor.shape[0] // shard_ranks)
+                # A parameter is row-sharded by FSDP2, which pads every rank's storage to ceil(rows / N)
+                # rows; a buffer is whole on every rank.
+                sharded = isinstance(tensor, nn.Parameter) and shard_ranks > 1
+                rows = -(-tensor.shape[0] // shard_ranks) if sharded else tensor.shape[0]
                 held_numel = rows * math.prod(tensor.shape[1:])
                 proj += held_numel * tensor.element_size()
             out.append(ParamState(names.get(p, "?"), p.numel(), kind, state, proj, held_numel))

@@ -574,12 +574,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self.allocate_state()
         group_of = {p: g for g in self.param_groups for p in self._state_params(g)}
         incoming = []
-        actions = []
         for name, entries in saved_state.items():
             p = by_name[name]
             target = self.state[p]
-            entries, more = self._reconcile_layout(p, entries, target)
-            actions += more
             if set(entries) != set(target):
                 raise ValueError(f"{name}: checkpoint state keys {sorted(entries)} differ from {sorted(target)}")
             for key, value in entries.items():
@@ -589,15 +586,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 incoming.append((target[key], value))
         for target, value in incoming:
             target.copy_(value)
-        for action in actions:
-            action()
         self.resumed_changes = self._keep_current_hparams(saved_groups)
-
-    def _reconcile_layout(self, p: torch.Tensor, entries: dict, target: dict) -> tuple[dict, list]:
-        """A checkpoint's state entries for ``p`` matched to this optimizer's keys, when the checkpoint
-        was written under another ``state_layout`` that keeps some tensor elsewhere; plus actions to
-        run once the whole checkpoint is accepted. Unchanged by default."""
-        return entries, []
 
     # Group entries that are bookkeeping, not hyper-parameters (``lr`` is owned by schedules).
     _NOT_HPARAMS = frozenset({"params", "param_names", "kind", "roles", "lr", "initial_lr"})

@@ -11,9 +11,12 @@ Where ``P`` lives (``state_layout``):
 - ``partitioned`` (the default): ``P`` is a frozen parameter of the layer (``rso_p``). FSDP2 splits
   its ``in`` rows over the shard group like any weight and all-gathers it just in time for forward
   and backward, with its prefetch; a rank keeps ``in/N x r``. A merge all-gathers the current ``P``
-  once. Checkpoints hold ``P`` in the model's state dict.
-- ``replicated``: ``P`` is a buffer, whole on every rank, kept in the optimizer state (``proj``); no
-  collective at all, ``in x r`` per rank.
+  once.
+- ``replicated``: ``P`` is a buffer of the layer, whole on every rank: no collective at all,
+  ``in x r`` per rank.
+
+Either way ``P`` is in the model's state dict under the same name, so a checkpoint resumes under
+the other layout, and ``state_bytes`` counts the part of it a rank holds.
 """
 
 from __future__ import annotations
@@ -81,10 +84,9 @@ class SubspaceLinear(nn.Module):
     ``weight`` (``out x in``) keeps the Linear's name and place in the state dict and has
     ``requires_grad=False``. ``rso_b`` is the trained factor ``B`` (``r x out``) stored transposed,
     as an ``out x r`` parameter: its rows pair with ``weight``'s rows, so a row split of the layer
-    (FSDP2's ``Shard(0)``) gives each rank matching rows of both. ``rso_p`` (``in x r``) is a frozen
-    parameter in the weight's dtype (``partitioned=True``: FSDP2 shards and gathers it like ``weight``)
-    or a buffer that the optimizer keeps in its state (``partitioned=False``). Either way ``rso_p`` is
-    in the model's state dict, so a checkpoint resumes under the other layout.
+    (FSDP2's ``Shard(0)``) gives each rank matching rows of both. ``rso_p`` (``in x r``, the weight's
+    dtype) is a frozen parameter (``partitioned=True``: FSDP2 shards and gathers it like ``weight``)
+    or a buffer, whole on every rank (``partitioned=False``); both are in the model's state dict.
     """
 
     def __init__(self, linear: nn.Linear, proj: torch.Tensor, partitioned: bool = True):
@@ -95,15 +97,16 @@ class SubspaceLinear(nn.Module):
         self.bias = linear.bias
         w = linear.weight
         self.rso_b = nn.Parameter(torch.zeros(self.out_features, proj.shape[1], dtype=w.dtype, device=w.device))
+        proj = proj.to(w.dtype).contiguous()  # FSDP2 shards contiguous tensors only
         if partitioned:
-            self.rso_p = nn.Parameter(proj.to(w.dtype).contiguous(), requires_grad=False)  # FSDP2 shards contiguous tensors
+            self.rso_p = nn.Parameter(proj, requires_grad=False)
         else:
             self.register_buffer("rso_p", proj)
         self.rso_sampling: tuple | None = None  # (projection, scale, seed) of P, when reparametrize drew it
 
     @property
     def partitioned(self) -> bool:
-        """Whether ``P`` is a parameter of the layer (sharded by FSDP2) rather than an optimizer buffer."""
+        """Whether ``P`` is a parameter of the layer (sharded by FSDP2) rather than a buffer."""
         return isinstance(self.rso_p, nn.Parameter)
 
     def projection(self) -> torch.Tensor:
@@ -223,9 +226,9 @@ class RSO(SubspaceOptimizer):
     mesh), so Adam on ``B^T``'s rows and the merge ``W[rows] += B^T[rows] P^T`` only use this rank's
     rows and the whole ``P``. With ``state_layout="partitioned"`` (the default) ``P`` is a frozen
     parameter that FSDP2 shards by its ``in`` rows and gathers for forward and backward like ``W``;
-    the merge all-gathers it once (every ``tau`` steps per layer). ``"replicated"`` keeps ``P`` whole
-    in the optimizer state on every rank and the merge issues no collective. Both draw the same ``P``
-    (same seed on every rank) and give the same numbers.
+    the merge all-gathers it once (every ``tau`` steps per layer). ``"replicated"`` keeps ``P`` a whole
+    buffer on every rank and the merge issues no collective. Both draw the same ``P`` (same seed on
+    every rank) and give the same numbers.
 
     Defaults: ``lr=1e-3``, ``rank=128``, ``update_proj_gap=200`` (``tau``), ``projection="haar"``,
     ``scale=1``, ``prox=0``, ``stagger=True``, ``state_layout="partitioned"``.
@@ -240,16 +243,16 @@ class RSO(SubspaceOptimizer):
     - ``weight_decay`` decays the effective weight ``W + (P B)^T``: both ``W`` and ``B`` are scaled.
     - Merges are staggered over ``tau`` by a hash of the parameter name; the merge happens at the end
       of an outer iteration's last step, so the next forward already uses the new ``P``.
-    - ``P`` is seeded by ``(seed, factor name, outer index)``. It is the optimizer's memory wherever
-      it is kept: ``state_bytes`` counts this rank's part of a ``P`` held by the layer. Only
-      ``nn.Linear`` modules are reparametrized, chosen by the default routing rules
-      (``build_optimizer``'s ``rules`` do not reach them).
+    - ``P`` is seeded by ``(seed, factor name, outer index)`` and held by the layer, in the weight's
+      dtype (the forward computes with it in the compute dtype anyway). It is the optimizer's memory:
+      ``state_bytes`` counts this rank's part of it. Only ``nn.Linear`` modules are reparametrized,
+      chosen by the default routing rules (``build_optimizer``'s ``rules`` do not reach them).
 
     State per factor ``B`` of a layer ``out x in`` with rank ``r`` (``min(rank, in)``): ``step``
     (int64) + ``exp_avg``, ``exp_avg_sq`` (out x r, laid out like ``rso_b``; row-sharded under
-    FSDP2), fp32, + ``P`` (in x r): in the weight's dtype and row-sharded under FSDP2 (partitioned),
-    or fp32 and whole in the state as ``proj`` (replicated). One fp32 process: ``8 + 4 (2 r out + in r)``
-    bytes. The frozen ``W`` is a model tensor, not optimizer state.
+    FSDP2), fp32, + ``P`` (in x r, the weight's dtype; row-sharded under FSDP2 when partitioned, whole
+    when replicated). One fp32 process: ``8 + 4 (2 r out + in r)`` bytes. The frozen ``W`` is a model
+    tensor, not optimizer state.
     """
 
     algorithm = "rso"
@@ -398,49 +401,19 @@ class RSO(SubspaceOptimizer):
         return self._owner_by_name[name]
 
     def _init_matrix_state(self, p: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
-        # No side effects on the layer here (the base also calls this on meta tensors); the layer
-        # is pointed at ``state["proj"]`` by ``_bind`` before it is next used.
         shape = (view.local_rows, view.n)  # this rank's rows of B^T, from the view (p may be a whole meta tensor)
         state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        module = self.owner(view.name)
-        if not module.partitioned:
-            state["proj"] = module.rso_p.to(device=p.device, dtype=torch.float32)
 
     def projections_in_model(self) -> dict[torch.Tensor, torch.Tensor]:
-        """``{factor: P}`` for every ``P`` the layers hold as a parameter (``state_layout="partitioned"``):
-        optimizer memory that lives in the model, counted by ``state_bytes``."""
-        out = {}
-        for group in self.param_groups:
-            if group["kind"] == "matrix":
-                for p in group["params"]:
-                    module = self.owner(self._names[p])
-                    if module.partitioned:
-                        out[p] = module.rso_p
-        return out
-
-    def _bind(self) -> None:
-        """Make every replicated layer read its ``P`` from the optimizer state (after a load, a cast or a move)."""
-        for p, state in self.state.items():
-            if "proj" in state:
-                module = self.owner(self._names[p])
-                if module.rso_p is not state["proj"]:
-                    module.rso_p = state["proj"]
-
-    def _reconcile_layout(self, p: torch.Tensor, entries: dict, target: dict) -> tuple[dict, list]:
-        """``P`` travels with the model's state dict under both layouts; a replicated checkpoint also
-        has it in the optimizer state. Into a partitioned layer, that copy goes to the layer's
-        parameter; a replicated optimizer resuming a partitioned checkpoint keeps the model's ``P``."""
-        if "proj" in target and "proj" not in entries:
-            return {**entries, "proj": target["proj"]}, []
-        if "proj" in entries and "proj" not in target:
-            module, whole = self.owner(self._names[p]), entries["proj"]
-            return {k: v for k, v in entries.items() if k != "proj"}, [lambda: self._set_projection(module, whole)]
-        return entries, []
+        """``{factor: P}``: the optimizer's projections, which the layers hold (a sharded parameter
+        or a whole buffer, by ``state_layout``). ``state_bytes`` counts this rank's part of them."""
+        return {p: self.owner(self._names[p]).rso_p
+                for group in self.param_groups if group["kind"] == "matrix" for p in group["params"]}
 
     @staticmethod
     def _set_projection(module: SubspaceLinear, whole: torch.Tensor) -> None:
-        """Write a whole ``P`` into a layer that holds it as a parameter (its own part when sharded)."""
+        """Write a whole ``P`` into the layer (this rank's part when it is sharded)."""
         if is_dtensor(module.rso_p):
             from torch.distributed.tensor import distribute_tensor
 
@@ -450,10 +423,6 @@ class RSO(SubspaceOptimizer):
             local(module.rso_p).copy_(mine.to_local())
         else:
             module.rso_p.copy_(whole)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        self._bind()
 
     @staticmethod
     def inner_step(step: int, gap: int, phase: int) -> int:
@@ -480,8 +449,6 @@ class RSO(SubspaceOptimizer):
 
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         module = self.owner(view.name)
-        if not module.partitioned and module.rso_p is not state["proj"]:  # a first step, or the model was moved or cast
-            module.rso_p = state["proj"]
         gap = group["update_proj_gap"]
         phase = refresh_phase(view.name, gap, group["stagger"])
         step = int(state["step"])
@@ -513,7 +480,7 @@ class RSO(SubspaceOptimizer):
         and nothing else from other ranks (a sharded ``P`` is all-gathered once); every rank draws
         the same next ``P`` and keeps its part."""
         module = self.owner(view.name)
-        proj = module.projection() if module.partitioned else state["proj"]
+        proj = module.projection()
         weight = self.frozen_rows(module, p, view)
         weight.copy_(weight.float().add_(p.float() @ proj.float().T))
         p.zero_()
@@ -521,10 +488,7 @@ class RSO(SubspaceOptimizer):
         state["exp_avg_sq"].zero_()
         seed = stable_seed(group["seed"], view.name, index, "rso")
         fresh = sample_projection(proj.shape[0], proj.shape[1], group["projection"], group["scale"], seed, proj.device)
-        if module.partitioned:
-            self._set_projection(module, fresh)
-        else:
-            proj.copy_(fresh)
+        self._set_projection(module, fresh)
 
 
 def reparametrize(model: nn.Module, **hparams) -> nn.Module:

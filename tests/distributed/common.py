@@ -99,11 +99,11 @@ def full_params(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def prepare(model: nn.Module, name: str) -> nn.Module:
+def prepare(model: nn.Module, name: str, **extra) -> nn.Module:
     """Model surgery an algorithm needs before ``fully_shard`` (RSO's ``reparametrize``), if any."""
     reparametrize = getattr(REGISTRY[name], "reparametrize", None)
     if reparametrize is not None:
-        reparametrize(model, **hparams(name))
+        reparametrize(model, **hparams(name), **extra)
     return model
 
 

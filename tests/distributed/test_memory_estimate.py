@@ -20,7 +20,7 @@ pytestmark = pytest.mark.distributed
 
 NAMES = distopt.list_optimizers()
 ZERO_NAMES = [name for name in NAMES if name != "rso"]  # RSO is refused under ZeRO
-REPLICATED = ["galore", "sam", "snsm"]  # the layout changes their state
+REPLICATED = ["galore", "sam", "snsm", "rso"]  # the layout changes their state
 
 
 def _cases(names):
@@ -32,7 +32,7 @@ def _fsdp2_bytes(rank, world_size):
     out = {}
     for name, extra in _cases(NAMES):
         try:
-            model = shard(prepare(OddNet(), name), world_size)
+            model = shard(prepare(OddNet(), name, **extra), world_size)
             opt = distopt.build_optimizer(model, name, **hparams(name), **extra)
             opt.allocate_state()
             out[name, tuple(extra.items())] = distopt.state_bytes(opt)
