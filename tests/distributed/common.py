@@ -92,8 +92,9 @@ def train_steps(model, optimizer, steps, rank=0, world_size=1, start=0):
 
 
 def full_params(model) -> dict[str, torch.Tensor]:
+    """Whole parameters and buffers by name (a tensor may be either: RSO's P, by its layout)."""
     out = {}
-    for name, p in model.named_parameters():
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
         value = p.full_tensor() if hasattr(p, "full_tensor") else p
         out[name] = value.detach().clone()
     return out

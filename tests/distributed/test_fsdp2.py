@@ -173,14 +173,24 @@ LAYOUT_CASES = {  # both sides (q, v, up: right; o, down: left), Fira's residual
     "grasswalk": dict(rank=5, update_proj_gap=3, recovery_scaling=True),
     "sam": dict(rank=5, update_proj_gap=3),
     "adapm-mini": dict(rank=5, update_proj_gap=3, n_heads=1, n_kv_heads=1),
+    "rso": dict(rank=5, update_proj_gap=3),  # P: a sharded frozen parameter, or a whole buffer
 }
+
+
+def _layout_model(name, hp, layout, seed=0):
+    model = OddNet(seed=seed) if seed else OddNet()
+    if name == "rso":  # its layout is chosen when the layers are swapped, before fully_shard
+        from distopt.optim.rso import reparametrize
+
+        reparametrize(model, state_layout=layout, **hp)
+    return model
 
 
 def _layout_worker(rank, world_size, path):
     out = {}
     for name, hp in LAYOUT_CASES.items():
         for layout in ("replicated", "partitioned"):
-            model = shard(OddNet(), world_size)
+            model = shard(_layout_model(name, hp, layout), world_size)
             opt = distopt.build_optimizer(model, name, state_layout=layout, **hp)
             train_steps(model, opt, 6, rank, world_size)
             out[name, layout] = {"params": full_params(model), "bytes": distopt.state_bytes(opt)}
@@ -192,7 +202,8 @@ def _layout_worker(rank, world_size, path):
 def _layout_resume_worker(rank, world_size, path):
     out = {}
     for name, hp in LAYOUT_CASES.items():
-        model = shard(OddNet(), world_size) if world_size > 1 else OddNet(seed=3)
+        model = _layout_model(name, hp, "replicated", seed=3)
+        model = shard(model, world_size) if world_size > 1 else model
         opt = distopt.build_optimizer(model, name, state_layout="replicated", **hp)
         extra = checkpoint.load(f"{path}-{name}", model, opt, extra={"step": 0})
         train_steps(model, opt, 4, rank, world_size, start=extra["step"])
