@@ -83,6 +83,88 @@ def _block_crc(path: Path, size: int, chunk: int) -> int:
     return zlib.crc32(b"".join(c.to_bytes(4, "little") for c in crcs))
 
 
+class _BlockCrcWriter:
+    """A write-only stream that CRCs what passes through it in :data:`BLOCK`-sized blocks, as
+    :func:`_block_crc` would read them back, and reports ``(bytes, block CRC)`` when closed."""
+
+    def __init__(self, raw, on_close):
+        self._raw, self._on_close = raw, on_close
+        self._crcs: list[int] = []
+        self._crc = self._fill = self._size = 0
+        self._done = False
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        written = self._raw.write(view)
+        written = len(view) if written is None else written
+        view = view[:written]
+        while view:
+            take = min(len(view), BLOCK - self._fill)
+            self._crc = zlib.crc32(view[:take], self._crc)
+            self._fill += take
+            view = view[take:]
+            if self._fill == BLOCK:
+                self._crcs.append(self._crc)
+                self._crc = self._fill = 0
+        self._size += written
+        return written
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            if self._fill or not self._crcs:
+                self._crcs.append(self._crc)
+            self._on_close(self._size, zlib.crc32(b"".join(c.to_bytes(4, "little") for c in self._crcs)))
+        self._raw.close()
+
+    def __getattr__(self, name):  # tell, flush, fileno, ... of the real file
+        return getattr(self._raw, name)
+
+
+def _hashing_writer(folder: Path):
+    """A DCP ``FileSystemWriter`` into ``folder`` that CRCs every file as it writes it: no file is
+    read back. Its ``digests`` holds ``{file name: digest}`` of the files this rank wrote."""
+    import threading
+    from contextlib import contextmanager
+
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class HashingFileSystem(FileSystem):
+        def __init__(self):
+            super().__init__()
+            self.digests: dict[str, dict] = {}
+            self._lock = threading.Lock()
+
+        @contextmanager
+        def create_stream(self, path, mode):
+            if "w" not in mode:
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            name = Path(path).name
+
+            def record(size: int, crc: int) -> None:
+                with self._lock:
+                    self.digests[name] = {"bytes": size, "block_crc32": f"{crc:08x}"}
+
+            with open(path, mode) as raw:
+                stream = _BlockCrcWriter(raw, record)
+                try:
+                    yield stream
+                finally:
+                    stream.close()
+
+        def rename(self, path, new_path) -> None:
+            super().rename(path, new_path)
+            with self._lock:
+                if Path(path).name in self.digests:
+                    self.digests[Path(new_path).name] = self.digests.pop(Path(path).name)
+
+    writer = dcp.FileSystemWriter(str(folder))
+    writer.fs = HashingFileSystem()
+    return writer
+
+
 def _data_start(fh, info: zipfile.ZipInfo) -> int | None:
     """Offset of a record's data, after its local header; None where no local header is."""
     fh.seek(info.header_offset)
@@ -161,8 +243,8 @@ def check(path: Path, want: dict) -> str | None:
         except (zipfile.BadZipFile, OSError, ValueError) as err:
             return f"{path.name} is corrupted ({err})"
         return None if bad is None else f"{path.name} is corrupted (record {bad} fails its CRC-32)"
-    got = file_digest(path)
-    return None if got == want else f"{path.name} is corrupted (its block CRC-32 differs from the one written)"
+    got = f"{_block_crc(path, want['bytes'], 1 << 24):08x}"
+    return None if got == want.get("block_crc32") else f"{path.name} is corrupted (its block CRC-32 differs from the one written)"
 
 
 def list_files(folder: Path) -> list[str]:
@@ -289,9 +371,14 @@ def save(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
     optim_state = get_optimizer_state_dict(model, optimizer)
     state = {"model": get_model_state_dict(model), "optim": optim_state, "extra": extra or {},
              "header": _header(optim_state)}
-    dcp.save(state, checkpoint_id=str(tmp))
+    writer = _hashing_writer(tmp)
+    dcp.save(state, storage_writer=writer)
     _barrier()
-    manifest = hash_files(tmp, list_files(tmp))
+    # Each rank CRC'd the files it wrote as it wrote them; anything else is read back.
+    manifest = {k: v for part in gather(writer.fs.digests) for k, v in part.items()}
+    unhashed = [name for name in list_files(tmp) if name not in manifest]  # the same list on every rank
+    if unhashed:
+        manifest.update(hash_files(tmp, unhashed))
     if _is_main():
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"files": manifest}, indent=1))
         if path.exists():

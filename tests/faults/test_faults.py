@@ -120,6 +120,31 @@ def test_library_checkpoint_refuses_a_corrupted_shard(tmp_path):
         integrity.load(tmp_path / "c", model, opt)
 
 
+def test_dcp_files_are_crcd_as_they_are_written_and_match_a_read_back(tmp_path, monkeypatch):
+    # Small blocks, so that files span several: the streamed block CRCs must equal the ones
+    # computed by reading the file back, which is what a load verifies against.
+    monkeypatch.setattr(integrity, "BLOCK", 4096)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 32))
+    import distopt
+
+    opt = distopt.build_optimizer(model, "galore", rank=4)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    reads = []
+    real = integrity._block_crc
+    monkeypatch.setattr(integrity, "_block_crc", lambda *a: reads.append(a) or real(*a))
+    integrity.save(tmp_path / "c", model, opt)
+    assert not reads  # nothing was read back to hash it
+    manifest = integrity.read_manifest(tmp_path / "c")
+    assert set(manifest) == set(integrity.list_files(tmp_path / "c")) - {integrity.COMPLETE_MARKER}
+    assert any(d["bytes"] > 3 * 4096 for d in manifest.values())
+    for name, digest in manifest.items():
+        path = tmp_path / "c" / name
+        assert digest == {"bytes": path.stat().st_size, "block_crc32": f"{real(path, path.stat().st_size, 1000):08x}"}
+    integrity.load(tmp_path / "c", model, opt)  # verifies every file against the streamed digests
+
+
 # -- divergence ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("lr", ["1e30", "1e6"])  # loss NaN every step; every update skipped
 def test_a_diverged_run_stops_with_exit_code_3_and_no_checkpoint_of_it(tmp_path, capsys, lr):
