@@ -9,7 +9,8 @@ decoder layers with ``fully_shard``, and measures:
   counted by ``distopt.core.comm`` and converted to ring bytes sent per rank, against FSDP2's own
   traffic for the decoder matrices (parameters all-gathered for forward and backward, gradients
   reduce-scattered, at the ``--precision``'s byte sizes);
-- the time of a full refresh cycle (every matrix refreshed in one optimizer step: ``stagger=False``).
+- the time of a full refresh cycle (every matrix refreshed in one optimizer step: ``stagger=False``);
+- the collectives distopt issues on a plain (non-refresh) step, by kind.
 
 It also prints, by formula, the traffic that the partitioned layout adds per step over the
 replicated one (an ``n x r`` fp32 all-gather per right basis; the left side's reduce-scatter plus
@@ -47,6 +48,8 @@ from distopt.models import LlamaShape, TinyLlama  # noqa: E402
 # FSDP2's bytes per parameter element per step: gathered weights (forward, backward) + reduced gradient.
 FSDP_BYTES = {"fp32": 4 + 4 + 4, "bf16-mixed": 2 + 2 + 4, "bf16": 2 + 2 + 2}
 FORMULA_SHAPES = {"1b": (2048, 5461), "7b": (4096, 11008)}  # hidden, intermediate
+SHAPES = {**SHAPES, "7b": LlamaShape(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                     num_attention_heads=32)}
 
 
 def decoder_matrices(hidden: int, intermediate: int) -> list[tuple[int, int]]:
@@ -160,18 +163,21 @@ def _rank_main(rank, world_size, port, args, out):
         times = []
         for _ in range(2):  # a refresh step, then a plain one
             dist.barrier()
-            start = time.perf_counter()
-            full.step()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+            with comm.counting() as counted:
+                start = time.perf_counter()
+                full.step()
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
         refresh_times.append(times[0] - times[1])
+        plain_calls = counted()["calls"]  # the plain step's collectives, by kind
     refresh_s = min(refresh_times)
     row = {
         "world_size": world_size, "rank": rank, "state_bytes": distopt.state_bytes(opt), "replicated_bytes": replicated,
         "distopt_bytes_per_step": ring_bytes(traffic, world_size) / args.gap, "traffic_by_kind": traffic,
         "fsdp_bytes_per_step": FSDP_BYTES[args.precision] * matrix_param_elements * (world_size - 1) / world_size,
         "cycle_s": cycle_s, "full_refresh_s": refresh_s,
+        "collectives_per_plain_step": sum(plain_calls.values()), "collectives_by_kind": plain_calls,
     }
     torch.save(row, os.path.join(out, f"r{world_size}_{rank}.pt"))
     dist.destroy_process_group()
@@ -241,6 +247,7 @@ def main(argv=None):
         ("state_vs_ideal", "x ideal (1-rank/N)", ".3f"), ("replicated_bytes", "replicated B", ",d"),
         ("distopt_bytes_per_step", "distopt B/step", ",.0f"), ("traffic_share", "share of FSDP2 traffic", ".3%"),
         ("full_refresh_s", "full refresh s", ".3f"), ("refresh_speedup", "refresh speed-up", ".2f"),
+        ("collectives_per_plain_step", "collectives / plain step", "d"),
     ]))
     print("\nTraffic the partitioned layout adds over the replicated one, by formula (one decoder layer):")
     print(markdown_table(formula, [("shapes", "shapes", "s"), ("rank", "r", "d"), ("precision", "FSDP2 bytes", "s"),

@@ -121,7 +121,7 @@ class _BlockCrcWriter:
         return getattr(self._raw, name)
 
 
-def _hashing_writer(folder: Path):
+def hashing_writer(folder: Path):
     """A DCP ``FileSystemWriter`` into ``folder`` that CRCs every file as it writes it: no file is
     read back. Its ``digests`` holds ``{file name: digest}`` of the files this rank wrote."""
     import threading
@@ -371,7 +371,7 @@ def save(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
     optim_state = get_optimizer_state_dict(model, optimizer)
     state = {"model": get_model_state_dict(model), "optim": optim_state, "extra": extra or {},
              "header": _header(optim_state)}
-    writer = _hashing_writer(tmp)
+    writer = hashing_writer(tmp)
     dcp.save(state, storage_writer=writer)
     _barrier()
     # Each rank CRC'd the files it wrote as it wrote them; anything else is read back.

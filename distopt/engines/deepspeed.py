@@ -76,13 +76,16 @@ adapter then agrees on skips itself); ``fp16_groups``, ``sub_group_to_group_id``
 ``partition_numel()``, ``ds_tensor`` and ``ds_shape``; the engine's ``basic_optimizer``,
 ``zero_optimization_stage()``, ``seq_dp_world_size`` and ``skipped_steps``; the config's
 ``float16_config``, ``bfloat16_config``, ``torch_autocast_enabled``, ``managed_gradient_accumulation``
-and ``compile_config``; and ``deepspeed.runtime.tensor_parallel.init_utils.load_ds_config``.
+and ``compile_config``; ``deepspeed.runtime.tensor_parallel.init_utils.load_ds_config``; and whether
+``deepspeed.runtime.zero.stage3`` has ``is_invalid_grad_norm`` (0.19.8's stage 3 skips non-finite steps).
 
 Non-finite gradients: DeepSpeed computes the global gradient norm and, when it is not finite,
 skips the whole step on every rank (measured with DeepSpeed 0.19.8, ZeRO-1/2/3, fp32 and bf16: the
 replicas stay identical and equal one process that skips that step). One process without
-DeepSpeed skips only the parameters whose gradient is not finite. Where DeepSpeed does not check,
-the adapter's own skip flag is agreed over every rank holding the parameter.
+DeepSpeed skips only the parameters whose gradient is not finite. Where DeepSpeed does not check
+(0.19.6's stage 3 in bf16 or fp32), the adapter's own skip flags are agreed over the ranks that hold
+each parameter (a max-reduction and a host read per ``step()`` call, which DeepSpeed makes per
+parameter group); where it checks, the adapter computes no flag and never waits on the device.
 
 Trust boundary: distopt reads checkpoint files with ``weights_only=True`` (:func:`safe_load` allows
 only DeepSpeed's plain-data classes), so a planted file cannot run code through distopt's converter
@@ -238,9 +241,9 @@ class ZeroBinding:
 
     def __init__(self, stage: int, parts: dict[str, Partition], engine=None, finite_checked: bool = False):
         self.stage = stage
-        # True when DeepSpeed itself discards a step whose global gradient norm is not finite (ZeRO-3
-        # always; ZeRO-1/2 unless bf16 runs without check_grad_overflow or without the norm). Then a
-        # partition never arrives with NaN/Inf and no extra collective is spent agreeing on a skip.
+        # True when DeepSpeed itself discards a step whose global gradient norm is not finite (ZeRO-1/2
+        # unless bf16 runs without check_grad_overflow or without the norm). Then a partition never
+        # arrives with NaN/Inf and no collective is spent agreeing on a skip.
         self.finite_checked = finite_checked
         self.parts = parts
         self.by_param = {part.param: part for part in parts.values()}
@@ -312,6 +315,46 @@ class ZeroBinding:
         return value  # the caller reports the shape mismatch
 
     # -- the step ------------------------------------------------------------------------------------
+    def begin_step(self, groups: list[dict]) -> None:
+        """Decide, for every group this ``step()`` call takes, whether its gradient is finite. Where
+        DeepSpeed checked already, nothing is computed and the host never waits; otherwise one flag
+        per group, one max-reduction per process group and one host read per call (DeepSpeed calls
+        ``step()`` once per parameter group, and distopt gives each parameter its own)."""
+        self._bad: dict[str, bool] = {}
+        todo = []
+        for group in groups:
+            if group["params"] and group["params"][0].grad is not None:
+                part = self.parts[group["param_names"][0]]
+                todo.append((part, group["params"][0].grad.detach().view(-1)[: part.end - part.start]))
+        if self.finite_checked:  # a non-finite step never reaches the optimizer
+            self._bad = {part.name: False for part, _ in todo}
+            return
+        if not todo:
+            return
+        flags = torch.stack([(~torch.isfinite(g).all()).float() if g.numel() else g.new_zeros((), dtype=torch.float32)
+                             for _, g in todo])
+        by_group: dict[int, list[int]] = {}  # every holder of a part decides alike
+        for i, (part, _) in enumerate(todo):
+            if part.group is not None:
+                by_group.setdefault(id(part.group), []).append(i)
+        for indices in by_group.values():
+            picked = flags[indices]
+            comm.all_reduce_max(picked, todo[indices[0]][0].group)
+            flags[indices] = picked
+        self._bad = {part.name: bool(bad) for (part, _), bad in zip(todo, flags.tolist())}
+
+    def _is_bad(self, part: Partition, grads: torch.Tensor) -> bool:
+        """The flag :meth:`begin_step` decided; computed here (a reduction and a host read of its
+        own) only for a group stepped outside it."""
+        if part.name in self.__dict__.get("_bad", {}):
+            return self._bad.pop(part.name)
+        if self.finite_checked:
+            return False
+        bad = (~torch.isfinite(grads[: part.end - part.start]).all()).float().reshape(1)
+        if part.group is not None:
+            comm.all_reduce_max(bad, part.group)
+        return bool(bad.item())
+
     def step_group(self, optimizer: SubspaceOptimizer, group: dict) -> None:
         if not group["params"]:
             return  # ZeRO-3 steps one sub-group per call; the others are empty
@@ -330,10 +373,7 @@ class ZeroBinding:
     def _adamw(self, optimizer, group, part: Partition, values, grads) -> None:
         size = part.end - part.start
         param, grad = values[:size], grads[:size]
-        bad = (~torch.isfinite(grad).all()).float().reshape(1)
-        if not self.finite_checked:  # every holder of a slice decides alike
-            comm.all_reduce_max(bad, part.group if part.world > 1 else None)
-        if bad.item():
+        if self._is_bad(part, grads):
             optimizer.record_nonfinite_skip(part.name)
             return
         optimizer._adamw_apply(group, [param], [grad], [optimizer.state[part.param]])
@@ -341,26 +381,17 @@ class ZeroBinding:
     def _matrix(self, optimizer, group, part: Partition, values, grads) -> None:
         plan = self.plans[part.name]
         n = part.shape[1]
-        size = part.end - part.start
         group_pg = part.group if part.world > 1 else None
-        bad = (~torch.isfinite(grads[:size]).all()).float()
-        L = plan.max_head
-        gathered = None
-        if L:
-            buf = values.new_zeros(2 * L + 1, dtype=torch.float32)
-            buf[: plan.head] = values[: plan.head]
-            buf[L : L + plan.head] = grads[: plan.head]
-            buf[2 * L] = bad
-            gathered = comm.all_gather_stacked(buf, group_pg)
-            any_bad = bool(gathered[:, 2 * L].max().item())
-        else:
-            flag = bad.reshape(1)
-            if not self.finite_checked:
-                comm.all_reduce_max(flag, group_pg)
-            any_bad = bool(flag.item())
-        if any_bad:  # every rank holding part of the matrix skips it together
+        if self._is_bad(part, grads):  # every rank holding part of the matrix skips it together
             optimizer.record_nonfinite_skip(part.name)
             return
+        L = plan.max_head
+        gathered = None
+        if L:  # rows that start on another rank's partition travel to this row block's owner
+            buf = values.new_zeros(2 * L, dtype=torch.float32)
+            buf[: plan.head] = values[: plan.head]
+            buf[L : L + plan.head] = grads[: plan.head]
+            gathered = comm.all_gather_stacked(buf, group_pg)
         rows = plan.view.local_rows
         own = slice(plan.head, plan.head + plan.own)
         if plan.tail == 0:  # this rank holds all of its rows: step in place
@@ -488,7 +519,12 @@ def attach(engine, optimizer: SubspaceOptimizer) -> ZeroBinding:
             "3 (or stage 0 in fp32) with bf16 or fp32, without offload."
         )
     if stage == 3:
-        finite_checked = True
+        # Stage 3 discards a step whose global gradient norm is not finite from 0.19.8 on (its
+        # is_invalid_grad_norm); older releases hand bf16/fp32 NaN over, and the ranks then agree on
+        # skips themselves (one max-reduction per step() call, which DeepSpeed makes per sub-group).
+        from deepspeed.runtime.zero import stage3
+
+        finite_checked = hasattr(stage3, "is_invalid_grad_norm")
     elif stage in (1, 2):
         # Releases without these switches (0.19.6) are not trusted to check: the adapter agrees on skips itself.
         norm, overflow = getattr(zopt, "compute_grad_norm", None), getattr(zopt, "check_grad_overflow", None)

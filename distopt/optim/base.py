@@ -361,6 +361,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     if p.dim() != 2:  # an engine swapped in a flat partition after construction
                         raise flat_shard_error(self._names.get(p, "<unnamed>"), tuple(p.shape))
         self.allocate_state()
+        if self._binding is not None:  # the engine adapter decides every group's skip at once
+            self._binding.begin_step([g for g in self.param_groups if self._bound(g)])
         with fp32_matmuls():
             for group in self.param_groups:
                 if self._bound(group):  # the adapter rebuilds rows from the engine's partition

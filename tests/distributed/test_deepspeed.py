@@ -541,3 +541,82 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank_alike_and_never_hangs():
                     problems.append(f"stage {key[0]}: {name} differs by {(a[name] - value).abs().max().item():.3g}")
                     break
     assert not problems, "\n".join(problems)
+
+
+def _agreed_skip_worker(rank, world, stages):
+    """The adapter's own agreement (where DeepSpeed does not check): the NaN is planted in rank 1's
+    partition of ``NAN_PARAM``'s gradient after DeepSpeed's checks, just before the adapter's flags.
+    Also counts the adapter's flag reductions in a step where DeepSpeed does check."""
+    import deepspeed  # noqa: F401
+
+    import distopt.deepspeed as dds
+    import distopt.engines.deepspeed as adapter
+
+    _setup_rank(rank)
+    flag_reductions = []
+    real_max = adapter.comm.all_reduce_max
+    adapter.comm.all_reduce_max = lambda t, g: flag_reductions.append(1) or real_max(t, g)
+    out = {}
+    for stage in stages:
+        engine, _, _, _ = dds.initialize(model=OddNet(), config=_config(stage, "galore", world))
+        checked_by_deepspeed = engine.basic_optimizer._binding.finite_checked
+        flag_reductions.clear()
+        engine.backward(engine(local_batch(0, rank, world)))
+        engine.step()
+        checked_reductions = len(flag_reductions)
+
+        engine, _, _, _ = dds.initialize(model=OddNet(), config=_config(stage, "galore", world))
+        opt = engine.basic_optimizer
+        binding = opt._binding
+        binding.finite_checked = False
+        real_begin = binding.begin_step
+        state = {"step": 0, "calls": 0}
+
+        def begin_step(groups, real_begin=real_begin, binding=binding, state=state):
+            state["calls"] += 1
+            if state["step"] == NAN_STEP and rank == 1:
+                for group in groups:
+                    part = binding.parts[group["param_names"][0]]
+                    if part.name == NAN_PARAM and group["params"] and group["params"][0].grad is not None:
+                        group["params"][0].grad.view(-1)[0] = float("nan")
+            return real_begin(groups)
+
+        binding.begin_step = begin_step
+        reductions = []
+        for step in range(6):
+            state["step"], state["calls"] = step, 0
+            engine.backward(engine(local_batch(step, rank, world)))
+            flag_reductions.clear()
+            engine.step()
+            reductions.append((len(flag_reductions), state["calls"]))
+        out[stage] = {"params": _masters(engine, stage), "skips": dict(opt.nonfinite_skips), "reductions": reductions,
+                      "engine_skipped": int(engine.skipped_steps), "checked": checked_by_deepspeed,
+                      "checked_reductions": checked_reductions}
+    adapter.comm.all_reduce_max = real_max
+    return out
+
+
+def test_the_adapters_own_skip_flags_take_one_reduction_per_step_call_and_skip_as_one_process():
+    # Where DeepSpeed hands a NaN over (0.19.6's stage 3), every rank must skip exactly the parameter
+    # one process skips, agreed through one max-reduction per optimizer step() call (DeepSpeed calls
+    # it once per parameter group). Where DeepSpeed checks, the adapter spends no reduction at all.
+    stages = (1, 2, 3)
+    per_rank = run_ranks(2, _agreed_skip_worker, stages, timeout=900)
+    want, want_skips = _nan_reference(whole_step=False)
+    problems = []
+    for stage in stages:
+        a, b = per_rank[0][stage], per_rank[1][stage]
+        if a["engine_skipped"] or a["skips"] != want_skips or b["skips"] != want_skips:
+            problems.append(f"stage {stage}: skips {a['skips']} / {b['skips']}, want {want_skips} (engine {a['engine_skipped']})")
+        for count, calls in a["reductions"]:
+            if count != calls or calls < 1:
+                problems.append(f"stage {stage}: {count} flag reductions in {calls} step() calls")
+                break
+        if a["checked"] and a["checked_reductions"]:
+            problems.append(f"stage {stage}: DeepSpeed checks, yet the adapter reduced {a['checked_reductions']} flags")
+        for name, value in want.items():
+            if not torch.equal(a["params"][name], b["params"][name]):
+                problems.append(f"stage {stage}: ranks disagree on {name}")
+            elif not torch.allclose(a["params"][name], value, rtol=RTOL, atol=ATOL):
+                problems.append(f"stage {stage}: {name} differs by {(a['params'][name] - value).abs().max().item():.3g}")
+    assert not problems, "\n".join(problems)
