@@ -293,13 +293,13 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         return self._binding.state_params(group) if self._bound(group) else group["params"]
 
     @torch.no_grad()
-    def allocate_state(self) -> None:
-        """Create every state tensor at its final shape, before any step.
+    def allocate_state(self, groups: list[dict] | None = None) -> None:
+        """Create every state tensor at its final shape, before any step (of ``groups`` only, if given).
 
         Checkpoint loaders (``load_state_dict``, DCP) then write into pre-sized tensors, and
         ``state_bytes`` is exact from the start. Idempotent.
         """
-        for group in self.param_groups:
+        for group in self.param_groups if groups is None else groups:
             bound = self._bound(group)
             for p in self._state_params(group):
                 state = self.state[p]
@@ -355,16 +355,20 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        # DeepSpeed calls step() once per parameter group (ZeRO-3: per sub-group) with the others
+        # emptied: everything below walks the groups that hold parameters, so a step costs
+        # O(groups), not O(groups^2).
+        active = [g for g in self.param_groups if g["params"]]
+        for group in active:
             if group["kind"] == "matrix" and not self._bound(group):
                 for p in group["params"]:
                     if p.dim() != 2:  # an engine swapped in a flat partition after construction
                         raise flat_shard_error(self._names.get(p, "<unnamed>"), tuple(p.shape))
-        self.allocate_state()
-        if self._binding is not None:  # the engine adapter decides every group's skip at once
-            self._binding.begin_step([g for g in self.param_groups if self._bound(g)])
+        self.allocate_state(active)
+        if self._binding is not None:  # the engine adapter decides the skips of this call's groups at once
+            self._binding.begin_step([g for g in active if self._bound(g)])
         with fp32_matmuls():
-            for group in self.param_groups:
+            for group in active:
                 if self._bound(group):  # the adapter rebuilds rows from the engine's partition
                     self._binding.step_group(self, group)
                     continue

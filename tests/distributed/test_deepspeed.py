@@ -559,11 +559,16 @@ def _agreed_skip_worker(rank, world, stages):
     out = {}
     for stage in stages:
         engine, _, _, _ = dds.initialize(model=OddNet(), config=_config(stage, "galore", world))
-        checked_by_deepspeed = engine.basic_optimizer._binding.finite_checked
+        opt = engine.basic_optimizer
+        checked_by_deepspeed = opt._binding.finite_checked
+        visits = []  # groups whose state the optimizer looks up during one engine step
+        real_state_params = opt._state_params
+        opt._state_params = lambda group, v=visits, real=real_state_params: v.append(1) or real(group)
         flag_reductions.clear()
         engine.backward(engine(local_batch(0, rank, world)))
         engine.step()
         checked_reductions = len(flag_reductions)
+        bookkeeping = (len(visits), len(opt.param_groups))
 
         engine, _, _, _ = dds.initialize(model=OddNet(), config=_config(stage, "galore", world))
         opt = engine.basic_optimizer
@@ -591,7 +596,7 @@ def _agreed_skip_worker(rank, world, stages):
             reductions.append((len(flag_reductions), state["calls"]))
         out[stage] = {"params": _masters(engine, stage), "skips": dict(opt.nonfinite_skips), "reductions": reductions,
                       "engine_skipped": int(engine.skipped_steps), "checked": checked_by_deepspeed,
-                      "checked_reductions": checked_reductions}
+                      "checked_reductions": checked_reductions, "bookkeeping": bookkeeping}
     adapter.comm.all_reduce_max = real_max
     return out
 
@@ -600,6 +605,7 @@ def test_the_adapters_own_skip_flags_take_one_reduction_per_step_call_and_skip_a
     # Where DeepSpeed hands a NaN over (0.19.6's stage 3), every rank must skip exactly the parameter
     # one process skips, agreed through one max-reduction per optimizer step() call (DeepSpeed calls
     # it once per parameter group). Where DeepSpeed checks, the adapter spends no reduction at all.
+    # And a step's bookkeeping walks each group a bounded number of times, not once per step() call.
     stages = (1, 2, 3)
     per_rank = run_ranks(2, _agreed_skip_worker, stages, timeout=900)
     want, want_skips = _nan_reference(whole_step=False)
@@ -612,6 +618,9 @@ def test_the_adapters_own_skip_flags_take_one_reduction_per_step_call_and_skip_a
             if count != calls or calls < 1:
                 problems.append(f"stage {stage}: {count} flag reductions in {calls} step() calls")
                 break
+        visits, groups = a["bookkeeping"]  # O(groups) per engine step, although step() is called per group
+        if visits > 2 * groups:
+            problems.append(f"stage {stage}: {visits} group visits in one step of {groups} groups")
         if a["checked"] and a["checked_reductions"]:
             problems.append(f"stage {stage}: DeepSpeed checks, yet the adapter reduced {a['checked_reductions']} flags")
         for name, value in want.items():
