@@ -83,6 +83,17 @@ def _block_crc(path: Path, size: int, chunk: int) -> int:
     return zlib.crc32(b"".join(c.to_bytes(4, "little") for c in crcs))
 
 
+PARALLEL_CRC_BYTES = 1 << 20  # writes at least this large are CRC'd beside the write
+_CRC_POOL = None
+
+
+def _crc_pool() -> ThreadPoolExecutor:
+    global _CRC_POOL
+    if _CRC_POOL is None:
+        _CRC_POOL = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="distopt-crc")
+    return _CRC_POOL
+
+
 class _BlockCrcWriter:
     """A write-only stream that CRCs what passes through it in :data:`BLOCK`-sized blocks, as
     :func:`_block_crc` would read them back, and reports ``(bytes, block CRC)`` when closed."""
@@ -95,9 +106,25 @@ class _BlockCrcWriter:
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        written = self._raw.write(view)
-        written = len(view) if written is None else written
-        view = view[:written]
+        if len(view) >= PARALLEL_CRC_BYTES:
+            # zlib and the file write both release the GIL: CRC on a helper thread while the bytes
+            # are written, and return only once both are done (the caller may reuse its buffer).
+            hashing = _crc_pool().submit(self._hash, view)
+            try:
+                written = self._raw.write(view)
+            finally:
+                hashing.result()
+            written = len(view) if written is None else written
+            if written != len(view):  # a short write: hash what was written, not what was offered
+                raise OSError(f"short write ({written} of {len(view)} bytes)")
+        else:
+            written = self._raw.write(view)
+            written = len(view) if written is None else written
+            self._hash(view[:written])
+        self._size += written
+        return written
+
+    def _hash(self, view: memoryview) -> None:
         while view:
             take = min(len(view), BLOCK - self._fill)
             self._crc = zlib.crc32(view[:take], self._crc)
@@ -106,8 +133,6 @@ class _BlockCrcWriter:
             if self._fill == BLOCK:
                 self._crcs.append(self._crc)
                 self._crc = self._fill = 0
-        self._size += written
-        return written
 
     def close(self) -> None:
         if not self._done:

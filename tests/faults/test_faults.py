@@ -120,10 +120,12 @@ def test_library_checkpoint_refuses_a_corrupted_shard(tmp_path):
         integrity.load(tmp_path / "c", model, opt)
 
 
-def test_dcp_files_are_crcd_as_they_are_written_and_match_a_read_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("parallel_from", [1024, 1 << 40])  # CRC beside the write, or inline
+def test_dcp_files_are_crcd_as_they_are_written_and_match_a_read_back(tmp_path, monkeypatch, parallel_from):
     # Small blocks, so that files span several: the streamed block CRCs must equal the ones
     # computed by reading the file back, which is what a load verifies against.
     monkeypatch.setattr(integrity, "BLOCK", 4096)
+    monkeypatch.setattr(integrity, "PARALLEL_CRC_BYTES", parallel_from)
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 32))
     import distopt
 
