@@ -116,41 +116,84 @@ def all_gather_stacked_async(requests: list[tuple[torch.Tensor, object]]) -> Cal
 
 def all_gather_rows(local: torch.Tensor, row_counts: list[int], group) -> torch.Tensor:
     """Reassemble a row-sharded matrix whose rank ``i`` holds ``row_counts[i]`` rows."""
+    return all_gather_rows_coalesced([(local, row_counts)], group)[0]
+
+
+def all_gather_rows_coalesced(requests: list[tuple[torch.Tensor, list[int]]], group) -> list[torch.Tensor]:
+    """:func:`all_gather_rows` of several ``(local rows, row_counts)`` of one dtype over one group, in
+    one collective: each rank sends its blocks, each padded to the matrix's largest count, back to back."""
     if group is None or dist.get_world_size(group) == 1:
-        return local
-    width = max(row_counts)
-    padded = local.new_zeros((width, *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    stacked = all_gather_stacked(padded, group)
-    return torch.cat([stacked[i, :count] for i, count in enumerate(row_counts)], dim=0)
+        return [local for local, _ in requests]
+    blocks = []
+    for local, counts in requests:
+        padded = local.new_zeros((max(counts), *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        blocks.append(padded.reshape(-1))
+    stacked = all_gather_stacked(torch.cat(blocks), group)
+    out, offset = [], 0
+    for (local, counts), block in zip(requests, blocks):
+        rows = stacked[:, offset : offset + block.numel()].reshape(len(counts), max(counts), *local.shape[1:])
+        out.append(torch.cat([rows[i, :count] for i, count in enumerate(counts)], dim=0))
+        offset += block.numel()
+    return out
 
 
 def reduce_scatter_cols(full: torch.Tensor, col_counts: list[int], group) -> torch.Tensor:
     """Sum ``full`` (``k x n``, one partial sum per rank) over ``group`` and keep this rank's columns:
     rank ``i`` gets the ``col_counts[i]`` columns after those of ranks ``0..i-1``. Half of an
     all-reduce's traffic; :func:`all_gather_cols` is the other half."""
+    return reduce_scatter_cols_coalesced([(full, col_counts)], group)[0]
+
+
+def reduce_scatter_cols_coalesced(requests: list[tuple[torch.Tensor, list[int]]], group) -> list[torch.Tensor]:
+    """:func:`reduce_scatter_cols` of several ``(k x n partial sum, col_counts)`` of one dtype over one
+    group, in one collective: rank ``i``'s segment holds its padded columns of every matrix."""
     if group is None or dist.get_world_size(group) == 1:
-        return full
-    parts, width = len(col_counts), max(col_counts)
-    padded = full.new_zeros((parts, full.shape[0], width))
-    start = 0
-    for i, count in enumerate(col_counts):
-        padded[i, :, :count] = full[:, start : start + count]
-        start += count
-    out = full.new_empty((full.shape[0] * width,))  # flat: gloo checks the first dimensions
-    _record("reduce_scatter", padded)
-    _reduce_scatter_single(out, padded.reshape(-1), group=group)
-    return out.view(full.shape[0], width)[:, : col_counts[dist.get_rank(group)]].contiguous()
+        return [full for full, _ in requests]
+    parts = len(requests[0][1])
+    padded = []
+    for full, counts in requests:
+        block = full.new_zeros((parts, full.shape[0], max(counts)))
+        start = 0
+        for i, count in enumerate(counts):
+            block[i, :, :count] = full[:, start : start + count]
+            start += count
+        padded.append(block.reshape(parts, -1))
+    send = torch.cat(padded, dim=1)  # (parts, segment): rank i's segment is row i
+    out = send.new_empty((send.shape[1],))  # flat: gloo checks the first dimensions
+    _record("reduce_scatter", send)
+    _reduce_scatter_single(out, send.reshape(-1), group=group)
+    rank, results, offset = dist.get_rank(group), [], 0
+    for (full, counts), block in zip(requests, padded):
+        width = max(counts)
+        mine = out[offset : offset + block.shape[1]].view(full.shape[0], width)
+        results.append(mine[:, : counts[rank]].contiguous())
+        offset += block.shape[1]
+    return results
 
 
 def all_gather_cols(local: torch.Tensor, col_counts: list[int], group) -> torch.Tensor:
     """Reassemble a column-sharded matrix whose rank ``i`` holds ``col_counts[i]`` columns."""
+    return all_gather_cols_coalesced([(local, col_counts)], group)[0]
+
+
+def all_gather_cols_coalesced(requests: list[tuple[torch.Tensor, list[int]]], group) -> list[torch.Tensor]:
+    """:func:`all_gather_cols` of several ``(local columns, col_counts)`` of one dtype over one group,
+    in one collective."""
     if group is None or dist.get_world_size(group) == 1:
-        return local
-    padded = local.new_zeros((local.shape[0], max(col_counts)))
-    padded[:, : local.shape[1]] = local
-    stacked = all_gather_stacked(padded, group)
-    return torch.cat([stacked[i, :, :count] for i, count in enumerate(col_counts)], dim=1)
+        return [local for local, _ in requests]
+    blocks = []
+    for local, counts in requests:
+        padded = local.new_zeros((local.shape[0], max(counts)))
+        padded[:, : local.shape[1]] = local
+        blocks.append(padded.reshape(-1))
+    stacked = all_gather_stacked(torch.cat(blocks), group)
+    out, offset = [], 0
+    for (local, counts), block in zip(requests, blocks):
+        cols = stacked[:, offset : offset + block.numel()].reshape(len(counts), local.shape[0], max(counts))
+        out.append(torch.cat([cols[i, :, :count] for i, count in enumerate(counts)], dim=1))
+        offset += block.numel()
+    return out
 
 
 def gather_rows(local: torch.Tensor, row_counts: list[int], dst_rank: int, group) -> torch.Tensor | None:
