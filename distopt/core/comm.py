@@ -122,6 +122,8 @@ def all_gather_rows(local: torch.Tensor, row_counts: list[int], group) -> torch.
 def all_gather_rows_coalesced(requests: list[tuple[torch.Tensor, list[int]]], group) -> list[torch.Tensor]:
     """:func:`all_gather_rows` of several ``(local rows, row_counts)`` of one dtype over one group, in
     one collective: each rank sends its blocks, each padded to the matrix's largest count, back to back."""
+    if not requests:
+        return []
     if group is None or dist.get_world_size(group) == 1:
         return [local for local, _ in requests]
     blocks = []
@@ -148,6 +150,8 @@ def reduce_scatter_cols(full: torch.Tensor, col_counts: list[int], group) -> tor
 def reduce_scatter_cols_coalesced(requests: list[tuple[torch.Tensor, list[int]]], group) -> list[torch.Tensor]:
     """:func:`reduce_scatter_cols` of several ``(k x n partial sum, col_counts)`` of one dtype over one
     group, in one collective: rank ``i``'s segment holds its padded columns of every matrix."""
+    if not requests:
+        return []
     if group is None or dist.get_world_size(group) == 1:
         return [full for full, _ in requests]
     parts = len(requests[0][1])
@@ -180,6 +184,8 @@ def all_gather_cols(local: torch.Tensor, col_counts: list[int], group) -> torch.
 def all_gather_cols_coalesced(requests: list[tuple[torch.Tensor, list[int]]], group) -> list[torch.Tensor]:
     """:func:`all_gather_cols` of several ``(local columns, col_counts)`` of one dtype over one group,
     in one collective."""
+    if not requests:
+        return []
     if group is None or dist.get_world_size(group) == 1:
         return [local for local, _ in requests]
     blocks = []

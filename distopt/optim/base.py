@@ -381,8 +381,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             self._adamw_step(group, params)
         else:
             with prepared_bases(self._batched_refresh_requests(group, params)):
-                for p in params:
-                    self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
+                self._step_matrices(group, params)
+
+    def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
+        """Step a matrix group's parameters (all with finite gradients), one by one by default."""
+        for p in params:
+            self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
 
     def _batched_refresh_requests(self, group: dict, params: list[torch.Tensor]) -> list:
         """Refreshes of row-sharded matrices in this step, when there are several to overlap."""

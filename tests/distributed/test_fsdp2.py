@@ -455,3 +455,44 @@ def test_a_refresh_step_holds_at_most_two_fp32_gradient_copies():
             assert got["matrices"] == 10
             assert max(got["peaks"]) <= 2, (method, got["peaks"])
             assert min(got["peaks"]) >= 1, (method, got["peaks"])  # the counter sees the step's own copy
+
+
+def _plain_step_worker(rank, world_size, layers_list):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from distopt.models import LlamaShape, TinyLlama
+
+    out = {}
+    for layers in layers_list:
+        for name in ("galore", "golore"):
+            torch.manual_seed(0)
+            shape = LlamaShape(vocab_size=64, hidden_size=32, intermediate_size=80, num_hidden_layers=layers,
+                               num_attention_heads=4)
+            model = TinyLlama(shape)
+            mesh = init_device_mesh("cpu", (world_size,))
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            opt = distopt.build_optimizer(model, name, rank=4, update_proj_gap=100, stagger=False)
+            ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
+            calls = []
+            for _ in range(3):  # step 0 takes the first bases; 1 and 2 are plain
+                model(ids, ids).backward()
+                with comm.counting() as counted:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                calls.append(sum(counted()["calls"].values()))
+            out[layers, name] = calls
+    return out
+
+
+def test_a_plain_step_issues_the_same_few_collectives_however_many_layers():
+    """Coalesced over buckets, a plain FSDP2 step's collectives (bases gathered, P^T G reduced,
+    directions gathered, one finiteness flag per group) do not grow with the number of layers."""
+    results = run_ranks(2, _plain_step_worker, (2, 6))[0]
+    for name in ("galore", "golore"):
+        few, many = results[2, name], results[6, name]
+        assert few[1:] == many[1:], (name, few, many)
+        assert max(many[1:]) <= 5, (name, many)  # 3 per bucket (one bucket here) + 2 flags
+        assert many[0] > many[1], (name, many)  # the refresh step, one by one, is not coalesced
