@@ -54,14 +54,29 @@ def recovery_term(
     ``last_norm`` is a 0-d fp32 state tensor; 0 means "no previous step", and the first residual
     is then taken as it is (Fira records its norm without limiting it).
     """
-    dim = 1 if side == "right" else 0
-    ratio = direction.norm(dim=dim) / (low.norm(dim=dim) + RATIO_EPS)
+    ratio = channel_ratio(low, direction, side)
     if columns_chunked:  # this rank holds some columns of the left side's R and N: gather R and the ratio
         both = comm.all_gather_cols(torch.cat([low, ratio[None]]), view.chunk_counts(view.n), view.group)
         low, ratio = both[:-1], both[-1]
-    residual = grad - project_back(low, basis, side)
-    scaled = residual * (ratio.unsqueeze(1) if side == "right" else ratio.unsqueeze(0))
+    scaled = scaled_residual(grad, low, ratio, basis, side)
     norm = comm.all_reduce_sum(scaled.square().sum(), view.group).sqrt()
+    return limited(scaled, norm, last_norm, limit)
+
+
+def channel_ratio(low: torch.Tensor, direction: torch.Tensor, side: str) -> torch.Tensor:
+    """``phi = ||N|| / (||R|| + eps)`` per row (right basis) or per column (left basis)."""
+    dim = 1 if side == "right" else 0
+    return direction.norm(dim=dim) / (low.norm(dim=dim) + RATIO_EPS)
+
+
+def scaled_residual(grad: torch.Tensor, low: torch.Tensor, ratio: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+    """``phi * (G - back(R))`` for this rank's rows, from the whole ``R`` and ratio along ``n``."""
+    residual = grad - project_back(low, basis, side)
+    return residual * (ratio.unsqueeze(1) if side == "right" else ratio.unsqueeze(0))
+
+
+def limited(scaled: torch.Tensor, norm: torch.Tensor, last_norm: torch.Tensor, limit: float) -> torch.Tensor:
+    """``scaled`` after the norm-growth limiter, given its whole Frobenius ``norm``; updates ``last_norm``."""
     cap = last_norm * limit
     factor = torch.where(
         (last_norm > 0) & (norm > cap), cap / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.ones_like(norm)

@@ -23,7 +23,7 @@ from ..core.projector import (
     random_basis,
     unseen_fraction,
 )
-from ..core.recovery import check_recovery_hparams, recovery_term
+from ..core.recovery import channel_ratio, check_recovery_hparams, limited, recovery_term, scaled_residual
 from ..core.routing import LINEAR_ROLES
 from ..core.schedule import refresh_index
 from ..core.shard import MatrixShardView, local
@@ -178,7 +178,13 @@ class ProjectedAdam(SubspaceOptimizer):
         low = subspace.project_grad(grad, state, view, plan)
         direction, step_size = self._adam_in_subspace(low, state, group, plan, step)
         update = subspace.back_project(direction, state, view, plan)
-        self._apply(p, update, step_size, grad, low, direction, state, group, view, plan)
+        residual = None
+        if "rs_norm" in state:
+            residual = recovery_term(
+                grad, low, direction, state["basis"], plan.side, view, state["rs_norm"], group["norm_growth_limit"],
+                columns_chunked=plan.columns_chunked,
+            )
+        self._apply(p, update, step_size, group, plan, residual)
 
     @staticmethod
     def _adam_in_subspace(low, state: dict, group: dict, plan, step: int):
@@ -191,15 +197,12 @@ class ProjectedAdam(SubspaceOptimizer):
                               group["adam_form"])
 
     @staticmethod
-    def _apply(p, update, step_size, grad, low, direction, state: dict, group: dict, view: MatrixShardView, plan) -> None:
-        """``W -= step (alpha back(N) + D_hat)`` from the back-projected ``update``."""
+    def _apply(p, update, step_size, group: dict, plan, residual=None) -> None:
+        """``W -= step (alpha back(N) + D_hat)`` from the back-projected ``update`` and Fira's ``D_hat``."""
         if group["scale"] != 1 and not plan.full:  # nothing is projected away at full rank: AdamW's step
             update = update * group["scale"]
-        if "rs_norm" in state:
-            update = update + recovery_term(
-                grad, low, direction, state["basis"], plan.side, view, state["rs_norm"], group["norm_growth_limit"],
-                columns_chunked=plan.columns_chunked,
-            )
+        if residual is not None:
+            update = update + residual
         apply_update(p, update, step_size, float(group["lr"]), group["weight_decay"], group["adam_form"])
 
     # -- plain steps of several matrices, with their collectives coalesced ---------------------------
@@ -210,14 +213,14 @@ class ProjectedAdam(SubspaceOptimizer):
     coalesce_bytes = 768 << 20
 
     def _coalescible(self, p: torch.Tensor, group: dict) -> bool:
-        """A plain step of a sharded, projected matrix whose only collectives are its basis gather
-        (right, chunked) or its ``P^T G`` reduction and direction gather (left), without Fira's term."""
+        """A plain step of a sharded, projected matrix with collectives to coalesce: its basis gather
+        (right, chunked), its ``P^T G`` reduction and direction gather (left), Fira's norm."""
         view, state = self._views[p], self.state[p]
         if not view.sharded or comm.world_size(view.group) == 1:
             return False
         plan = subspace.plan(view, group)
-        return (not plan.full and "rs_norm" not in state and not subspace.refresh_due(int(state["step"]), plan, group)
-                and (plan.side == "left" or plan.basis_chunked))
+        return (not plan.full and not subspace.refresh_due(int(state["step"]), plan, group)
+                and (plan.side == "left" or plan.basis_chunked or "rs_norm" in state))
 
     def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
         coalesced = [p for p in params if self._coalescible(p, group)]
@@ -250,9 +253,11 @@ class ProjectedAdam(SubspaceOptimizer):
         right = [i for i, plan in enumerate(plans) if plan.side == "right"]
         left = [i for i, plan in enumerate(plans) if plan.side == "left"]
         bases = {i: states[i]["basis"] for i in left}
+        bases.update({i: states[i]["basis"] for i in right if not plans[i].basis_chunked})
+        chunked_right = [i for i in right if plans[i].basis_chunked]
         gathered = comm.all_gather_rows_coalesced(
-            [(states[i]["basis"], views[i].chunk_counts(views[i].n)) for i in right], pg)
-        bases.update(zip(right, gathered))
+            [(states[i]["basis"], views[i].chunk_counts(views[i].n)) for i in chunked_right], pg)
+        bases.update(zip(chunked_right, gathered))
         lows = {i: grads[i] @ bases[i] for i in right}
         sums = [bases[i].T @ grads[i] for i in left]
         chunked = [plans[i].columns_chunked for i in left]
@@ -266,14 +271,31 @@ class ProjectedAdam(SubspaceOptimizer):
         for i in range(len(params)):
             directions[i], sizes[i] = self._adam_in_subspace(lows[i], states[i], group, plans[i],
                                                              int(states[i]["step"]))
-        wholes = dict(zip(left, comm.all_gather_cols_coalesced(
-            [(directions[i], views[i].chunk_counts(views[i].n)) for i in left if plans[i].columns_chunked], pg)))
+        # Fira's ratio is local along the projected side; a left side in column chunks gathers its R and
+        # ratio with its direction, in the same collective.
+        fira = [i for i in range(len(params)) if "rs_norm" in states[i]]
+        ratios = {i: channel_ratio(lows[i], directions[i], plans[i].side) for i in fira}
+        gather = [i for i in left if plans[i].columns_chunked]
+        packed = [torch.cat([directions[i], lows[i], ratios[i][None]]) if i in ratios else directions[i] for i in gather]
+        wholes = comm.all_gather_cols_coalesced(
+            [(block, views[i].chunk_counts(views[i].n)) for i, block in zip(gather, packed)], pg)
+        whole_dir, whole_low, whole_ratio = dict(directions), dict(lows), dict(ratios)
+        for i, block in zip(gather, wholes):
+            r = plans[i].rank
+            whole_dir[i] = block[:r]
+            if i in ratios:
+                whole_low[i], whole_ratio[i] = block[r : 2 * r], block[2 * r]
+        scaled = {i: scaled_residual(grads[i], whole_low[i], whole_ratio[i], bases[i], plans[i].side) for i in fira}
+        norms = self._all_reduce_together([scaled[i].square().sum() for i in fira], pg)
         for i, p in enumerate(params):
             if plans[i].side == "right":
                 update = directions[i] @ bases[i].T
             else:
-                update = bases[i] @ wholes.get(i, directions[i])
-            self._apply(local(p), update, sizes[i], grads[i], lows[i], directions[i], states[i], group, views[i], plans[i])
+                update = bases[i] @ whole_dir[i]
+            residual = None
+            if i in scaled:
+                residual = limited(scaled[i], norms[fira.index(i)].sqrt(), states[i]["rs_norm"], group["norm_growth_limit"])
+            self._apply(local(p), update, sizes[i], group, plans[i], residual)
 
     @staticmethod
     def _all_reduce_together(tensors: list[torch.Tensor], pg) -> list[torch.Tensor]:
