@@ -48,9 +48,10 @@ class ProjectedAdam(SubspaceOptimizer):
     (the default) splits every ``d``-long tensor over the shard group: a right basis by rows
     (all-gathered for each step), the left side's moments by columns (``P^T G`` reduce-scattered,
     the direction all-gathered). ``"replicated"`` keeps them whole on every rank. See ``core.subspace``.
-    On a plain (non-refresh) step of FSDP2/HSDP matrices without Fira's term, those collectives are
-    coalesced over buckets of matrices (``coalesce_bytes`` of whole bases and sums each): one
-    all-gather of bases, one reduction of ``P^T G`` and one all-gather of directions per bucket.
+    On a plain (non-refresh) step of FSDP2/HSDP matrices, those collectives are coalesced over
+    buckets of matrices (``coalesce_bytes`` of whole bases and sums each): one all-gather of bases,
+    one reduction of ``P^T G``, one all-gather of directions (with Fira's ``R`` and ratio) and one
+    all-reduce of Fira's norms per bucket.
     """
 
     matrix_roles = LINEAR_ROLES
