@@ -399,9 +399,11 @@ def save(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
     writer = hashing_writer(tmp)
     dcp.save(state, storage_writer=writer)
     _barrier()
-    # Each rank CRC'd the files it wrote as it wrote them; anything else is read back.
-    manifest = {k: v for part in gather(writer.fs.digests) for k, v in part.items()}
-    unhashed = [name for name in list_files(tmp) if name not in manifest]  # the same list on every rank
+    # Each rank CRC'd the files it wrote as it wrote them; anything else is read back. Rank 0's listing,
+    # taken before the gather (after it, rank 0 may already rename the folder), is every rank's.
+    parts = gather((writer.fs.digests, list_files(tmp) if _is_main() else None))
+    manifest = {k: v for digests, _ in parts for k, v in digests.items()}
+    unhashed = [name for name in parts[0][1] if name not in manifest]
     if unhashed:
         manifest.update(hash_files(tmp, unhashed))
     if _is_main():

@@ -249,7 +249,9 @@ class ProjectedAdam(SubspaceOptimizer):
         views = [self._views[p] for p in params]
         plans = [subspace.plan(view, group) for view in views]
         states = [self.state[p] for p in params]
-        grads = [local(p.grad).float() for p in params]
+        # Gradients as received: each is converted to fp32 where it is used, so a bucket of bf16
+        # gradients never holds their fp32 copies at once.
+        grads = [local(p.grad) for p in params]
         pg = views[0].group
         right = [i for i, plan in enumerate(plans) if plan.side == "right"]
         left = [i for i, plan in enumerate(plans) if plan.side == "left"]
@@ -259,8 +261,8 @@ class ProjectedAdam(SubspaceOptimizer):
         gathered = comm.all_gather_rows_coalesced(
             [(states[i]["basis"], views[i].chunk_counts(views[i].n)) for i in chunked_right], pg)
         bases.update(zip(chunked_right, gathered))
-        lows = {i: grads[i] @ bases[i] for i in right}
-        sums = [bases[i].T @ grads[i] for i in left]
+        lows = {i: grads[i].float() @ bases[i] for i in right}
+        sums = [bases[i].T @ grads[i].float() for i in left]
         chunked = [plans[i].columns_chunked for i in left]
         if all(chunked):
             reduced = comm.reduce_scatter_cols_coalesced(
@@ -286,16 +288,18 @@ class ProjectedAdam(SubspaceOptimizer):
             whole_dir[i] = block[:r]
             if i in ratios:
                 whole_low[i], whole_ratio[i] = block[r : 2 * r], block[2 * r]
-        scaled = {i: scaled_residual(grads[i], whole_low[i], whole_ratio[i], bases[i], plans[i].side) for i in fira}
-        norms = self._all_reduce_together([scaled[i].square().sum() for i in fira], pg)
+        def scaled(i):  # computed twice (for the norm, then for the update) rather than held for all
+            return scaled_residual(grads[i].float(), whole_low[i], whole_ratio[i], bases[i], plans[i].side)
+
+        norms = self._all_reduce_together([scaled(i).square().sum() for i in fira], pg)
         for i, p in enumerate(params):
             if plans[i].side == "right":
                 update = directions[i] @ bases[i].T
             else:
                 update = bases[i] @ whole_dir[i]
             residual = None
-            if i in scaled:
-                residual = limited(scaled[i], norms[fira.index(i)].sqrt(), states[i]["rs_norm"], group["norm_growth_limit"])
+            if i in ratios:
+                residual = limited(scaled(i), norms[fira.index(i)].sqrt(), states[i]["rs_norm"], group["norm_growth_limit"])
             self._apply(local(p), update, sizes[i], group, plans[i], residual)
 
     @staticmethod
