@@ -155,6 +155,7 @@ def state_layout(model: nn.Module, optimizer: str, hparams: dict | None = None, 
 
     if not 0 <= shard_index < shard_ranks:
         raise ValueError(f"shard_index={shard_index}: must be in [0, {shard_ranks})")
+    check_supported(optimizer, engine)
     zero = engine.startswith("zero")
     hparams = dict(hparams or {})
     elementwise = hparams.pop("elementwise", None)
@@ -170,8 +171,6 @@ def state_layout(model: nn.Module, optimizer: str, hparams: dict | None = None, 
                                            counts, index=shard_index)
         opt.allocate_state()
     held = opt.projections_in_model() if hasattr(opt, "projections_in_model") else {}
-    if held and zero:
-        raise ValueError(f"{optimizer} is not available under DeepSpeed ZeRO ({engine}): use fsdp2, hsdp or ddp")
     out = []
     names = {p: n for n, p in meta.named_parameters()}
     for group in opt.param_groups:
@@ -233,6 +232,11 @@ def supported(optimizer: str, engine: str) -> bool:
     """Whether ``distopt`` trains ``optimizer`` under ``engine`` (RSO reparametrizes layers, which
     DeepSpeed's flat partitions do not allow)."""
     return not (optimizer == "rso" and engine.startswith("zero"))
+
+
+def check_supported(optimizer: str, engine: str) -> None:
+    if not supported(optimizer, engine):
+        raise ValueError(f"{optimizer} is not available under DeepSpeed ZeRO ({engine}): use fsdp2, hsdp or ddp")
 
 
 @dataclass(frozen=True)
@@ -302,8 +306,7 @@ def estimate(
         raise ValueError(f"world_size={world_size}: must be >= 1")
     if engine == "single" and world_size != 1:
         raise ValueError("engine='single' means world_size=1")
-    if not supported(optimizer, engine):
-        raise ValueError(f"{optimizer} is not available under DeepSpeed ZeRO ({engine}): use fsdp2, hsdp or ddp")
+    check_supported(optimizer, engine)
     counts = model_counts(model, optimizer, hparams)
     total, trainable, largest = counts.total, counts.trainable, counts.largest_unit
     n = world_size

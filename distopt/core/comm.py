@@ -73,6 +73,19 @@ def all_reduce_sum_async(requests: list[tuple[torch.Tensor, object]]) -> Callabl
     return wait
 
 
+def all_reduce_sum_coalesced(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """Sum several tensors of one dtype over ``group`` with one all-reduce of their concatenation;
+    returns the sums (views of one buffer), or the tensors themselves without a group."""
+    if not tensors or group is None or dist.get_world_size(group) == 1:
+        return list(tensors)
+    flat = all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]), group)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
 def all_reduce_max(tensor: torch.Tensor, group) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         _record("all_reduce", tensor)

@@ -249,6 +249,7 @@ class ZeroBinding:
         self.by_param = {part.param: part for part in parts.values()}
         self.engine = engine
         self.plans: dict[str, _Plan] = {}
+        self._bad: dict[str, bool] = {}  # skip flags of the groups the current step() call takes
 
     # -- hooks called by SubspaceOptimizer ---------------------------------------------------------
     def state_params(self, group: dict) -> list[torch.Tensor]:
@@ -320,7 +321,7 @@ class ZeroBinding:
         DeepSpeed checked already, nothing is computed and the host never waits; otherwise one flag
         per group, one max-reduction per process group and one host read per call (DeepSpeed calls
         ``step()`` once per parameter group, and distopt gives each parameter its own)."""
-        self._bad: dict[str, bool] = {}
+        self._bad = {}
         todo = []
         for group in groups:
             if group["params"] and group["params"][0].grad is not None:
@@ -343,17 +344,9 @@ class ZeroBinding:
             flags[indices] = picked
         self._bad = {part.name: bool(bad) for (part, _), bad in zip(todo, flags.tolist())}
 
-    def _is_bad(self, part: Partition, grads: torch.Tensor) -> bool:
-        """The flag :meth:`begin_step` decided; computed here (a reduction and a host read of its
-        own) only for a group stepped outside it."""
-        if part.name in self.__dict__.get("_bad", {}):
-            return self._bad.pop(part.name)
-        if self.finite_checked:
-            return False
-        bad = (~torch.isfinite(grads[: part.end - part.start]).all()).float().reshape(1)
-        if part.group is not None:
-            comm.all_reduce_max(bad, part.group)
-        return bool(bad.item())
+    def _is_bad(self, part: Partition) -> bool:
+        """The flag :meth:`begin_step` decided for this group in this ``step()`` call."""
+        return self._bad.pop(part.name)
 
     def step_group(self, optimizer: SubspaceOptimizer, group: dict) -> None:
         if not group["params"]:
@@ -373,7 +366,7 @@ class ZeroBinding:
     def _adamw(self, optimizer, group, part: Partition, values, grads) -> None:
         size = part.end - part.start
         param, grad = values[:size], grads[:size]
-        if self._is_bad(part, grads):
+        if self._is_bad(part):
             optimizer.record_nonfinite_skip(part.name)
             return
         optimizer._adamw_apply(group, [param], [grad], [optimizer.state[part.param]])
@@ -382,7 +375,7 @@ class ZeroBinding:
         plan = self.plans[part.name]
         n = part.shape[1]
         group_pg = part.group if part.world > 1 else None
-        if self._is_bad(part, grads):  # every rank holding part of the matrix skips it together
+        if self._is_bad(part):  # every rank holding part of the matrix skips it together
             optimizer.record_nonfinite_skip(part.name)
             return
         L = plan.max_head

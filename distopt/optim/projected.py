@@ -20,6 +20,8 @@ from ..core.projector import (
     SvdRequest,
     change_of_basis,
     compute_basis,
+    project,
+    project_back,
     random_basis,
     unseen_fraction,
 )
@@ -232,7 +234,8 @@ class ProjectedAdam(SubspaceOptimizer):
         bucket, held = [], 0
         for p in coalesced:  # the same on every rank: it follows the global shapes and step counts
             view = self._views[p]
-            size = 4 * view.n * subspace.plan(view, group).rank * (2 if subspace.plan(view, group).side == "left" else 1)
+            plan = subspace.plan(view, group)
+            size = 4 * view.n * plan.rank * (2 if plan.side == "left" else 1)
             if bucket and (held + size > self.coalesce_bytes or self._views[bucket[0]].group is not view.group):
                 self._step_bucket(group, bucket)
                 bucket, held = [], 0
@@ -261,14 +264,14 @@ class ProjectedAdam(SubspaceOptimizer):
         gathered = comm.all_gather_rows_coalesced(
             [(states[i]["basis"], views[i].chunk_counts(views[i].n)) for i in chunked_right], pg)
         bases.update(zip(chunked_right, gathered))
-        lows = {i: grads[i].float() @ bases[i] for i in right}
-        sums = [bases[i].T @ grads[i].float() for i in left]
+        lows = {i: project(grads[i].float(), bases[i], "right", None) for i in right}
+        sums = [project(grads[i].float(), bases[i], "left", None) for i in left]  # this rank's partial sums
         chunked = [plans[i].columns_chunked for i in left]
         if all(chunked):
             reduced = comm.reduce_scatter_cols_coalesced(
                 [(total, views[i].chunk_counts(views[i].n)) for i, total in zip(left, sums)], pg)
         else:  # replicated r x n sums (the layout is one per group, so all or none are chunked)
-            reduced = self._all_reduce_together(sums, pg)
+            reduced = comm.all_reduce_sum_coalesced(sums, pg)
         lows.update(zip(left, reduced))
         directions, sizes = {}, {}
         for i in range(len(params)):
@@ -291,26 +294,10 @@ class ProjectedAdam(SubspaceOptimizer):
         def scaled(i):  # computed twice (for the norm, then for the update) rather than held for all
             return scaled_residual(grads[i].float(), whole_low[i], whole_ratio[i], bases[i], plans[i].side)
 
-        norms = self._all_reduce_together([scaled(i).square().sum() for i in fira], pg)
+        norms = comm.all_reduce_sum_coalesced([scaled(i).square().sum() for i in fira], pg)
         for i, p in enumerate(params):
-            if plans[i].side == "right":
-                update = directions[i] @ bases[i].T
-            else:
-                update = bases[i] @ whole_dir[i]
+            update = project_back(whole_dir[i], bases[i], plans[i].side)
             residual = None
             if i in ratios:
                 residual = limited(scaled(i), norms[fira.index(i)].sqrt(), states[i]["rs_norm"], group["norm_growth_limit"])
             self._apply(local(p), update, sizes[i], group, plans[i], residual)
-
-    @staticmethod
-    def _all_reduce_together(tensors: list[torch.Tensor], pg) -> list[torch.Tensor]:
-        """Sum several tensors over ``pg`` with one all-reduce of their concatenation."""
-        if not tensors:
-            return []
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        comm.all_reduce_sum(flat, pg)
-        out, offset = [], 0
-        for t in tensors:
-            out.append(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        return out
