@@ -13,7 +13,7 @@ Layout under ``<out_dir>/checkpoints``::
         rng_rank00000.pt      each rank's RNG states
         config.yaml           the resolved run config
         meta.json             written last: its presence marks the checkpoint complete; it lists
-                              every file with its size and CRC-32
+                              every file with its size and digest
     latest                    the name of the newest complete checkpoint
     abandoned-<time>/         checkpoints later than a resumed one, moved aside (never deleted)
 
@@ -25,8 +25,9 @@ write their part through ``engine.save_sharded(tmp)`` and read it with ``engine.
 
 Integrity: a ``torch.save`` file is a zip whose index holds a CRC-32 of every record, computed by
 ``torch.save`` itself; the manifest keeps a CRC of that index, read from the file's end, so saving
-costs no extra pass. Other files (DCP shards, text) are CRC'd in blocks after the write, spread
-over the ranks. Resume checks every file's size and CRC before anything is applied (:func:`verify`,
+costs no extra pass. DCP shards are hashed (XXH3-64 per 64 MiB block) as ``distopt.checkpoint``
+writes them; other files (text, DeepSpeed's) after the write, spread over the ranks. Resume checks
+every file's size and digest before anything is applied (:func:`verify`,
 collective; the job's own files are read meanwhile), so a truncated or corrupted checkpoint is
 named and skipped instead of being trained on. Resuming from a checkpoint older than the newest
 starts a new branch: the later checkpoints are moved into ``abandoned-<time>/``
@@ -197,7 +198,7 @@ def _library_manifests(folder: Path) -> dict[str, dict]:
 
 
 def verify(path: Path, info: DistInfo, skip: tuple[str, ...] = ()) -> None:
-    """Check every file's size and CRC-32 against the manifest in ``meta.json`` (collective: the
+    """Check every file's size and digest against the manifest in ``meta.json`` (collective: the
     files are spread over the ranks, and every rank learns the outcome), except those under the
     subfolders ``skip`` (which their own loader verifies). Raises :class:`IntegrityError` naming
     the first bad file. A checkpoint written without a manifest is only warned about."""
@@ -264,7 +265,7 @@ def read_file(path: Path):
 
 
 def load(path: Path, info: DistInfo, engine) -> dict:
-    """Verify checkpoint ``path`` (every file's size and CRC-32, :func:`verify`), then load model,
+    """Verify checkpoint ``path`` (every file's size and digest, :func:`verify`), then load model,
     optimizer and this rank's RNG; return the trainer state. Collective. Nothing is applied to the
     engine before the verification has passed, so an :class:`IntegrityError` leaves it untouched.
     Files the job loads itself are read while the verification runs; an engine that reads its own

@@ -120,12 +120,15 @@ def test_library_checkpoint_refuses_a_corrupted_shard(tmp_path):
         integrity.load(tmp_path / "c", model, opt)
 
 
-@pytest.mark.parametrize("parallel_from", [1024, 1 << 40])  # CRC beside the write, or inline
-def test_dcp_files_are_crcd_as_they_are_written_and_match_a_read_back(tmp_path, monkeypatch, parallel_from):
-    # Small blocks, so that files span several: the streamed block CRCs must equal the ones
+@pytest.mark.parametrize("kind", ["block_xxh3", "block_crc32"])  # CRC-32: where xxhash is not installed
+@pytest.mark.parametrize("parallel_from", [1024, 1 << 40])  # hashed beside the write, or inline
+def test_dcp_files_are_hashed_as_they_are_written_and_match_a_read_back(tmp_path, monkeypatch, parallel_from, kind):
+    # Small blocks, so that files span several: the streamed block digests must equal the ones
     # computed by reading the file back, which is what a load verifies against.
     monkeypatch.setattr(integrity, "BLOCK", 4096)
-    monkeypatch.setattr(integrity, "PARALLEL_CRC_BYTES", parallel_from)
+    monkeypatch.setattr(integrity, "PARALLEL_HASH_BYTES", parallel_from)
+    if kind == "block_crc32":
+        monkeypatch.setattr(integrity, "xxhash", None)
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 32))
     import distopt
 
@@ -134,8 +137,8 @@ def test_dcp_files_are_crcd_as_they_are_written_and_match_a_read_back(tmp_path, 
         p.grad = torch.randn_like(p)
     opt.step()
     reads = []
-    real = integrity._block_crc
-    monkeypatch.setattr(integrity, "_block_crc", lambda *a: reads.append(a) or real(*a))
+    real = integrity._block_digest
+    monkeypatch.setattr(integrity, "_block_digest", lambda *a: reads.append(a) or real(*a))
     integrity.save(tmp_path / "c", model, opt)
     assert not reads  # nothing was read back to hash it
     manifest = integrity.read_manifest(tmp_path / "c")
@@ -143,8 +146,34 @@ def test_dcp_files_are_crcd_as_they_are_written_and_match_a_read_back(tmp_path, 
     assert any(d["bytes"] > 3 * 4096 for d in manifest.values())
     for name, digest in manifest.items():
         path = tmp_path / "c" / name
-        assert digest == {"bytes": path.stat().st_size, "block_crc32": f"{real(path, path.stat().st_size, 1000):08x}"}
+        assert digest == {"bytes": path.stat().st_size, kind: real(path, path.stat().st_size, kind)}
     integrity.load(tmp_path / "c", model, opt)  # verifies every file against the streamed digests
+    (shard,) = (tmp_path / "c").glob("*.distcp")
+    _corrupt(shard)
+    with pytest.raises(integrity.IntegrityError, match=f"{shard.name} is corrupted .*{kind[6:].upper()}"):
+        integrity.load(tmp_path / "c", model, opt)
+
+
+def test_block_digests_read_back_through_mmap_or_read_agree_and_see_one_flipped_byte(tmp_path, monkeypatch):
+    monkeypatch.setattr(integrity, "BLOCK", 1000)
+    path = tmp_path / "f"
+    data = bytearray(torch.randint(0, 256, (4500,), dtype=torch.uint8).numpy().tobytes())
+    path.write_bytes(data)
+    for kind in integrity.BLOCK_KINDS:
+        mapped = integrity._block_digest(path, len(data), kind)
+        with monkeypatch.context() as m:  # a filesystem that cannot map files
+            m.setattr(integrity.mmap, "mmap", lambda *a, **k: (_ for _ in ()).throw(OSError("no mmap")))
+            assert integrity._block_digest(path, len(data), kind, chunk=300) == mapped
+        for where in (0, 999, 1000, 4499):  # block edges and the short last block
+            flipped = bytearray(data)
+            flipped[where] ^= 1
+            path.write_bytes(flipped)
+            assert integrity._block_digest(path, len(data), kind) != mapped, (kind, where)
+        path.write_bytes(data)
+    for kind in integrity.BLOCK_KINDS:  # an empty file (nothing to map) reads back as it was written
+        written = {}
+        integrity._BlockHashWriter(open(tmp_path / "empty", "wb"), kind, lambda n, d, out=written: out.update(n=n, d=d)).close()
+        assert written == {"n": 0, "d": integrity._block_digest(tmp_path / "empty", 0, kind)}
 
 
 # -- divergence ----------------------------------------------------------------------------------------
