@@ -1,4 +1,4 @@
-"""The ``distopt`` command: ``train``, ``compare``, ``memory`` and ``list``."""
+"""The ``distopt`` command: ``train``, ``compare``, ``memory``, ``torchrun`` and ``list``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ commands:
   train     pretrain a LLaMA model with a distopt optimizer (single process, torchrun, srun, mpirun)
   compare   run several optimizers on the same model, data and token budget; plot and tabulate
   memory    per-rank memory of model x optimizer x engine x world size x precision
+  torchrun  torchrun that exits 143 after a SIGTERM and gives the ranks time to checkpoint
   list      the optimizers distopt provides
 
 `distopt <command> --help` describes each one.
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         from launch.compare import main as run
     elif command == "memory":
         from launch.memory_cli import main as run
+    elif command == "torchrun":
+        from launch.torchrun import main as run
     elif command == "list":
         return list_optimizers()
     elif command in ("--version", "version"):
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import difflib
 
-        close = difflib.get_close_matches(command, ["train", "compare", "memory", "list"], n=1)
+        close = difflib.get_close_matches(command, ["train", "compare", "memory", "torchrun", "list"], n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         print(f"distopt: unknown command {command!r}.{hint}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -8,6 +8,10 @@
 # time limit Slurm signals this script, which passes SIGTERM on to the ranks (they write a
 # checkpoint after the current step) and requeues the job.
 #
+# torchrun is distopt's (launch/torchrun.py): after the SIGTERM it gives the ranks
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default here 100, inside the 120 s warning) to finish
+# their checkpoint before it kills them.
+#
 # Environment: NPROC_PER_NODE (default: the node's GPUs), MASTER_PORT (default 29500),
 # PYTHON (default python), DISTOPT_REQUEUE=0 to not requeue.
 #SBATCH --job-name=distopt-torchrun
@@ -28,10 +32,11 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 HEAD_NODE=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-29500}
 PYTHON=${PYTHON:-python}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
 echo "distopt: job ${SLURM_JOB_ID:-?}: ${NNODES} node(s) x ${NPROC_PER_NODE} rank(s), rendezvous ${HEAD_NODE}:${MASTER_PORT}"
 
 srun --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
-    "$PYTHON" -m torch.distributed.run \
+    "$PYTHON" -m launch.torchrun \
     --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-id="${SLURM_JOB_ID:-0}" --rdzv-backend=c10d --rdzv-endpoint="${HEAD_NODE}:${MASTER_PORT}" \
     -m launch.train "$@" --resume &
