@@ -176,6 +176,24 @@ def test_block_digests_read_back_through_mmap_or_read_agree_and_see_one_flipped_
         assert written == {"n": 0, "d": integrity._block_digest(tmp_path / "empty", 0, kind)}
 
 
+@pytest.mark.skipif(not hasattr(os, "setpriority") or not os.uname().sysname == "Linux", reason="per-thread priority")
+def test_verification_on_a_helper_thread_yields_the_cpu_to_the_load_and_the_main_thread_keeps_its_priority(tmp_path):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    (tmp_path / "f").write_bytes(os.urandom(5000))
+    manifest = {"f": integrity.file_digest(tmp_path / "f")}
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def verify_here():
+        return integrity.local_problems(tmp_path, manifest), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    with ThreadPoolExecutor(1) as pool:
+        problems, helper = pool.submit(verify_here).result()
+    assert problems == [] and helper > base
+    assert verify_here() == ([], base)
+
+
 # -- divergence ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("lr", ["1e30", "1e6"])  # loss NaN every step; every update skipped
 def test_a_diverged_run_stops_with_exit_code_3_and_no_checkpoint_of_it(tmp_path, capsys, lr):
