@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -54,6 +55,68 @@ def name_parameters(model: nn.Module, rules=None, use_default_rules: bool = True
     return roles
 
 
+@dataclass(frozen=True)
+class RoutedParameter:
+    """A trainable parameter as every builder sees it: its name, role, group kind (``"matrix"``:
+    the algorithm's; ``"adamw"``: the element-wise group) and global shape."""
+
+    name: str
+    param: torch.Tensor
+    role: str
+    kind: str
+    shape: tuple[int, ...]
+
+
+def resolve_class(name: str, label: str = "{}") -> type:
+    """The optimizer class registered as ``name``; an unknown name raises with the closest one.
+    ``label`` formats names as the caller's user writes them (``"distopt.{}"`` in a DeepSpeed config)."""
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f" Did you mean {label.format(close[0])!r}?" if close else ""
+        raise ValueError(f"unknown optimizer {label.format(name)!r}; choose one of "
+                         f"{[label.format(n) for n in list_optimizers()]}.{hint}")
+    return REGISTRY[name]
+
+
+def route(model: nn.Module, name: str, hparams: dict, *, rules=None, use_default_rules: bool = True,
+          elementwise: dict | None = None, label: str = "{}") -> tuple[type, dict, list[RoutedParameter]]:
+    """The one routing path of every builder (:func:`build_optimizer`, DeepSpeed's one-group-per-
+    parameter builder, the ZeRO-R and OSS wrappers): the class for ``name``, its hyper-parameters
+    after :meth:`prepare_model`, and every trainable parameter routed by name rules and global shape.
+
+    A matrix role with an empty shape goes to the element-wise group (nothing to project); a matrix
+    role that is not 2-D raises, as do FSDP1-wrapped models and unknown ``elementwise`` keys."""
+    cls = resolve_class(name, label)
+    unknown = sorted(set(elementwise or {}) - ELEMENTWISE_KEYS)
+    if unknown:
+        raise ValueError(f"elementwise={elementwise!r}: unknown keys {unknown}; the element-wise AdamW group takes "
+                         f"{sorted(ELEMENTWISE_KEYS)}")
+    _refuse_flat_parameter_engines(model)
+    # Algorithms that need the model itself (RSO reparametrizes linears in place, Adam-mini reads
+    # head counts) do it here, before parameters are collected.
+    hparams = cls.prepare_model(model, dict(hparams))
+    roles = name_parameters(model, rules, use_default_rules)
+    routed = []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = _global_shape(p)
+        kind = "matrix" if roles[n] in cls.matrix_roles and 0 not in shape else "adamw"
+        if kind == "matrix" and len(shape) != 2:
+            raise flat_shard_error(n, shape)
+        routed.append(RoutedParameter(n, p, roles[n], kind, shape))
+    return cls, hparams, routed
+
+
+def group_of(routed: list[RoutedParameter], kind: str, elementwise: dict | None = None) -> dict:
+    """One param group holding the ``kind`` parameters of ``routed`` (possibly none), with their
+    names and roles; the element-wise group carries the ``elementwise`` overrides."""
+    mine = [r for r in routed if r.kind == kind]
+    group = {"params": [r.param for r in mine], "param_names": [r.name for r in mine], "kind": kind,
+             "roles": [r.role for r in mine]}
+    return {**group, **(elementwise or {})} if kind == "adamw" else group
+
+
 def build_optimizer(
     model: nn.Module,
     name: str,
@@ -72,40 +135,21 @@ def build_optimizer(
     parameter raises. ``elementwise`` overrides hyper-parameters (``lr``, ``weight_decay``, ...)
     of the element-wise group only. Every other keyword goes to the optimizer class.
     """
-    if name not in REGISTRY:
-        close = difflib.get_close_matches(name, REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {list_optimizers()}.{hint}")
-    cls = REGISTRY[name]
-    unknown = sorted(set(elementwise or {}) - ELEMENTWISE_KEYS)
-    if unknown:
-        raise ValueError(f"elementwise={elementwise!r}: unknown keys {unknown}; the element-wise AdamW group takes "
-                         f"{sorted(ELEMENTWISE_KEYS)}")
-    _refuse_flat_parameter_engines(model)
-    # Algorithms that need the model itself (RSO reparametrizes linears in place, Adam-mini reads
-    # head counts) do it here, before parameters are collected.
-    hparams = cls.prepare_model(model, dict(hparams))
-    roles = name_parameters(model, rules, use_default_rules)
-    matrix, element = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        shape = _global_shape(p)
-        if roles[n] in cls.matrix_roles and 0 not in shape:  # an empty weight has nothing to project
-            if len(shape) != 2:
-                raise flat_shard_error(n, shape)
-            matrix.append((n, p))
-        else:
-            element.append((n, p))
-    groups = []
-    if element:
-        groups.append({"params": [p for _, p in element], "param_names": [n for n, _ in element],
-                       "kind": "adamw", "roles": [roles[n] for n, _ in element], **(elementwise or {})})
-    if matrix:
-        groups.append({"params": [p for _, p in matrix], "param_names": [n for n, _ in matrix],
-                       "kind": "matrix", "roles": [roles[n] for n, _ in matrix]})
+    cls, hparams, routed = route(model, name, hparams, rules=rules, use_default_rules=use_default_rules,
+                                 elementwise=elementwise)
+    groups = [group_of(routed, kind, elementwise) for kind in ("adamw", "matrix") if any(r.kind == kind for r in routed)]
+    optimizer = construct(cls, name, groups, hparams)
+    if logger.isEnabledFor(logging.INFO):
+        for g in optimizer.param_groups:
+            count = sum(p.numel() for p in g["params"])
+            logger.info("distopt %s: %s group, %d tensors, %d parameters", name, g["kind"], len(g["params"]), count)
+    return optimizer
+
+
+def construct(cls: type, name: str, groups: list[dict], hparams: dict) -> torch.optim.Optimizer:
+    """``cls(groups, **hparams)``; an unknown keyword raises with the accepted ones and the closest."""
     try:
-        optimizer = cls(groups, **hparams)
+        return cls(groups, **hparams)
     except TypeError as err:
         accepted = [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "params")]
         unknown = [k for k in hparams if k not in accepted]
@@ -118,8 +162,3 @@ def build_optimizer(
                 hints.append(f"{key!r}: did you mean {close[0]!r}?")
         detail = f" ({'; '.join(hints)})" if hints else ""
         raise TypeError(f"{name}: {err}{detail}. It takes: {', '.join(accepted)}") from None
-    if logger.isEnabledFor(logging.INFO):
-        for g in optimizer.param_groups:
-            count = sum(p.numel() for p in g["params"])
-            logger.info("distopt %s: %s group, %d tensors, %d parameters", name, g["kind"], len(g["params"]), count)
-    return optimizer

@@ -97,7 +97,6 @@ reads them. DeepSpeed's own ``engine.load_checkpoint`` (same-size resume) unpick
 from __future__ import annotations
 
 import copy
-import difflib
 import glob
 import importlib
 import logging
@@ -110,11 +109,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..api import _global_shape, name_parameters
+from ..api import _global_shape, construct, group_of, resolve_class, route
 from ..core import comm
 from ..core.shard import MatrixShardView, chunk_rows, lpt_owners
-from ..optim import REGISTRY
-from ..optim.base import ADAPTER_KEY, SubspaceOptimizer, flat_shard_error
+from ..optim.base import ADAPTER_KEY, SubspaceOptimizer
 
 logger = logging.getLogger("distopt")
 
@@ -124,6 +122,7 @@ ADAPTER = "deepspeed"
 DEEPSPEED_MIN, DEEPSPEED_TESTED_MAX = (0, 19, 6), (0, 19, 8)
 DEEPSPEED_RANGE = "deepspeed>=0.19.6,<=0.19.8"
 CONFIG_PREFIX = "distopt."
+CONFIG_LABEL = CONFIG_PREFIX + "{}"  # how a DeepSpeed config names an optimizer
 FULL_FORMAT = "distopt-deepspeed-full"
 CONVERT_HINT = ("convert it once with `python -m distopt.deepspeed convert {ckpt} OUT.pt` and resume with "
                 "`distopt.deepspeed.load_full_state(engine, 'OUT.pt')` in place of engine.load_checkpoint")
@@ -541,40 +540,19 @@ def attach(engine, optimizer: SubspaceOptimizer) -> ZeroBinding:
 def build_partitioned_optimizer(model: torch.nn.Module, name: str, *, rules=None, use_default_rules: bool = True,
                                 elementwise: dict | None = None, **hparams) -> SubspaceOptimizer:
     """Optimizer ``name`` over ``model`` with one parameter group per trainable parameter, routed as
-    :func:`distopt.build_optimizer` routes them (matrix roles by name and global shape)."""
-    if name not in REGISTRY:
-        close = difflib.get_close_matches(name, REGISTRY, n=1)
-        hint = f" Did you mean 'distopt.{close[0]}'?" if close else ""
-        raise ValueError(f"unknown optimizer 'distopt.{name}'; choose one of "
-                         f"{['distopt.' + n for n in sorted(REGISTRY)]}.{hint}")
-    if name == "rso":
+    :func:`distopt.build_optimizer` routes them (:func:`distopt.api.route`)."""
+    resolve_class(name, label=CONFIG_LABEL)
+    if name == "rso":  # before routing: RSO's prepare_model would already have rewritten the model
         raise NotImplementedError(
             "distopt.rso replaces linear layers by reparametrized ones and merges them into the weights, which "
             "DeepSpeed's flattened and partitioned parameters do not allow yet. Fix: train RSO with DDP or FSDP2 "
             "(distopt.build_optimizer), or choose another distopt optimizer in the config."
         )
-    cls = REGISTRY[name]
-    hparams = cls.prepare_model(model, dict(hparams))
-    roles = name_parameters(model, rules, use_default_rules)
-    groups = []
-    by_name = {}
-    for pname, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        shape = _global_shape(p)
-        kind = "matrix" if roles[pname] in cls.matrix_roles else "adamw"
-        if kind == "matrix" and len(shape) != 2:
-            raise flat_shard_error(pname, shape)
-        group = {"params": [p], "param_names": [pname], "roles": [roles[pname]], "kind": kind, ADAPTER_KEY: ADAPTER}
-        if kind == "adamw":
-            group.update(elementwise or {})
-        groups.append(group)
-        by_name[pname] = p
-    try:
-        optimizer = cls(groups, **hparams)
-    except TypeError as err:
-        raise TypeError(f"distopt.{name}: {err}") from None
-    optimizer._by_adapter_name = by_name
+    cls, hparams, routed = route(model, name, hparams, rules=rules, use_default_rules=use_default_rules,
+                                 elementwise=elementwise, label=CONFIG_LABEL)
+    groups = [{**group_of([r], r.kind, elementwise), ADAPTER_KEY: ADAPTER} for r in routed]
+    optimizer = construct(cls, f"distopt.{name}", groups, hparams)
+    optimizer._by_adapter_name = {r.name: r.param for r in routed}
     return optimizer
 
 

@@ -8,6 +8,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from distopt.engines import oss
+from distopt.optim import REGISTRY
 
 from .common import OddNet, full_params, hparams, train_steps
 from .harness import run_ranks
@@ -32,7 +33,7 @@ def _worker(rank, world_size, wrapper, names):
 def test_wrapped_optimizer_matches_one_process(wrapper):
     if wrapper == "fairscale_oss":
         pytest.importorskip("fairscale")
-    names = [n for n in NAMES if n in oss.REGISTRY]
+    names = [n for n in NAMES if n in REGISTRY]
     results = run_ranks(2, _worker, wrapper, names)
     for name in names:
         want = _reference(name)

@@ -1,0 +1,70 @@
+"""Every builder routes through one path (``distopt.api.route``): build_optimizer, DeepSpeed's
+one-group-per-parameter builder and the ZeRO-R / fairscale OSS wrappers agree on which parameters
+are matrices and refuse the same inputs with the same messages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import distopt
+from distopt.engines import oss
+from distopt.engines.deepspeed import build_partitioned_optimizer
+
+
+class Block(nn.Module):
+    def __init__(self, q_rows: int = 12, conv: bool = False):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(16, 8)
+        self.q_proj = nn.Linear(8, q_rows, bias=False)  # 0 rows: a pruned layer, nothing to project
+        self.up_proj = nn.Linear(8, 20)
+        self.norm = nn.LayerNorm(8)
+        if conv:  # a 3-D weight whose name routes it to the matrix group
+            self.v_proj = nn.Module()
+            self.v_proj.weight = nn.Parameter(torch.randn(4, 4, 4))
+
+
+def _oss_kinds(model, name, **kw):
+    _, _, groups = oss._resolve(model, name, {}, kw.get("rules"), kw.get("use_default_rules", True), None)
+    return {p._distopt_name: g["kind"] for g in groups for p in g["params"]}
+
+
+def _kinds_of_every_builder(make, name="galore", **kw):
+    model = make()
+    opt = distopt.build_optimizer(model, name, **kw)
+    kinds = {"build_optimizer": {n: g["kind"] for g in opt.param_groups for n in g["param_names"]}}
+    opt = build_partitioned_optimizer(make(), name, **kw)
+    kinds["deepspeed"] = {g["param_names"][0]: g["kind"] for g in opt.param_groups}
+    kinds["oss"] = _oss_kinds(make(), name, **kw)
+    return kinds
+
+
+@pytest.mark.parametrize("q_rows", [12, 0])
+def test_every_builder_routes_the_same_parameters_to_the_matrix_group(q_rows):
+    kinds = _kinds_of_every_builder(lambda: Block(q_rows))
+    want = {"embed_tokens.weight": "adamw", "q_proj.weight": "matrix" if q_rows else "adamw",
+            "up_proj.weight": "matrix", "up_proj.bias": "adamw", "norm.weight": "adamw", "norm.bias": "adamw"}
+    assert kinds == {path: want for path in kinds}
+
+
+def test_every_builder_honours_the_rules_and_use_default_rules():
+    kinds = _kinds_of_every_builder(Block, rules=[(r"^q_proj\.weight$", "other")], use_default_rules=True)
+    assert all(k["q_proj.weight"] == "adamw" and k["up_proj.weight"] == "matrix" for k in kinds.values())
+    kinds = _kinds_of_every_builder(Block, rules=[(r"q_proj\.weight$", "matrix")], use_default_rules=False)
+    assert all(k["q_proj.weight"] == "matrix" and k["up_proj.weight"] == "adamw" for k in kinds.values()), kinds
+
+
+def test_every_builder_refuses_a_3d_weight_in_the_matrix_group_and_an_unknown_name():
+    builders = {
+        "build_optimizer": distopt.build_optimizer,
+        "deepspeed": build_partitioned_optimizer,
+        "zero_redundancy_optimizer": oss.zero_redundancy_optimizer,  # refused before the wrapper needs a group
+    }
+    for build in builders.values():
+        with pytest.raises(ValueError, match=r"'v_proj.weight' of shape \(4, 4, 4\) reached the matrix group"):
+            build(Block(conv=True), "galore")
+        with pytest.raises(ValueError, match=r"unknown optimizer .*galor'.*Did you mean '(distopt\.)?galore'"):
+            build(Block(), "galor")
+        with pytest.raises(ValueError, match="unknown keys"):
+            build(Block(), "galore", elementwise={"lrr": 1e-3})
