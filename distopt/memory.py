@@ -162,13 +162,14 @@ def state_layout(model: nn.Module, optimizer: str, hparams: dict | None = None, 
     with torch.device("meta"):
         meta = _to_meta(model)
         opt = build_optimizer(meta, optimizer, elementwise=elementwise, **hparams)
-        views = getattr(opt, "_views", {})
-        if shard_ranks > 1:
-            for p, view in list(views.items()):
+        if shard_ranks > 1 and hasattr(opt, "set_views"):
+            views = {}
+            for p, view in opt.views.items():
                 counts = _shard_rows(engine, view.global_shape, shard_ranks)
                 start = sum(counts[:shard_index])
                 views[p] = MatrixShardView(view.name, view.global_shape, start, start + counts[shard_index], _SHARDED,
                                            counts, index=shard_index)
+            opt.set_views(views)
         opt.allocate_state()
     held = opt.projections_in_model() if hasattr(opt, "projections_in_model") else {}
     out = []

@@ -24,7 +24,7 @@ The mechanism, and why
    like an uneven FSDP2 ``Shard(0)``. The elements a rank holds at the head of its partition belong
    to the last row of an earlier rank; before the step one all-gather of at most ``n - 1``
    parameter and ``n - 1`` gradient values per rank (plus a not-finite flag) brings each owner the
-   tail of its last row, the unchanged algorithm (``_matrix_step``) runs on the full row block with
+   tail of its last row, the unchanged algorithm (``step_matrix``) runs on the full row block with
    the data-parallel group in its :class:`MatrixShardView`, and a second all-gather sends the new
    values of each tail back to the rank that holds them. Padding is never touched. When the
    partitions happen to be row-aligned both gathers are skipped (only a 1-element flag all-reduce
@@ -236,7 +236,8 @@ def _plan(part: Partition, owner: int) -> _Plan:
 # The binding: how the optimizer steps the partitions DeepSpeed hands it
 # ---------------------------------------------------------------------------------------------------
 class ZeroBinding:
-    """Attached to a distopt optimizer as ``optimizer._binding`` by :func:`attach`."""
+    """Bound to a distopt optimizer by :func:`attach` (``optimizer.bind``): DeepSpeed's side of
+    :class:`distopt.optim.base.EngineBinding`."""
 
     def __init__(self, stage: int, parts: dict[str, Partition], engine=None, finite_checked: bool = False):
         self.stage = stage
@@ -268,8 +269,8 @@ class ZeroBinding:
             part = self.parts[group["param_names"][0]]
             entry = part.describe()
             if part.kind == "matrix":  # state split by the matrix's rows, and split in rank chunks
-                entry["row_keys"] = sorted(optimizer._row_sharded_keys(part.param, group))
-                chunked = optimizer._chunked_state(part.param, group)
+                entry["row_keys"] = sorted(optimizer.row_sharded_keys(part.param, group))
+                chunked = optimizer.chunked_state(part.param, group)
                 entry["chunk_keys"] = sorted(chunked)
                 entry["chunk_dims"] = {key: dim for key, (_, dim) in sorted(chunked.items())}
             layout[part.name] = entry
@@ -304,10 +305,10 @@ class ZeroBinding:
         part = self.by_param[p]
         if part.kind == "adamw" and value.numel() == part.numel:
             return value.reshape(-1)[part.start:part.end]
-        if part.kind == "matrix" and key in optimizer._row_sharded_keys(p, group) and value.shape[0] == part.shape[0]:
+        if part.kind == "matrix" and key in optimizer.row_sharded_keys(p, group) and value.shape[0] == part.shape[0]:
             r0, r1 = part.rows(part.rank)
             return value[r0:r1]
-        chunked = optimizer._chunked_state(p, group) if part.kind == "matrix" else {}
+        chunked = optimizer.chunked_state(p, group) if part.kind == "matrix" else {}
         if key in chunked and tuple(value.shape) == tuple(chunked[key][0]):
             dim = chunked[key][1]
             counts = chunk_rows(value.shape[dim], part.world)
@@ -368,7 +369,7 @@ class ZeroBinding:
         if self._is_bad(part):
             optimizer.record_nonfinite_skip(part.name)
             return
-        optimizer._adamw_apply(group, [param], [grad], [optimizer.state[part.param]])
+        optimizer.step_elementwise(group, [param], [grad], [optimizer.state[part.param]])
 
     def _matrix(self, optimizer, group, part: Partition, values, grads) -> None:
         plan = self.plans[part.name]
@@ -392,7 +393,7 @@ class ZeroBinding:
         else:
             p_rows = torch.cat([values[own]] + [gathered[i, :c].to(values.dtype) for i, c in plan.sources]).view(rows, n)
             g_rows = torch.cat([grads[own]] + [gathered[i, L : L + c].to(grads.dtype) for i, c in plan.sources]).view(rows, n)
-        optimizer._matrix_step(p_rows, g_rows, optimizer.state[part.param], group, plan.view)
+        optimizer.step_matrix(p_rows, g_rows, optimizer.state[part.param], group, plan.view)
         if plan.tail:
             values[own].copy_(p_rows.view(-1)[: plan.own])
         if plan.max_tail:  # send each tail's new values back to the ranks holding them
@@ -458,7 +459,7 @@ def attach(engine, optimizer: SubspaceOptimizer) -> ZeroBinding:
 
     def part_for(group, length, rank, world, pg, device, source):
         name = group["param_names"][0]
-        p = optimizer._by_adapter_name[name]
+        p = optimizer.parameter(name)
         shape = tuple(_global_shape(p))
         parts[name] = Partition(name=name, param=p, kind=group["kind"], shape=shape, length=length, rank=rank,
                                 world=world, group=pg if world > 1 else None, device=device, source=source)
@@ -468,7 +469,7 @@ def attach(engine, optimizer: SubspaceOptimizer) -> ZeroBinding:
         stage = 0
         for group in groups:
             held = group["params"][0]
-            part = part_for(group, math.prod(_global_shape(optimizer._by_adapter_name[group["param_names"][0]])),
+            part = part_for(group, math.prod(_global_shape(optimizer.parameter(group["param_names"][0]))),
                             0, 1, None, held.device, (0, held))
             if held.numel() != part.numel:
                 raise RuntimeError(f"{part.name}: stage 0 handed over {tuple(held.shape)}, expected {part.shape}")
@@ -476,7 +477,7 @@ def attach(engine, optimizer: SubspaceOptimizer) -> ZeroBinding:
         stage = int(engine.zero_optimization_stage())
         for i, group in enumerate(groups):
             bit16 = zopt.bit16_groups[i]
-            p = optimizer._by_adapter_name[group["param_names"][0]]
+            p = optimizer.parameter(group["param_names"][0])
             if len(bit16) != 1 or bit16[0] is not p:
                 raise RuntimeError(f"DeepSpeed regrouped parameters (group {i} holds {len(bit16)}); distopt needs one per group")
             flat = zopt.single_partition_of_fp32_groups[i]
@@ -493,7 +494,7 @@ def attach(engine, optimizer: SubspaceOptimizer) -> ZeroBinding:
         for s, params in enumerate(zopt.fp16_groups):
             gid = zopt.sub_group_to_group_id[s]
             group = groups[gid]
-            p = optimizer._by_adapter_name[group["param_names"][0]]
+            p = optimizer.parameter(group["param_names"][0])
             if len(params) != 1 or params[0] is not p or gid in seen:
                 raise RuntimeError(f"ZeRO-3 sub-group {s} does not hold exactly group {gid}'s parameter")
             seen.add(gid)
@@ -528,9 +529,7 @@ def attach(engine, optimizer: SubspaceOptimizer) -> ZeroBinding:
     owners = lpt_owners({p.name: p.shape[0] * p.shape[1] * min(p.shape) for p in matrices}, matrices[0].world) if matrices else {}
     for part in matrices:
         binding.plans[part.name] = _plan(part, owners[part.name] if part.world > 1 else 0)
-        optimizer._views[part.param] = binding.plans[part.name].view
-    optimizer.__dict__.pop("_row_keys_cache", None)
-    optimizer._binding = binding
+    optimizer.bind(binding, {part.param: binding.plans[part.name].view for part in matrices})
     return binding
 
 
@@ -551,9 +550,7 @@ def build_partitioned_optimizer(model: torch.nn.Module, name: str, *, rules=None
     cls, hparams, routed = route(model, name, hparams, rules=rules, use_default_rules=use_default_rules,
                                  elementwise=elementwise, label=CONFIG_LABEL)
     groups = [{**group_of([r], r.kind, elementwise), ADAPTER_KEY: ADAPTER} for r in routed]
-    optimizer = construct(cls, f"distopt.{name}", groups, hparams)
-    optimizer._by_adapter_name = {r.name: r.param for r in routed}
-    return optimizer
+    return construct(cls, f"distopt.{name}", groups, hparams)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -796,7 +793,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     engine, zopt, loader, scheduler = deepspeed.initialize(config=rest, **passthrough)
     attach(engine, opt)
     _guard_checkpoint_loading(engine)
-    logger.info("distopt.%s under DeepSpeed ZeRO-%d: %d groups", name, opt._binding.stage, len(opt.param_groups))
+    logger.info("distopt.%s under DeepSpeed ZeRO-%d: %d groups", name, opt.binding.stage, len(opt.param_groups))
     return engine, zopt, loader, scheduler
 
 
@@ -987,7 +984,7 @@ def load_full_state(engine, path: str, load_optimizer_states: bool = True, load_
     if blob.get("format") != FULL_FORMAT:
         raise ValueError(f"{path} was not written by `python -m distopt.deepspeed convert`")
     optimizer = engine.basic_optimizer
-    binding = getattr(optimizer, "_binding", None)
+    binding = getattr(optimizer, "binding", None)
     if binding is None:
         raise ValueError("this engine was not built by distopt.deepspeed.initialize")
     binding.load_weights(engine, blob["model"])

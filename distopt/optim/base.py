@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import os
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch.optim.adamw import adamw as _functional_adamw
@@ -28,9 +29,38 @@ logger = logging.getLogger("distopt")
 ADAM_FORMS = ("torch", "hf")
 STATE_FORMAT = 1
 # Group key set only by engine adapters (``distopt.deepspeed``) on the groups they build. Such a
-# group holds one parameter; once the adapter has bound itself (``_binding``), the 1-D partition an
+# group holds one parameter; once the adapter has bound itself (``bind``), the 1-D partition an
 # engine swaps into the group is stepped through the adapter. Without a binding it is refused.
 ADAPTER_KEY = "adapter"
+
+
+@runtime_checkable
+class EngineBinding(Protocol):
+    """What an engine adapter provides once bound (:meth:`SubspaceOptimizer.bind`). The optimizer
+    calls these hooks for the groups marked with :data:`ADAPTER_KEY`; the adapter in turn calls
+    only the optimizer's public methods (``step_matrix``, ``step_elementwise``,
+    ``row_sharded_keys``, ``chunked_state``, ``parameter``)."""
+
+    def state_params(self, group: dict) -> list[torch.Tensor]:
+        """The tensors the group's state is keyed by (the engine may swap ``group["params"]``)."""
+
+    def state_template(self, p: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like this rank's share of ``p``, to size its state by."""
+
+    def begin_step(self, groups: list[dict]) -> None:
+        """Called once per ``step()`` with the bound groups it will step (skip decisions)."""
+
+    def step_group(self, optimizer: SubspaceOptimizer, group: dict) -> None:
+        """Step one bound group."""
+
+    def import_value(self, optimizer: SubspaceOptimizer, p: torch.Tensor, group: dict, key: str, value):
+        """This rank's share of a whole state tensor being loaded."""
+
+    def check_state_dict(self, optimizer: SubspaceOptimizer, state_dict: dict) -> None:
+        """Raise if ``state_dict`` was written under a partition layout this one cannot read."""
+
+    def describe(self, optimizer: SubspaceOptimizer) -> dict:
+        """Where this rank's partitions lie, saved with the state dict."""
 
 
 def flat_shard_error(name: str, shape: tuple[int, ...]) -> ValueError:
@@ -162,9 +192,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self._names: dict[torch.Tensor, str] = {}
         self._views: dict[torch.Tensor, MatrixShardView] = {}
         self._roles: dict[torch.Tensor, str] = {}
+        self._by_name: dict[str, torch.Tensor] = {}
+        self._row_keys_cache: dict[torch.Tensor, dict[str, tuple[int, ...]]] = {}
         self.nonfinite_skips: dict[str, int] = {}
-        # Set by an engine adapter (distopt.deepspeed) after the engine is built; see ADAPTER_KEY.
-        self._binding = None
+        # Set by an engine adapter (distopt.deepspeed) after the engine is built: see bind().
+        self._binding: EngineBinding | None = None
         super().__init__(groups, defaults)
         _warn_tf32_override()
 
@@ -211,6 +243,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if name in self._names.values():
                 raise ValueError(f"parameter name {name!r} appears twice")
             self._names[p] = name
+            self._by_name[name] = p
             self._roles[p] = role
             if is_dtensor(p):  # algorithms receive the local shard
                 self._roles[local(p)] = role
@@ -248,6 +281,51 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def prepare_model(cls, model: torch.nn.Module, hparams: dict) -> dict:
         """Called by ``build_optimizer`` before routing; may change the model and the hyper-parameters."""
         return hparams
+
+    # -- what engine adapters call (see EngineBinding) -----------------------------------------------
+    def bind(self, binding: EngineBinding, views: dict[torch.Tensor, MatrixShardView]) -> None:
+        """Let ``binding`` step the groups marked with :data:`ADAPTER_KEY`, with ``views`` (this
+        rank's rows of each matrix under the engine's partitioning) replacing the build-time ones."""
+        if not isinstance(binding, EngineBinding):
+            raise TypeError(f"{type(binding).__name__} does not provide the EngineBinding hooks")
+        self.set_views(views)
+        self._binding = binding
+
+    @property
+    def binding(self) -> EngineBinding | None:
+        return self._binding
+
+    @property
+    def views(self) -> dict[torch.Tensor, MatrixShardView]:
+        """Each matrix's shard view, by parameter (a copy)."""
+        return dict(self._views)
+
+    def set_views(self, views: dict[torch.Tensor, MatrixShardView]) -> None:
+        """Replace the views of some matrices (an engine's partitioning, or one the memory estimator
+        simulates) before state is allocated; what was derived from them is recomputed."""
+        unknown = [self._names.get(p, f"a tensor of shape {tuple(p.shape)}") for p in views if p not in self._views]
+        if unknown:
+            raise ValueError(f"{unknown} are not matrices of this optimizer")
+        self._views.update(views)
+        self._row_keys_cache.clear()  # row-sharded keys depend on the views
+
+    def parameter(self, name: str) -> torch.Tensor:
+        """The parameter this optimizer was built with under ``name``."""
+        return self._by_name[name]
+
+    def step_matrix(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
+        """The algorithm's update of one matrix's local rows ``p`` (in place), given their gradient."""
+        self._matrix_step(p, grad, state, group, view)
+
+    def step_elementwise(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
+                         states: list[dict]) -> None:
+        """The element-wise AdamW update of local tensors (in place)."""
+        self._adamw_apply(group, params, grads, states)
+
+    def chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], int]]:
+        """State tensors split over the shard group in ``torch.chunk`` pieces by rank rather than by
+        the matrix's rows, as ``{key: (global shape, split dim)}`` (:meth:`_chunked_state`)."""
+        return self._chunked_state(p, group)
 
     def _check_matrix_hparams(self, group: dict) -> None:
         """Validate algorithm-specific hyper-parameters of a matrix group."""
@@ -454,14 +532,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if group["kind"] == "matrix"
         ]
 
-    def _row_sharded_keys(self, p: torch.Tensor, group: dict) -> dict[str, tuple[int, ...]]:
+    def row_sharded_keys(self, p: torch.Tensor, group: dict) -> dict[str, tuple[int, ...]]:
         """Global shapes of a sharded matrix's row-sharded state tensors (the others are replicated).
 
         Found by allocating the state on the meta device twice, for the whole matrix and for a
         shard of zero rows: what changes with the row count is row-sharded. The answer depends on
         the algorithm and the global shape only, so every rank agrees.
         """
-        cache = self.__dict__.setdefault("_row_keys_cache", {})
+        cache = self._row_keys_cache
         if p not in cache:
             view = self._views[p]
             full, empty = {}, {}
@@ -480,7 +558,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def _distributed_keys(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], int]]:
         """``{key: (global shape, split dim)}`` of every state tensor of a sharded matrix that is
         split across ranks; the others are replicated."""
-        rows = {key: (shape, 0) for key, shape in self._row_sharded_keys(p, group).items()}
+        rows = {key: (shape, 0) for key, shape in self.row_sharded_keys(p, group).items()}
         return {**rows, **self._chunked_state(p, group)}
 
     @staticmethod

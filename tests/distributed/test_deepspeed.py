@@ -560,7 +560,7 @@ def _agreed_skip_worker(rank, world, stages):
     for stage in stages:
         engine, _, _, _ = dds.initialize(model=OddNet(), config=_config(stage, "galore", world))
         opt = engine.basic_optimizer
-        checked_by_deepspeed = opt._binding.finite_checked
+        checked_by_deepspeed = opt.binding.finite_checked
         visits = []  # groups whose state the optimizer looks up during one engine step
         real_state_params = opt._state_params
         opt._state_params = lambda group, v=visits, real=real_state_params: v.append(1) or real(group)
@@ -572,7 +572,7 @@ def _agreed_skip_worker(rank, world, stages):
 
         engine, _, _, _ = dds.initialize(model=OddNet(), config=_config(stage, "galore", world))
         opt = engine.basic_optimizer
-        binding = opt._binding
+        binding = opt.binding
         binding.finite_checked = False
         real_begin = binding.begin_step
         state = {"step": 0, "calls": 0}
