@@ -252,11 +252,15 @@ def _step_of(path: Path) -> int | None:
         return None
 
 
-def read_file(path: Path):
+def read_file(path: Path, mmap: bool = False):
     """``torch.load(weights_only=True)``; a file that is missing, is not plain tensors and values, or
-    cannot be read at all raises :class:`IntegrityError` naming it (nothing in it is executed)."""
+    cannot be read at all raises :class:`IntegrityError` naming it (nothing in it is executed).
+
+    ``mmap=True`` maps the tensors from the file (copy-on-write) instead of reading them into private
+    memory: the ranks of a node that each load the whole model and optimizer state then share one
+    copy in the page cache, and each copies only into its own parameters and state."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise IntegrityError(f"{path.parent}: {path.name} is missing") from None
     except Exception as err:  # noqa: BLE001 - refused globals, truncation and garbage fail in many ways
@@ -284,7 +288,7 @@ def load(path: Path, info: DistInfo, engine) -> dict:
         checking = pool.submit(verify, path, info, tuple(_library_manifests(path)))
         if not mine:  # the engine reads its files itself: verify before it does
             checking.result()
-        loaded = [read_file(path / name) for name in mine]
+        loaded = [read_file(path / name, mmap=True) for name in mine]
         checking.result()
     if loaded:
         engine.load_model_state_dict(loaded[0])
