@@ -106,12 +106,13 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
 
 
 def meta_state_bytes(optimizer) -> int:
-    """Bytes of the optimizer's state tensors (works on the meta device, where storages have no address)."""
+    """Bytes of the optimizer's state tensors and of the projections it keeps in the model (RSO's),
+    as ``distopt.state_bytes`` counts them; works on the meta device, where storages have no address."""
     seen = {}
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                seen[id(value)] = value.numel() * value.element_size()
+    held = optimizer.projections_in_model() if hasattr(optimizer, "projections_in_model") else {}
+    for value in [v for state in optimizer.state.values() for v in state.values()] + list(held.values()):
+        if isinstance(value, torch.Tensor):
+            seen[id(value)] = value.numel() * value.element_size()
     return sum(seen.values())
 
 
@@ -141,6 +142,13 @@ def preflight(cfg: RunConfig, info: dist.DistInfo) -> Plan:
         )
     with torch.device("meta"):
         model = build_model(shape, impl, activation_checkpointing=cfg.model.activation_checkpointing)
+    # The model's size and AdamW's state on it, before an optimizer may rewrite it (RSO swaps its
+    # linears for frozen weights plus trainable factors).
+    num_params = sum(p.numel() for p in model.parameters())
+    reference = distopt.build_optimizer(model, "adamw")
+    reference.allocate_state()
+    adamw = meta_state_bytes(reference)
+    del reference
     try:
         optimizer = build_optimizer(cfg, model)
         optimizer.allocate_state()
@@ -148,11 +156,7 @@ def preflight(cfg: RunConfig, info: dist.DistInfo) -> Plan:
         raise ConfigError(f"optim (name={cfg.optim.name!r}, hparams={cfg.optim.hparams}): {err}") from None
     state = meta_state_bytes(optimizer)
     matrix = sum(p.numel() for g in optimizer.param_groups if g.get("kind") == "matrix" for p in g["params"])
-    reference = distopt.build_optimizer(model, "adamw")
-    reference.allocate_state()
-    adamw = meta_state_bytes(reference)
-    num_params = sum(p.numel() for p in model.parameters())
-    del model, optimizer, reference
+    del model, optimizer
 
     out_dir = cfg.output_dir
     root = out_dir / "checkpoints"

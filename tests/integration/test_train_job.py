@@ -95,3 +95,27 @@ def test_numbers_in_yaml_hparams_are_numbers_even_without_a_dot(tmp_path):
     cfg = load_config(str(path), ["optim.hparams.update_proj_gap=1e2"])
     assert cfg.optim.hparams == {"scale": 0.5, "rank": 8, "refresh": "svd", "update_proj_gap": 100}
     assert isinstance(cfg.optim.hparams["update_proj_gap"], int)
+
+
+@pytest.mark.parametrize("name", ["rso", "galore"])
+def test_the_summary_compares_state_with_adamw_on_the_model_as_given(tmp_path, capsys, name):
+    # RSO rewrites the model (frozen weights plus trainable factors): AdamW's state and the
+    # parameter count must still be those of the model the user gave, and RSO's projections count.
+    import torch
+
+    import distopt
+    from launch.modeling import build_model, load_shape
+
+    hparams = '{"rank": 8}' if name == "rso" else '{"rank": 8, "update_proj_gap": 3}'
+    args = job_args(tmp_path, **{"optim.name": name, "optim.hparams": hparams, "train.steps": 2, "eval.every": 0})
+    assert train.main(args) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    model = build_model(load_shape(args[0].split("=", 1)[1]), "native")
+    reference = distopt.build_optimizer(model, "adamw")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    reference.step()
+    assert summary["num_params"] == sum(p.numel() for p in model.parameters())
+    assert summary["adamw_state_bytes"] == distopt.state_bytes(reference)
+    assert summary["state_bytes"] < summary["adamw_state_bytes"]
+    assert "smaller" in capsys.readouterr().out
