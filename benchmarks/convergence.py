@@ -283,17 +283,46 @@ def plot(runs: list[dict], out: Path) -> Path | None:
     return out
 
 
+def readme_summary(runs: list[dict]) -> str:
+    """The README's short form of the table: loss and state against AdamW, and where a method loses."""
+    table = summarize(runs)
+    if "adamw" not in table:
+        return ""
+    base = table["adamw"]
+    lines = ["Tuned convergence so far ([docs/convergence.md](docs/convergence.md): a 3.3M-parameter byte-level "
+             "LLaMA, 600 steps on Python's standard library, CPU; validation loss, mean ± half-range over the "
+             "seeds run):", "",
+             "| optimizer | lr | val loss (seeds) | x AdamW loss | state x AdamW |", "|---|---|---|---|---|"]
+    for name, row in sorted(table.items(), key=lambda kv: kv[1]["mean"]):
+        spread = f" ± {row['spread']:.3f} ({len(row['losses'])})" if row["spread"] is not None else " (1)"
+        lines.append(f"| {name} | {row['lr']:g} | {row['mean']:.3f}{spread} | {row['mean'] / base['mean']:.3f} | "
+                     f"{row['state_bytes'] / base['state_bytes']:.2f} |")
+    losing = [(n, r["mean"] / base["mean"] - 1) for n, r in table.items() if r["mean"] > base["mean"]]
+    if losing:
+        lines += ["", "Losing to AdamW: " + ", ".join(f"{n} by {d:.1%}" for n, d in sorted(losing, key=lambda x: x[1])) + "."]
+    lines += ["", *[line for line in report(runs).splitlines() if line.startswith("Goal")]]
+    missing = [n for n in (*FLAGSHIPS, *RELATIVES) if n not in table]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)}."]
+    return "\n".join(lines) + "\n"
+
+
+def _replace_block(path: Path, start: str, end: str, text: str) -> None:
+    body = path.read_text() if path.is_file() else f"{start}\n{end}\n"
+    if start not in body:
+        body += f"\n{start}\n{end}\n"
+    head, rest = body.split(start, 1)
+    path.write_text(f"{head}{start}\n{text}{end}{rest.split(end, 1)[1]}")
+
+
 def write_report() -> None:
     runs = all_runs()
     text = report(runs)
     doc = ROOT / "docs" / "convergence.md"
-    start, end = "<!-- study:begin -->", "<!-- study:end -->"
-    body = doc.read_text() if doc.is_file() else f"{start}\n{end}\n"
-    if start not in body:
-        body += f"\n{start}\n{end}\n"
-    head, rest = body.split(start, 1)
-    tail = rest.split(end, 1)[1]
-    doc.write_text(f"{head}{start}\n{text}{end}{tail}")
+    _replace_block(doc, "<!-- study:begin -->", "<!-- study:end -->", text)
+    readme = ROOT / "README.md"
+    if "<!-- convergence:begin -->" in readme.read_text():
+        _replace_block(readme, "<!-- convergence:begin -->", "<!-- convergence:end -->", readme_summary(runs))
     png = plot(runs, ROOT / "docs" / "convergence.png")
     print(text)
     print(f"table: {doc}" + (f", plot: {png}" if png else " (no plot: matplotlib missing)"))
