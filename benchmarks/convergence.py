@@ -88,8 +88,8 @@ def train(corpus: str, optimizer: str, lr: float, seed: int, extra: list[str]) -
     hit = cached(corpus, optimizer, lr, seed)
     if hit is not None:
         return hit
-    from launch import compare
-    from launch.metrics import read_jsonl, write_json_atomic
+    from distopt.job import compare
+    from distopt.job.metrics import read_jsonl, write_json_atomic
 
     key = run_key(corpus, optimizer, lr, seed)
     out_dir = RUNS / key

@@ -103,7 +103,7 @@ def job_checks(dev: str) -> dict:
     def job(*extra):
         precision = "bf16-mixed" if dev == "cuda" else "fp32"
         return subprocess.run(
-            [sys.executable, "-m", "launch.train", "--config", "tiny_cpu", f"engine.device={dev}", "engine.name=single",
+            [sys.executable, "-m", "distopt.job.train", "--config", "tiny_cpu", f"engine.device={dev}", "engine.name=single",
              f"train.precision={precision}", "eval.every=0", "log.plot=false", "log.progress=lines",
              "data.glob=json/*.py", "data.val_percent=20", *extra],
             cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -89,8 +89,8 @@ GOALS = {"step_x_adamw": 1.0, "e2e_x_adamw": 0.98, "maxbatch_x_adamw": 1.3, "mem
 
 # -- shapes and settings ------------------------------------------------------------------------
 def _shapes(tiny: bool):
-    """(1B-like, 7B-like) ``launch.modeling.ModelShape`` for the models."""
-    from launch.modeling import ModelShape
+    """(1B-like, 7B-like) ``distopt.job.modeling.ModelShape`` for the models."""
+    from distopt.job.modeling import ModelShape
 
     if tiny:
         return (ModelShape(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
@@ -190,7 +190,7 @@ def ensure_peers(wheels: Path, site: Path, notes: list[str]) -> dict:
         elif not found:
             notes.append(f"{', '.join(PEERS[m] for m in missing)} not installed and no wheels in {wheels}")
     if importlib.util.find_spec("yaml") is None:
-        # launch.modeling imports yaml to read config files; this script passes shapes directly.
+        # distopt.job.modeling imports yaml to read config files; this script passes shapes directly.
         sys.modules["yaml"] = types.ModuleType("yaml")
         notes.append("pyyaml is not installed: config files cannot be read (not needed here)")
     versions = {}
@@ -359,7 +359,7 @@ class Run:
 
     def __init__(self, label: str, shape, cfg: Config, *, rank: int, bf16_weights: bool = False,
                  checkpointing: bool = False, layerwise_mode: bool = False, progress: dict | None = None):
-        from launch.modeling import build_model
+        from distopt.job.modeling import build_model
 
         self.cfg, self.progress = cfg, progress if progress is not None else {}
         self.progress["phase"] = "build model"
@@ -448,7 +448,7 @@ def _new_rows() -> list[dict]:
 
 
 def section_step(cfg: Config, labels: list[str]) -> dict:
-    from launch.modeling import build_model
+    from distopt.job.modeling import build_model
 
     if cfg.cuda:
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32_step
@@ -633,7 +633,7 @@ def section_7b(cfg: Config, optimizer: str, adamw_rows: list[str]) -> dict:
 def section_memory(cfg: Config, flagship: list[str], optimizer_7b: str, adamw_rows: list[str]) -> dict:
     """``distopt memory``'s model-state estimate (engine single, one rank) against the measured
     peak of each 1B and 7B run; runs that were not measured in this process are run here."""
-    from launch.modeling import build_model
+    from distopt.job.modeling import build_model
 
     plans = [("1b", label, label, "bf16-mixed", {}) for label in ["adamw-fused", *flagship]]
     plans.append(("7b", RUN_7B_OURS.format(optimizer_7b), optimizer_7b, "bf16",
@@ -845,7 +845,7 @@ def main(argv: list[str] | None = None) -> dict:
     notes: list[str] = []
     started = time.perf_counter()
     versions = ensure_peers(Path(args.wheels), Path(args.site), notes)
-    from launch.modeling import resolve_impl
+    from distopt.job.modeling import resolve_impl
 
     impl = args.impl
     if impl == "hf" and versions["transformers"] is None:

@@ -9,7 +9,7 @@ finished, so a save killed midway never leaves a directory that loads as valid. 
 marker lists every file with its size and digest (hashed as written, or by all ranks, each a share);
 :func:`load` checks them all before reading a tensor, so a truncated or corrupted checkpoint raises
 :class:`IntegrityError` naming the file instead of loading garbage. The same helpers serve the
-training job's checkpoints (``launch/checkpoint.py``).
+training job's checkpoints (``distopt/job/checkpoint.py``).
 """
 
 from __future__ import annotations

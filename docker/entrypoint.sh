@@ -5,7 +5,7 @@ set -e
 if [ "$#" -eq 0 ] || [ "${1#-}" != "$1" ]; then
     nproc="${NPROC_PER_NODE:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}"
     if [ "$nproc" -gt 1 ]; then
-        exec torchrun --standalone --nproc-per-node "$nproc" -m launch.train "$@"
+        exec torchrun --standalone --nproc-per-node "$nproc" -m distopt.job.train "$@"
     fi
     exec distopt train "$@"
 fi

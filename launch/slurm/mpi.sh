@@ -28,11 +28,11 @@ PER_NODE=${PER_NODE%%(*}  # "8(x2)" -> "8"
 echo "distopt: job ${SLURM_JOB_ID:-?}: ${NTASKS} rank(s) via ${MPI_LAUNCH:-srun}"
 
 if [ "${MPI_LAUNCH:-srun}" = srun ]; then
-    srun --mpi="${SLURM_MPI:-pmix}" --kill-on-bad-exit=1 "$PYTHON" -m launch.train "$@" --resume &
+    srun --mpi="${SLURM_MPI:-pmix}" --kill-on-bad-exit=1 "$PYTHON" -m distopt.job.train "$@" --resume &
 else
     mpirun -np "$NTASKS" --map-by "ppr:${PER_NODE}:node" \
         -x DISTOPT_LAUNCHER -x PATH -x "PYTHONPATH=${PYTHONPATH:-}" \
-        "$PYTHON" -m launch.train "$@" --resume &
+        "$PYTHON" -m distopt.job.train "$@" --resume &
 fi
 pid=$!
 

@@ -8,7 +8,7 @@
 # time limit Slurm signals this script, which passes SIGTERM on to the ranks (they write a
 # checkpoint after the current step) and requeues the job.
 #
-# torchrun is distopt's (launch/torchrun.py): after the SIGTERM it gives the ranks
+# torchrun is distopt's (distopt/job/torchrun.py): after the SIGTERM it gives the ranks
 # TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default here 100, inside the 120 s warning) to finish
 # their checkpoint before it kills them.
 #
@@ -36,10 +36,10 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
 echo "distopt: job ${SLURM_JOB_ID:-?}: ${NNODES} node(s) x ${NPROC_PER_NODE} rank(s), rendezvous ${HEAD_NODE}:${MASTER_PORT}"
 
 srun --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
-    "$PYTHON" -m launch.torchrun \
+    "$PYTHON" -m distopt.job.torchrun \
     --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-id="${SLURM_JOB_ID:-0}" --rdzv-backend=c10d --rdzv-endpoint="${HEAD_NODE}:${MASTER_PORT}" \
-    -m launch.train "$@" --resume &
+    -m distopt.job.train "$@" --resume &
 pid=$!
 
 on_term() {

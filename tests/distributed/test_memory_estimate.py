@@ -99,7 +99,7 @@ def test_every_optimizer_is_within_ten_percent_of_one_over_n_and_below_adamw_at_
     bf16-mixed), every optimizer's state plus bases per rank (rank 0, the most loaded) is at most
     1.1x one process's over N, and its model states per rank are below AdamW's on 8 and 64 ranks,
     under FSDP2 and ZeRO-3 (where the optimizer runs under DeepSpeed at all)."""
-    from launch.modeling import build_model, load_shape
+    from distopt.job.modeling import build_model, load_shape
 
     with torch.device("meta"):
         model = build_model(load_shape("7b"), "native")

@@ -17,8 +17,8 @@ import torch
 from integration.jobutil import REPO, env, job_args, launch_ranks, load_state, ok, python
 
 from distopt import checkpoint as integrity
-from launch import checkpoint as ckpt
-from launch import train
+from distopt.job import checkpoint as ckpt
+from distopt.job import train
 
 pytestmark = pytest.mark.slow
 
@@ -237,7 +237,7 @@ def test_a_short_nan_storm_is_ridden_out_without_checkpointing_it(tmp_path, monk
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kill_9_during_saves_never_leaves_a_checkpoint_that_resumes_wrong(tmp_path, seed):
     args = job_args(tmp_path, **{"train.steps": 200, "checkpoint.every": 1, "checkpoint.keep": 3, "eval.every": 0})
-    proc = subprocess.Popen([python(), "-m", "launch.train", *args], cwd=REPO, env=env(),
+    proc = subprocess.Popen([python(), "-m", "distopt.job.train", *args], cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 120
@@ -250,7 +250,7 @@ def test_kill_9_during_saves_never_leaves_a_checkpoint_that_resumes_wrong(tmp_pa
     ckpt.verify(newest, train.dist.discover())  # complete checkpoints are intact, byte for byte
     resumed = job_args(tmp_path, **{"train.steps": ckpt.read_meta(newest)["step"] + 2, "checkpoint.every": 1,
                                     "checkpoint.keep": 3, "eval.every": 0})
-    done = subprocess.run([python(), "-m", "launch.train", *resumed, "--resume"], cwd=REPO, env=env(),
+    done = subprocess.run([python(), "-m", "distopt.job.train", *resumed, "--resume"], cwd=REPO, env=env(),
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"at step {ckpt.read_meta(newest)['step']}" in done.stdout
@@ -278,14 +278,14 @@ def test_disk_full_during_a_save_is_a_clear_error_and_the_previous_checkpoint_st
 
 def test_sigterm_in_the_first_seconds_exits_143_and_resume_works(tmp_path):
     args = job_args(tmp_path, **{"train.steps": 400, "eval.every": 0})
-    proc = subprocess.Popen([python(), "-m", "launch.train", *args], cwd=REPO, env=env(),
+    proc = subprocess.Popen([python(), "-m", "distopt.job.train", *args], cwd=REPO, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode in (train.EXIT_PREEMPTED, -signal.SIGTERM), err[-2000:]
     if proc.returncode == train.EXIT_PREEMPTED:  # it got as far as training: a checkpoint to resume
-        done = subprocess.run([python(), "-m", "launch.train", *job_args(tmp_path, **{"train.steps": 400, "eval.every": 0,
+        done = subprocess.run([python(), "-m", "distopt.job.train", *job_args(tmp_path, **{"train.steps": 400, "eval.every": 0,
                                "train.stop_at": 0}), "--resume", "train.steps=2000"], cwd=REPO, env=env(),
                               capture_output=True, text=True, timeout=30)
         assert "resumed from" in done.stdout or done.returncode != 0

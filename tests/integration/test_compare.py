@@ -7,7 +7,7 @@ import json
 import pytest
 from jobutil import job_args
 
-from launch import compare
+from distopt.job import compare
 
 
 def test_compare_two_optimizers(tmp_path, capsys):

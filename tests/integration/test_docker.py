@@ -97,7 +97,7 @@ def test_entrypoint_dispatch(tmp_path):
         return proc.stdout.strip()
 
     assert run("--config", "tiny_cpu", NPROC_PER_NODE="1") == "distopt train --config tiny_cpu"
-    assert run("--steps", "5", NPROC_PER_NODE="4") == "torchrun --standalone --nproc-per-node 4 -m launch.train --steps 5"
+    assert run("--steps", "5", NPROC_PER_NODE="4") == "torchrun --standalone --nproc-per-node 4 -m distopt.job.train --steps 5"
     assert run("echo", "hello") == "hello"
 
 
@@ -154,7 +154,7 @@ def test_pip_steps_in_a_fresh_venv(tmp_path):
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     check = subprocess.run([str(venv / "bin" / "distopt"), "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert check.returncode == 0 and "galore" in check.stdout, check.stderr
-    imports = subprocess.run([str(venv / "bin" / "python"), "-c", "import deepspeed, distopt, launch.train; print(deepspeed.__version__)"],
+    imports = subprocess.run([str(venv / "bin" / "python"), "-c", "import deepspeed, distopt, distopt.job.train; print(deepspeed.__version__)"],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert imports.returncode == 0, imports.stderr[-3000:]
     assert imports.stdout.strip().splitlines()[-1] == values["DEEPSPEED_VERSION"]

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from jobutil import REPO, env, free_port, job_args, launch_ranks, ok
 
-from launch import train
-from launch.config import load_config
-from launch.dist import DistInfo
-from launch.engines import deepspeed_config
+from distopt.job import train
+from distopt.job.config import load_config
+from distopt.job.dist import DistInfo
+from distopt.job.engines import deepspeed_config
 
 STEPS = 4
 BASE = {"train.steps": STEPS, "train.batch_size": 6, "train.grad_accum": 2, "eval.every": 2, "log.every": 1}
@@ -232,7 +232,7 @@ def test_deepspeed_style_arguments():
 
 
 def test_bf16_runs_reduce_gradients_in_fp32_unless_told_otherwise(tmp_path):
-    from launch.engines import FSDP2Engine
+    from distopt.job.engines import FSDP2Engine
 
     for precision in ("bf16", "bf16-mixed"):
         for reduce, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):

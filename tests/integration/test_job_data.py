@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from launch.config import load_config
-from launch.data import (
+from distopt.job.config import load_config
+from distopt.job.data import (
     LLMC_MAGIC,
     ByteTokenizer,
     HFTokenizer,

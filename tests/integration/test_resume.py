@@ -7,8 +7,8 @@ import json
 import pytest
 from jobutil import assert_same_tensors, job_args, load_state
 
-from launch import checkpoint as ckpt
-from launch import train
+from distopt.job import checkpoint as ckpt
+from distopt.job import train
 
 
 def _final(tmp_path, out, step=8):
@@ -76,7 +76,7 @@ def test_resume_maps_the_replicated_state_files_instead_of_reading_them_into_eac
     path = tmp_path / "optimizer.pt"
     torch.save({"state": {f"t{i}": torch.randn(1 << 22) for i in range(16)}}, path)
     probe = (  # VmHWM: the peak RSS of this process image (ru_maxrss would carry the forking parent's)
-        "import sys; from pathlib import Path; from launch.checkpoint import read_file\n"
+        "import sys; from pathlib import Path; from distopt.job.checkpoint import read_file\n"
         "def peak(): return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
         "before = peak()\n"
         "state = read_file(Path(sys.argv[1]), mmap=sys.argv[2] == '1')\n"

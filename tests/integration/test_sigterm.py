@@ -64,7 +64,7 @@ def _sigterm_under(launcher: list[str], tmp_path):
 
 
 def test_distopt_torchrun_exits_143_after_the_ranks_checkpoint_on_sigterm(tmp_path):
-    code, out = _sigterm_under([python(), "-m", "launch.torchrun"], tmp_path)
+    code, out = _sigterm_under([python(), "-m", "distopt.job.torchrun"], tmp_path)
     assert code == 143, out[-3000:]
     assert "stopped by signal" in out and "stopped by SIGTERM" in out and "Traceback" not in out, out[-3000:]
     root = tmp_path / "run" / "checkpoints"
@@ -72,7 +72,7 @@ def test_distopt_torchrun_exits_143_after_the_ranks_checkpoint_on_sigterm(tmp_pa
 
 
 def test_distopt_torchrun_gives_the_ranks_time_to_checkpoint_unless_told_otherwise():
-    from launch import torchrun
+    from distopt.job import torchrun
 
     assert torchrun.shutdown_timeout_env([], {}) == {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(torchrun.SHUTDOWN_TIMEOUT_S)}
     assert torchrun.SHUTDOWN_TIMEOUT_S > 30  # torchrun's own default

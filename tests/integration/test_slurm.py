@@ -46,7 +46,7 @@ sys.exit(max(p.wait() for p in procs))
 FAKE_SCONTROL = r'''#!{python}
 import os, sys
 sys.path.insert(0, {repo!r})
-from launch.dist import expand_hostlist
+from distopt.job.dist import expand_hostlist
 with open(os.environ["FAKE_SLURM_LOG"], "a") as log:
     log.write("scontrol " + " ".join(sys.argv[1:]) + "\n")
 if sys.argv[1:3] == ["show", "hostnames"]:
@@ -120,7 +120,7 @@ def test_deepspeed_script(tmp_path, slurm):
 
 
 def test_slurm_variables_give_the_rank(tmp_path):
-    from launch.dist import discover, expand_hostlist
+    from distopt.job.dist import discover, expand_hostlist
 
     assert expand_hostlist("gpu[01-03,7],login1") == ["gpu01", "gpu02", "gpu03", "gpu7", "login1"]
     info = discover({"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",

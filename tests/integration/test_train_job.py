@@ -7,8 +7,8 @@ import json
 import pytest
 from jobutil import free_port, job_args, python, run
 
-from launch import train
-from launch.config import ConfigError, load_config
+from distopt.job import train
+from distopt.job.config import ConfigError, load_config
 
 
 def test_single_process_run_writes_metrics_summary_and_checkpoint(tmp_path, capsys):
@@ -88,7 +88,7 @@ def test_every_registered_optimizer_trains_and_resumes(tmp_path, name):
 
 def test_numbers_in_yaml_hparams_are_numbers_even_without_a_dot(tmp_path):
     # YAML 1.1 reads 5e-1 as a string; the job reads it as the number it is.
-    from launch.config import load_config
+    from distopt.job.config import load_config
 
     path = tmp_path / "run.yaml"
     path.write_text("optim:\n  name: galore\n  hparams:\n    scale: 5e-1\n    rank: 8\n    refresh: svd\n")
@@ -104,7 +104,7 @@ def test_the_summary_compares_state_with_adamw_on_the_model_as_given(tmp_path, c
     import torch
 
     import distopt
-    from launch.modeling import build_model, load_shape
+    from distopt.job.modeling import build_model, load_shape
 
     hparams = '{"rank": 8}' if name == "rso" else '{"rank": 8, "update_proj_gap": 3}'
     args = job_args(tmp_path, **{"optim.name": name, "optim.hparams": hparams, "train.steps": 2, "eval.every": 0})

@@ -1,6 +1,6 @@
 """``distopt compare``: several optimizers on the same model, data and token budget.
 
-Each optimizer runs as its own training job (a subprocess: ``python -m launch.train``, or
+Each optimizer runs as its own training job (a subprocess: ``python -m distopt.job.train``, or
 ``torchrun`` with ``--nproc`` ranks), so peak memory and step time are measured in isolation and
 one failing optimizer does not take the others down. Every run reads the same run config and
 overrides; only ``optim`` changes. The results land in ``<out_dir>/``: one folder per optimizer,
@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from launch.config import REPO_ROOT, ConfigError, OptimConfig, load_config, parse_overrides
-from launch.dist import discover, free_port
-from launch.memory_cli import parse_optimizer_specs
-from launch.metrics import human_bytes, human_count, plot_runs, write_json_atomic
-from launch.train import preflight
+from distopt.job.config import REPO_ROOT, ConfigError, OptimConfig, load_config, parse_overrides
+from distopt.job.dist import discover, free_port
+from distopt.job.memory_cli import parse_optimizer_specs
+from distopt.job.metrics import human_bytes, human_count, plot_runs, write_json_atomic
+from distopt.job.train import preflight
 
 OPTIM_KEYS = {f.name for f in dataclasses.fields(OptimConfig)} - {"name", "hparams"}
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable]
         if args.nproc > 1:
             cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", str(free_port())]
-        cmd += ["-m", "launch.train"] + (["--config", args.config] if args.config else [])
+        cmd += ["-m", "distopt.job.train"] + (["--config", args.config] if args.config else [])
         cmd += [f"{k}={v}" for k, v in pairs]
         print(f"\n=== {label}: {' '.join(cmd)}", flush=True)
         started = time.perf_counter()

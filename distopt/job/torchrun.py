@@ -1,4 +1,4 @@
-"""torchrun for distopt jobs: ``distopt torchrun [torchrun arguments]`` (or ``python -m launch.torchrun``).
+"""torchrun for distopt jobs: ``distopt torchrun [torchrun arguments]`` (or ``python -m distopt.job.torchrun``).
 
 It takes torchrun's arguments and runs torchrun, with two changes for jobs that a scheduler stops:
 
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 SHUTDOWN_TIMEOUT_S = 300
 TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"

@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
 import distopt
 from distopt import memory
-from launch.config import ConfigError
-from launch.modeling import build_model, load_shape, resolve_impl
+from distopt.job.config import ConfigError
+from distopt.job.modeling import build_model, load_shape, resolve_impl
 
 GIB = 1024**3
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 USAGE = """usage: distopt <command> [arguments]
 
@@ -39,13 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from launch.train import main as run
+        from distopt.job.train import main as run
     elif command == "compare":
-        from launch.compare import main as run
+        from distopt.job.compare import main as run
     elif command == "memory":
-        from launch.memory_cli import main as run
+        from distopt.job.memory_cli import main as run
     elif command == "torchrun":
-        from launch.torchrun import main as run
+        from distopt.job.torchrun import main as run
     elif command == "list":
         return list_optimizers()
     elif command in ("--version", "version"):

@@ -1,0 +1,638 @@
+"""``distopt train``: pretrain a LLaMA model with a distopt optimizer.
+
+Run it directly, under torchrun, the DeepSpeed launcher, srun or mpirun::
+
+    distopt train --config configs/runs/tiny_cpu.yaml
+    torchrun --nproc_per_node 2 launch/train.py --config configs/runs/tiny_cpu.yaml --train.steps 200
+    python -m distopt.job.train --config configs/runs/tiny_cpu.yaml optim.name=adamw
+
+Everything is checked before any work: the config keys and values, the model YAML, the engine
+for this launch, and the optimizer's hyper-parameters (the optimizer is built once on a
+``meta``-device model, which allocates nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python launch/train.py`, `torchrun launch/train.py`, `deepspeed launch/train.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+import torch.distributed as torch_dist
+
+import distopt
+from distopt.job import checkpoint as ckpt
+from distopt.job import dist
+from distopt.job import engines as engine_registry
+from distopt.job.config import ConfigError, RunConfig, describe_keys, dump_config, load_config
+from distopt.job.data import Sampler, build_tokenizer, load_datasets
+from distopt.job.engines import optimizer_kwargs
+from distopt.job.metrics import (
+    PLOT_HINT,
+    JsonlLog,
+    Progress,
+    human_bytes,
+    human_count,
+    human_time,
+    peak_memory,
+    plot_runs,
+    read_jsonl,
+    summary_table,
+    write_json_atomic,
+)
+from distopt.job.modeling import ModelShape, build_model, lm_loss, load_shape, resolve_impl
+
+logger = logging.getLogger("distopt.train")
+
+USAGE = """usage: distopt train [--config RUN.yaml] [--key value | key=value ...]
+
+Pretrain a LLaMA model (configs/models/) with a distopt optimizer.
+
+  --config PATH      a run config (a path, or a name under configs/runs/, e.g. tiny_cpu)
+  --key value        override any config key: --train.steps 200, optim.hparams.rank=64,
+                     --lr 3e-3 (a leaf name alone works where it is unique)
+  --resume           continue from the latest checkpoint in out_dir (same as checkpoint.resume=auto)
+  --help-config      list every key with its default and meaning
+
+Launch on several processes with torchrun, the DeepSpeed launcher, srun or mpirun; the rank is
+found from the launcher's environment. Exit codes: 0 done, 2 invalid configuration, 143 stopped
+by SIGTERM after writing a checkpoint.
+"""
+
+EXIT_PREEMPTED = 143
+EXIT_DIVERGED = 3
+EXIT_CHECKPOINT_FAILED = 4
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permissions): the job stops, the last one stays."""
+
+
+# -- checks before any work -------------------------------------------------------------------------
+@dataclass
+class Plan:
+    engine_cls: type
+    shape: ModelShape
+    impl: str
+    tokenizer: object
+    num_params: int
+    matrix_params: int
+    state_bytes: int
+    adamw_state_bytes: int
+    out_dir: Path
+    resume_from: Path | None
+    notes: list[str] = field(default_factory=list)
+    # Older complete checkpoints to fall back to, newest first, when resume_from fails verification.
+    fallbacks: list[Path] = field(default_factory=list)
+
+
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    kwargs = optimizer_kwargs(cfg)
+    elementwise = kwargs.pop("elementwise", None)
+    return distopt.build_optimizer(model, cfg.optim.name, elementwise=elementwise, **kwargs)
+
+
+def meta_state_bytes(optimizer) -> int:
+    """Bytes of the optimizer's state tensors and of the projections it keeps in the model (RSO's),
+    as ``distopt.state_bytes`` counts them; works on the meta device, where storages have no address."""
+    seen = {}
+    held = optimizer.projections_in_model() if hasattr(optimizer, "projections_in_model") else {}
+    for value in [v for state in optimizer.state.values() for v in state.values()] + list(held.values()):
+        if isinstance(value, torch.Tensor):
+            seen[id(value)] = value.numel() * value.element_size()
+    return sum(seen.values())
+
+
+def preflight(cfg: RunConfig, info: dist.DistInfo) -> Plan:
+    """Every check that needs no data, no process group and no memory. Raises ConfigError.
+
+    The engine's check may settle values of ``cfg`` (a DeepSpeed JSON config's); the notes say which."""
+    notes: list[str] = []
+    engine_cls = engine_registry.resolve(cfg, info, notes)
+    shape = load_shape(cfg.model.name)
+    impl = resolve_impl(cfg.model.impl)
+    problems = []
+    if cfg.data.seq_len > shape.max_position_embeddings:
+        problems.append(f"data.seq_len={cfg.data.seq_len}: above the model's max_position_embeddings={shape.max_position_embeddings}")
+    if cfg.optim.name not in distopt.list_optimizers():
+        problems.append(f"optim.name={cfg.optim.name!r}: must be one of {', '.join(distopt.list_optimizers())}")
+    if problems:
+        raise ConfigError(problems)
+    try:
+        tokenizer = build_tokenizer(cfg.data.tokenizer)
+    except Exception as err:  # a broken tokenizer folder
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}: cannot be loaded: {err}") from None
+    if tokenizer.vocab_size > shape.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer={cfg.data.tokenizer!r} has {tokenizer.vocab_size} ids but model {cfg.model.name!r} "
+            f"has vocab_size={shape.vocab_size}; pick a model config with a vocabulary at least that large"
+        )
+    with torch.device("meta"):
+        model = build_model(shape, impl, activation_checkpointing=cfg.model.activation_checkpointing)
+    # The model's size and AdamW's state on it, before an optimizer may rewrite it (RSO swaps its
+    # linears for frozen weights plus trainable factors).
+    num_params = sum(p.numel() for p in model.parameters())
+    reference = distopt.build_optimizer(model, "adamw")
+    reference.allocate_state()
+    adamw = meta_state_bytes(reference)
+    del reference
+    try:
+        optimizer = build_optimizer(cfg, model)
+        optimizer.allocate_state()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"optim (name={cfg.optim.name!r}, hparams={cfg.optim.hparams}): {err}") from None
+    state = meta_state_bytes(optimizer)
+    matrix = sum(p.numel() for g in optimizer.param_groups if g.get("kind") == "matrix" for p in g["params"])
+    del model, optimizer
+
+    out_dir = cfg.output_dir
+    root = out_dir / "checkpoints"
+    resume_from, fallbacks = None, []
+    if cfg.checkpoint.resume == "auto":
+        found = ckpt.candidates(root, notes)
+        if not found:
+            notes.append(f"no checkpoint in {root} yet: starting fresh")
+        else:
+            resume_from, fallbacks = found[0], ([] if cfg.checkpoint.strict else found[1:])
+    elif cfg.checkpoint.resume:
+        resume_from = Path(cfg.checkpoint.resume)
+        if not (resume_from / "meta.json").is_file():
+            raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: not a complete checkpoint (no meta.json)")
+    elif ckpt.latest(root) is not None and not cfg.overwrite:
+        raise ConfigError(
+            f"out_dir={str(out_dir)!r} already holds checkpoints (latest: {ckpt.latest(root).name}). "
+            "Continue that run with --resume, start over with --overwrite (deletes them), or set another --out_dir"
+        )
+    check_output_paths(out_dir, checkpoint_bytes=num_params * 4 + state + (1 << 20))
+    while resume_from is not None:  # cheap checks here; every byte is verified once the ranks are up
+        try:
+            ckpt.check_files(resume_from)
+            check_resume_point(cfg, resume_from)
+            break
+        except ckpt.IntegrityError as err:
+            resume_from, fallbacks = fall_back(cfg, err, fallbacks, notes.append)
+    return Plan(engine_cls, shape, impl, tokenizer, num_params, matrix, state, adamw, out_dir, resume_from, notes, fallbacks)
+
+
+def check_output_paths(out_dir: Path, checkpoint_bytes: int) -> None:
+    """Before any data or model is loaded: ``out_dir`` and its files can be written, nothing is in
+    the way, and the disk has room for a checkpoint (fp32 weights plus optimizer state). ConfigError
+    names the path and the fix."""
+    problems = []
+    for path, kind in ((out_dir, "dir"), (out_dir / "checkpoints", "dir"), (out_dir / "metrics.jsonl", "file"),
+                       (out_dir / "summary.json", "file"), (out_dir / "config.yaml", "file")):
+        if kind == "dir" and path.exists() and not path.is_dir():
+            problems.append(f"{path} is a file, where the job needs a folder: move it away or set another out_dir")
+        if kind == "file" and path.is_dir():
+            problems.append(f"{path} is a folder, where the job writes a file: move it away or set another out_dir")
+    if problems:
+        raise ConfigError(problems)
+    base = out_dir  # the nearest folder that exists: nothing is created here
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ConfigError(f"{base} is a file, where out_dir={str(out_dir)!r} needs a folder: set another out_dir")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as err:
+        raise ConfigError(f"out_dir={str(out_dir)!r} cannot be written ({err.strerror or err} in {base}): set out_dir "
+                          "to a writable folder") from None
+    free = shutil.disk_usage(base).free
+    if free < checkpoint_bytes:
+        raise ConfigError(f"out_dir={str(out_dir)!r} has {human_bytes(free)} free, but one checkpoint needs about "
+                          f"{human_bytes(checkpoint_bytes)} (fp32 weights and optimizer state): free space or set "
+                          "another out_dir")
+
+
+def check_resume_point(cfg: RunConfig, path: Path, saved: dict | None = None) -> None:
+    """Refuse (ConfigError) checkpoint ``path`` when its trainer state (read here unless given) was
+    written for another optimizer, model or sequence length; :class:`ckpt.IntegrityError` when it
+    cannot be read."""
+    saved = ckpt.read_file(path / "trainer.pt") if saved is None else saved
+    wanted = {"optim.name": (saved["optimizer"], cfg.optim.name), "data.seq_len": (saved["seq_len"], cfg.data.seq_len),
+              "model.name": (saved["model"], cfg.model.name)}
+    differ = [f"{k}={old!r}" for k, (old, new) in wanted.items() if old != new]
+    if differ:
+        raise ConfigError(f"{path} was written with {', '.join(differ)}; resume it with the same values")
+
+
+def fall_back(cfg: RunConfig, err: Exception, fallbacks: list[Path], say: Callable[[str], None]) -> tuple[Path, list[Path]]:
+    """The next checkpoint to try after ``err``, announced loudly; ConfigError when there is none or
+    ``checkpoint.strict`` (or an explicitly named checkpoint) forbids falling back."""
+    if not fallbacks:
+        hint = ("" if cfg.checkpoint.strict or cfg.checkpoint.resume != "auto" else
+                " and no older complete checkpoint passes either")
+        raise ConfigError(f"cannot resume: {err}{hint}. Resume another checkpoint with checkpoint.resume=<folder>, "
+                          "or start over with --overwrite")
+    say(f"WARNING: cannot resume: {err}. Falling back to {fallbacks[0]}")
+    return fallbacks[0], fallbacks[1:]
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    out_dir: Path
+    steps_done: int
+    preempted: bool
+    summary: dict
+    diverged: bool = False
+
+
+def lr_factor(step: int, cfg: RunConfig) -> float:
+    """Multiplier of the peak lr for the update that makes step ``step + 1``."""
+    s, total = cfg.schedule, cfg.train.steps
+    if s.warmup_steps and step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    if s.decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - s.warmup_steps) / max(1, total - s.warmup_steps))
+    if s.decay == "linear":
+        return 1.0 - (1.0 - s.min_lr_ratio) * progress
+    return s.min_lr_ratio + (1.0 - s.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _autocast(cfg: RunConfig, device: torch.device, engine=None):
+    if cfg.train.precision == "bf16-mixed" and not (engine is not None and engine.owns_precision):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def evaluate(engine, stream, cfg: RunConfig, info: dist.DistInfo, device: torch.device) -> float:
+    """Mean next-token loss over a fixed slice of the validation windows (the same every time)."""
+    model = engine.model
+    was_training = model.training
+    model.eval()
+    b = cfg.train.batch_size
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad(), _autocast(cfg, device, engine):
+        for i in range(cfg.eval.batches):
+            first = (i * info.world_size + info.rank) * b
+            window = torch.stack([torch.from_numpy(stream.window(first + j)) for j in range(b)]).to(device)
+            total[0] += lm_loss(model, window, reduction="sum").double()
+            total[1] += window[:, 1:].numel()
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(total)
+    model.train(was_training)
+    return float(total[0] / total[1])
+
+
+def run(cfg: RunConfig, info: dist.DistInfo | None = None, stream=None) -> Result:
+    """Train per ``cfg``. Collective: every rank of the launch calls it."""
+    info = info or dist.discover()
+    plan = preflight(cfg, info)
+    device = dist.pick_device(cfg.engine.device, info)
+    if device.type == "cpu":
+        if cfg.engine.threads:
+            torch.set_num_threads(cfg.engine.threads)
+        elif "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(dist.cpu_threads(info))
+    dist.init(info, device, cfg.engine.backend)
+    return _train(cfg, info, plan, device, stream)
+
+
+def _train(cfg: RunConfig, info: dist.DistInfo, plan: Plan, device: torch.device, stream) -> Result:
+    main = info.is_main
+    out_dir, root = plan.out_dir, plan.out_dir / "checkpoints"
+    resuming = plan.resume_from is not None
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resuming and cfg.overwrite and root.exists():
+            shutil.rmtree(root)
+        (out_dir / "config.yaml").write_text(dump_config(cfg))
+    dist.barrier()
+    progress = Progress(cfg.train.steps, 0, cfg.log.progress, cfg.log.every, main, stream)
+    say = progress.message
+    for note in plan.notes:
+        say(note)
+
+    # Data. Rank 0 goes first so that a tokenizer cache is written once.
+    if not main:
+        dist.barrier()
+    try:
+        data = load_datasets(cfg, plan.tokenizer)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    finally:
+        if main:
+            dist.barrier()
+    top = data.train.max_token()
+    if top >= plan.shape.vocab_size:
+        raise ConfigError(f"data.source holds token id {top}, outside the model's vocab_size={plan.shape.vocab_size}")
+
+    # Model, engine, optimizer.
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(plan.shape, plan.impl, activation_checkpointing=cfg.model.activation_checkpointing)
+    # Parameters only: buffers such as RoPE frequencies stay fp32. DeepSpeed casts (and keeps fp32 masters) itself.
+    if cfg.train.precision == "bf16" and not plan.engine_cls.owns_precision:
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    engine = plan.engine_cls(cfg, info, device)
+    engine.setup(model, lambda m: build_optimizer(cfg, m))
+    optimizer = engine.optimizer
+    base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+    micro, accum, world, seq = cfg.train.batch_size, cfg.train.grad_accum, info.world_size, cfg.data.seq_len
+    samples_per_step = micro * accum * world
+    tokens_per_step = samples_per_step * seq
+
+    step, consumed, elapsed_before, best_val = 0, 0, 0.0, math.inf
+    resume_from, fallbacks = plan.resume_from, list(plan.fallbacks)
+    while resuming:  # every file's CRC is checked, over all ranks, before anything is applied
+        try:
+            trainer = ckpt.load(resume_from, info, engine)
+            check_resume_point(cfg, resume_from, trainer)
+            break
+        except ckpt.IntegrityError as err:
+            resume_from, fallbacks = fall_back(cfg, err, fallbacks, say)
+        except ValueError as err:  # shapes or hyper-parameters that fix state shapes differ
+            raise ConfigError(f"cannot resume from {resume_from}: {err}") from None
+    if resuming:
+        if trainer["samples_per_step"] != samples_per_step and main:
+            logger.warning("global batch changed from %d to %d sequences: the data order now differs from an uninterrupted run",
+                           trainer["samples_per_step"], samples_per_step)
+        step, consumed = int(trainer["step"]), int(trainer["samples_consumed"])
+        elapsed_before, best_val = float(trainer.get("train_seconds", 0.0)), float(trainer.get("best_val", math.inf))
+        say(f"resumed from {resume_from} at step {step}")
+        for change in getattr(optimizer, "resumed_changes", []):
+            say(f"resume: {change}")
+        if main:  # a rollback starts a new branch: later checkpoints are kept aside, never deleted
+            aside = ckpt.start_branch(root, resume_from, step)
+            if aside is not None:
+                say(f"checkpoints after step {step} (the run being rolled back) moved to {aside}")
+        dist.barrier()
+    if step >= cfg.train.steps:
+        say(f"nothing to do: {resume_from} is at step {step} and train.steps={cfg.train.steps}")
+        previous = out_dir / "summary.json"
+        return Result(out_dir, step, False, json.loads(previous.read_text()) if main and previous.is_file() else {})
+
+    state_now = distopt.state_bytes(optimizer)
+    metrics = JsonlLog(out_dir / "metrics.jsonl", main, resume_step=step if resuming else None)
+    progress.start = step
+    say(summary_table([
+        ("run", f"{cfg.name} -> {out_dir}"),
+        ("model", f"{Path(cfg.model.name).stem} ({'transformers LlamaForCausalLM' if plan.impl == 'hf' else 'distopt TinyLlama'}), "
+                  f"{human_count(plan.num_params)} parameters"),
+        ("data", f"{data.description}; {plan.tokenizer.name} tokenizer"),
+        ("engine", f"{engine.describe()}, {cfg.train.precision}"),
+        ("optimizer", f"{cfg.optim.name} lr {cfg.optim.lr:g} {cfg.optim.hparams or ''} state {human_bytes(plan.state_bytes)} "
+                      f"(AdamW: {human_bytes(plan.adamw_state_bytes)})"),
+        ("batch", f"{world} x {micro} x {accum} seqs x {seq} tokens = {human_count(tokens_per_step)} tokens/step; "
+                  f"{cfg.train.steps} steps = {human_count(tokens_per_step * cfg.train.steps)} tokens"),
+    ], "distopt train"))
+
+    sampler = Sampler(data.train, cfg.train.seed)
+    preempt = ckpt.Preemption().install()
+    config_text = dump_config(cfg)
+    model_fwd = engine.model
+    model_fwd.train()
+    eval_history: list[tuple[int, float]] = []
+    train_losses: list[float] = []
+    step_times: list[float] = []
+    preempted = stopped = diverged = False
+    last_ckpt = None
+    bad_steps = 0  # consecutive steps with a non-finite loss or gradient norm
+
+    def record_eval(at: int) -> None:
+        nonlocal best_val
+        val = evaluate(engine, data.val, cfg, info, device)
+        best_val = min(best_val, val)
+        eval_history.append((at, val))
+        progress.val = val
+        metrics.write({"kind": "eval", "step": at, "val_loss": val, "tokens": at * tokens_per_step})
+        if progress.mode == "lines":
+            say(f"eval step {at}: val loss {val:.4f}")
+
+    def save(at: int) -> Path:
+        trainer_state = {
+            "step": at, "samples_consumed": consumed, "samples_per_step": samples_per_step, "seq_len": seq,
+            "optimizer": cfg.optim.name, "model": cfg.model.name, "base_lrs": base_lrs, "world_size": world,
+            "train_seconds": elapsed_before + sum(step_times), "best_val": best_val,
+        }
+        started = time.perf_counter()
+        try:
+            path = ckpt.save(root, at, info, engine, trainer_state, config_text, cfg.checkpoint.keep)
+        except OSError as err:
+            raise CheckpointWriteError(
+                f"could not write checkpoint step {at} under {root}: {err}. The last complete checkpoint, "
+                f"{last_ckpt or ckpt.latest(root) or 'none'}, is untouched; free space (or fix the folder) and "
+                "resume with --resume") from None
+        if progress.mode == "lines":
+            say(f"checkpoint {path} ({time.perf_counter() - started:.1f}s)")
+        return path
+
+    interval_losses: list[float] = []
+    try:
+        if step == 0 and cfg.eval.every and step < cfg.train.steps:
+            record_eval(0)
+        while step < cfg.train.steps:
+            t0 = time.perf_counter()
+            factor = lr_factor(step, cfg)
+            if not engine.schedules_lr:  # else the engine's scheduler (DeepSpeed's, from its JSON) sets it
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * factor
+            lr_now = engine.current_lr() if engine.schedules_lr else cfg.optim.lr * factor
+            loss_sum = torch.zeros((), device=device)
+            for m in range(accum):
+                first = consumed + (m * world + info.rank) * micro
+                window = sampler.batch(first, micro).to(device, non_blocking=True)
+                with engine.accumulating(m == accum - 1):
+                    with _autocast(cfg, device, engine):
+                        loss = lm_loss(model_fwd, window) / accum
+                    engine.backward(loss)
+                loss_sum += loss.detach()
+            grad_norm = engine.clip_grad_norm(cfg.train.clip_grad_norm)
+            engine.step()
+            if grad_norm is None:  # the engine clips inside its step (DeepSpeed)
+                grad_norm = engine.last_grad_norm()
+            step += 1
+            consumed += samples_per_step
+            # One all-reduce per step: the loss for the log, and whether any rank was signalled.
+            shared = torch.stack([loss_sum.float(), torch.tensor(float(preempt.requested), device=device)])
+            if torch_dist.is_initialized():
+                torch_dist.all_reduce(shared)
+            loss_value = float(shared[0]) / world
+            stop_signal = bool(shared[1] > 0)
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            train_losses.append(loss_value)
+            interval_losses.append(loss_value)
+            finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm))
+            bad_steps = 0 if finite else bad_steps + 1
+            if not finite and main:
+                logger.warning("step %d: loss %s, gradient norm %s", step, loss_value, grad_norm)
+            if cfg.train.max_bad_steps and bad_steps >= cfg.train.max_bad_steps:
+                diverged = True
+                say(f"DIVERGED: {bad_steps} consecutive steps with a non-finite loss or gradient norm (step {step}, "
+                    f"loss {loss_value}, gradient norm {grad_norm}); stopping without a checkpoint of this state. "
+                    f"Last checkpoint: {last_ckpt or 'none'}. Lower optim.lr, or resume from an earlier checkpoint.")
+                break
+            final = step == cfg.train.steps
+            stop_here = stop_signal or (cfg.train.stop_at and step == cfg.train.stop_at)
+            if step % cfg.log.every == 0 or step == 1 or final or stop_here:
+                state_now = distopt.state_bytes(optimizer)
+                peak, peak_kind = peak_memory(device)
+                metrics.write({
+                    "kind": "train", "step": step, "loss": statistics.fmean(interval_losses), "lr": lr_now,
+                    "grad_norm": grad_norm, "tokens_per_s": tokens_per_step * len(interval_losses) / sum(step_times[-len(interval_losses):]),
+                    "step_time_s": dt, "tokens": step * tokens_per_step, "peak_mem_bytes": peak,
+                    "peak_mem_kind": peak_kind, "state_bytes": state_now,
+                })
+                interval_losses = []
+            tok_s = tokens_per_step / statistics.fmean(step_times[-20:])
+            progress.update(step, loss_value, lr_now, tok_s)
+            if cfg.eval.every and step % cfg.eval.every == 0 and not final:
+                record_eval(step)
+            if final or stop_here or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                if final:
+                    record_eval(step)
+                if bad_steps:  # never checkpoint a state the last step left non-finite or skipped
+                    say(f"step {step}: no checkpoint, the step's loss or gradient norm was not finite")
+                else:
+                    last_ckpt = save(step)
+            if stop_here:
+                preempted, stopped = stop_signal, True
+                break
+    finally:
+        preempt.uninstall()
+        progress.close()
+
+    summary = {}
+    if main:
+        status = "diverged" if diverged else "preempted" if preempted else "stopped" if stopped else "completed"
+        summary = _summarize(cfg, info, plan, engine, out_dir, step, train_losses, step_times, eval_history, best_val,
+                             tokens_per_step, state_now, last_ckpt, preempted, stopped, elapsed_before, device, status)
+        if preempted:
+            say(f"stopped by signal at step {step}; checkpoint {last_ckpt}. Resume with --resume.")
+        else:
+            say(summary["screen"])
+    return Result(out_dir, step, preempted, summary, diverged)
+
+
+def _summarize(cfg, info, plan, engine, out_dir, step, train_losses, step_times, eval_history, best_val,
+               tokens_per_step, state_now, last_ckpt, preempted, stopped, elapsed_before, device, status) -> dict:
+    jsonl = out_dir / "metrics.jsonl"
+    png = None
+    if cfg.log.plot and not preempted:
+        png = plot_runs({cfg.name: jsonl}, out_dir / "loss.png", f"{cfg.name}: {engine.describe()}")
+    steady = step_times[1:] or step_times
+    tok_s = tokens_per_step * len(steady) / sum(steady) if steady else float("nan")
+    tail = train_losses[-max(1, min(20, len(train_losses) // 10 or 1)):]
+    final_train = statistics.fmean(tail) if tail else float("nan")
+    # The whole run's first values, from the metrics (this process may have resumed half-way).
+    records = read_jsonl(jsonl) if jsonl.is_file() else []
+    first_train = next((r["loss"] for r in records if r.get("kind") == "train"), train_losses[0] if train_losses else float("nan"))
+    first_val = next((r["val_loss"] for r in records if r.get("kind") == "eval"), eval_history[0][1] if eval_history else float("nan"))
+    val = eval_history[-1][1] if eval_history else float("nan")
+    peak, peak_kind = peak_memory(device)
+    state = state_now
+    ratio = plan.adamw_state_bytes / state if state else float("inf")
+    summary = {
+        "status": status, "run": cfg.name, "out_dir": str(out_dir), "optimizer": cfg.optim.name, "hparams": cfg.optim.hparams,
+        "model": cfg.model.name, "engine": engine.name, "world_size": info.world_size, "steps": step,
+        "tokens": step * tokens_per_step, "final_train_loss": final_train, "first_train_loss": first_train,
+        "final_val_loss": val, "first_val_loss": first_val, "best_val_loss": best_val,
+        "tokens_per_s": tok_s, "step_time_s": statistics.median(steady) if steady else float("nan"),
+        "train_seconds": elapsed_before + sum(step_times), "peak_mem_bytes": peak, "peak_mem_kind": peak_kind,
+        "state_bytes": state, "adamw_state_bytes": plan.adamw_state_bytes, "num_params": plan.num_params,
+        "state_bytes_per_param": state / plan.num_params, "metrics": str(jsonl),
+        "plot": str(png) if png else None, "checkpoint": str(last_ckpt) if last_ckpt else None, "stopped_early": stopped,
+    }
+    rows = [
+        ("run", f"{cfg.name}: {step} steps, {human_count(step * tokens_per_step)} tokens in {human_time(summary['train_seconds'])}"),
+        ("train loss", f"{first_train:.3f} -> {final_train:.3f}" + (f" (mean of the last {len(tail)} steps)" if len(tail) > 1 else "")),
+        ("val loss", f"{first_val:.3f} -> {val:.3f}" + (f" (step {eval_history[-1][0]})" if eval_history else "")),
+        ("throughput", f"{human_count(tok_s)} tokens/s over {info.world_size} rank(s), {summary['step_time_s'] * 1000:.0f} ms/step"),
+        ("optimizer state", f"{cfg.optim.name}: {human_bytes(state)} ({state / plan.num_params:.2f} B/param) vs AdamW "
+                            f"{human_bytes(plan.adamw_state_bytes)} ({plan.adamw_state_bytes / plan.num_params:.2f} B/param): "
+                            + (f"{ratio:.1f}x smaller" if ratio >= 1 else f"{1 / ratio:.1f}x larger")),
+        ("peak memory", f"{human_bytes(peak)} on rank 0 ({'CUDA allocated' if peak_kind.startswith('cuda') else 'process RSS'})"),
+        ("metrics", str(jsonl)),
+        ("loss curve", str(png) if png else PLOT_HINT.format(jsonl=jsonl) if cfg.log.plot else "off (log.plot=false)"),
+        ("checkpoint", str(last_ckpt) if last_ckpt else "none"),
+    ]
+    title = {"diverged": f"DIVERGED at step {step}", "stopped": f"stopped at step {step} (train.stop_at)"}.get(status, "done")
+    summary["screen"] = summary_table(rows, title)
+    write_json_atomic(out_dir / "summary.json", {k: v for k, v in summary.items() if k != "screen"})
+    return summary
+
+
+# -- command line ---------------------------------------------------------------------------------------------
+def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Pull out ``--config``/``-c`` (or a leading .yaml path) and the launcher's ``--local_rank``.
+
+    DeepSpeed-style arguments are understood too: ``--deepspeed_config FILE`` (or
+    ``--deepscale_config``) is ``--engine.deepspeed_config FILE``, and a bare ``--deepspeed`` is dropped."""
+    config, rest = None, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            config = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        elif arg.startswith(("--local_rank", "--local-rank")):  # the DeepSpeed launcher adds it
+            if "=" not in arg:
+                i += 1
+        elif arg == "--deepspeed":
+            pass
+        elif arg.startswith(("--deepscale_config", "--deepscale-config")):
+            rest.append("--engine.deepspeed_config" + arg[len("--deepscale_config"):])
+        elif config is None and not rest and not arg.startswith("-") and "=" not in arg and arg.endswith((".yaml", ".yml")):
+            config = arg
+        else:
+            rest.append(arg)
+        i += 1
+    return config, rest
+
+
+def _setup_logging(info: dist.DistInfo) -> None:
+    logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s [rank {info.rank}] %(message)s")
+    logging.getLogger("distopt.train").setLevel(logging.INFO if info.is_main else logging.WARNING)
+    logging.getLogger("distopt").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    if "--help-config" in argv:
+        print(describe_keys())
+        return 0
+    info = dist.discover()
+    _setup_logging(info)
+    try:
+        config, overrides = split_argv(argv)
+        cfg = load_config(config, overrides)
+        result = run(cfg, info)
+    except ConfigError as err:
+        if info.is_main:
+            print(f"distopt train: {err}", file=sys.stderr)
+        return 2
+    except CheckpointWriteError as err:
+        print(f"distopt train: {err}", file=sys.stderr)
+        return EXIT_CHECKPOINT_FAILED
+    finally:
+        dist.shutdown()
+    if result.diverged:
+        return EXIT_DIVERGED
+    return EXIT_PREEMPTED if result.preempted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
