@@ -62,6 +62,7 @@ class AdamMini(blocks.BlockSecondMoment, SubspaceOptimizer):
     def __init__(
         self,
         params,
+        *,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,

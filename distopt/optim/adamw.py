@@ -18,7 +18,7 @@ class AdamW(SubspaceOptimizer):
     algorithm = "adamw"
     matrix_roles = frozenset()
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+    def __init__(self, params, *, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, adam_form: str = "torch"):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adam_form=adam_form)
         super().__init__(params, defaults)

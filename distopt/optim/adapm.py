@@ -107,6 +107,7 @@ class AdaPM(SubspaceOptimizer):
     def __init__(
         self,
         params,
+        *,
         lr: float = 1e-3,
         rank_fraction: float = 0.05,
         rank: int | None = None,

@@ -44,6 +44,7 @@ class AdaPMMini(blocks.BlockSecondMoment, AdaPM):
     def __init__(
         self,
         params,
+        *,
         lr: float = 1e-3,
         rank_fraction: float = 0.05,
         rank: int | None = None,

@@ -51,6 +51,7 @@ class GaLore(ProjectedAdam):
     def __init__(
         self,
         params,
+        *,
         lr: float = 1e-2,
         rank: int = 128,
         update_proj_gap: int = 200,

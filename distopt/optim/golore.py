@@ -54,6 +54,7 @@ class GoLore(ProjectedAdam):
     def __init__(
         self,
         params,
+        *,
         lr: float = 1e-3,
         rank: int = 128,
         update_proj_gap: int = 200,

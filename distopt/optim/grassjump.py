@@ -62,6 +62,7 @@ class GrassJump(ProjectedAdam):
     def __init__(
         self,
         params,
+        *,
         lr: float = 1e-3,
         rank: int = 128,
         update_proj_gap: int = 200,

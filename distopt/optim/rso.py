@@ -262,6 +262,7 @@ class RSO(SubspaceOptimizer):
     def __init__(
         self,
         params,
+        *,
         lr: float = 1e-3,
         rank: int = DEFAULT_RANK,
         update_proj_gap: int = 200,

@@ -85,6 +85,7 @@ class SAM(SubspaceOptimizer):
     def __init__(
         self,
         params,
+        *,
         lr: float = 3e-4,
         rank: int | None = None,
         update_proj_gap: int = 200,

@@ -83,6 +83,7 @@ class AdamSNSM(SubspaceOptimizer):
     def __init__(
         self,
         params,
+        *,
         lr: float = 1e-2,
         rank: int = 128,
         update_proj_gap: int = 100,

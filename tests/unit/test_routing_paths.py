@@ -68,3 +68,17 @@ def test_every_builder_refuses_a_3d_weight_in_the_matrix_group_and_an_unknown_na
             build(Block(), "galor")
         with pytest.raises(ValueError, match="unknown keys"):
             build(Block(), "galore", elementwise={"lrr": 1e-3})
+
+
+def test_every_optimizer_takes_its_options_by_keyword_only():
+    import inspect
+
+    from distopt.optim import REGISTRY
+
+    for name, cls in REGISTRY.items():
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        assert parameters[0].name == "params", name
+        positional = [p.name for p in parameters[1:] if p.kind != p.KEYWORD_ONLY]
+        assert not positional, f"{name}: {positional} can be passed by position"
+    with pytest.raises(TypeError):
+        REGISTRY["galore"]([torch.nn.Parameter(torch.zeros(4, 4))], 0.01)
