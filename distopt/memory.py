@@ -162,7 +162,7 @@ def state_layout(model: nn.Module, optimizer: str, hparams: dict | None = None, 
     with torch.device("meta"):
         meta = _to_meta(model)
         opt = build_optimizer(meta, optimizer, elementwise=elementwise, **hparams)
-        if shard_ranks > 1 and hasattr(opt, "set_views"):
+        if shard_ranks > 1:
             views = {}
             for p, view in opt.views.items():
                 counts = _shard_rows(engine, view.global_shape, shard_ranks)
@@ -171,7 +171,7 @@ def state_layout(model: nn.Module, optimizer: str, hparams: dict | None = None, 
                                            counts, index=shard_index)
             opt.set_views(views)
         opt.allocate_state()
-    held = opt.projections_in_model() if hasattr(opt, "projections_in_model") else {}
+    held = opt.projections_in_model()
     out = []
     names = {p: n for n, p in meta.named_parameters()}
     for group in opt.param_groups:
@@ -265,7 +265,7 @@ def model_counts(model: nn.Module, optimizer: str = "adamw", hparams: dict | Non
         with torch.device("meta"):
             model = _to_meta(model)
             opt = build_optimizer(model, optimizer, **hparams)
-        held = {id(t) for t in getattr(opt, "projections_in_model", dict)().values()}
+        held = {id(t) for t in opt.projections_in_model().values()}
     seen, total, trainable = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen or id(p) in held:

@@ -109,7 +109,7 @@ def meta_state_bytes(optimizer) -> int:
     """Bytes of the optimizer's state tensors and of the projections it keeps in the model (RSO's),
     as ``distopt.state_bytes`` counts them; works on the meta device, where storages have no address."""
     seen = {}
-    held = optimizer.projections_in_model() if hasattr(optimizer, "projections_in_model") else {}
+    held = optimizer.projections_in_model()
     for value in [v for state in optimizer.state.values() for v in state.values()] + list(held.values()):
         if isinstance(value, torch.Tensor):
             seen[id(value)] = value.numel() * value.element_size()

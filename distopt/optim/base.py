@@ -295,6 +295,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def binding(self) -> EngineBinding | None:
         return self._binding
 
+    def projections_in_model(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Projections this optimizer keeps in the model rather than in its state, by parameter
+        (RSO's ``P``); ``state_bytes`` counts them. None by default."""
+        return {}
+
     @property
     def views(self) -> dict[torch.Tensor, MatrixShardView]:
         """Each matrix's shard view, by parameter (a copy)."""
