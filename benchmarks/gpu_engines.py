@@ -18,6 +18,7 @@ difference between the two after the same steps. Prints JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -116,13 +117,21 @@ def layerwise_worker(args) -> dict:
     gen = torch.Generator(device=dev).manual_seed(1)
     batches = [torch.randint(0, shape.vocab_size, (batch, seq), generator=gen, device=dev) for _ in range(steps)]
 
+    initial: dict[str, torch.Tensor] = {}
+
     def run(mode: str) -> tuple[dict, dict]:
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        baseline = torch.cuda.memory_allocated() if dev == "cuda" else None
         torch.manual_seed(0)
         with torch.device(dev):
             model = TinyLlama(shape)
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
+        if not initial:
+            initial.update({n: p.full_tensor().detach().float().cpu().clone() for n, p in model.named_parameters()})
         optimizer = distopt.build_optimizer(model, "galore", rank=rank, update_proj_gap=200, lr=1e-3, scale=0.25)
         handle = layerwise.attach(optimizer) if mode == "layerwise" else None
         if dev == "cuda":
@@ -139,21 +148,27 @@ def layerwise_worker(args) -> dict:
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1e3)
         row = {"mode": mode, "first_ms": round(times[0], 1), "median_ms": round(statistics.median(times[1:] or times), 1),
-               "peak_bytes": torch.cuda.max_memory_allocated() if dev == "cuda" else None,
+               "peak_bytes": torch.cuda.max_memory_allocated() - baseline if dev == "cuda" else None,
+               "baseline_bytes": baseline,
+               "after_bytes": torch.cuda.memory_allocated() - baseline if dev == "cuda" else None,
                "state_bytes": distopt.state_bytes(optimizer)}
-        weights = {n: p.full_tensor().detach().float().cpu() for n, p in model.named_parameters()}
+        weights = {n: p.full_tensor().detach().float().cpu().clone() for n, p in model.named_parameters()}
         if handle is not None:
             handle.remove()
-        del model, optimizer
-        if dev == "cuda":
-            torch.cuda.empty_cache()
+        del model, optimizer, handle
         return row, weights
 
-    plain, w_plain = run("step")
     lw, w_lw = run("layerwise")
-    diff = max((w_plain[n] - w_lw[n]).abs().max().item() for n in w_plain)
+    plain, w_plain = run("step")
+    def diff(names):
+        return max(((w_plain[n] - w_lw[n]).abs().max().item() for n in names), default=None)
+
+    matrices = [n for n, w in w_plain.items() if w.ndim == 2 and "embed" not in n and "lm_head" not in n]
     out = {"shape": "tiny" if args.tiny else "llama-1b", "batch": batch, "seq": seq, "rank": rank, "steps": steps,
-           "backend": backend, "rows": [plain, lw], "max_weight_diff_layerwise_vs_step": diff}
+           "backend": backend, "rows": [plain, lw], "max_weight_diff_layerwise_vs_step": diff(w_plain),
+           "max_weight_diff_low_rank_matrices": diff(matrices),
+           "max_weight_diff_element_wise": diff([n for n in w_plain if n not in matrices]),
+           "max_weight_change_low_rank_matrices": max((w_plain[n] - initial[n]).abs().max().item() for n in matrices)}
     if plain["peak_bytes"] and lw["peak_bytes"]:
         out["peak_saved_bytes"] = plain["peak_bytes"] - lw["peak_bytes"]
     dist.destroy_process_group()
