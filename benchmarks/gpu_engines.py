@@ -214,7 +214,7 @@ def main(argv=None) -> int:
         (target / "gpu_engines.json").write_text(json.dumps(out, indent=1))
 
     has_ds = _deepspeed_imports()
-    for engine in args.engines.split(","):
+    for engine in [e for e in args.engines.split(",") if e]:
         if engine.startswith("zero") and not has_ds:
             out["notes"].append(f"{engine}: skipped, deepspeed does not import")
             continue
