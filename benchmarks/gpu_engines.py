@@ -100,6 +100,9 @@ def layerwise_worker(args) -> dict:
     from distopt.models import LlamaShape, TinyLlama
 
     dev = args.device
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     backend = "nccl" if dev == "cuda" else "gloo"
     dist.init_process_group(backend)
     if dev == "cuda":
@@ -137,10 +140,12 @@ def layerwise_worker(args) -> dict:
         if dev == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, after_backward = [], None
         for ids in batches:
             start = time.perf_counter()
             model(ids, ids).backward()
+            if after_backward is None and dev == "cuda":  # gradients still alive when backward returns
+                after_backward = torch.cuda.memory_allocated() - baseline
             if handle is None:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -149,7 +154,7 @@ def layerwise_worker(args) -> dict:
             times.append((time.perf_counter() - start) * 1e3)
         row = {"mode": mode, "first_ms": round(times[0], 1), "median_ms": round(statistics.median(times[1:] or times), 1),
                "peak_bytes": torch.cuda.max_memory_allocated() - baseline if dev == "cuda" else None,
-               "baseline_bytes": baseline,
+               "baseline_bytes": baseline, "after_backward_bytes": after_backward,
                "after_bytes": torch.cuda.memory_allocated() - baseline if dev == "cuda" else None,
                "state_bytes": distopt.state_bytes(optimizer)}
         weights = {n: p.full_tensor().detach().float().cpu().clone() for n, p in model.named_parameters()}
@@ -160,15 +165,18 @@ def layerwise_worker(args) -> dict:
 
     lw, w_lw = run("layerwise")
     plain, w_plain = run("step")
-    def diff(names):
-        return max(((w_plain[n] - w_lw[n]).abs().max().item() for n in names), default=None)
+    again, w_again = run("step")  # the run-to-run floor of the device's own non-determinism
+
+    def diff(a, b, names):
+        return max(((a[n] - b[n]).abs().max().item() for n in names), default=None)
 
     matrices = [n for n, w in w_plain.items() if w.ndim == 2 and "embed" not in n and "lm_head" not in n]
+    others = [n for n in w_plain if n not in matrices]
     out = {"shape": "tiny" if args.tiny else "llama-1b", "batch": batch, "seq": seq, "rank": rank, "steps": steps,
-           "backend": backend, "rows": [plain, lw], "max_weight_diff_layerwise_vs_step": diff(w_plain),
-           "max_weight_diff_low_rank_matrices": diff(matrices),
-           "max_weight_diff_element_wise": diff([n for n in w_plain if n not in matrices]),
-           "max_weight_change_low_rank_matrices": max((w_plain[n] - initial[n]).abs().max().item() for n in matrices)}
+           "backend": backend, "deterministic": args.deterministic, "rows": [plain, lw, again],
+           "max_weight_change_low_rank_matrices": diff(w_plain, initial, matrices),
+           "layerwise_vs_step": {"low_rank_matrices": diff(w_lw, w_plain, matrices), "element_wise": diff(w_lw, w_plain, others)},
+           "step_vs_step": {"low_rank_matrices": diff(w_again, w_plain, matrices), "element_wise": diff(w_again, w_plain, others)}}
     if plain["peak_bytes"] and lw["peak_bytes"]:
         out["peak_saved_bytes"] = plain["peak_bytes"] - lw["peak_bytes"]
     dist.destroy_process_group()
@@ -179,7 +187,8 @@ def layerwise_row(args) -> dict:
     result = WORK / "layerwise.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", __file__,
            "--layerwise-worker", "--device", args.device, "--result", str(result),
-           "--batch", str(args.batch), "--layerwise-steps", str(args.layerwise_steps)] + (["--tiny"] if args.tiny else [])
+           "--batch", str(args.batch), "--layerwise-steps", str(args.layerwise_steps),
+           "--deterministic" if args.deterministic else "--no-deterministic"] + (["--tiny"] if args.tiny else [])
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode == 0 and result.is_file():
         return {"rc": 0, **json.loads(result.read_text())}
@@ -194,6 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="layer-wise row at a tiny shape (CPU check of the logic)")
     p.add_argument("--batch", type=int, default=4, help="layer-wise row: batch of 1024-token sequences")
     p.add_argument("--layerwise-steps", type=int, default=4)
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                   help="layer-wise row: deterministic kernels, so that equal math gives equal bits")
     p.add_argument("--skip-layerwise", action="store_true")
     p.add_argument("--timeout", type=float, default=240)
     p.add_argument("--layerwise-worker", action="store_true", help=argparse.SUPPRESS)
