@@ -8,9 +8,12 @@ the same step; without it the phase is 0 and refreshes land on steps 0, gap, 2*g
 
 from __future__ import annotations
 
+import functools
+
 from .linalg import stable_seed
 
 
+@functools.lru_cache(maxsize=1 << 16)  # hashed once per matrix, not on every step
 def refresh_phase(name: str, gap: int, stagger: bool) -> int:
     return stable_seed("phase", name) % gap if stagger else 0
 

@@ -408,7 +408,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if not params:
             return params
         grads = [local(p.grad) for p in params]
-        peaks = torch.stack([g.abs().amax().float() if g.numel() else g.new_zeros((), dtype=torch.float32) for g in grads])
+        filled = [g for g in grads if g.numel()]  # an empty shard has no infinity norm
+        if filled and filled[0].is_cuda:  # one multi-tensor kernel; on CPU it is a slow fallback
+            norms = iter(torch._foreach_norm(filled, float("inf")))
+        else:
+            norms = (g.abs().amax() for g in filled)
+        peaks = torch.stack([next(norms).float() if g.numel() else g.new_zeros((), dtype=torch.float32) for g in grads])
         bad = (~torch.isfinite(peaks)).float()
         if any(is_dtensor(p) for p in params):
             # Every holder of a shard must take the same decision; FSDP2 steps all ranks together.

@@ -167,17 +167,22 @@ class ProjectedAdam(SubspaceOptimizer):
         with subspace.whole_basis(state, view, plan) as work:
             self._step_with_basis(p, grad, work, group, view, plan)
 
-    def _step_with_basis(self, p, grad, state: dict, group: dict, view: MatrixShardView, plan) -> None:
+    def _refresh_if_due(self, grad, state: dict, group: dict, view: MatrixShardView, plan) -> None:
+        """Install this step's new basis when a refresh is due (``grad`` as the step received it: the
+        refresh prepared for this step matches it by identity)."""
         step = int(state["step"])
-        raw, grad = grad, grad.float()
         if subspace.refresh_due(step, plan, group):
             index = refresh_index(step, group["update_proj_gap"], plan.phase)
-            # The gradient as the step received it: the refresh prepared for this step matches it by identity.
-            new = self._new_basis(raw, state, group, view, plan, step, index)
+            new = self._new_basis(grad, state, group, view, plan, step, index)
             if step == 0:
                 state["basis"].copy_(new)
             else:
                 self._switch(new, state, group, view, plan)
+
+    def _step_with_basis(self, p, grad, state: dict, group: dict, view: MatrixShardView, plan) -> None:
+        step = int(state["step"])
+        self._refresh_if_due(grad, state, group, view, plan)
+        grad = grad.float()
         low = subspace.project_grad(grad, state, view, plan)
         direction, step_size = self._adam_in_subspace(low, state, group, plan, step)
         update = subspace.back_project(direction, state, view, plan)
@@ -208,6 +213,59 @@ class ProjectedAdam(SubspaceOptimizer):
             update = update + residual
         apply_update(p, update, step_size, float(group["lr"]), group["weight_decay"], group["adam_form"])
 
+    # -- steps of matrices that need no collective, batched --------------------------------------
+    def _batchable(self, p: torch.Tensor, group: dict) -> bool:
+        """A projected fp32 matrix whose step needs no collective and no residual: one process, or a
+        shard group of one. Fira's recovery term, the ``hf`` form (kept op for op as galore-torch)
+        and low-precision weights take the per-matrix path."""
+        view, state = self._views[p], self.state[p]
+        if group["adam_form"] != "torch" or p.dtype != torch.float32 or "rs_norm" in state:
+            return False
+        if view.sharded and comm.world_size(view.group) > 1:
+            return False
+        return not subspace.plan(view, group).full
+
+    def _step_batched(self, group: dict, params: list[torch.Tensor]) -> None:
+        """One step of ``params`` with the element-wise math over all of them at once.
+
+        Per matrix: its refresh when one is due, then ``R = proj(G)`` (one matmul) and, at the end,
+        ``W -= step alpha back(N)`` accumulated into ``W`` by ``addmm_`` (no full-size temporary).
+        Adam's moments, its direction ``N`` and the weight decay are ``torch._foreach_*`` calls over
+        the whole list, so the launches per matrix are two matmuls. The numbers are the per-matrix
+        path's up to the rounding of the fused accumulation."""
+        beta1, beta2 = group["betas"]
+        lr, eps, wd, scale = float(group["lr"]), group["eps"], group["weight_decay"], group["scale"]
+        weights, bases, sides, lows, avgs, avg_sqs, corrections, sizes = [], [], [], [], [], [], [], []
+        for p in params:
+            w, grad, state, view = local(p), local(p.grad), self.state[p], self._views[p]
+            plan = subspace.plan(view, group)
+            self._refresh_if_due(grad, state, group, view, plan)
+            lows.append(subspace.project_grad(grad.float(), state, view, plan))
+            count = subspace.moment_updates(int(state["step"]), plan, group)
+            state["step"] += 1
+            corrections.append(math.sqrt(1.0 - beta2**count))
+            sizes.append(lr / (1.0 - beta1**count) * scale)
+            weights.append(w)
+            bases.append(state["basis"])
+            sides.append(plan.side)
+            avgs.append(state["exp_avg"])
+            avg_sqs.append(state["exp_avg_sq"])
+        torch._foreach_lerp_(avgs, lows, 1.0 - beta1)
+        torch._foreach_mul_(avg_sqs, beta2)
+        torch._foreach_addcmul_(avg_sqs, lows, lows, value=1.0 - beta2)
+        denominators = torch._foreach_sqrt(avg_sqs)
+        torch._foreach_div_(denominators, corrections)
+        torch._foreach_add_(denominators, eps)
+        directions = torch._foreach_div(avgs, denominators)
+        del denominators, lows
+        if wd:
+            torch._foreach_mul_(weights, 1.0 - lr * wd)
+        for w, basis, side, direction, size in zip(weights, bases, sides, directions, sizes):
+            if side == "right":
+                w.addmm_(direction, basis.T, alpha=-size)
+            else:
+                w.addmm_(basis, direction, alpha=-size)
+
     # -- plain steps of several matrices, with their collectives coalesced ---------------------------
     # Bytes of whole bases and r x n sums a bucket holds at once: what a plain step's coalescing adds
     # to memory, for one collective of each kind per bucket instead of one per matrix. About what FSDP2
@@ -228,9 +286,13 @@ class ProjectedAdam(SubspaceOptimizer):
     def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
         coalesced = [p for p in params if self._coalescible(p, group)]
         chosen = {id(p) for p in coalesced}
+        batched = [p for p in params if id(p) not in chosen and self._batchable(p, group)]
+        chosen.update(id(p) for p in batched)
         for p in params:
             if id(p) not in chosen:
                 self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
+        if batched:
+            self._step_batched(group, batched)
         bucket, held = [], 0
         for p in coalesced:  # the same on every rank: it follows the global shapes and step counts
             view = self._views[p]
