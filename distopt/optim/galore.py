@@ -66,6 +66,7 @@ class GaLore(ProjectedAdam):
         oversample: int = 16,
         power_iters: int = 1,
         adam_form: str = "torch",
+        projection_precision: str = "fp32",
         recovery_scaling: bool = False,
         norm_growth_limit: float = 1.01,
         state_layout: str = "partitioned",

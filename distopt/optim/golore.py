@@ -72,6 +72,7 @@ class GoLore(ProjectedAdam):
         oversample: int = 16,
         power_iters: int = 1,
         adam_form: str = "torch",
+        projection_precision: str = "fp32",
         state_layout: str = "partitioned",
         seed: int = 0,
     ):

@@ -328,3 +328,38 @@ def test_the_step_runs_fp32_matmuls_whatever_the_tf32_flag(monkeypatch):
         assert torch.backends.cuda.matmul.allow_tf32  # and the caller's setting is back
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_tf32_projections_are_opt_in_and_never_reach_the_refresh(monkeypatch, batched):
+    from distopt.core import subspace
+    from distopt.optim import projected
+
+    seen = {"project": [], "refresh": []}
+    real_project, real_basis = subspace.project_grad, distopt.optim.GaLore._new_basis
+
+    def project(*args, **kwargs):
+        seen["project"].append(torch.backends.cuda.matmul.allow_tf32)
+        return real_project(*args, **kwargs)
+
+    def new_basis(self, *args, **kwargs):
+        seen["refresh"].append(torch.backends.cuda.matmul.allow_tf32)
+        return real_basis(self, *args, **kwargs)
+
+    monkeypatch.setattr(subspace, "project_grad", project)
+    monkeypatch.setattr(distopt.optim.GaLore, "_new_basis", new_basis)
+    if not batched:
+        monkeypatch.setattr(projected.ProjectedAdam, "_batchable", lambda self, p, g: False)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for precision, want in (("fp32", False), ("tf32", True)):
+            seen["project"].clear(), seen["refresh"].clear()
+            model = tiny_model()
+            train(model, distopt.build_optimizer(model, "galore", rank=8, projection_precision=precision), 2)
+            assert seen["project"] and set(seen["project"]) == {want}, precision
+            assert seen["refresh"] and not any(seen["refresh"]), precision
+            assert torch.backends.cuda.matmul.allow_tf32 == previous
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    with pytest.raises(ValueError, match="projection_precision='bf16'"):
+        distopt.build_optimizer(tiny_model(), "galore", projection_precision="bf16")
