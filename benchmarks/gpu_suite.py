@@ -31,6 +31,7 @@ is still missing is skipped with a note. See docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import gc
@@ -236,11 +237,26 @@ def _takes(name: str, key: str) -> bool:
     return key in inspect.signature(REGISTRY[name].__init__).parameters
 
 
+def label_hparams(label: str) -> dict:
+    """Hyper-parameters a row label sets: ``galore[projection_precision=tf32,rank=256]``."""
+    if not label.endswith("]") or "[" not in label:
+        return {}
+    out = {}
+    for item in label[label.index("[") + 1 : -1].split(","):
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
 def distopt_name(label: str) -> str | None:
-    """The distopt registry name of a row label (``galore``, ``distopt:adam-mini``), else None."""
+    """The distopt registry name of a row label (``galore``, ``distopt:adam-mini``,
+    ``galore[projection_precision=tf32]``), else None."""
     if label in PEER_ROWS:
         return None
-    name = label.removeprefix("distopt:")
+    name = label.removeprefix("distopt:").split("[")[0]
     return name if name in REGISTRY else None
 
 
@@ -277,6 +293,7 @@ def make_optimizer(label: str, model: torch.nn.Module, shape, *, rank: int, gap:
         hparams["rank"] = rank
     if _takes(name, "update_proj_gap"):
         hparams["update_proj_gap"] = gap
+    hparams.update(label_hparams(label))
     return distopt.build_optimizer(model, name, **hparams), f"distopt {distopt.__version__}", hparams
 
 
@@ -775,7 +792,8 @@ def _fmt_measured(value) -> str:
 
 # -- main ---------------------------------------------------------------------------------------
 def _csv(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    """Comma-separated labels; commas inside a label's ``[...]`` stay in it."""
+    return [x.strip() for x in re.split(r",(?![^\[]*\])", text) if x.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
