@@ -14,9 +14,14 @@ import torch
 
 
 def environment(device: str) -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
+                              check=False).stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=False).stdout.strip() or None
+        commit = git("rev-parse", "--short", "HEAD") or None
+        if commit and git("status", "--porcelain", "--untracked-files=no"):
+            commit += "-dirty"  # the code measured is not that commit's
     except OSError:
         commit = None
     name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
