@@ -37,8 +37,9 @@ PROJECTION_PRECISIONS = ("fp32", "tf32")
 
 @contextlib.contextmanager
 def projection_matmuls(group: dict):
-    """The precision of ``proj(G)`` and ``back(N)`` on CUDA: fp32 by default; ``tf32`` lets those two
-    matmuls (never a refresh, whose Gram and range finder stay fp32) run on TF32 tensor cores."""
+    """The precision of ``proj(G)``, ``back(N)`` and Fira's ``back(R)`` on CUDA: fp32 by default;
+    ``tf32`` lets those matmuls (never a refresh, whose Gram and range finder stay fp32) run on TF32
+    tensor cores."""
     if group["projection_precision"] == "fp32":
         yield
         return
@@ -215,10 +216,11 @@ class ProjectedAdam(SubspaceOptimizer):
             update = subspace.back_project(direction, state, view, plan)
         residual = None
         if "rs_norm" in state:
-            residual = recovery_term(
-                grad, low, direction, state["basis"], plan.side, view, state["rs_norm"], group["norm_growth_limit"],
-                columns_chunked=plan.columns_chunked,
-            )
+            with projection_matmuls(group):
+                residual = recovery_term(
+                    grad, low, direction, state["basis"], plan.side, view, state["rs_norm"], group["norm_growth_limit"],
+                    columns_chunked=plan.columns_chunked,
+                )
         self._apply(p, update, step_size, group, plan, residual)
 
     @staticmethod
@@ -242,11 +244,11 @@ class ProjectedAdam(SubspaceOptimizer):
 
     # -- steps of matrices that need no collective, batched --------------------------------------
     def _batchable(self, p: torch.Tensor, group: dict) -> bool:
-        """A projected fp32 matrix whose step needs no collective and no residual: one process, or a
-        shard group of one. Fira's recovery term, the ``hf`` form (kept op for op as galore-torch)
-        and low-precision weights take the per-matrix path."""
-        view, state = self._views[p], self.state[p]
-        if group["adam_form"] != "torch" or p.dtype != torch.float32 or "rs_norm" in state:
+        """A projected fp32 matrix whose step needs no collective: one process, or a shard group of
+        one. The ``hf`` form (kept op for op as galore-torch) and low-precision weights take the
+        per-matrix path."""
+        view = self._views[p]
+        if group["adam_form"] != "torch" or p.dtype != torch.float32:
             return False
         if view.sharded and comm.world_size(view.group) > 1:
             return False
@@ -258,21 +260,25 @@ class ProjectedAdam(SubspaceOptimizer):
         Per matrix: its refresh when one is due, then ``R = proj(G)`` (one matmul) and, at the end,
         ``W -= step alpha back(N)`` accumulated into ``W`` by ``addmm_`` (no full-size temporary).
         Adam's moments, its direction ``N`` and the weight decay are ``torch._foreach_*`` calls over
-        the whole list, so the launches per matrix are two matmuls. The numbers are the per-matrix
-        path's up to the rounding of the fused accumulation."""
+        the whole list, so the launches per matrix are two matmuls. Fira's recovery term stays per
+        matrix (a full-size residual each, made and applied one at a time). The numbers are the
+        per-matrix path's up to the rounding of the fused accumulation."""
         beta1, beta2 = group["betas"]
         lr, eps, wd, scale = float(group["lr"]), group["eps"], group["weight_decay"], group["scale"]
         weights, bases, sides, lows, avgs, avg_sqs, corrections, sizes = [], [], [], [], [], [], [], []
+        fira = {}  # index -> (gradient, view) of the matrices with a recovery term
         for p in params:
             w, grad, state, view = local(p), local(p.grad), self.state[p], self._views[p]
             plan = subspace.plan(view, group)
             self._refresh_if_due(grad, state, group, view, plan)
             with projection_matmuls(group):
                 lows.append(subspace.project_grad(grad.float(), state, view, plan))
+            if "rs_norm" in state:
+                fira[len(weights)] = (grad, view)
             count = subspace.moment_updates(int(state["step"]), plan, group)
             state["step"] += 1
             corrections.append(math.sqrt(1.0 - beta2**count))
-            sizes.append(lr / (1.0 - beta1**count) * scale)
+            sizes.append(lr / (1.0 - beta1**count))
             weights.append(w)
             bases.append(state["basis"])
             sides.append(plan.side)
@@ -285,15 +291,20 @@ class ProjectedAdam(SubspaceOptimizer):
         torch._foreach_div_(denominators, corrections)
         torch._foreach_add_(denominators, eps)
         directions = torch._foreach_div(avgs, denominators)
-        del denominators, lows
+        del denominators
         if wd:
             torch._foreach_mul_(weights, 1.0 - lr * wd)
         with projection_matmuls(group):
-            for w, basis, side, direction, size in zip(weights, bases, sides, directions, sizes):
+            for i, (w, basis, side, direction, size) in enumerate(zip(weights, bases, sides, directions, sizes)):
                 if side == "right":
-                    w.addmm_(direction, basis.T, alpha=-size)
+                    w.addmm_(direction, basis.T, alpha=-size * scale)
                 else:
-                    w.addmm_(basis, direction, alpha=-size)
+                    w.addmm_(basis, direction, alpha=-size * scale)
+                if i in fira:  # one full-size residual alive at a time
+                    grad, view = fira[i]
+                    residual = recovery_term(grad.float(), lows[i], direction, basis, side, view,
+                                             self.state[params[i]]["rs_norm"], group["norm_growth_limit"])
+                    w.add_(residual, alpha=-size)
 
     # -- plain steps of several matrices, with their collectives coalesced ---------------------------
     # Bytes of whole bases and r x n sums a bucket holds at once: what a plain step's coalescing adds
