@@ -254,6 +254,22 @@ class ProjectedAdam(SubspaceOptimizer):
             return False
         return not subspace.plan(view, group).full
 
+    @staticmethod
+    def _adam_batched(lows: list, states: list[dict], counts: list[int], group: dict) -> tuple[list, list[float]]:
+        """Adam's moments of the projected gradients ``lows`` and their directions, as ``torch._foreach_*``
+        calls over the whole list (the ``torch`` form); step sizes ``lr / c_1`` per matrix."""
+        beta1, beta2 = group["betas"]
+        avgs = [state["exp_avg"] for state in states]
+        avg_sqs = [state["exp_avg_sq"] for state in states]
+        torch._foreach_lerp_(avgs, lows, 1.0 - beta1)
+        torch._foreach_mul_(avg_sqs, beta2)
+        torch._foreach_addcmul_(avg_sqs, lows, lows, value=1.0 - beta2)
+        denominators = torch._foreach_sqrt(avg_sqs)
+        torch._foreach_div_(denominators, [math.sqrt(1.0 - beta2**count) for count in counts])
+        torch._foreach_add_(denominators, group["eps"])
+        directions = torch._foreach_div(avgs, denominators)
+        return directions, [float(group["lr"]) / (1.0 - beta1**count) for count in counts]
+
     def _step_batched(self, group: dict, params: list[torch.Tensor]) -> None:
         """One step of ``params`` with the element-wise math over all of them at once.
 
@@ -263,9 +279,8 @@ class ProjectedAdam(SubspaceOptimizer):
         the whole list, so the launches per matrix are two matmuls. Fira's recovery term stays per
         matrix (a full-size residual each, made and applied one at a time). The numbers are the
         per-matrix path's up to the rounding of the fused accumulation."""
-        beta1, beta2 = group["betas"]
-        lr, eps, wd, scale = float(group["lr"]), group["eps"], group["weight_decay"], group["scale"]
-        weights, bases, sides, lows, avgs, avg_sqs, corrections, sizes = [], [], [], [], [], [], [], []
+        lr, wd, scale = float(group["lr"]), group["weight_decay"], group["scale"]
+        weights, bases, sides, lows, states, counts = [], [], [], [], [], []
         fira = {}  # index -> (gradient, view) of the matrices with a recovery term
         for p in params:
             w, grad, state, view = local(p), local(p.grad), self.state[p], self._views[p]
@@ -275,23 +290,13 @@ class ProjectedAdam(SubspaceOptimizer):
                 lows.append(subspace.project_grad(grad.float(), state, view, plan))
             if "rs_norm" in state:
                 fira[len(weights)] = (grad, view)
-            count = subspace.moment_updates(int(state["step"]), plan, group)
+            counts.append(subspace.moment_updates(int(state["step"]), plan, group))
             state["step"] += 1
-            corrections.append(math.sqrt(1.0 - beta2**count))
-            sizes.append(lr / (1.0 - beta1**count))
             weights.append(w)
             bases.append(state["basis"])
             sides.append(plan.side)
-            avgs.append(state["exp_avg"])
-            avg_sqs.append(state["exp_avg_sq"])
-        torch._foreach_lerp_(avgs, lows, 1.0 - beta1)
-        torch._foreach_mul_(avg_sqs, beta2)
-        torch._foreach_addcmul_(avg_sqs, lows, lows, value=1.0 - beta2)
-        denominators = torch._foreach_sqrt(avg_sqs)
-        torch._foreach_div_(denominators, corrections)
-        torch._foreach_add_(denominators, eps)
-        directions = torch._foreach_div(avgs, denominators)
-        del denominators
+            states.append(state)
+        directions, sizes = self._adam_batched(lows, states, counts, group)
         if wd:
             torch._foreach_mul_(weights, 1.0 - lr * wd)
         with projection_matmuls(group):
@@ -302,8 +307,8 @@ class ProjectedAdam(SubspaceOptimizer):
                     w.addmm_(basis, direction, alpha=-size * scale)
                 if i in fira:  # one full-size residual alive at a time
                     grad, view = fira[i]
-                    residual = recovery_term(grad.float(), lows[i], direction, basis, side, view,
-                                             self.state[params[i]]["rs_norm"], group["norm_growth_limit"])
+                    residual = recovery_term(grad.float(), lows[i], direction, basis, side, view, states[i]["rs_norm"],
+                                             group["norm_growth_limit"])
                     w.add_(residual, alpha=-size)
 
     # -- plain steps of several matrices, with their collectives coalesced ---------------------------
@@ -377,10 +382,17 @@ class ProjectedAdam(SubspaceOptimizer):
         else:  # replicated r x n sums (the layout is one per group, so all or none are chunked)
             reduced = comm.all_reduce_sum_coalesced(sums, pg)
         lows.update(zip(left, reduced))
-        directions, sizes = {}, {}
-        for i in range(len(params)):
-            directions[i], sizes[i] = self._adam_in_subspace(lows[i], states[i], group, plans[i],
-                                                             int(states[i]["step"]))
+        if group["adam_form"] == "torch":
+            counts = [subspace.moment_updates(int(state["step"]), plan, group) for state, plan in zip(states, plans)]
+            for state in states:
+                state["step"] += 1
+            listed, steps = self._adam_batched([lows[i] for i in range(len(params))], states, counts, group)
+            directions, sizes = dict(enumerate(listed)), dict(enumerate(steps))
+        else:
+            directions, sizes = {}, {}
+            for i in range(len(params)):
+                directions[i], sizes[i] = self._adam_in_subspace(lows[i], states[i], group, plans[i],
+                                                                 int(states[i]["step"]))
         # Fira's ratio is local along the projected side; a left side in column chunks gathers its R and
         # ratio with its direction, in the same collective.
         fira = [i for i in range(len(params)) if "rs_norm" in states[i]]
@@ -400,8 +412,19 @@ class ProjectedAdam(SubspaceOptimizer):
 
         norms = comm.all_reduce_sum_coalesced([scaled(i).square().sum() for i in fira], pg)
         for i, p in enumerate(params):
-            update = project_back(whole_dir[i], bases[i], plans[i].side)
             residual = None
             if i in ratios:
                 residual = limited(scaled(i), norms[fira.index(i)].sqrt(), states[i]["rs_norm"], group["norm_growth_limit"])
-            self._apply(local(p), update, sizes[i], group, plans[i], residual)
+            w = local(p)
+            if group["adam_form"] == "torch" and w.dtype == torch.float32:  # back(N) accumulated into W
+                if group["weight_decay"]:
+                    w.mul_(1.0 - float(group["lr"]) * group["weight_decay"])
+                if plans[i].side == "right":
+                    w.addmm_(whole_dir[i], bases[i].T, alpha=-sizes[i] * group["scale"])
+                else:
+                    w.addmm_(bases[i], whole_dir[i], alpha=-sizes[i] * group["scale"])
+                if residual is not None:
+                    w.add_(residual, alpha=-sizes[i])
+                continue
+            update = project_back(whole_dir[i], bases[i], plans[i].side)
+            self._apply(w, update, sizes[i], group, plans[i], residual)
