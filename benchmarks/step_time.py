@@ -30,6 +30,8 @@ SHAPES = {
     "small": LlamaShape(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
     "60m": LlamaShape(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
     "1b": LLAMA_1B,
+    # 224 small matrices: a step bound by launches and Python, as a 7B model's shards are on 64 ranks
+    "narrow32": LlamaShape(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=32, num_attention_heads=4),
 }
 CHOICES = ("adamw-foreach", "adamw-fused", "galore-torch", "galore", "galore-svd")
 

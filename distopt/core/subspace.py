@@ -93,10 +93,23 @@ def make_plan(view: MatrixShardView, group: dict, side: str, rank: int, full: bo
     return SubspacePlan(side, rank, full, phase, not full and is_partitioned(view, group))
 
 
+_PLANS: dict[tuple, tuple[MatrixShardView, SubspacePlan]] = {}
+
+
 def plan(view: MatrixShardView, group: dict) -> SubspacePlan:
+    # Asked for every matrix on every step: cached by the view's identity and the settings it reads.
+    key = (id(view), group["side"], group["rank"], group["update_proj_gap"], group["stagger"],
+           group.get("state_layout", "partitioned"))
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is view:
+        return hit[1]
     side = resolve_side(group["side"], view.global_shape)
     full = group["rank"] >= side_dim(side, view.global_shape)
-    return make_plan(view, group, side, min(group["rank"], view.m, view.n), full)
+    made = make_plan(view, group, side, min(group["rank"], view.m, view.n), full)
+    if len(_PLANS) > 1 << 16:  # views of finished optimizers
+        _PLANS.clear()
+    _PLANS[key] = (view, made)
+    return made
 
 
 def basis_local_shape(view: MatrixShardView, plan_: SubspacePlan) -> tuple[int, int]:

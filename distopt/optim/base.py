@@ -519,7 +519,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 _functional_adamw(
                     [params[i] for i in native], [grads[i] for i in native], [states[i]["exp_avg"] for i in native],
                     [states[i]["exp_avg_sq"] for i in native], [], [states[i]["step"] for i in native],
-                    amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd, eps=eps, maximize=False,
+                    foreach=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd, eps=eps, maximize=False,
                 )
             rest = [i for i, p in enumerate(params) if p.dtype != torch.float32]
         else:

@@ -291,11 +291,11 @@ class ProjectedAdam(SubspaceOptimizer):
             if "rs_norm" in state:
                 fira[len(weights)] = (grad, view)
             counts.append(subspace.moment_updates(int(state["step"]), plan, group))
-            state["step"] += 1
             weights.append(w)
             bases.append(state["basis"])
             sides.append(plan.side)
             states.append(state)
+        torch._foreach_add_([state["step"] for state in states], 1)
         directions, sizes = self._adam_batched(lows, states, counts, group)
         if wd:
             torch._foreach_mul_(weights, 1.0 - lr * wd)
