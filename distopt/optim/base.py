@@ -455,16 +455,22 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self.allocate_state(active)
         if self._binding is not None:  # the engine adapter decides the skips of this call's groups at once
             self._binding.begin_step([g for g in active if self._bound(g)])
+        own = [g for g in active if not self._bound(g)]
+        # One finiteness decision for every group of this call: one flag reduction, one host read.
+        finite = set(map(id, self._finite_params([p for g in own for p in g["params"] if p.grad is not None])))
         with fp32_matmuls():
             for group in active:
                 if self._bound(group):  # the adapter rebuilds rows from the engine's partition
                     self._binding.step_group(self, group)
                     continue
-                self._step_params(group, [p for p in group["params"] if p.grad is not None])
+                self._step_params(group, [p for p in group["params"] if id(p) in finite], checked=True)
         return loss
 
-    def _step_params(self, group: dict, params: list[torch.Tensor]) -> None:
-        params = self._finite_params(params)
+    def _step_params(self, group: dict, params: list[torch.Tensor], checked: bool = False) -> None:
+        """Step ``params`` of ``group``; those with a non-finite gradient are skipped unless ``checked``
+        says the caller dropped them already."""
+        if not checked:
+            params = self._finite_params(params)
         if group["kind"] == "adamw":
             self._adamw_step(group, params)
         else:

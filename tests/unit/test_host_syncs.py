@@ -53,3 +53,23 @@ def _plain_step_reads(name: str, layers: int) -> int:
 @pytest.mark.parametrize("name", distopt.list_optimizers())
 def test_a_plain_step_reads_no_device_value_per_matrix(name):
     assert _plain_step_reads(name, 2) == _plain_step_reads(name, 8) == 0
+
+
+def test_one_finiteness_decision_per_step_for_all_groups(monkeypatch):
+    """Matrix and element-wise groups share one flag stack and one host read per ``step()``."""
+    from distopt.optim.base import SubspaceOptimizer
+
+    calls = []
+    real = SubspaceOptimizer._finite_params
+    monkeypatch.setattr(SubspaceOptimizer, "_finite_params", lambda self, params: calls.append(len(params)) or real(self, params))
+    torch.manual_seed(0)
+    model = TinyLlama(LlamaShape(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4))
+    opt = distopt.build_optimizer(model, "galore", rank=4)
+    assert len(opt.param_groups) == 2
+    ids = torch.randint(0, 64, (2, 16))
+    for _ in range(3):
+        model(ids, ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert calls == [len(list(model.parameters()))] * 3
