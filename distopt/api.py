@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from .core.routing import assign_roles
 from .optim import REGISTRY
-from .optim.base import flat_shard_error
+from .optim.base import RENAMED_HPARAMS, flat_shard_error
 
 logger = logging.getLogger("distopt")
 # Hyper-parameters the element-wise AdamW group understands (``build_optimizer(elementwise=...)``).
@@ -147,7 +148,16 @@ def build_optimizer(
 
 
 def construct(cls: type, name: str, groups: list[dict], hparams: dict) -> torch.optim.Optimizer:
-    """``cls(groups, **hparams)``; an unknown keyword raises with the accepted ones and the closest."""
+    """``cls(groups, **hparams)``; an unknown keyword raises with the accepted ones and the closest. A
+    hyper-parameter under its old name is renamed, with a warning."""
+    accepted = inspect.signature(cls.__init__).parameters
+    for old, new in RENAMED_HPARAMS.items():
+        if old in hparams and old not in accepted and new in accepted:
+            if new in hparams:
+                raise TypeError(f"{name}: {old}= is the old name of {new}=; give only {new}=")
+            warnings.warn(f"{name}: {old}= is now called {new}=; {old}= will stop working in a later release",
+                          FutureWarning, stacklevel=3)
+            hparams = {(new if k == old else k): v for k, v in hparams.items()}
     try:
         return cls(groups, **hparams)
     except TypeError as err:

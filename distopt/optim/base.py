@@ -703,6 +703,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             for key, value in saved.items():
                 if key == "params" or key in self.layout_hparams:
                     continue
+                if key in RENAMED_HPARAMS and key not in group:  # written before the rename
+                    key = RENAMED_HPARAMS[key]
                 if key not in group:
                     group[key] = value
                 elif key not in self._NOT_HPARAMS and not _same_value(group[key], value):
@@ -710,6 +712,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         for change in changes:
             logger.warning("load_state_dict: %s", change)
         return changes
+
+
+# Hyper-parameters under their old names: accepted by the builders (with a warning) and in checkpoints.
+RENAMED_HPARAMS = {"init": "refresh", "galore_refresh": "refresh"}
 
 
 def _same_value(a, b) -> bool:

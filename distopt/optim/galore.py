@@ -46,7 +46,6 @@ class GaLore(ProjectedAdam):
     """
 
     algorithm = "galore"
-    data_method_key = "refresh"
 
     def __init__(
         self,

@@ -38,7 +38,7 @@ class GoLore(ProjectedAdam):
       so every rank of a shard group draws the same basis with no communication.
     - Refreshes are staggered by a hash of the parameter name (``stagger=False``: steps 0, T, 2T).
     - The reference runs GaLore for the first ``rand_ratio`` of training; ``galore_steps`` does the
-      same here (refreshes before that step use the data-driven ``galore_refresh`` method, the moments
+      same here (refreshes before that step use the data-driven ``refresh`` method, the moments
       are still rotated), and defaults to 0, i.e. the method of the paper's analysis.
     - ``moment_policy`` may also be ``keep``, ``reset`` or ``transform``; ``recovery_scaling=True``
       adds Fira's scaled residual (see ``core.recovery``), which the paper does not use.
@@ -49,7 +49,6 @@ class GoLore(ProjectedAdam):
     """
 
     algorithm = "golore"
-    data_method_key = "galore_refresh"
 
     def __init__(
         self,
@@ -60,7 +59,7 @@ class GoLore(ProjectedAdam):
         update_proj_gap: int = 200,
         scale: float = 0.25,
         galore_steps: int = 0,
-        galore_refresh: str = "randomized",
+        refresh: str = "randomized",
         stagger: bool = True,
         side: str = "auto",
         moment_policy: str = "rotate",
@@ -84,7 +83,7 @@ class GoLore(ProjectedAdam):
             raise ValueError(f"galore_steps={steps!r}: must be a non-negative integer number of steps")
 
     def _data_method(self, group: dict, step: int) -> str | None:
-        return group["galore_refresh"] if step < group["galore_steps"] else None
+        return group["refresh"] if step < group["galore_steps"] else None
 
     def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
         if method := self._data_method(group, step):

@@ -31,7 +31,7 @@ class GrassJump(ProjectedAdam):
     ``norm_growth_limit``. The QR is sign-fixed (positive diagonal of ``R``), which makes it Haar.
 
     Defaults: ``lr=1e-3``, ``rank=128``, ``update_proj_gap=200`` (T), ``scale=0.25``,
-    ``init="randomized"``, ``moment_policy="transform"`` (AO), ``recovery_scaling=True``,
+    ``refresh="randomized"``, ``moment_policy="transform"`` (AO), ``recovery_scaling=True``,
     ``norm_growth_limit=1.01``, ``stagger=True``. The paper's values of T and r were not published;
     these are the SubTrack++ reference scripts' (its authors' previous method).
 
@@ -47,8 +47,8 @@ class GrassJump(ProjectedAdam):
     - The recovery residual is ``G - back(R)``, orthogonal to the subspace. Fira's code subtracts
       ``alpha back(R)``, which leaves part of the in-subspace gradient in it when ``alpha != 1``.
       As there, ``D_hat`` is not multiplied by ``alpha``; the first step records its norm unlimited.
-    - The first basis (step 0) comes from the gradient by ``init`` (as SubTrack++ starts from an SVD);
-      ``init="random"`` makes every basis Haar. Jump seeds are ``(seed, name, refresh index)``, so
+    - The first basis (step 0) comes from the gradient by ``refresh`` (as SubTrack++ starts from an SVD);
+      ``refresh="random"`` makes every basis Haar. Jump seeds are ``(seed, name, refresh index)``, so
       shard groups need no communication to agree, and refreshes are staggered by name.
 
     State per matrix, with ``d`` the projected side's length and ``D`` the other side's:
@@ -67,7 +67,7 @@ class GrassJump(ProjectedAdam):
         rank: int = 128,
         update_proj_gap: int = 200,
         scale: float = 0.25,
-        init: str = "randomized",
+        refresh: str = "randomized",
         stagger: bool = True,
         side: str = "auto",
         moment_policy: str = "transform",
@@ -86,7 +86,7 @@ class GrassJump(ProjectedAdam):
         super().__init__(params, hyperparameters(locals()))
 
     def _data_method(self, group: dict, step: int) -> str | None:
-        return group["init"] if step == 0 else None
+        return group["refresh"] if step == 0 else None
 
     def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
         if method := self._data_method(group, step):

@@ -43,7 +43,7 @@ class GrassWalk(ProjectedAdam):
     SubTrack++'s rank-1 form), at most ``d - r``. For a right basis the moments map as ``M C^T``.
 
     Defaults: ``lr=1e-3``, ``rank=128``, ``update_proj_gap=200`` (T), ``scale=0.25``,
-    ``walk_angle=0.3`` rad, ``tangent_rank=None`` (full), ``init="randomized"``,
+    ``walk_angle=0.3`` rad, ``tangent_rank=None`` (full), ``refresh="randomized"``,
     ``moment_policy="transform"`` (AO), ``recovery_scaling=True``, ``norm_growth_limit=1.01``.
 
     Where we differ, deliberately (no code of the paper was published; the step size, the tangent's
@@ -55,7 +55,7 @@ class GrassWalk(ProjectedAdam):
     - AO at the actual switch with the basis held until then, without the reference code's extra
       ``(1 - beta2)``; the recovery residual is ``G - back(R)`` (not ``G - alpha back(R)`` as in
       Fira's code), not multiplied by ``alpha``, and its first norm is recorded unlimited.
-    - The first basis comes from the gradient by ``init``; walk seeds are ``(seed, name, refresh
+    - The first basis comes from the gradient by ``refresh``; walk seeds are ``(seed, name, refresh
       index)``, so every rank of a shard group draws the same ``Z``; refreshes are staggered by name.
 
     State per matrix, with ``d`` the projected side's length and ``D`` the other side's:
@@ -77,7 +77,7 @@ class GrassWalk(ProjectedAdam):
         scale: float = 0.25,
         walk_angle: float = 0.3,
         tangent_rank: int | None = None,
-        init: str = "randomized",
+        refresh: str = "randomized",
         stagger: bool = True,
         side: str = "auto",
         moment_policy: str = "transform",
@@ -104,7 +104,7 @@ class GrassWalk(ProjectedAdam):
             raise ValueError(f"tangent_rank={k!r}: must be None (all r directions) or a positive integer")
 
     def _data_method(self, group: dict, step: int) -> str | None:
-        return group["init"] if step == 0 else None
+        return group["refresh"] if step == 0 else None
 
     def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
         if method := self._data_method(group, step):

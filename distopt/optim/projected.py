@@ -82,15 +82,12 @@ class ProjectedAdam(SubspaceOptimizer):
 
     matrix_roles = LINEAR_ROLES
     shape_hparams = ("rank", "side", "recovery_scaling")
-    # Group key naming the method (``svd``/``randomized``/``random``) for data-driven bases.
-    data_method_key = "init"
 
     # -- validation ----------------------------------------------------------------------------
     def _check_matrix_hparams(self, group: dict) -> None:
-        key = self.data_method_key
-        if group[key] not in REFRESH_METHODS:
-            raise ValueError(f"{key}={group[key]!r} is not one of {REFRESH_METHODS}")
-        subspace.check_subspace_hparams({**group, "refresh": group[key]})
+        if group["refresh"] not in REFRESH_METHODS:
+            raise ValueError(f"refresh={group['refresh']!r} is not one of {REFRESH_METHODS}")
+        subspace.check_subspace_hparams(group)
         scale = group["scale"]
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale={scale!r}: must be a finite number > 0 (GaLore's alpha, e.g. 0.25)")
@@ -110,7 +107,7 @@ class ProjectedAdam(SubspaceOptimizer):
     def _data_method(self, group: dict, step: int) -> str | None:
         """The data-driven method (``svd``, ``randomized``, ``random``) ``_new_basis`` uses at refresh step
         ``step``, or ``None`` where it moves the basis another way."""
-        return group[self.data_method_key]
+        return group["refresh"]
 
     def _refresh_request(self, group: dict, state: dict, view: MatrixShardView, grad: torch.Tensor):
         plan = subspace.plan(view, group)

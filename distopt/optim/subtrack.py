@@ -37,7 +37,7 @@ class SubTrack(ProjectedAdam):
     is at most ``step_size`` radians; the step rotates one basis direction toward the residual.
 
     Defaults: ``lr=1e-3``, ``rank=128``, ``update_proj_gap=200`` (T), ``scale=0.25``,
-    ``step_size=0.5`` (``eta``), ``max_angle=pi/2``, ``init="randomized"``,
+    ``step_size=0.5`` (``eta``), ``max_angle=pi/2``, ``refresh="randomized"``,
     ``moment_policy="transform"`` (AO), ``recovery_scaling=True``, ``norm_growth_limit=1.01``.
 
     Where we differ from the reference code (``criticalml-uw/SubTrack``), deliberately:
@@ -51,7 +51,7 @@ class SubTrack(ProjectedAdam):
     - AO is applied at the actual switch with the true previous basis. The reference computes ``C``
       against the initial basis (its update of the previous basis is commented out) one step early,
       and multiplies the transformed second moment by an extra ``(1 - beta2)``.
-    - The first basis comes from ``init`` (the reference: a full SVD); the least squares and the
+    - The first basis comes from ``refresh`` (the reference: a full SVD); the least squares and the
       tangent's SVD are computed on row shards with small all-reduces (TSQR for the SVD), and the
       basis is re-orthonormalized after each step (a no-op up to round-off).
     - Not implemented: ``use_acc_gradient`` (tracking the mean gradient since the last update; it
@@ -77,7 +77,7 @@ class SubTrack(ProjectedAdam):
         scale: float = 0.25,
         step_size: float = 0.5,
         max_angle: float = math.pi / 2,
-        init: str = "randomized",
+        refresh: str = "randomized",
         stagger: bool = True,
         side: str = "auto",
         moment_policy: str = "transform",
@@ -104,7 +104,7 @@ class SubTrack(ProjectedAdam):
             raise ValueError(f"max_angle={cap!r}: must be an angle in radians in (0, pi/2]")
 
     def _data_method(self, group: dict, step: int) -> str | None:
-        return group["init"] if step == 0 else None
+        return group["refresh"] if step == 0 else None
 
     def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
         if method := self._data_method(group, step):

@@ -39,7 +39,7 @@ def test_rotated_first_moment_is_stored():
 def test_galore_steps_use_the_gradient_then_haar():
     model = tiny_model()
     opt = distopt.build_optimizer(model, "golore", rank=4, update_proj_gap=2, stagger=False, galore_steps=2,
-                                  galore_refresh="svd")
+                                  refresh="svd")
     params = list(model.parameters())
     set_grads(params, 0)
     opt.step()  # step 0: SVD of the gradient
@@ -77,7 +77,7 @@ def test_resume_is_bit_identical():
         (dict(rank=0), "rank=0"),
         (dict(update_proj_gap=0), "update_proj_gap=0"),
         (dict(galore_steps=-1), "galore_steps=-1"),
-        (dict(galore_refresh="qr"), "galore_refresh='qr'"),
+        (dict(refresh="qr"), "refresh='qr'"),
         (dict(moment_policy="spin"), "moment_policy='spin'"),
         (dict(scale=float("nan")), "scale=nan"),
         (dict(norm_growth_limit=0.5), "norm_growth_limit=0.5"),

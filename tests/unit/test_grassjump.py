@@ -120,7 +120,7 @@ def test_resume_is_bit_identical():
     [
         (dict(rank=0), "rank=0"),
         (dict(update_proj_gap=-2), "update_proj_gap=-2"),
-        (dict(init="qr"), "init='qr'"),
+        (dict(refresh="qr"), "refresh='qr'"),
         (dict(moment_policy="spin"), "moment_policy='spin'"),
         (dict(norm_growth_limit=float("nan")), "norm_growth_limit=nan"),
         (dict(norm_growth_limit=0.99), "norm_growth_limit=0.99"),

@@ -44,7 +44,7 @@ def test_walk_is_seeded_and_independent_of_the_gradient():
     bases = []
     for grad_seed in (0, 50):
         model = tiny_model()
-        opt = distopt.build_optimizer(model, "grasswalk", rank=4, update_proj_gap=2, stagger=False, init="random")
+        opt = distopt.build_optimizer(model, "grasswalk", rank=4, update_proj_gap=2, stagger=False, refresh="random")
         for step in range(3):
             set_grads(list(model.parameters()), grad_seed + step)
             opt.step()
@@ -98,7 +98,7 @@ def test_resume_is_bit_identical():
         (dict(walk_angle=float("nan")), "walk_angle=nan"),
         (dict(tangent_rank=0), "tangent_rank=0"),
         (dict(tangent_rank=1.5), "tangent_rank=1.5"),
-        (dict(init="qr"), "init='qr'"),
+        (dict(refresh="qr"), "refresh='qr'"),
         (dict(norm_growth_limit=0.5), "norm_growth_limit=0.5"),
         (dict(moment_policy="spin"), "moment_policy='spin'"),
     ],

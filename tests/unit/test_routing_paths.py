@@ -82,3 +82,26 @@ def test_every_optimizer_takes_its_options_by_keyword_only():
         assert not positional, f"{name}: {positional} can be passed by position"
     with pytest.raises(TypeError):
         REGISTRY["galore"]([torch.nn.Parameter(torch.zeros(4, 4))], 0.01)
+
+
+def test_old_hyper_parameter_names_are_renamed_with_a_warning_and_load_from_checkpoints():
+    import warnings
+
+    from helpers import roundtrip, tiny_model, train
+
+    model = tiny_model()
+    with pytest.warns(FutureWarning, match="init= is now called refresh="):
+        opt = distopt.build_optimizer(model, "grassjump", rank=4, init="svd")
+    assert opt.param_groups[0]["refresh"] == "svd" and "init" not in opt.param_groups[0]
+    with pytest.raises(TypeError, match="give only refresh="):
+        distopt.build_optimizer(tiny_model(), "golore", galore_refresh="svd", refresh="svd")
+    train(model, opt, 2)
+    saved = roundtrip(opt.state_dict())
+    for group in saved["param_groups"]:  # as written before the rename
+        if "refresh" in group:
+            group["init"] = group.pop("refresh")
+    fresh = distopt.build_optimizer(tiny_model(), "grassjump", rank=4, refresh="svd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(saved)
+    assert fresh.resumed_changes == [] and all("init" not in g for g in fresh.param_groups)

@@ -115,7 +115,7 @@ def test_resume_is_bit_identical():
         (dict(step_size=0.0), "step_size=0.0"),
         (dict(step_size=float("inf")), "step_size=inf"),
         (dict(max_angle=2.0), "max_angle=2.0"),
-        (dict(init="qr"), "init='qr'"),
+        (dict(refresh="qr"), "refresh='qr'"),
         (dict(update_proj_gap=0), "update_proj_gap=0"),
         (dict(norm_growth_limit=-1.0), "norm_growth_limit=-1.0"),
     ],
