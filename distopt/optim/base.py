@@ -145,15 +145,20 @@ def apply_update(param, update, step_size: float, lr: float, weight_decay: float
 
 
 @contextlib.contextmanager
-def fp32_matmuls():
-    """Full fp32 matmuls inside the optimizer whatever the global TF32 flag (restored on exit): a
-    basis refresh squares its sketch, and TF32's 10-bit mantissa would lose the basis's tail."""
+def tf32_matmuls(enabled: bool):
+    """CUDA fp32 matmuls with TF32 ``enabled`` or not, whatever the global flag (restored on exit)."""
     previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def fp32_matmuls():
+    """Full fp32 matmuls inside the optimizer whatever the global TF32 flag: a basis refresh squares
+    its sketch, and TF32's 10-bit mantissa would lose the basis's tail."""
+    return tf32_matmuls(False)
 
 
 def _warn_tf32_override() -> None:

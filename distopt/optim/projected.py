@@ -30,25 +30,16 @@ from ..core.recovery import channel_ratio, check_recovery_hparams, limited, reco
 from ..core.routing import LINEAR_ROLES
 from ..core.schedule import refresh_index
 from ..core.shard import MatrixShardView, local
-from .base import SubspaceOptimizer, adam_direction, apply_update, update_moments
+from .base import SubspaceOptimizer, adam_direction, apply_update, tf32_matmuls, update_moments
 
 PROJECTION_PRECISIONS = ("fp32", "tf32")
 
 
-@contextlib.contextmanager
 def projection_matmuls(group: dict):
     """The precision of ``proj(G)``, ``back(N)`` and Fira's ``back(R)`` on CUDA: fp32 by default;
     ``tf32`` lets those matmuls (never a refresh, whose Gram and range finder stay fp32) run on TF32
     tensor cores."""
-    if group["projection_precision"] == "fp32":
-        yield
-        return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+    return tf32_matmuls(True) if group["projection_precision"] == "tf32" else contextlib.nullcontext()
 
 
 class ProjectedAdam(SubspaceOptimizer):
