@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import comm
+from .options import check_option
 from .shard import MatrixShardView
 
 HEAD_ROLES = {"q": "n_heads", "k": "n_kv_heads"}
@@ -43,9 +44,9 @@ class BlockPlan:
 
 
 def check_head_hparams(n_heads, n_kv_heads) -> None:
-    for key, value in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ValueError(f"{key}={value!r}: must be a positive integer or None")
+    heads = {"n_heads": n_heads, "n_kv_heads": n_kv_heads}
+    for key in heads:
+        check_option(heads, key, "int", low=1, optional="to read it from the model")
     if n_heads is not None and n_kv_heads is not None and n_heads % n_kv_heads:
         raise ValueError(f"n_kv_heads={n_kv_heads!r}: must divide n_heads={n_heads!r}")
 

@@ -23,6 +23,7 @@ import math
 import torch
 
 from . import comm
+from .options import check_option
 from .projector import project_back
 from .shard import MatrixShardView
 
@@ -30,11 +31,8 @@ RATIO_EPS = 1e-8
 
 
 def check_recovery_hparams(group: dict) -> None:
-    if not isinstance(group["recovery_scaling"], bool):
-        raise ValueError(f"recovery_scaling={group['recovery_scaling']!r}: must be True or False")
-    limit = group["norm_growth_limit"]
-    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or math.isnan(limit) or limit < 1:
-        raise ValueError(f"norm_growth_limit={limit!r}: must be a number >= 1 (1.01 in Fira; math.inf disables it)")
+    check_option(group, "recovery_scaling", "bool")
+    check_option(group, "norm_growth_limit", low=1, high=math.inf, note="1.01 in Fira; math.inf disables it")
 
 
 def recovery_term(

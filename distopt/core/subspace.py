@@ -28,6 +28,7 @@ import torch
 
 from . import comm
 from .moments import MOMENT_POLICIES
+from .options import check_option
 from .projector import REFRESH_METHODS, resolve_side, side_dim
 from .schedule import is_refresh_step, last_refresh_step, refresh_phase
 from .shard import MatrixShardView
@@ -59,27 +60,19 @@ class SubspacePlan:
 
 
 def check_subspace_hparams(group: dict) -> None:
-    rank = group["rank"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank={rank!r}: the subspace rank must be a positive integer (e.g. rank=128)")
-    gap = group["update_proj_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
-        raise ValueError(f"update_proj_gap={gap!r}: must be a positive integer number of steps (e.g. 200)")
-    if group["refresh"] not in REFRESH_METHODS:
-        raise ValueError(f"refresh={group['refresh']!r} is not one of {REFRESH_METHODS}")
+    check_option(group, "rank", "int", low=1, note="the subspace rank, e.g. rank=128")
+    check_option(group, "update_proj_gap", "int", low=1, note="steps between refreshes, e.g. 200")
+    check_option(group, "refresh", "choice", choices=REFRESH_METHODS)
     resolve_side(group["side"], (2, 1))
-    if group["moment_policy"] not in MOMENT_POLICIES:
-        raise ValueError(f"moment_policy={group['moment_policy']!r} is not one of {MOMENT_POLICIES}")
+    check_option(group, "moment_policy", "choice", choices=MOMENT_POLICIES)
     for key in ("oversample", "power_iters"):
-        value = group[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{key}={value!r}: must be a non-negative integer")
+        check_option(group, key, "int", low=0)
     check_state_layout(group)
 
 
 def check_state_layout(group: dict) -> None:
-    if group.get("state_layout", "partitioned") not in STATE_LAYOUTS:
-        raise ValueError(f"state_layout={group['state_layout']!r} is not one of {STATE_LAYOUTS}")
+    if "state_layout" in group:
+        check_option(group, "state_layout", "choice", choices=STATE_LAYOUTS)
 
 
 def is_partitioned(view: MatrixShardView, group: dict) -> bool:

@@ -8,6 +8,7 @@ import torch
 
 from ..core import lowrank, subspace
 from ..core.linalg import stable_seed
+from ..core.options import check_option
 from ..core.schedule import is_refresh_step, refresh_index, refresh_phase
 from ..core.shard import MatrixShardView
 from .base import SubspaceOptimizer, apply_update, hyperparameters
@@ -25,12 +26,6 @@ MOMENTUM_BY_ROLE = {
     "matrix": "full",
     "lm_head": "full",
 }
-
-
-def _check_int(group: dict, key: str, minimum: int) -> None:
-    value = group[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key}={value!r}: must be an integer >= {minimum}")
 
 
 class AdaPM(SubspaceOptimizer):
@@ -130,29 +125,17 @@ class AdaPM(SubspaceOptimizer):
 
     # -- validation ---------------------------------------------------------------------------
     def _check_matrix_hparams(self, group: dict) -> None:
-        fraction = group["rank_fraction"]
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise ValueError(f"rank_fraction={fraction!r}: must be a number in (0, 1], e.g. 0.05")
-        rank = group["rank"]
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-            raise ValueError(f"rank={rank!r}: must be a positive integer, or None for rank_fraction")
-        _check_int(group, "update_proj_gap", 1)
-        _check_int(group, "fit_sweeps", 0)
-        if group["fit_sweeps"] > 64:
-            raise ValueError(f"fit_sweeps={group['fit_sweeps']!r}: at most 64 sweeps per step")
-        _check_int(group, "oversample", 0)
-        _check_int(group, "power_iters", 0)
-        _check_int(group, "seed", 0)
-        if group["correction"] not in lowrank.CORRECTIONS:
-            raise ValueError(f"correction={group['correction']!r} is not one of {lowrank.CORRECTIONS}")
-        clip = group["clip"]
-        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
-                                 or not math.isfinite(clip) or clip <= 0):
-            raise ValueError(f"clip={clip!r}: must be a finite number > 0, or None for no clip")
+        check_option(group, "rank_fraction", low=0, low_open=True, high=1, note="e.g. 0.05")
+        check_option(group, "rank", "int", low=1, optional="for rank_fraction")
+        check_option(group, "update_proj_gap", "int", low=1)
+        check_option(group, "fit_sweeps", "int", low=0, high=64, note="sweeps per step")
+        for key in ("oversample", "power_iters", "seed"):
+            check_option(group, key, "int", low=0)
+        check_option(group, "correction", "choice", choices=lowrank.CORRECTIONS)
+        check_option(group, "clip", low=0, low_open=True, optional="for no clip")
         subspace.check_state_layout(group)
         for key in ("bias_correction", "stagger"):
-            if not isinstance(group[key], bool):
-                raise ValueError(f"{key}={group[key]!r}: must be True or False")
+            check_option(group, key, "bool")
 
     # -- per-role design ------------------------------------------------------------------------
     def momentum_kind(self, view: MatrixShardView) -> str:

@@ -21,6 +21,7 @@ import torch
 from torch.optim.adamw import adamw as _functional_adamw
 
 from ..core import comm
+from ..core.options import check_option
 from ..core.projector import prepared_bases
 from ..core.shard import MatrixShardView, dtensor_view, is_dtensor, local, lpt_owners, whole_matrix_view
 
@@ -93,12 +94,10 @@ def check_common_hparams(group: dict) -> None:
     betas = group["betas"]
     if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
         raise ValueError(f"betas={betas!r}: need two values in [0, 1)")
-    if not (math.isfinite(group["eps"]) and group["eps"] >= 0):
-        raise ValueError(f"eps={group['eps']!r}: must be a finite number >= 0")
-    if not (math.isfinite(group["weight_decay"]) and group["weight_decay"] >= 0):
-        raise ValueError(f"weight_decay={group['weight_decay']!r}: must be a finite number >= 0")
-    if group.get("adam_form", "torch") not in ADAM_FORMS:
-        raise ValueError(f"adam_form={group['adam_form']!r} is not one of {ADAM_FORMS}")
+    check_option(group, "eps", low=0)
+    check_option(group, "weight_decay", low=0)
+    if "adam_form" in group:
+        check_option(group, "adam_form", "choice", choices=ADAM_FORMS)
 
 
 def hyperparameters(arguments: dict) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..core.options import check_option
 from ..core.shard import MatrixShardView
 from .base import hyperparameters
 from .projected import ProjectedAdam
@@ -78,9 +79,7 @@ class GoLore(ProjectedAdam):
         super().__init__(params, hyperparameters(locals()))
 
     def _check_algorithm_hparams(self, group: dict) -> None:
-        steps = group["galore_steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"galore_steps={steps!r}: must be a non-negative integer number of steps")
+        check_option(group, "galore_steps", "int", low=0, note="a number of steps")
 
     def _data_method(self, group: dict, step: int) -> str | None:
         return group["refresh"] if step < group["galore_steps"] else None

@@ -9,6 +9,7 @@ import torch
 
 from ..core.grassmann import geodesic_step, retract, tangent_projection, thin_svd
 from ..core.linalg import seeded_gaussian, stable_seed
+from ..core.options import check_option
 from ..core.projector import side_dim
 from ..core.shard import MatrixShardView
 from .base import hyperparameters
@@ -96,12 +97,8 @@ class GrassWalk(ProjectedAdam):
         super().__init__(params, hyperparameters(locals()))
 
     def _check_algorithm_hparams(self, group: dict) -> None:
-        angle = group["walk_angle"]
-        if isinstance(angle, bool) or not isinstance(angle, (int, float)) or not 0 < angle <= math.pi / 2:
-            raise ValueError(f"walk_angle={angle!r}: must be an angle in radians in (0, pi/2]")
-        k = group["tangent_rank"]
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
-            raise ValueError(f"tangent_rank={k!r}: must be None (all r directions) or a positive integer")
+        check_option(group, "walk_angle", low=0, low_open=True, high=math.pi / 2, note="radians, at most pi/2")
+        check_option(group, "tangent_rank", "int", low=1, optional="for all r directions")
 
     def _data_method(self, group: dict, step: int) -> str | None:
         return group["refresh"] if step == 0 else None

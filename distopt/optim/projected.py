@@ -15,8 +15,8 @@ import torch
 from ..core import comm, subspace
 from ..core.linalg import stable_seed
 from ..core.moments import apply_moment_policy
+from ..core.options import check_option
 from ..core.projector import (
-    REFRESH_METHODS,
     RangeRequest,
     SvdRequest,
     change_of_basis,
@@ -76,14 +76,9 @@ class ProjectedAdam(SubspaceOptimizer):
 
     # -- validation ----------------------------------------------------------------------------
     def _check_matrix_hparams(self, group: dict) -> None:
-        if group["refresh"] not in REFRESH_METHODS:
-            raise ValueError(f"refresh={group['refresh']!r} is not one of {REFRESH_METHODS}")
         subspace.check_subspace_hparams(group)
-        scale = group["scale"]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale={scale!r}: must be a finite number > 0 (GaLore's alpha, e.g. 0.25)")
-        if group["projection_precision"] not in PROJECTION_PRECISIONS:
-            raise ValueError(f"projection_precision={group['projection_precision']!r} is not one of {PROJECTION_PRECISIONS}")
+        check_option(group, "scale", low=0, low_open=True, note="GaLore's alpha, e.g. 0.25")
+        check_option(group, "projection_precision", "choice", choices=PROJECTION_PRECISIONS)
         check_recovery_hparams(group)
         self._check_algorithm_hparams(group)
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.linalg import haar_basis, seeded_gaussian, stable_seed
+from ..core.options import check_option
 from ..core.routing import LINEAR_ROLES, assign_roles
 from ..core.schedule import is_refresh_step, refresh_index, refresh_phase
 from ..core.shard import MatrixShardView, is_dtensor, local
@@ -169,21 +170,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _check_rso_hparams(group: dict) -> None:
-    rank, projection, scale = group["rank"], group["projection"], group["scale"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank={rank!r}: the subspace rank must be a positive integer (e.g. rank=128)")
-    if projection not in PROJECTIONS:
-        raise ValueError(f"projection={projection!r} is not one of {PROJECTIONS}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale={scale!r}: must be a finite number > 0")
-    gap = group["update_proj_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
-        raise ValueError(f"update_proj_gap={gap!r}: must be a positive integer number of steps (tau, e.g. 200)")
-    prox = group["prox"]
-    if isinstance(prox, bool) or not isinstance(prox, (int, float)) or not (math.isfinite(prox) and prox >= 0):
-        raise ValueError(f"prox={prox!r}: must be a finite number >= 0 (the proximal weight 1/eta)")
-    if group.get("state_layout", "partitioned") not in STATE_LAYOUTS:
-        raise ValueError(f"state_layout={group['state_layout']!r} is not one of {STATE_LAYOUTS}")
+    check_option(group, "rank", "int", low=1, note="the subspace rank, e.g. rank=128")
+    check_option(group, "projection", "choice", choices=PROJECTIONS)
+    check_option(group, "scale", low=0, low_open=True)
+    check_option(group, "update_proj_gap", "int", low=1, note="tau, e.g. 200")
+    check_option(group, "prox", low=0, note="the proximal weight 1/eta")
+    if "state_layout" in group:
+        check_option(group, "state_layout", "choice", choices=STATE_LAYOUTS)
 
 
 class RSO(SubspaceOptimizer):

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..core import subspace
+from ..core.options import check_option
 from ..core.projector import REFRESH_METHODS
 from ..core.routing import LINEAR_ROLES
 from ..core.shard import MatrixShardView
@@ -105,23 +106,14 @@ class SAM(SubspaceOptimizer):
         super().__init__(params, hyperparameters(locals()))
 
     def _check_matrix_hparams(self, group: dict) -> None:
-        rank = group["rank"]
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-            raise ValueError(f"rank={rank!r}: must be a positive integer, or None for min(5, m // 10)")
-        gap = group["update_proj_gap"]
-        if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
-            raise ValueError(f"update_proj_gap={gap!r}: must be a positive integer number of steps")
-        if group["refresh"] not in REFRESH_METHODS:
-            raise ValueError(f"refresh={group['refresh']!r} is not one of {REFRESH_METHODS}")
-        if group["moment_policy"] not in MOMENT_POLICIES:
-            raise ValueError(f"moment_policy={group['moment_policy']!r} is not one of {MOMENT_POLICIES}")
+        check_option(group, "rank", "int", low=1, optional="for min(5, m // 10)")
+        check_option(group, "update_proj_gap", "int", low=1)
+        check_option(group, "refresh", "choice", choices=REFRESH_METHODS)
+        check_option(group, "moment_policy", "choice", choices=MOMENT_POLICIES)
         for key in ("stagger", "eps_inside_sqrt"):
-            if not isinstance(group[key], bool):
-                raise ValueError(f"{key}={group[key]!r}: must be True or False")
+            check_option(group, key, "bool")
         for key in ("oversample", "power_iters"):
-            value = group[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{key}={value!r}: must be a non-negative integer")
+            check_option(group, key, "int", low=0)
         subspace.check_state_layout(group)
 
     @staticmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..core import comm, subspace
+from ..core.options import check_option
 from ..core.routing import LINEAR_ROLES
 from ..core.shard import MatrixShardView
 from . import first_moment_subspace
@@ -104,10 +105,8 @@ class AdamSNSM(SubspaceOptimizer):
 
     def _check_matrix_hparams(self, group: dict) -> None:
         subspace.check_subspace_hparams(group)
-        if group["moment_policy"] not in MOMENT_POLICIES:
-            raise ValueError(f"moment_policy={group['moment_policy']!r} is not one of {MOMENT_POLICIES}")
-        if not isinstance(group["stagger"], bool):
-            raise ValueError(f"stagger={group['stagger']!r}: must be True or False")
+        check_option(group, "moment_policy", "choice", choices=MOMENT_POLICIES)
+        check_option(group, "stagger", "bool")
 
     def _init_matrix_state(self, p: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         plan = subspace.plan(view, group)

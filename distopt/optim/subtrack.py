@@ -9,6 +9,7 @@ import torch
 
 from ..core import comm
 from ..core.grassmann import geodesic_step, retract, tangent_projection, thin_svd
+from ..core.options import check_option
 from ..core.shard import MatrixShardView
 from .base import hyperparameters
 from .projected import ProjectedAdam
@@ -96,12 +97,8 @@ class SubTrack(ProjectedAdam):
         super().__init__(params, hyperparameters(locals()))
 
     def _check_algorithm_hparams(self, group: dict) -> None:
-        eta = group["step_size"]
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta > 0):
-            raise ValueError(f"step_size={eta!r}: must be a finite number > 0 (radians per unit of sigma/||G||^2)")
-        cap = group["max_angle"]
-        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap <= math.pi / 2:
-            raise ValueError(f"max_angle={cap!r}: must be an angle in radians in (0, pi/2]")
+        check_option(group, "step_size", low=0, low_open=True, note="radians per unit of sigma/||G||^2")
+        check_option(group, "max_angle", low=0, low_open=True, high=math.pi / 2, note="radians, at most pi/2")
 
     def _data_method(self, group: dict, step: int) -> str | None:
         return group["refresh"] if step == 0 else None
