@@ -24,6 +24,7 @@ from ..core import comm
 from ..core.options import check_option
 from ..core.projector import prepared_bases
 from ..core.shard import MatrixShardView, dtensor_view, is_dtensor, local, lpt_owners, whole_matrix_view
+from .args_doc import add_args_section
 
 logger = logging.getLogger("distopt")
 
@@ -187,6 +188,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     layout_hparams: tuple[str, ...] = ("state_layout",)
     # Defaults of the element-wise group that differ from the class's (``elementwise=`` still wins).
     elementwise_defaults: dict = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__ and "algorithm" in cls.__dict__:  # a concrete algorithm's own options
+            add_args_section(cls)
 
     def __init__(self, params, defaults: dict):
         groups = list(params)
