@@ -533,3 +533,12 @@ def describe_keys() -> str:
             default = getattr(getattr(defaults, section), f.name)
             lines.append(f"  {section + '.' + f.name:<32} {default!r:<12} {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def optimizer_kwargs(cfg: RunConfig) -> dict:
+    """Keyword arguments of ``distopt.build_optimizer`` from the ``optim`` section."""
+    o = cfg.optim
+    kwargs = dict(lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, **o.hparams)
+    if o.elementwise_lr:
+        kwargs["elementwise"] = {"lr": o.elementwise_lr}
+    return kwargs

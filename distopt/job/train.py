@@ -37,9 +37,8 @@ import distopt
 from distopt.job import checkpoint as ckpt
 from distopt.job import dist
 from distopt.job import engines as engine_registry
-from distopt.job.config import ConfigError, RunConfig, describe_keys, dump_config, load_config
+from distopt.job.config import ConfigError, RunConfig, describe_keys, dump_config, load_config, optimizer_kwargs
 from distopt.job.data import Sampler, build_tokenizer, load_datasets
-from distopt.job.engines import optimizer_kwargs
 from distopt.job.metrics import (
     PLOT_HINT,
     JsonlLog,

@@ -21,7 +21,7 @@ from jobutil import REPO, env, free_port, job_args, launch_ranks, ok
 from distopt.job import train
 from distopt.job.config import load_config
 from distopt.job.dist import DistInfo
-from distopt.job.engines import deepspeed_config
+from distopt.job.ds_config import deepspeed_config
 
 STEPS = 4
 BASE = {"train.steps": STEPS, "train.batch_size": 6, "train.grad_accum": 2, "eval.every": 2, "log.every": 1}
