@@ -217,7 +217,9 @@ def test_a_diverged_run_stops_with_exit_code_3_and_no_checkpoint_of_it(tmp_path,
 
 
 def test_a_short_nan_storm_is_ridden_out_without_checkpointing_it(tmp_path, monkeypatch, capsys):
-    real = train.lm_loss
+    from distopt.job import trainer
+
+    real = trainer.lm_loss
     calls = {"n": 0}
 
     def poisoned(model, window, **kw):  # steps 3 and 4 see NaN losses (and gradients)
@@ -225,7 +227,7 @@ def test_a_short_nan_storm_is_ridden_out_without_checkpointing_it(tmp_path, monk
         loss = real(model, window, **kw)
         return loss * float("nan") if kw.get("reduction") is None and calls["n"] in (3, 4) else loss
 
-    monkeypatch.setattr(train, "lm_loss", poisoned)
+    monkeypatch.setattr(trainer, "lm_loss", poisoned)
     args = job_args(tmp_path, **{"train.steps": 8, "checkpoint.every": 1, "checkpoint.keep": 0, "eval.every": 0})
     assert train.main(args) == 0
     out = capsys.readouterr().out
