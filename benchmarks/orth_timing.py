@@ -1,6 +1,8 @@
 """Time the orthonormalization of tall-skinny blocks at AdaPM's LLaMA-1B factor shapes: Householder
 QR (``torch.linalg.qr``) one by one and batched, against Cholesky-QR2 (Gram, Cholesky, triangular
-solve, twice). Prints JSON.
+solve, twice). Then the pieces of one randomized GaLore refresh at LLaMA-1B, rank 512 (k = 528
+columns): the CPU-drawn Gaussian sketch and its copy, the QRs of the range finder's blocks, and the
+``k x k`` Rayleigh-Ritz eigenproblem in fp64 and fp32. Prints JSON.
 
     python benchmarks/orth_timing.py [--device cuda]
 """
@@ -9,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {"attention q/k (2048 x 2048, r=51)": (2048, 51), "MLP (5461 x 2048, r=74)": (5461, 74),
           "MLP transposed (2048 x 5461, r=74)": (2048, 74)}
@@ -36,6 +42,29 @@ def cholesky_qr2(x):
     return x
 
 
+def refresh_pieces(device: str, reps: int, k: int = 528) -> dict:
+    """ms per call of each piece of a randomized refresh of one LLaMA-1B matrix at rank 512."""
+    from distopt.core.linalg import seeded_gaussian
+
+    gram = torch.randn(k, 4 * k, device=device)
+    gram = gram @ gram.T
+    rows = {
+        "gaussian_cpu_2048x528_to_device": timed(lambda: seeded_gaussian((2048, k), 1, device), device, reps),
+        "gaussian_device_2048x528": timed(lambda: torch.randn(2048, k, device=device), device, reps),
+        "eigh_fp64_528": timed(lambda: torch.linalg.eigh(gram.double()), device, reps),
+        "eigh_fp32_528": timed(lambda: torch.linalg.eigh(gram), device, reps),
+    }
+    for d in (5461, 2048):
+        block = torch.randn(d, k, device=device)
+        rows[f"qr_{d}x{k}"] = timed(lambda block=block: torch.linalg.qr(block), device, reps)
+        rows[f"cholesky_qr2_{d}x{k}"] = timed(lambda block=block: cholesky_qr2(block), device, reps)
+    for d, n in ((5461, 2048), (2048, 2048)):
+        g = torch.randn(d, n, device=device)
+        x = torch.randn(n, k, device=device)
+        rows[f"sketch_gemm_{d}x{n}x{k}"] = timed(lambda g=g, x=x: g @ x, device, reps)
+    return {key: round(value, 3) for key, value in rows.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -55,6 +84,8 @@ def main() -> None:
         row["cholesky_qr2_orthogonality"] = (q.mT @ q - torch.eye(r, device=args.device)).abs().max().item()
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
+    out["refresh_pieces"] = refresh_pieces(args.device, args.reps)
+    print(json.dumps(out["refresh_pieces"]), flush=True)
     print(json.dumps(out))
 
 
