@@ -319,8 +319,18 @@ class ProjectedAdam(SubspaceOptimizer):
         for p in params:
             if id(p) not in chosen:
                 self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
-        if batched:
-            self._step_batched(group, batched)
+        chunk, held = [], 0
+        for p in batched:  # R and N of a chunk are alive at once: at most coalesce_bytes of them
+            view = self._views[p]
+            plan = subspace.plan(view, group)
+            size = 8 * plan.rank * (view.local_rows if plan.side == "right" else view.n)
+            if chunk and held + size > self.coalesce_bytes:
+                self._step_batched(group, chunk)
+                chunk, held = [], 0
+            chunk.append(p)
+            held += size
+        if chunk:
+            self._step_batched(group, chunk)
         bucket, held = [], 0
         for p in coalesced:  # the same on every rank: it follows the global shapes and step counts
             view = self._views[p]

@@ -94,3 +94,23 @@ def test_batched_step_skips_a_non_finite_matrix_alone():
     assert torch.equal(q, before["model.layers.0.self_attn.q_proj.weight"])
     assert all(torch.equal(opt.state[q][k], v) for k, v in state_before.items())
     assert not torch.equal(params["model.layers.0.self_attn.k_proj.weight"], before["model.layers.0.self_attn.k_proj.weight"])
+
+
+def test_batched_step_holds_at_most_coalesce_bytes_of_projected_tensors(monkeypatch):
+    """R and N of at most ``coalesce_bytes`` worth of matrices are alive at once; chunking changes no bit."""
+    results = []
+    for limit in (None, 1, 20_000):
+        calls = _spy(monkeypatch, batched=True)
+        model = tiny_model()
+        opt = distopt.build_optimizer(model, "galore", lr=1e-2, rank=6, update_proj_gap=3)
+        if limit is not None:
+            opt.coalesce_bytes = limit
+        train(model, opt, 4)
+        results.append(([p.detach().clone() for p in model.parameters()], list(calls)))
+        monkeypatch.undo()
+    (whole, one_call), (single, per_matrix), (some, chunked) = results
+    matrices = one_call[0]
+    assert one_call == [matrices] * 4 and per_matrix == [1] * (4 * matrices)
+    assert 4 < len(chunked) < 4 * matrices and sum(chunked) == 4 * matrices
+    for a, b, c in zip(whole, single, some):
+        assert torch.equal(a, b) and torch.equal(a, c)
