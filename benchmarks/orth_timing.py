@@ -12,27 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+import common  # noqa: E402
 
 SHAPES = {"attention q/k (2048 x 2048, r=51)": (2048, 51), "MLP (5461 x 2048, r=74)": (5461, 74),
           "MLP transposed (2048 x 5461, r=74)": (2048, 74)}
 
 
 def timed(fn, device, reps):
+    """ms per call of ``fn`` over ``reps`` calls, after one untimed call."""
     fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / reps * 1e3
+    return common.timed(lambda: [fn() for _ in range(reps)], device) / reps
 
 
 def cholesky_qr2(x):

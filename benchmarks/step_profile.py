@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,15 +24,16 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from gpu_suite import distopt_name, label_hparams  # noqa: E402
-
-import distopt  # noqa: E402
+from common import timed  # noqa: E402
+from gpu_suite import make_optimizer  # noqa: E402
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync", "cudaEventSynchronize",
                "aten::_local_scalar_dense", "aten::item")
 
 
 def build(label: str, device: str, tiny: bool, rank: int):
+    """The model and the optimizer of a GPU-suite row label (``adamw-fused``, ``galore``,
+    ``galore[projection_precision=tf32]``, ``adapm-mini``, ...), built as the suite builds them."""
     from distopt.models import LlamaShape, TinyLlama
 
     if tiny:
@@ -46,18 +46,9 @@ def build(label: str, device: str, tiny: bool, rank: int):
     torch.manual_seed(0)
     with torch.device(device):
         model = TinyLlama(shape)
-    if label.startswith("adamw"):
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device == "cuda")
-    name = distopt_name(label)
-    if name is None:
-        raise SystemExit(f"unknown optimizer label {label!r}")
-    hparams = {"update_proj_gap": 10**6}  # plain steps only (the first step's refresh is not profiled)
-    params = distopt.optim.REGISTRY[name].__init__.__code__.co_varnames
-    if "rank" in params and name not in ("adapm", "adapm-mini"):
-        hparams["rank"] = rank
-    hparams.update(label_hparams(label))
-    hparams = {k: v for k, v in hparams.items() if k in params}
-    return model, distopt.build_optimizer(model, name, **hparams)
+    # A gap of 10^6: plain steps only (the first step's refresh is not profiled).
+    optimizer, _, _ = make_optimizer(label, model, shape, rank=rank, gap=10**6, lr=1e-3)
+    return model, optimizer
 
 
 def table(events, key: str, limit: int) -> list[dict]:
@@ -67,7 +58,7 @@ def table(events, key: str, limit: int) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--optimizer", default="galore")
+    p.add_argument("--optimizer", default="galore", help="a GPU-suite row label")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--rank", type=int, default=512)
@@ -82,14 +73,7 @@ def main(argv=None) -> int:
         q.grad = torch.randn(q.shape, device=dev, generator=g) * 1e-3
     for _ in range(2):  # state allocation and the first refresh stay out of the profile
         opt.step()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        opt.step()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    step_ms = (time.perf_counter() - start) / args.steps * 1e3
+    step_ms = timed(lambda: [opt.step() for _ in range(args.steps)], dev) / args.steps
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.steps):

@@ -16,22 +16,20 @@ import torch
 logger = logging.getLogger("distopt.train")
 
 
+def _in_thousands(n: float, units: tuple[str, ...], sep: str) -> str:
+    """``n`` in the largest of ``units`` (steps of 1000) that keeps it below 1000; whole in the first."""
+    n, index = float(n), 0
+    while abs(n) >= 1000 and index < len(units) - 1:
+        n, index = n / 1000, index + 1
+    return f"{n:.0f}{sep}{units[0]}" if index == 0 else f"{n:.1f}{sep}{units[index]}"
+
+
 def human_bytes(n: float) -> str:
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+    return _in_thousands(n, ("B", "KB", "MB", "GB", "TB"), " ")
 
 
 def human_count(n: float) -> str:
-    n = float(n)
-    for unit in ("", "k", "M", "B", "T"):
-        if abs(n) < 1000 or unit == "T":
-            return f"{n:.0f}" if unit == "" else f"{n:.1f}{unit}"
-        n /= 1000
-    return f"{n:.1f}T"
+    return _in_thousands(n, ("", "k", "M", "B", "T"), "")
 
 
 def human_time(seconds: float) -> str:

@@ -19,6 +19,7 @@ from ..core.options import check_option
 from ..core.projector import (
     RangeRequest,
     SvdRequest,
+    accumulate_back,
     change_of_basis,
     compute_basis,
     project,
@@ -192,14 +193,12 @@ class ProjectedAdam(SubspaceOptimizer):
         step = int(state["step"])
         self._refresh_if_due(grad, state, group, view, plan)
         grad = grad.float()
-        with projection_matmuls(group):
+        with projection_matmuls(group):  # Adam's element-wise math in between has no matmul
             low = subspace.project_grad(grad, state, view, plan)
-        direction, step_size = self._adam_in_subspace(low, state, group, plan, step)
-        with projection_matmuls(group):
+            direction, step_size = self._adam_in_subspace(low, state, group, plan, step)
             update = subspace.back_project(direction, state, view, plan)
-        residual = None
-        if "rs_norm" in state:
-            with projection_matmuls(group):
+            residual = None
+            if "rs_norm" in state:
                 residual = recovery_term(
                     grad, low, direction, state["basis"], plan.side, view, state["rs_norm"], group["norm_growth_limit"],
                     columns_chunked=plan.columns_chunked,
@@ -238,10 +237,12 @@ class ProjectedAdam(SubspaceOptimizer):
         return not subspace.plan(view, group).full
 
     @staticmethod
-    def _adam_batched(lows: list, states: list[dict], counts: list[int], group: dict) -> tuple[list, list[float]]:
-        """Adam's moments of the projected gradients ``lows`` and their directions, as ``torch._foreach_*``
-        calls over the whole list (the ``torch`` form); step sizes ``lr / c_1`` per matrix."""
+    def _adam_batched(lows: list, states: list[dict], plans: list, group: dict) -> tuple[list, list[float]]:
+        """:meth:`_adam_in_subspace` over a list (the ``torch`` form), as ``torch._foreach_*`` calls:
+        the moments of ``lows``, each step counter advanced, the directions and step sizes ``lr / c_1``."""
         beta1, beta2 = group["betas"]
+        counts = [subspace.moment_updates(int(state["step"]), plan, group) for state, plan in zip(states, plans)]
+        torch._foreach_add_([state["step"] for state in states], 1)
         avgs = [state["exp_avg"] for state in states]
         avg_sqs = [state["exp_avg_sq"] for state in states]
         torch._foreach_lerp_(avgs, lows, 1.0 - beta1)
@@ -263,7 +264,7 @@ class ProjectedAdam(SubspaceOptimizer):
         matrix (a full-size residual each, made and applied one at a time). The numbers are the
         per-matrix path's up to the rounding of the fused accumulation."""
         lr, wd, scale = float(group["lr"]), group["weight_decay"], group["scale"]
-        weights, bases, sides, lows, states, counts = [], [], [], [], [], []
+        weights, bases, plans, lows, states = [], [], [], [], []
         fira = {}  # index -> (gradient, view) of the matrices with a recovery term
         for p in params:
             w, grad, state, view = local(p), local(p.grad), self.state[p], self._views[p]
@@ -273,25 +274,20 @@ class ProjectedAdam(SubspaceOptimizer):
                 lows.append(subspace.project_grad(grad.float(), state, view, plan))
             if "rs_norm" in state:
                 fira[len(weights)] = (grad, view)
-            counts.append(subspace.moment_updates(int(state["step"]), plan, group))
             weights.append(w)
             bases.append(state["basis"])
-            sides.append(plan.side)
+            plans.append(plan)
             states.append(state)
-        torch._foreach_add_([state["step"] for state in states], 1)
-        directions, sizes = self._adam_batched(lows, states, counts, group)
+        directions, sizes = self._adam_batched(lows, states, plans, group)
         if wd:
             torch._foreach_mul_(weights, 1.0 - lr * wd)
         with projection_matmuls(group):
-            for i, (w, basis, side, direction, size) in enumerate(zip(weights, bases, sides, directions, sizes)):
-                if side == "right":
-                    w.addmm_(direction, basis.T, alpha=-size * scale)
-                else:
-                    w.addmm_(basis, direction, alpha=-size * scale)
+            for i, (w, basis, plan, direction, size) in enumerate(zip(weights, bases, plans, directions, sizes)):
+                accumulate_back(w, direction, basis, plan.side, -size * scale)
                 if i in fira:  # one full-size residual alive at a time
                     grad, view = fira[i]
-                    residual = recovery_term(grad.float(), lows[i], direction, basis, side, view, states[i]["rs_norm"],
-                                             group["norm_growth_limit"])
+                    residual = recovery_term(grad.float(), lows[i], direction, basis, plan.side, view,
+                                             states[i]["rs_norm"], group["norm_growth_limit"])
                     w.add_(residual, alpha=-size)
 
     # -- plain steps of several matrices, with their collectives coalesced ---------------------------
@@ -319,32 +315,31 @@ class ProjectedAdam(SubspaceOptimizer):
         for p in params:
             if id(p) not in chosen:
                 self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
-        chunk, held = [], 0
-        for p in batched:  # R and N of a chunk are alive at once: at most coalesce_bytes of them
-            view = self._views[p]
-            plan = subspace.plan(view, group)
-            size = 8 * plan.rank * (view.local_rows if plan.side == "right" else view.n)
-            if chunk and held + size > self.coalesce_bytes:
-                self._step_batched(group, chunk)
-                chunk, held = [], 0
-            chunk.append(p)
-            held += size
-        if chunk:
+        # R and N of a chunk are alive at once: at most coalesce_bytes of them.
+        for chunk in self._chunks(group, batched, lambda view, plan: 8 * plan.rank * (
+                view.local_rows if plan.side == "right" else view.n)):
             self._step_batched(group, chunk)
-        bucket, held = [], 0
-        for p in coalesced:  # the same on every rank: it follows the global shapes and step counts
-            view = self._views[p]
-            plan = subspace.plan(view, group)
-            size = 4 * view.n * plan.rank * (2 if plan.side == "left" else 1)
-            if bucket and (held + size > self.coalesce_bytes or self._views[bucket[0]].group is not view.group):
-                with projection_matmuls(group):
-                    self._step_bucket(group, bucket)
-                bucket, held = [], 0
-            bucket.append(p)
-            held += size
-        if bucket:
+        # The same buckets on every rank: they follow the global shapes and step counts.
+        for bucket in self._chunks(group, coalesced, lambda view, plan: 4 * view.n * plan.rank * (
+                2 if plan.side == "left" else 1), same_group=True):
             with projection_matmuls(group):
                 self._step_bucket(group, bucket)
+
+    def _chunks(self, group: dict, params: list[torch.Tensor], size, same_group: bool = False):
+        """``params`` in consecutive runs of at most ``coalesce_bytes`` (``size(view, plan)`` each; a
+        single larger one stands alone), and of one process group with ``same_group``."""
+        chunk, held = [], 0
+        for p in params:
+            view = self._views[p]
+            bytes_ = size(view, subspace.plan(view, group))
+            if chunk and (held + bytes_ > self.coalesce_bytes
+                          or (same_group and self._views[chunk[0]].group is not view.group)):
+                yield chunk
+                chunk, held = [], 0
+            chunk.append(p)
+            held += bytes_
+        if chunk:
+            yield chunk
 
     def _step_bucket(self, group: dict, params: list[torch.Tensor]) -> None:
         """Plain steps of ``params`` (one process group) with one collective per kind: the right bases
@@ -376,10 +371,7 @@ class ProjectedAdam(SubspaceOptimizer):
             reduced = comm.all_reduce_sum_coalesced(sums, pg)
         lows.update(zip(left, reduced))
         if group["adam_form"] == "torch":
-            counts = [subspace.moment_updates(int(state["step"]), plan, group) for state, plan in zip(states, plans)]
-            for state in states:
-                state["step"] += 1
-            listed, steps = self._adam_batched([lows[i] for i in range(len(params))], states, counts, group)
+            listed, steps = self._adam_batched([lows[i] for i in range(len(params))], states, plans, group)
             directions, sizes = dict(enumerate(listed)), dict(enumerate(steps))
         else:
             directions, sizes = {}, {}
@@ -412,10 +404,7 @@ class ProjectedAdam(SubspaceOptimizer):
             if group["adam_form"] == "torch" and w.dtype == torch.float32:  # back(N) accumulated into W
                 if group["weight_decay"]:
                     w.mul_(1.0 - float(group["lr"]) * group["weight_decay"])
-                if plans[i].side == "right":
-                    w.addmm_(whole_dir[i], bases[i].T, alpha=-sizes[i] * group["scale"])
-                else:
-                    w.addmm_(bases[i], whole_dir[i], alpha=-sizes[i] * group["scale"])
+                accumulate_back(w, whole_dir[i], bases[i], plans[i].side, -sizes[i] * group["scale"])
                 if residual is not None:
                     w.add_(residual, alpha=-sizes[i])
                 continue
