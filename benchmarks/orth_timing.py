@@ -1,8 +1,9 @@
-"""Time the orthonormalization of tall-skinny blocks at AdaPM's LLaMA-1B factor shapes: Householder
-QR (``torch.linalg.qr``) one by one and batched, against Cholesky-QR2 (Gram, Cholesky, triangular
-solve, twice). Then the pieces of one randomized GaLore refresh at LLaMA-1B, rank 512 (k = 528
-columns): the CPU-drawn Gaussian sketch and its copy, the QRs of the range finder's blocks, and the
-``k x k`` Rayleigh-Ritz eigenproblem in fp64 and fp32. Prints JSON.
+"""Time the orthonormalization of tall-skinny blocks at AdaPM's LLaMA-1B factor shapes: Householder QR
+(``torch.linalg.qr``) one by one and batched, against shifted Cholesky-QR2 in fp64
+(``distopt.core.linalg.orthonormalize_rows_gram``: Gram, Cholesky, triangular solve, twice). Then
+the pieces of one randomized GaLore refresh at LLaMA-1B, rank 512 (k = 528 columns): the CPU-drawn
+Gaussian sketch and its copy, the QRs of the range finder's blocks, and the ``k x k`` Rayleigh-Ritz
+eigenproblem in fp64 and fp32. Prints JSON.
 
     python benchmarks/orth_timing.py [--device cuda]
 """
@@ -31,10 +32,10 @@ def timed(fn, device, reps):
 
 
 def cholesky_qr2(x):
-    for _ in range(2):
-        r = torch.linalg.cholesky_ex(x.mT @ x, upper=True)[0]
-        x = torch.linalg.solve_triangular(r, x, upper=True, left=False)
-    return x
+    """The shifted fp64 Cholesky-QR2 that AdaPM's factor refit uses."""
+    from distopt.core.linalg import orthonormalize_rows_gram
+
+    return orthonormalize_rows_gram(x)
 
 
 def refresh_pieces(device: str, reps: int, k: int = 528) -> dict:

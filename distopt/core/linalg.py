@@ -69,6 +69,29 @@ def orthonormalize_rows_routine(x_local: torch.Tensor, group, row_counts: tuple[
     return q_local @ block
 
 
+def orthonormalize_rows_gram(x_local: torch.Tensor, group=None, passes: int = 2) -> torch.Tensor:
+    """Orthonormalize a row-sharded ``d x k`` block by shifted Cholesky-QR in fp64, ``passes`` times.
+
+    Each pass: ``A = X^T X`` summed over the ranks (one ``k x k`` all-reduce, no QR of the rows),
+    ``U = chol(A + s I)`` with ``s = 1e-12 tr(A)``, ``X <- X U^{-1}``. Where ``X`` has full numerical
+    rank this is the QR factor with a positive diagonal, as :func:`orthonormalize` gives (the first
+    pass leaves an error of about ``cond(X)^2 * 1e-16``, the second removes it). The shift keeps the
+    factorization finite on any input: an exactly zero column stays zero, and ``Q^T Q <= I`` up to
+    rounding, so ``Q Q^T`` never amplifies. Several times faster than Householder QR on a GPU
+    (``benchmarks/orth_timing.py``). AdaPM's per-step factor refit uses it: its estimate corrects the
+    residual ``m_t - L R`` exactly whatever ``L`` is.
+    """
+    x = x_local.double()  # a batch of blocks (``... x d x k``) is orthonormalized block by block
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    for _ in range(passes):
+        gram = comm.all_reduce_sum(x.mT @ x, group)
+        trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+        shift = 1e-12 * trace + torch.finfo(x.dtype).tiny  # tiny: X = 0 gives Q = 0, not NaN
+        upper = torch.linalg.cholesky_ex(gram + shift * eye, upper=True)[0]
+        x = torch.linalg.solve_triangular(upper, x, upper=True, left=False)
+    return x.float()
+
+
 def haar_basis(d: int, r: int, seed: int, device) -> torch.Tensor:
     """A uniformly random (Haar) ``d x r`` orthonormal basis, identical on every rank."""
     return orthonormalize(seeded_gaussian((d, r), seed, device))

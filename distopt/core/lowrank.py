@@ -21,8 +21,12 @@ like the matrix) and ``R`` (``r x n``, replicated). Each step:
    - ``literal``: ``m_t / c - res / (1 - beta1)``, the printed line 8 of the paper's Algorithm 1;
    - ``none``: ``L R / c``, the plain low-rank momentum.
 
-Communication when row-sharded: ``L^T m_t`` is an ``r x n`` all-reduce per sweep; ``orth`` is a
-TSQR (one ``r x r`` all-gather); the range finder is the one of :mod:`projector`. With ``R`` kept
+``orth`` is shifted Cholesky-QR (:func:`linalg.orthonormalize_rows_gram`): the estimate corrects
+the residual ``m_t - L R`` exactly whatever ``L`` is, so the sweep needs no Householder QR, which
+was most of the step on a GPU.
+
+Communication when row-sharded: ``L^T m_t`` is an ``r x n`` all-reduce per sweep; ``orth`` is two
+``r x r`` all-reduces; the range finder is the one of :mod:`projector`. With ``R`` kept
 in column chunks (``chunked``: each rank stores ``n/N`` of its columns), each ``L^T m_t`` is a
 reduce-scatter instead, and ``R`` is all-gathered where it is used whole: the same bandwidth per
 fit, plus one ``r x n`` all-gather of the stored ``R`` per step.
@@ -35,7 +39,7 @@ import math
 import torch
 
 from . import comm
-from .linalg import orthonormalize_rows
+from .linalg import orthonormalize_rows_gram
 from .projector import randomized_basis
 from .shard import MatrixShardView
 
@@ -92,7 +96,7 @@ def fit(
     else:
         for _ in range(sweeps):
             _set_right(right, left, target, view, chunked)
-            left.copy_(orthonormalize_rows(target @ _whole_right(right, view, chunked).T, view.group, view.row_counts))
+            left.copy_(orthonormalize_rows_gram(target @ _whole_right(right, view, chunked).T, view.group))
     _set_right(right, left, target, view, chunked)
 
 

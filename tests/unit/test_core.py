@@ -72,6 +72,30 @@ def test_random_basis_is_seeded_and_ignores_rank_layout():
     assert torch.equal(projector.random_basis(shard, "left", 5, seed=11, device="cpu"), a[20:35])
 
 
+def test_gram_orthonormalization_is_the_positive_diagonal_qr_on_a_full_rank_block():
+    # cond ~ 1e7: one Cholesky-QR pass (even in fp64) is off by ~1e-2; two are orthonormal.
+    x = decaying_matrix(300, 40, decay=0.66)[:, :40] + 1e-7 * torch.randn(300, 40, generator=torch.Generator().manual_seed(1))
+    q = linalg.orthonormalize_rows_gram(x)
+    batch = linalg.orthonormalize_rows_gram(torch.stack([x, 2 * x]))
+    torch.testing.assert_close(batch, torch.stack([q, q]), atol=1e-6, rtol=0)
+    assert q.dtype == torch.float32
+    torch.testing.assert_close(q.T @ q, torch.eye(40), atol=1e-5, rtol=0)
+    reference = linalg._positive_diagonal(*torch.linalg.qr(x.double()))[0].float()  # fp32 QR is off by cond * 6e-8
+    torch.testing.assert_close(q, reference, atol=1e-5, rtol=0)
+
+
+def test_gram_orthonormalization_of_a_rank_deficient_block_is_finite_and_never_amplifies():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(200, 6, generator=g) @ torch.randn(6, 16, generator=g)  # rank 6 of 16 columns, plus rounding
+    x = torch.cat([x, torch.zeros(200, 3)], dim=1)  # and 3 exactly zero columns
+    q = linalg.orthonormalize_rows_gram(x)
+    assert torch.isfinite(q).all()
+    assert torch.linalg.eigvalsh((q.T @ q).double()).max() <= 1 + 1e-6
+    assert torch.equal(q[:, 16:], torch.zeros(200, 3))
+    torch.testing.assert_close(q @ (q.T @ x), x, atol=1e-4, rtol=1e-4)  # its span holds x
+    assert torch.equal(linalg.orthonormalize_rows_gram(torch.zeros(50, 4)), torch.zeros(50, 4))
+
+
 def test_stable_seed_is_process_independent():
     assert linalg.stable_seed("layer.0.q", 3) == linalg.stable_seed("layer.0.q", 3)
     assert linalg.stable_seed("layer.0.q", 3) != linalg.stable_seed("layer.0.q", 4)
