@@ -21,12 +21,13 @@ like the matrix) and ``R`` (``r x n``, replicated). Each step:
    - ``literal``: ``m_t / c - res / (1 - beta1)``, the printed line 8 of the paper's Algorithm 1;
    - ``none``: ``L R / c``, the plain low-rank momentum.
 
-``orth`` is shifted Cholesky-QR (:func:`linalg.orthonormalize_rows_gram`): the estimate corrects
-the residual ``m_t - L R`` exactly whatever ``L`` is, so the sweep needs no Householder QR, which
-was most of the step on a GPU.
+``orth`` of a factor at least ``GRAM_MIN_WIDTH`` wide is shifted Cholesky-QR
+(:func:`linalg.orthonormalize_rows_gram`), whose rank-deficient limit is safe here: the estimate
+corrects the residual ``m_t - L R`` exactly whatever ``L`` is. At rank 512 on LLaMA-1B shapes the
+Householder QRs were 70% of AdaPM-mini's GPU step.
 
-Communication when row-sharded: ``L^T m_t`` is an ``r x n`` all-reduce per sweep; ``orth`` is two
-``r x r`` all-reduces; the range finder is the one of :mod:`projector`. With ``R`` kept
+Communication when row-sharded: ``L^T m_t`` is an ``r x n`` all-reduce per sweep; ``orth`` is a
+TSQR (one ``r x r`` all-gather), or two ``r x r`` all-reduces by Cholesky-QR; the range finder is the one of :mod:`projector`. With ``R`` kept
 in column chunks (``chunked``: each rank stores ``n/N`` of its columns), each ``L^T m_t`` is a
 reduce-scatter instead, and ``R`` is all-gathered where it is used whole: the same bandwidth per
 fit, plus one ``r x n`` all-gather of the stored ``R`` per step.
@@ -39,11 +40,23 @@ import math
 import torch
 
 from . import comm
-from .linalg import orthonormalize_rows_gram
+from .linalg import orthonormalize_rows, orthonormalize_rows_gram
 from .projector import randomized_basis
 from .shard import MatrixShardView
 
 CORRECTIONS = ("derived", "literal", "none")
+# Factors at least this wide are orthonormalized by Cholesky-QR, narrower ones by Householder QR
+# (TSQR when sharded). On an H200, Cholesky-QR2 in fp64 takes 2.2 ms against 4.6 ms at 5461 x 528,
+# but 0.72 ms against 0.3-0.6 ms at 51-74 columns, where both are latency-bound
+# (``benchmarks/orth_timing.py``, ``docs/results/orth_timing_h200*.json``).
+GRAM_MIN_WIDTH = 256
+
+
+def orthonormal_factor(x: torch.Tensor, view: MatrixShardView) -> torch.Tensor:
+    """Orthonormal columns spanning the row-sharded block ``x`` (the left factor's refit)."""
+    if x.shape[1] >= GRAM_MIN_WIDTH:
+        return orthonormalize_rows_gram(x, view.group)
+    return orthonormalize_rows(x, view.group, view.row_counts)
 
 
 def lowrank_rank(global_shape: tuple[int, int], fraction: float, rank: int | None = None) -> int:
@@ -96,7 +109,7 @@ def fit(
     else:
         for _ in range(sweeps):
             _set_right(right, left, target, view, chunked)
-            left.copy_(orthonormalize_rows_gram(target @ _whole_right(right, view, chunked).T, view.group))
+            left.copy_(orthonormal_factor(target @ _whole_right(right, view, chunked).T, view))
     _set_right(right, left, target, view, chunked)
 
 

@@ -8,7 +8,7 @@ from helpers import assert_resume_bit_identical, set_grads, tiny_model, train
 from optim_checks import assert_matrix_group_trains, one_matrix_optimizer
 
 import distopt
-from distopt.core import lowrank
+from distopt.core import linalg, lowrank
 from distopt.core.shard import MatrixShardView
 
 
@@ -243,3 +243,51 @@ def test_full_and_no_momentum_blocks_are_torch_adamw(role, beta1):
         opt.step()
         adamw.step()
     torch.testing.assert_close(w.detach(), ref.detach(), rtol=1e-5, atol=1e-7)
+
+
+def _factor_steps(view, rows, steps=4, r=3, n=10):
+    """``momentum_estimate`` over a few steps (a reseed, then ALS sweeps) on rows ``rows`` of a fixed
+    sequence of gradients; returns the estimates and the final left factor."""
+    signal = _drifting_signal(12, n, 4)
+    gen = torch.Generator().manual_seed(3)
+    left, right = torch.zeros(rows[1] - rows[0], r), torch.zeros(r, n)
+    out = []
+    for t in range(1, steps + 1):
+        g = (signal(t) + 0.05 * torch.randn(12, n, generator=gen))[rows[0]:rows[1]]
+        out.append(lowrank.momentum_estimate(g, left, right, view, beta1=0.9, step=t, bias_correction=True,
+                                             correction="derived", reseed=t == 1, sweeps=1, seed=5,
+                                             oversample=2, power_iters=1))
+    return torch.stack(out), left
+
+
+def _factor_worker(rank, world, init, out_dir, width):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        lowrank.GRAM_MIN_WIDTH = width
+        counts = (7, 5)
+        start = sum(counts[:rank])
+        view = MatrixShardView("w", (12, 10), start, start + counts[rank], dist.group.WORLD, counts)
+        torch.save(_factor_steps(view, (start, start + counts[rank])), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("width", [1, 10**6], ids=["cholesky-qr", "householder"])
+def test_factor_refit_on_row_shards_is_the_one_process_refit(tmp_path, monkeypatch, width):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_factor_worker, args=(2, str(tmp_path / "init"), str(tmp_path), width), nprocs=2, join=True)
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    monkeypatch.setattr(lowrank, "GRAM_MIN_WIDTH", width)
+    calls = []
+    monkeypatch.setattr(lowrank, "orthonormalize_rows_gram", lambda *a: calls.append(1) or linalg.orthonormalize_rows_gram(*a))
+    whole, left = _factor_steps(MatrixShardView("w", (12, 10)), (0, 12))
+    assert len(calls) == (3 if width == 1 else 0)  # one per ALS sweep (steps 2-4)
+    torch.testing.assert_close(torch.cat([parts[0][0], parts[1][0]], dim=1), whole, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(left.T @ left, torch.eye(3), atol=1e-5, rtol=0)
+    # both orthonormalizations give the positive-diagonal QR factor, so the same numbers
+    monkeypatch.setattr(lowrank, "GRAM_MIN_WIDTH", 10**6 if width == 1 else 1)
+    torch.testing.assert_close(_factor_steps(MatrixShardView("w", (12, 10)), (0, 12))[0], whole, rtol=1e-4, atol=1e-5)
