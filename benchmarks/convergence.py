@@ -57,7 +57,9 @@ GRIDS = {
 }
 FLAGSHIPS = tuple(GRIDS)
 # The other optimizers, each at the chosen lr of its closest relative.
-RELATIVES = {"golore": "galore", "grasswalk": "grassjump", "rso": "galore", "adapm": "adapm-mini", "sam": "adamw"}
+RELATIVES = {"golore": "galore", "grasswalk": "grassjump", "rso": "galore", "adapm": "adapm-mini", "sam": "adamw",
+             # variants: a label "name[key=value,...]" is the optimizer with those hyper-parameters
+             "galore[side=longer]": "galore"}
 MAX_EXTENSIONS = 2
 CORPORA = {
     "stdlib": [],
@@ -65,13 +67,22 @@ CORPORA = {
 }
 
 
+def parse_label(label: str) -> tuple[str, dict]:
+    """``"galore[side=longer]"`` -> ``("galore", {"side": "longer"})``."""
+    name, _, rest = label.partition("[")
+    pairs = [item.split("=", 1) for item in rest.rstrip("]").split(",") if item]
+    return name, dict(pairs)
+
+
 def hparams(optimizer: str) -> dict:
-    """The hyper-parameters set for ``optimizer`` beyond lr: the rank, where it has one."""
+    """The hyper-parameters set for ``optimizer`` (a name or a variant label) beyond lr: the rank,
+    where it has one, and a variant's own."""
     import inspect
 
     from distopt.optim import REGISTRY
 
-    return {"rank": RANK} if "rank" in inspect.signature(REGISTRY[optimizer].__init__).parameters else {}
+    name, extra = parse_label(optimizer)
+    return {**({"rank": RANK} if "rank" in inspect.signature(REGISTRY[name].__init__).parameters else {}), **extra}
 
 
 def run_key(corpus: str, optimizer: str, lr: float, seed: int) -> str:
@@ -93,7 +104,7 @@ def train(corpus: str, optimizer: str, lr: float, seed: int, extra: list[str]) -
 
     key = run_key(corpus, optimizer, lr, seed)
     out_dir = RUNS / key
-    spec = optimizer + ":" + ",".join(f"{k}={v}" for k, v in {"lr": lr, **hparams(optimizer)}.items())
+    spec = parse_label(optimizer)[0] + ":" + ",".join(f"{k}={v}" for k, v in {"lr": lr, **hparams(optimizer)}.items())
     print(f"\n##### {key}", flush=True)
     started = time.perf_counter()
     code = compare.main(["--config", CONFIG, "--optimizers", spec, "--out_dir", str(out_dir), f"train.seed={seed}",

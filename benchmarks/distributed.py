@@ -42,7 +42,7 @@ from step_time import SHAPES  # noqa: E402
 
 import distopt  # noqa: E402
 from distopt.core import comm  # noqa: E402
-from distopt.core.projector import resolve_side  # noqa: E402
+from distopt.core.projector import SIDES, resolve_side  # noqa: E402
 from distopt.models import LlamaShape, TinyLlama  # noqa: E402
 
 # FSDP2's bytes per parameter element per step: gathered weights (forward, backward) + reduced gradient.
@@ -192,7 +192,7 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=1, help="decoder layers (traffic and memory scale per layer)")
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--gap", type=int, default=50)
-    parser.add_argument("--side", default="auto", choices=["auto", "left", "right"])
+    parser.add_argument("--side", default="auto", choices=SIDES)
     parser.add_argument("--refresh", default="randomized", choices=["randomized", "svd", "random"])
     parser.add_argument("--refresh-repeats", type=int, default=2, help="full refresh cycles timed (the fastest is kept)")
     parser.add_argument("--state-layout", default="partitioned", choices=["partitioned", "replicated"])

@@ -18,7 +18,7 @@ FRAGMENTS = {
     "scale": "``alpha``, the factor of the back-projected update",
     "refresh": "how a basis is found from the gradient: ``randomized`` (range finder), ``svd`` or ``random`` (Haar)",
     "stagger": "spread the matrices' refreshes over the gap by a hash of each name (else all on the same steps)",
-    "side": "``auto`` (the shorter side), ``left`` or ``right``: which side of the matrix is projected",
+    "side": "``auto`` (the shorter side, as GaLore), ``longer`` (less state with two moments), ``left`` or ``right``: which side of the matrix is projected",
     "moment_policy": "what the moments become when the basis changes: ``keep``, ``reset``, ``rotate`` or ``transform``",
     "oversample": "extra Gaussian columns of the randomized range finder",
     "power_iters": "subspace iterations of the randomized range finder",

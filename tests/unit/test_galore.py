@@ -18,6 +18,7 @@ from optim_checks import (
 )
 
 import distopt
+from distopt.core import projector
 
 
 def _grads_like(model, seed):
@@ -95,11 +96,28 @@ def test_defaults_are_randomized_and_staggered():
     assert group["refresh"] == "randomized" and group["stagger"] is True
 
 
-def test_matrix_group_alone_lowers_the_loss():
-    assert_matrix_group_trains("galore", lr=3e-2, rank=8, update_proj_gap=10)
+@pytest.mark.parametrize("side", ["auto", "longer"])
+def test_matrix_group_alone_lowers_the_loss(side):
+    assert_matrix_group_trains("galore", lr=3e-2, rank=8, update_proj_gap=10, side=side)
 
 
-@pytest.mark.parametrize("rank,side", [(8, "auto"), (8, "left"), (8, "right"), (1000, "auto")])
+def test_longer_side_projects_the_longer_dimension_and_holds_less_state():
+    assert [projector.resolve_side("longer", s) for s in ((30, 20), (20, 30), (20, 20))] == ["left", "right", "right"]
+    assert [projector.resolve_side("auto", s) for s in ((30, 20), (20, 30), (20, 20))] == ["right", "left", "right"]
+    held = {}
+    for side in ("auto", "longer"):
+        model = tiny_model()
+        opt = distopt.build_optimizer(model, "galore", rank=4, side=side)
+        set_grads(list(model.parameters()), 0)
+        opt.step()
+        held[side] = distopt.state_bytes(opt)
+    # each non-square m x n matrix holds r (max + 2 min) instead of r (min + 2 max) fp32 values
+    saved = sum(4 * 4 * abs(p.shape[0] - p.shape[1]) for n, p in model.named_parameters()
+                if p.ndim == 2 and "embed" not in n and "lm_head" not in n)
+    assert saved > 0 and held["auto"] - held["longer"] == saved
+
+
+@pytest.mark.parametrize("rank,side", [(8, "auto"), (8, "left"), (8, "right"), (8, "longer"), (1000, "auto")])
 def test_state_bytes_match_the_formula(rank, side):
     model = tiny_model()
     opt = distopt.build_optimizer(model, "galore", rank=rank, side=side, update_proj_gap=3)
