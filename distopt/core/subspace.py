@@ -114,9 +114,17 @@ def basis_local_shape(view: MatrixShardView, plan_: SubspacePlan) -> tuple[int, 
     return (view.n, plan_.rank)
 
 
-def allocate_basis(state: dict, view: MatrixShardView, plan_: SubspacePlan, device) -> None:
+# How a basis is stored between steps. The step itself always works on an fp32 copy.
+BASIS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def basis_dtype(group: dict) -> torch.dtype:
+    return BASIS_DTYPES[group.get("basis_dtype", "fp32")]
+
+
+def allocate_basis(state: dict, view: MatrixShardView, plan_: SubspacePlan, device, dtype=torch.float32) -> None:
     if not plan_.full:
-        state["basis"] = torch.zeros(basis_local_shape(view, plan_), dtype=torch.float32, device=device)
+        state["basis"] = torch.zeros(basis_local_shape(view, plan_), dtype=dtype, device=device)
 
 
 def distributed_state(view: MatrixShardView, plan_: SubspacePlan, keys: tuple[str, ...]) -> dict[str, tuple[tuple[int, int], int]]:
@@ -139,15 +147,17 @@ def gathered_basis(state: dict, view: MatrixShardView, plan_: SubspacePlan) -> t
 
 @contextmanager
 def whole_basis(state: dict, view: MatrixShardView, plan_: SubspacePlan):
-    """``state`` with the whole basis for one step: a chunked right basis is all-gathered (``n x r``)
-    and, on exit, this rank's rows of it (changed by a refresh) are kept; other layouts as they are."""
-    if not plan_.basis_chunked:
+    """``state`` with the whole fp32 basis for one step: a chunked right basis is all-gathered
+    (``n x r``, in its stored dtype: a bf16 basis halves the traffic), a bf16 one is converted, and
+    on exit this rank's rows of it (changed by a refresh) are stored back; fp32 unchunked bases as
+    they are."""
+    stored = state.get("basis")
+    if stored is None or (not plan_.basis_chunked and stored.dtype == torch.float32):
         yield state
         return
-    work = {**state, "basis": gathered_basis(state, view, plan_)}
+    work = {**state, "basis": gathered_basis(state, view, plan_).float()}
     yield work
-    start, end = view.chunk(view.n)
-    state["basis"].copy_(work["basis"][start:end])
+    stored.copy_(work["basis"][slice(*view.chunk(view.n))] if plan_.basis_chunked else work["basis"])
 
 
 def refresh_due(step: int, plan_: SubspacePlan, group: dict) -> bool:

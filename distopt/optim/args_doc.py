@@ -25,6 +25,7 @@ FRAGMENTS = {
     "seed": "seed of every random draw, hashed with the parameter's name and the refresh index",
     "state_layout": "``partitioned`` (state split over the shard group) or ``replicated`` (whole on every rank)",
     "projection_precision": "``fp32`` or ``tf32`` (TF32 tensor cores for the projections on CUDA; refreshes stay fp32)",
+    "basis_dtype": "storage of the basis between steps, ``fp32`` or ``bf16`` (half the bytes and the gather traffic; the step works on fp32)",
     "recovery_scaling": "add Fira's norm-scaled residual, the full-rank part the subspace discards",
     "norm_growth_limit": "Fira's cap on the residual's norm growth per step (``math.inf`` disables it)",
     "n_heads": "attention heads of ``q`` (read from the model when None)",

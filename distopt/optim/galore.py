@@ -69,6 +69,7 @@ class GaLore(ProjectedAdam):
         recovery_scaling: bool = False,
         norm_growth_limit: float = 1.01,
         state_layout: str = "partitioned",
+        basis_dtype: str = "fp32",
         seed: int = 0,
     ):
         super().__init__(params, hyperparameters(locals()))

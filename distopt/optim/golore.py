@@ -74,6 +74,7 @@ class GoLore(ProjectedAdam):
         adam_form: str = "torch",
         projection_precision: str = "fp32",
         state_layout: str = "partitioned",
+        basis_dtype: str = "fp32",
         seed: int = 0,
     ):
         super().__init__(params, hyperparameters(locals()))

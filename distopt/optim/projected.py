@@ -80,6 +80,8 @@ class ProjectedAdam(SubspaceOptimizer):
         subspace.check_subspace_hparams(group)
         check_option(group, "scale", low=0, low_open=True, note="GaLore's alpha, e.g. 0.25")
         check_option(group, "projection_precision", "choice", choices=PROJECTION_PRECISIONS)
+        if "basis_dtype" in group:
+            check_option(group, "basis_dtype", "choice", choices=tuple(subspace.BASIS_DTYPES))
         check_recovery_hparams(group)
         self._check_algorithm_hparams(group)
 
@@ -110,8 +112,8 @@ class ProjectedAdam(SubspaceOptimizer):
     def _whole_previous(method: str | None, state: dict, view: MatrixShardView, plan, step: int) -> dict:
         """``state`` with the whole basis where a warm-started refresh request needs it (a chunked
         right basis is gathered ahead of the step, which gathers it again: refresh steps only)."""
-        if method == "randomized" and step > 0 and plan.basis_chunked:
-            return {**state, "basis": subspace.gathered_basis(state, view, plan)}
+        if method == "randomized" and step > 0 and (plan.basis_chunked or state["basis"].dtype != torch.float32):
+            return {**state, "basis": subspace.gathered_basis(state, view, plan).float()}
         return state
 
     @staticmethod
@@ -150,7 +152,7 @@ class ProjectedAdam(SubspaceOptimizer):
     # -- state and step --------------------------------------------------------------------------
     def _init_matrix_state(self, p: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         plan = subspace.plan(view, group)
-        subspace.allocate_basis(state, view, plan, p.device)
+        subspace.allocate_basis(state, view, plan, p.device, subspace.basis_dtype(group))
         shape = subspace.projected_shape(view, plan)
         state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
@@ -230,7 +232,7 @@ class ProjectedAdam(SubspaceOptimizer):
         one. The ``hf`` form (kept op for op as galore-torch) and low-precision weights take the
         per-matrix path."""
         view = self._views[p]
-        if group["adam_form"] != "torch" or p.dtype != torch.float32:
+        if group["adam_form"] != "torch" or p.dtype != torch.float32 or subspace.basis_dtype(group) != torch.float32:
             return False
         if view.sharded and comm.world_size(view.group) > 1:
             return False
@@ -301,7 +303,7 @@ class ProjectedAdam(SubspaceOptimizer):
         """A plain step of a sharded, projected matrix with collectives to coalesce: its basis gather
         (right, chunked), its ``P^T G`` reduction and direction gather (left), Fira's norm."""
         view, state = self._views[p], self.state[p]
-        if not view.sharded or comm.world_size(view.group) == 1:
+        if not view.sharded or comm.world_size(view.group) == 1 or subspace.basis_dtype(group) != torch.float32:
             return False
         plan = subspace.plan(view, group)
         return (not plan.full and not subspace.refresh_due(int(state["step"]), plan, group)

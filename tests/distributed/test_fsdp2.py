@@ -498,3 +498,53 @@ def test_a_plain_step_issues_the_same_few_collectives_however_many_layers():
         # one bucket here: bases, P^T G, directions (+ Fira's norms), and a flag per group
         assert max(many[1:]) <= (5 if name in ("galore", "golore") else 6), (name, many)
         assert many[0] > many[1], (name, many)  # the refresh step, one by one, is not coalesced
+
+
+BF16_BASES = dict(rank=5, update_proj_gap=3)
+
+
+def _bf16_bases_worker(rank, world_size, path):
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        model = shard(OddNet(), world_size)
+        opt = distopt.build_optimizer(model, "galore", basis_dtype=dtype, **BF16_BASES)
+        train_steps(model, opt, 6, rank, world_size)
+        out[dtype] = {"params": full_params(model), "bytes": distopt.state_bytes(opt),
+                      "dtypes": {str(s["basis"].dtype) for s in opt.state.values() if "basis" in s}}
+        if dtype == "bf16":
+            checkpoint.save(path, model, opt, extra={"step": 6})
+    return out
+
+
+def _bf16_bases_resume_worker(rank, world_size, path):
+    model = OddNet(seed=3)
+    model = shard(model, world_size) if world_size > 1 else model
+    opt = distopt.build_optimizer(model, "galore", basis_dtype="bf16", **BF16_BASES)
+    extra = checkpoint.load(path, model, opt, extra={"step": 0})
+    train_steps(model, opt, 4, rank, world_size, start=extra["step"])
+    return full_params(model)
+
+
+def test_bf16_bases_give_the_one_process_numbers_at_half_the_basis_bytes_and_reshard(tmp_path):
+    path = str(tmp_path / "ckpt")
+    results = run_ranks(2, _bf16_bases_worker, path)
+    resumed = (run_ranks(3, _bf16_bases_resume_worker, path)[0], run_ranks(1, _bf16_bases_resume_worker, path)[0])
+    reference = {}
+    for dtype, steps in (("fp32", 6), ("bf16", 6), ("bf16", 10)):
+        model = OddNet()
+        opt = distopt.build_optimizer(model, "galore", basis_dtype=dtype, **BF16_BASES)
+        train_steps(model, opt, steps)
+        reference[dtype, steps] = full_params(model)
+        if (dtype, steps) == ("bf16", 6):
+            basis_numel = sum(s["basis"].numel() for s in opt.state.values() if "basis" in s)
+    assert basis_numel > 0 and all(r["bf16"]["dtypes"] == {"torch.bfloat16"} for r in results)
+    for key, value in reference["bf16", 6].items():
+        torch.testing.assert_close(results[0]["bf16"]["params"][key], value, rtol=RTOL, atol=ATOL, msg=key)
+    # bf16 storage rounds the bases: close to the fp32 run, but not the same numbers
+    gap = max((reference["bf16", 6][k] - v).abs().max().item() for k, v in reference["fp32", 6].items())
+    assert 0 < gap < 1e-2, gap
+    # the ranks hold one process's bases between them, at 2 bytes instead of 4
+    assert sum(r["fp32"]["bytes"] - r["bf16"]["bytes"] for r in results) == 2 * basis_numel
+    for got in resumed:
+        for key, value in reference["bf16", 10].items():
+            torch.testing.assert_close(got[key], value, rtol=RTOL, atol=ATOL, msg=key)
