@@ -529,7 +529,7 @@ def test_bf16_bases_give_the_one_process_numbers_at_half_the_basis_bytes_and_res
     path = str(tmp_path / "ckpt")
     results = run_ranks(2, _bf16_bases_worker, path)
     resumed = (run_ranks(3, _bf16_bases_resume_worker, path)[0], run_ranks(1, _bf16_bases_resume_worker, path)[0])
-    reference = {}
+    reference = {"init": full_params(OddNet())}
     for dtype, steps in (("fp32", 6), ("bf16", 6), ("bf16", 10)):
         model = OddNet()
         opt = distopt.build_optimizer(model, "galore", basis_dtype=dtype, **BF16_BASES)
@@ -540,9 +540,12 @@ def test_bf16_bases_give_the_one_process_numbers_at_half_the_basis_bytes_and_res
     assert basis_numel > 0 and all(r["bf16"]["dtypes"] == {"torch.bfloat16"} for r in results)
     for key, value in reference["bf16", 6].items():
         torch.testing.assert_close(results[0]["bf16"]["params"][key], value, rtol=RTOL, atol=ATOL, msg=key)
-    # bf16 storage rounds the bases: close to the fp32 run, but not the same numbers
-    gap = max((reference["bf16", 6][k] - v).abs().max().item() for k, v in reference["fp32", 6].items())
-    assert 0 < gap < 1e-2, gap
+    # bf16 storage rounds the bases: each projected matrix moves as in the fp32 run to within 1% of
+    # its movement (about 0.1% here), but not to the bit
+    for key in (k for k, v in reference["init"].items() if v.ndim == 2 and "embed" not in k and "lm_head" not in k):
+        moved = (reference["fp32", 6][key] - reference["init"][key]).norm()
+        gap = (reference["bf16", 6][key] - reference["fp32", 6][key]).norm()
+        assert 0 < gap < 0.01 * moved, (key, gap, moved)
     # the ranks hold one process's bases between them, at 2 bytes instead of 4
     assert sum(r["fp32"]["bytes"] - r["bf16"]["bytes"] for r in results) == 2 * basis_numel
     for got in resumed:
