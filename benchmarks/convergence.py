@@ -59,7 +59,7 @@ FLAGSHIPS = tuple(GRIDS)
 # The other optimizers, each at the chosen lr of its closest relative.
 RELATIVES = {"golore": "galore", "grasswalk": "grassjump", "rso": "galore", "adapm": "adapm-mini", "sam": "adamw",
              # variants: a label "name[key=value,...]" is the optimizer with those hyper-parameters
-             "galore[side=longer]": "galore"}
+             "galore[side=longer]": "galore", "galore[basis_dtype=bf16]": "galore"}
 MAX_EXTENSIONS = 2
 CORPORA = {
     "stdlib": [],

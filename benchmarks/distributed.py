@@ -124,6 +124,8 @@ def _rank_main(rank, world_size, port, args, out):
         hparams["side"] = args.side
     if "refresh" in args.optimizer_params:
         hparams["refresh"] = args.refresh
+    if args.basis_dtype != "fp32":
+        hparams["basis_dtype"] = args.basis_dtype
     opt = distopt.build_optimizer(model, args.optimizer, **hparams)
     opt.allocate_state()
     matrices = [p for g in opt.param_groups if g["kind"] == "matrix" for p in g["params"]]
@@ -196,6 +198,7 @@ def main(argv=None):
     parser.add_argument("--refresh", default="randomized", choices=["randomized", "svd", "random"])
     parser.add_argument("--refresh-repeats", type=int, default=2, help="full refresh cycles timed (the fastest is kept)")
     parser.add_argument("--state-layout", default="partitioned", choices=["partitioned", "replicated"])
+    parser.add_argument("--basis-dtype", default="fp32", choices=["fp32", "bf16"], help="galore, golore: storage of the bases")
     parser.add_argument("--precision", default="bf16-mixed", choices=sorted(FSDP_BYTES),
                         help="byte sizes of FSDP2's traffic compared against (default: bf16 compute, fp32 reduce)")
     parser.add_argument("--threads", type=int, default=0,
@@ -254,7 +257,7 @@ def main(argv=None):
                                    ("added_share", "added / FSDP2's", ".2%"),
                                    ("rso_added_share", "rso: P gathers / FSDP2's", ".2%")]))
     print(f"\n{args.optimizer} | shapes {args.shapes} x {args.layers} layer(s) | rank {args.rank} | gap {args.gap} | "
-          f"side {args.side} | refresh {args.refresh} | state_layout {args.state_layout} | JSON: {path}")
+          f"side {args.side} | refresh {args.refresh} | state_layout {args.state_layout} | basis {args.basis_dtype} | JSON: {path}")
     return payload
 
 

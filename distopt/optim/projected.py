@@ -303,7 +303,7 @@ class ProjectedAdam(SubspaceOptimizer):
         """A plain step of a sharded, projected matrix with collectives to coalesce: its basis gather
         (right, chunked), its ``P^T G`` reduction and direction gather (left), Fira's norm."""
         view, state = self._views[p], self.state[p]
-        if not view.sharded or comm.world_size(view.group) == 1 or subspace.basis_dtype(group) != torch.float32:
+        if not view.sharded or comm.world_size(view.group) == 1:
             return False
         plan = subspace.plan(view, group)
         return (not plan.full and not subspace.refresh_due(int(state["step"]), plan, group)
@@ -363,6 +363,7 @@ class ProjectedAdam(SubspaceOptimizer):
         gathered = comm.all_gather_rows_coalesced(
             [(states[i]["basis"], views[i].chunk_counts(views[i].n)) for i in chunked_right], pg)
         bases.update(zip(chunked_right, gathered))
+        bases = {i: basis.float() for i, basis in bases.items()}  # bf16 storage: gathered at 2 bytes, used in fp32
         lows = {i: project(grads[i].float(), bases[i], "right", None) for i in right}
         sums = [project(grads[i].float(), bases[i], "left", None) for i in left]  # this rank's partial sums
         chunked = [plans[i].columns_chunked for i in left]

@@ -58,7 +58,8 @@ def projected_adam_bytes(opt, p, group) -> int:
     if plan.full:
         return 8 + 8 * m * n
     d = projector.side_dim(plan.side, (m, n))
-    return 8 + 4 * (d * plan.rank + 2 * plan.rank * (m * n // d)) + (4 if group["recovery_scaling"] else 0)
+    basis_bytes = 2 if group.get("basis_dtype") == "bf16" else 4
+    return 8 + basis_bytes * d * plan.rank + 4 * 2 * plan.rank * (m * n // d) + (4 if group["recovery_scaling"] else 0)
 
 
 def assert_state_bytes_match(opt, model, matrix_bytes, steps: int = 4) -> None:

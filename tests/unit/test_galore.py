@@ -117,10 +117,11 @@ def test_longer_side_projects_the_longer_dimension_and_holds_less_state():
     assert saved > 0 and held["auto"] - held["longer"] == saved
 
 
-@pytest.mark.parametrize("rank,side", [(8, "auto"), (8, "left"), (8, "right"), (8, "longer"), (1000, "auto")])
-def test_state_bytes_match_the_formula(rank, side):
+@pytest.mark.parametrize("rank,side,basis_dtype", [(8, "auto", "fp32"), (8, "left", "fp32"), (8, "right", "fp32"),
+                                                  (8, "longer", "fp32"), (8, "auto", "bf16"), (1000, "auto", "fp32")])
+def test_state_bytes_match_the_formula(rank, side, basis_dtype):
     model = tiny_model()
-    opt = distopt.build_optimizer(model, "galore", rank=rank, side=side, update_proj_gap=3)
+    opt = distopt.build_optimizer(model, "galore", rank=rank, side=side, update_proj_gap=3, basis_dtype=basis_dtype)
     assert_state_bytes_match(opt, model, projected_adam_bytes, steps=5)
 
 
@@ -158,9 +159,11 @@ def test_state_dict_is_plain_and_keyed_by_name():
     assert sd["distopt"]["algorithm"] == "galore"
 
 
-@pytest.mark.parametrize("refresh,policy", [("randomized", "keep"), ("svd", "rotate"), ("random", "transform")])
-def test_resume_is_bit_identical(refresh, policy):
-    assert_resume_bit_identical("galore", lr=1e-2, rank=6, update_proj_gap=3, refresh=refresh, moment_policy=policy)
+@pytest.mark.parametrize("refresh,policy,basis_dtype", [("randomized", "keep", "fp32"), ("svd", "rotate", "fp32"),
+                                                      ("random", "transform", "fp32"), ("randomized", "rotate", "bf16")])
+def test_resume_is_bit_identical(refresh, policy, basis_dtype):
+    assert_resume_bit_identical("galore", lr=1e-2, rank=6, update_proj_gap=3, refresh=refresh, moment_policy=policy,
+                                basis_dtype=basis_dtype)
 
 
 def test_checkpoint_with_other_shapes_or_algorithm_is_refused():
@@ -221,6 +224,7 @@ def test_a_refused_checkpoint_leaves_the_state_untouched():
         (dict(betas=(0.9, 1.0)), "betas"),
         (dict(moment_policy="spin"), "moment_policy"),
         (dict(adam_form="keras"), "adam_form"),
+        (dict(basis_dtype="fp16"), "basis_dtype='fp16'"),
     ],
 )
 def test_bad_hyperparameters_are_refused(kwargs, match):
