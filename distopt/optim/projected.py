@@ -232,7 +232,7 @@ class ProjectedAdam(SubspaceOptimizer):
         one. The ``hf`` form (kept op for op as galore-torch) and low-precision weights take the
         per-matrix path."""
         view = self._views[p]
-        if group["adam_form"] != "torch" or p.dtype != torch.float32 or subspace.basis_dtype(group) != torch.float32:
+        if group["adam_form"] != "torch" or p.dtype != torch.float32:
             return False
         if view.sharded and comm.world_size(view.group) > 1:
             return False
@@ -271,13 +271,14 @@ class ProjectedAdam(SubspaceOptimizer):
         for p in params:
             w, grad, state, view = local(p), local(p.grad), self.state[p], self._views[p]
             plan = subspace.plan(view, group)
-            self._refresh_if_due(grad, state, group, view, plan)
+            with subspace.whole_basis(state, view, plan) as work:  # fp32: a bf16 basis converted, stored back
+                self._refresh_if_due(grad, work, group, view, plan)
             with projection_matmuls(group):
-                lows.append(subspace.project_grad(grad.float(), state, view, plan))
+                lows.append(subspace.project_grad(grad.float(), work, view, plan))
             if "rs_norm" in state:
                 fira[len(weights)] = (grad, view)
             weights.append(w)
-            bases.append(state["basis"])
+            bases.append(work["basis"])
             plans.append(plan)
             states.append(state)
         directions, sizes = self._adam_batched(lows, states, plans, group)
@@ -317,9 +318,11 @@ class ProjectedAdam(SubspaceOptimizer):
         for p in params:
             if id(p) not in chosen:
                 self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
-        # R and N of a chunk are alive at once: at most coalesce_bytes of them.
+        # R and N of a chunk are alive at once (and the fp32 copies of bf16 bases): at most coalesce_bytes.
+        copies = 4 if subspace.basis_dtype(group) != torch.float32 else 0
         for chunk in self._chunks(group, batched, lambda view, plan: 8 * plan.rank * (
-                view.local_rows if plan.side == "right" else view.n)):
+                view.local_rows if plan.side == "right" else view.n) + copies * plan.rank * subspace.side_dim(
+                plan.side, view.global_shape)):
             self._step_batched(group, chunk)
         # The same buckets on every rank: they follow the global shapes and step counts.
         for bucket in self._chunks(group, coalesced, lambda view, plan: 4 * view.n * plan.rank * (

@@ -19,6 +19,7 @@ CASES = [
     ("subtrack", {}),
     ("grasswalk", {}),
     ("galore", {"recovery_scaling": True, "side": "left", "norm_growth_limit": 1.001}),
+    ("galore", {"basis_dtype": "bf16", "moment_policy": "rotate"}),  # fp32 copies of bf16 bases, stored back
 ]
 
 
