@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from common import timed  # noqa: E402
-from gpu_suite import make_optimizer  # noqa: E402
+from suite.base import make_optimizer  # noqa: E402
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync", "cudaEventSynchronize",
                "aten::_local_scalar_dense", "aten::item")

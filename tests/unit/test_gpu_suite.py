@@ -1,5 +1,5 @@
 """benchmarks/gpu_suite.py: the whole suite runs on CPU with tiny shapes and writes every section;
-its max-batch search, out-of-memory handling and wheel installation behave as documented."""
+its max-batch search, out-of-memory handling and missing comparison packages behave as documented."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import types
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 _saved_path = list(sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import gpu_suite  # noqa: E402
+from suite import base  # noqa: E402
 
 # benchmarks/ holds distributed.py and deepspeed.py: left on the path they would shadow the
 # tests' `distributed` package and DeepSpeed in every later test (and in the ranks they spawn).
@@ -119,13 +119,13 @@ def test_largest_batch_doubles_then_bisects():
         seen.append(size)
         return size <= 11
 
-    result = gpu_suite.largest_batch(fits)
+    result = base.largest_batch(fits)
     assert result["max_batch"] == 11 and not result["capped"]
     assert seen == [1, 2, 4, 8, 16, 12, 10, 11]
-    assert gpu_suite.largest_batch(lambda b: b <= 100, cap=20) == {
+    assert base.largest_batch(lambda b: b <= 100, cap=20) == {
         "max_batch": 20, "capped": True,
         "tried": [{"batch": b, "fits": True} for b in (1, 2, 4, 8, 16, 20)]}
-    assert gpu_suite.largest_batch(lambda b: False)["max_batch"] == 0
+    assert base.largest_batch(lambda b: False)["max_batch"] == 0
 
 
 def test_out_of_memory_is_reported_not_raised():
@@ -135,35 +135,22 @@ def test_out_of_memory_is_reported_not_raised():
     def oom():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity")
 
-    result, failure = gpu_suite.attempt(oom, cfg, progress)
+    result, failure = base.attempt(oom, cfg, progress)
     assert result is None
     assert failure["status"] == "OOM" and failure["phase"] == "optimizer step"
     assert failure["tried_bytes"] == int(1.5 * 1024**3)
-    assert gpu_suite.tried_bytes("Tried to allocate 20.00 MiB.") == 20 * 1024**2
-    assert gpu_suite.tried_bytes("no size here") is None
+    assert base.tried_bytes("Tried to allocate 20.00 MiB.") == 20 * 1024**2
+    assert base.tried_bytes("no size here") is None
 
-    result, failure = gpu_suite.attempt(lambda: 1 / 0, cfg, progress)
+    result, failure = base.attempt(lambda: 1 / 0, cfg, progress)
     assert result is None and failure["status"] == "error" and "ZeroDivisionError" in failure["message"]
-    assert gpu_suite.attempt(lambda: 7, cfg, progress) == (7, None)
+    assert base.attempt(lambda: 7, cfg, progress) == (7, None)
 
 
-def _wheel(folder: Path, name: str) -> Path:
-    path = folder / f"{name}-0.1-py3-none-any.whl"
-    info = f"{name}-0.1.dist-info"
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr(f"{name}/__init__.py", "VALUE = 42\n")
-        archive.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        archive.writestr(f"{info}/RECORD", "")
-    return path
-
-
-def test_wheels_install_offline_into_the_site_folder(tmp_path):
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
-    wheels.mkdir()
-    wheel = _wheel(wheels, "distopt_suite_probe")
-    assert gpu_suite._wheel_dist(wheel) == "distopt-suite-probe"
+def test_a_missing_peer_is_skipped_with_the_command_that_installs_it(monkeypatch):
+    real = base.importlib.util.find_spec
+    monkeypatch.setattr(base.importlib.util, "find_spec", lambda name, *a: None if name == "galore_torch" else real(name, *a))
     notes = []
-    gpu_suite._pip_install([wheel], site, notes)
-    assert (site / "distopt_suite_probe" / "__init__.py").read_text() == "VALUE = 42\n"
-    assert notes == [f"installed 1 wheel(s) into {site}"]
+    versions = base.peer_versions(notes)
+    assert versions["galore-torch"] is None
+    assert len(notes) == 1 and notes[0].startswith("galore-torch") and "pip install --no-index" in notes[0]
