@@ -31,13 +31,14 @@ def seeded_gaussian(shape: tuple[int, ...], seed: int, device: torch.device | st
 
 def _positive_diagonal(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # QR is unique once diag(R) >= 0; this also makes QR of a Gaussian Haar-distributed.
-    signs = torch.sign(torch.diagonal(r))
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return q * signs, r * signs.unsqueeze(1)
+    return q * signs.unsqueeze(-2), r * signs.unsqueeze(-1)
 
 
 def orthonormalize(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of the columns of a replicated ``d x k`` block (d >= k)."""
+    """Orthonormal basis of the columns of a replicated ``d x k`` block (d >= k), or of each block of
+    a ``... x d x k`` batch."""
     q, r = torch.linalg.qr(x.float())
     return _positive_diagonal(q, r)[0]
 

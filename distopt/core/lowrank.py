@@ -40,7 +40,7 @@ import math
 import torch
 
 from . import comm
-from .linalg import orthonormalize_rows, orthonormalize_rows_gram
+from .linalg import orthonormalize, orthonormalize_rows, orthonormalize_rows_gram
 from .projector import randomized_basis
 from .shard import MatrixShardView
 
@@ -111,6 +111,41 @@ def fit(
             _set_right(right, left, target, view, chunked)
             left.copy_(orthonormal_factor(target @ _whole_right(right, view, chunked).T, view))
     _set_right(right, left, target, view, chunked)
+
+
+def momentum_estimates(
+    grads: list[torch.Tensor],
+    lefts: list[torch.Tensor],
+    rights: list[torch.Tensor],
+    *,
+    beta1: float,
+    step: int,
+    bias_correction: bool,
+    correction: str,
+    sweeps: int,
+) -> torch.Tensor:
+    """:func:`momentum_estimate` of several whole (one-process) matrices of one shape and rank at one
+    ``step``, on a non-reseeding step, as batched products and one batched orthonormalization per
+    sweep: the factors are updated in place and the estimates returned stacked (``B x m x n``).
+    The same numbers as one at a time, up to the rounding of batched kernels."""
+    left, right = torch.stack(lefts), torch.stack(rights)
+    target = torch.stack([g.float() for g in grads]).baddbmm_(left, right, beta=1.0 - beta1, alpha=beta1)  # m_t
+    orth = orthonormalize_rows_gram if left.shape[-1] >= GRAM_MIN_WIDTH else orthonormalize
+    for _ in range(sweeps):
+        left = orth(target @ (left.mT @ target).mT)
+    right = left.mT @ target
+    for stored, new in zip(lefts, left):
+        stored.copy_(new)
+    for stored, new in zip(rights, right):
+        stored.copy_(new)
+    low = left @ right
+    c = 1.0 - beta1**step if bias_correction else 1.0
+    if correction == "none":
+        return low.div_(c)
+    residual = target.sub_(low)
+    if correction == "derived":
+        return low.div_(c).add_(residual, alpha=1.0 / (1.0 - beta1))
+    return low.div_(c).add_(residual, alpha=1.0 / c - 1.0 / (1.0 - beta1))
 
 
 def momentum_estimate(

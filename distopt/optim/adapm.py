@@ -6,11 +6,11 @@ import math
 
 import torch
 
-from ..core import lowrank, subspace
+from ..core import comm, lowrank, subspace
 from ..core.linalg import stable_seed
 from ..core.options import check_option
 from ..core.schedule import is_refresh_step, refresh_index, refresh_phase
-from ..core.shard import MatrixShardView
+from ..core.shard import MatrixShardView, local
 from .base import SubspaceOptimizer, apply_update, hyperparameters
 
 # Momentum design per parameter role (the paper's Section 4.1, extended to the roles it leaves open).
@@ -200,7 +200,56 @@ class AdaPM(SubspaceOptimizer):
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         step = int(state["step"]) + 1
         grad = grad.float()
-        momentum = self._momentum(p, grad, state, group, view, step)
+        self._finish_step(p, grad, self._momentum(p, grad, state, group, view, step), state, group, view, step)
+
+    # Bytes of stacked full-size tensors (m_t and L R) a batch of low-rank refits holds at once.
+    coalesce_bytes = 768 << 20
+
+    def _batch_key(self, p: torch.Tensor, group: dict):
+        """``(shape, rank, step)`` of a low-rank matrix whose refit this step can be batched with others
+        of the same key (one process, no reseed), else None."""
+        view, state = self._views[p], self.state[p]
+        if self.momentum_kind(view) != "lowrank" or (view.sharded and comm.world_size(view.group) > 1):
+            return None
+        done = int(state["step"])
+        if done == 0 or is_refresh_step(done, group["update_proj_gap"], refresh_phase(view.name, group["update_proj_gap"], group["stagger"])):
+            return None
+        return tuple(state["left"].shape), tuple(state["right"].shape), done + 1
+
+    def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
+        """Low-rank matrices of one shape, rank and step count refit their factors together (batched
+        products, one batched orthonormalization per sweep), in batches of at most ``coalesce_bytes``;
+        the second moment and the update stay per matrix. Everything else steps one by one."""
+        batches: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            key = self._batch_key(p, group)
+            if key is None:
+                self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
+                continue
+            batch = batches.setdefault(key, [])
+            if batch and (len(batch) + 1) * 8 * p.numel() > self.coalesce_bytes:
+                self._step_lowrank_batch(group, batch, key[2])
+                batch = batches[key] = []
+            batch.append(p)
+        for key, batch in batches.items():
+            self._step_lowrank_batch(group, batch, key[2])
+
+    def _step_lowrank_batch(self, group: dict, params: list[torch.Tensor], step: int) -> None:
+        if len(params) == 1:
+            p = params[0]
+            self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
+            return
+        states = [self.state[p] for p in params]
+        momenta = lowrank.momentum_estimates(
+            [local(p.grad) for p in params], [s["left"] for s in states], [s["right"] for s in states],
+            beta1=group["betas"][0], step=step, bias_correction=group["bias_correction"],
+            correction=group["correction"], sweeps=group["fit_sweeps"])
+        for p, state, momentum in zip(params, states, momenta):
+            self._finish_step(local(p), local(p.grad).float(), momentum, state, group, self._views[p], step)
+
+    def _finish_step(self, p: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor, state: dict, group: dict,
+                     view: MatrixShardView, step: int) -> None:
+        """The second moment, the clipped ratio and the update, from this step's ``momentum``."""
         second = self._update_second_moment(p, grad, state, group, view)
         c2 = 1.0 - group["betas"][1] ** step if group["bias_correction"] else 1.0
         if group["adam_form"] == "hf":  # eps on the raw RMS, as Hugging Face's AdamW
