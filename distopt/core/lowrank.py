@@ -138,14 +138,8 @@ def momentum_estimates(
         stored.copy_(new)
     for stored, new in zip(rights, right):
         stored.copy_(new)
-    low = left @ right
-    c = 1.0 - beta1**step if bias_correction else 1.0
-    if correction == "none":
-        return low.div_(c)
-    residual = target.sub_(low)
-    if correction == "derived":
-        return low.div_(c).add_(residual, alpha=1.0 / (1.0 - beta1))
-    return low.div_(c).add_(residual, alpha=1.0 / c - 1.0 / (1.0 - beta1))
+    return _corrected(target, left @ right, beta1=beta1, step=step, bias_correction=bias_correction,
+                      correction=correction)
 
 
 def momentum_estimate(
@@ -171,7 +165,13 @@ def momentum_estimate(
     target = torch.addmm(grad, left, _whole_right(right, view, chunked), beta=1.0 - beta1, alpha=beta1)  # m_t
     fit(target, left, right, view, reseed=reseed or step == 1, warm=step > 1, sweeps=sweeps, seed=seed,
         oversample=oversample, power_iters=power_iters, chunked=chunked)
-    low = left @ _whole_right(right, view, chunked)
+    return _corrected(target, left @ _whole_right(right, view, chunked), beta1=beta1, step=step,
+                      bias_correction=bias_correction, correction=correction)
+
+
+def _corrected(target: torch.Tensor, low: torch.Tensor, *, beta1: float, step: int, bias_correction: bool,
+               correction: str) -> torch.Tensor:
+    """The momentum estimate from ``m_t`` (``target``, overwritten) and its fit ``L R`` (``low``)."""
     c = 1.0 - beta1**step if bias_correction else 1.0
     if correction == "none":
         return low.div_(c)
