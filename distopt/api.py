@@ -6,6 +6,7 @@ import difflib
 import inspect
 import logging
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from .core.routing import assign_roles
 from .optim import REGISTRY
-from .optim.base import RENAMED_HPARAMS, flat_shard_error
+from .optim.base import RENAMED_HPARAMS, SubspaceOptimizer, flat_shard_error
 
 logger = logging.getLogger("distopt")
 # Hyper-parameters the element-wise AdamW group understands (``build_optimizer(elementwise=...)``).
@@ -52,7 +53,7 @@ def name_parameters(model: nn.Module, rules=None, use_default_rules: bool = True
         raise ValueError("the model has no trainable parameters")
     roles = assign_roles([n for n, _ in named], rules, use_default_rules)
     for n, p in named:
-        p._distopt_name, p._distopt_role = n, roles[n]
+        p._distopt_name, p._distopt_role = n, roles[n]  # type: ignore[attr-defined]  # tags on the tensor object
     return roles
 
 
@@ -68,7 +69,7 @@ class RoutedParameter:
     shape: tuple[int, ...]
 
 
-def resolve_class(name: str, label: str = "{}") -> type:
+def resolve_class(name: str, label: str = "{}") -> type[SubspaceOptimizer]:
     """The optimizer class registered as ``name``; an unknown name raises with the closest one.
     ``label`` formats names as the caller's user writes them (``"distopt.{}"`` in a DeepSpeed config)."""
     if name not in REGISTRY:
@@ -80,7 +81,7 @@ def resolve_class(name: str, label: str = "{}") -> type:
 
 
 def route(model: nn.Module, name: str, hparams: dict, *, rules=None, use_default_rules: bool = True,
-          elementwise: dict | None = None, label: str = "{}") -> tuple[type, dict, list[RoutedParameter]]:
+          elementwise: dict | None = None, label: str = "{}") -> tuple[type[SubspaceOptimizer], dict, list[RoutedParameter]]:
     """The one routing path of every builder (:func:`build_optimizer`, DeepSpeed's one-group-per-
     parameter builder, the ZeRO-R and OSS wrappers): the class for ``name``, its hyper-parameters
     after :meth:`prepare_model`, and every trainable parameter routed by name rules and global shape.
@@ -126,7 +127,7 @@ def build_optimizer(
     use_default_rules: bool = True,
     elementwise: dict | None = None,
     **hparams,
-) -> torch.optim.Optimizer:
+) -> SubspaceOptimizer:
     """Build optimizer ``name`` for ``model``'s trainable parameters.
 
     Parameters are routed by name rules plus global shape: attention and MLP linear weights go to
@@ -147,10 +148,10 @@ def build_optimizer(
     return optimizer
 
 
-def construct(cls: type, name: str, groups: list[dict], hparams: dict) -> torch.optim.Optimizer:
+def construct(cls: type[SubspaceOptimizer], name: str, groups: list[dict], hparams: dict) -> SubspaceOptimizer:
     """``cls(groups, **hparams)``; an unknown keyword raises with the accepted ones and the closest. A
     hyper-parameter under its old name is renamed, with a warning."""
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted: Collection[str] = inspect.signature(cls.__init__).parameters
     for old, new in RENAMED_HPARAMS.items():
         if old in hparams and old not in accepted and new in accepted:
             if new in hparams:

@@ -53,16 +53,20 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from .core.shard import chunk_rows
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 ENGINES = ("single", "ddp", "fsdp2", "hsdp", "zero1", "zero2", "zero3")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 _PROJECTOR_KEY = re.compile(r"basis|proj|^[PQUV]$|ortho", re.IGNORECASE)
-_SHARDED = object()  # stands in for a process group: the view only needs to know it is sharded
+_SHARDED = cast("ProcessGroup", object())  # stands in for a process group: the view only needs to know it is sharded
 
 
 def is_projector_key(key: str) -> bool:
@@ -128,8 +132,9 @@ def _zero_partition(shape: tuple[int, ...], world: int, engine: str):
     from .engines.deepspeed import Partition
 
     length = zero_partition_length(math.prod(shape), world, engine)
-    return Partition(name="", param=None, kind="", shape=tuple(shape), length=length, rank=0, world=world,
-                     group=None, device="meta")
+    # A layout only: no parameter behind it, nothing allocated.
+    return Partition(name="", param=None, kind="", shape=tuple(shape), length=length, rank=0, world=world, group=None,  # type: ignore[arg-type]
+                     device="meta")  # type: ignore[arg-type]
 
 
 def _shard_rows(engine: str, shape: tuple[int, int], world: int) -> tuple[int, ...]:
@@ -257,7 +262,8 @@ def model_counts(model: nn.Module, optimizer: str = "adamw", hparams: dict | Non
 
     cls = REGISTRY.get(optimizer)
     held: set[int] = set()
-    if cls is not None and cls.prepare_model.__func__ is not SubspaceOptimizer.prepare_model.__func__:
+    # The classmethods' functions: mypy does not model __func__.
+    if cls is not None and cls.prepare_model.__func__ is not SubspaceOptimizer.prepare_model.__func__:  # type: ignore[attr-defined]
         from .api import build_optimizer
 
         hparams = dict(hparams or {})

@@ -22,12 +22,20 @@ on the sharding (checkpoints reshard freely).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from . import comm
 from .options import check_option
 from .shard import MatrixShardView
+
+if TYPE_CHECKING:
+    from ..optim.base import SubspaceOptimizer
+
+    _OptimizerMixin = SubspaceOptimizer  # what the mixin is combined with
+else:
+    _OptimizerMixin = object
 
 HEAD_ROLES = {"q": "n_heads", "k": "n_kv_heads"}
 
@@ -93,7 +101,7 @@ def block_mean_sq(grad: torch.Tensor, view: MatrixShardView, plan: BlockPlan) ->
     if plan.rows == 1:  # one row per block: local
         return row_sums / plan.numel
     totals = row_sums.new_zeros(plan.n_blocks)
-    index = torch.arange(view.row_start, view.row_end, device=grad.device) // plan.rows
+    index = torch.arange(view.row_start, cast(int, view.row_end), device=grad.device) // plan.rows  # row_end: set by the view
     totals.index_add_(0, index, row_sums)
     comm.all_reduce_sum(totals, view.group)  # a head split across ranks sums its parts
     return totals / plan.numel
@@ -103,7 +111,7 @@ def expand_to_rows(values: torch.Tensor, view: MatrixShardView, plan: BlockPlan)
     """Per-block values broadcast to this rank's rows, shape ``(local_rows, 1)``."""
     if plan.rows == 1:
         return values.unsqueeze(1)
-    index = torch.arange(view.row_start, view.row_end, device=values.device) // plan.rows
+    index = torch.arange(view.row_start, cast(int, view.row_end), device=values.device) // plan.rows
     return values[index].unsqueeze(1)
 
 
@@ -131,7 +139,7 @@ def resolve_head_hparams(model: torch.nn.Module, hparams: dict) -> dict:
     return hparams
 
 
-class BlockSecondMoment:
+class BlockSecondMoment(_OptimizerMixin):
     """Mixin for optimizers with Adam-mini block second moments (``adam-mini``, ``adapm-mini``).
 
     Supplies head counts from the model, checks every matrix's blocks when its group is added

@@ -10,9 +10,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 # torch >= 2.10 renamed all_gather_into_tensor and reduce_scatter_tensor; keep working on older releases.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -58,7 +62,7 @@ def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_sum_async(requests: list[tuple[torch.Tensor, object]]) -> Callable[[], None]:
+def all_reduce_sum_async(requests: list[tuple[torch.Tensor, ProcessGroup | None]]) -> Callable[[], None]:
     """Start :func:`all_reduce_sum` of several ``(tensor, group)`` in place; call the result to wait."""
     works = []
     for tensor, group in requests:
@@ -104,7 +108,7 @@ def all_gather_stacked(tensor: torch.Tensor, group) -> torch.Tensor:
     return all_gather_stacked_async([(tensor, group)])()[0]
 
 
-def all_gather_stacked_async(requests: list[tuple[torch.Tensor, object]]) -> Callable[[], list[torch.Tensor]]:
+def all_gather_stacked_async(requests: list[tuple[torch.Tensor, ProcessGroup | None]]) -> Callable[[], list[torch.Tensor]]:
     """Start :func:`all_gather_stacked` of several ``(tensor, group)``; the returned function waits
     and gives each result."""
     pending = []
@@ -220,10 +224,11 @@ def gather_rows(local: torch.Tensor, row_counts: list[int], dst_rank: int, group
     return gather_rows_async([(local, row_counts, dst_rank, group)])()[0]
 
 
-def gather_rows_async(requests: list[tuple[torch.Tensor, list[int], int, object]]) -> Callable[[], list[torch.Tensor | None]]:
+def gather_rows_async(requests: list[tuple[torch.Tensor, list[int], int, ProcessGroup | None]]) -> Callable[[], list[torch.Tensor | None]]:
     """Start :func:`gather_rows` for several ``(local, row_counts, dst_rank, group)``; the returned
     function waits and gives each result. Each destination receives while the others send."""
-    pending, out = [], []
+    pending: list[tuple[dist.Work | None, list[torch.Tensor] | None, list[int] | None]] = []
+    out: list[torch.Tensor | None] = []
     for local, row_counts, dst_rank, group in requests:
         if group is None or dist.get_world_size(group) == 1:
             pending.append((None, None, None))
@@ -243,13 +248,14 @@ def gather_rows_async(requests: list[tuple[torch.Tensor, list[int], int, object]
             if work is not None:
                 work.wait()
                 if buffers is not None:
+                    assert row_counts is not None  # set together with the buffers
                     out[i] = torch.cat([b[:count] for b, count in zip(buffers, row_counts)], dim=0)
         return out
 
     return wait
 
 
-def broadcast_async(requests: list[tuple[torch.Tensor, int, object]]) -> Callable[[], None]:
+def broadcast_async(requests: list[tuple[torch.Tensor, int, ProcessGroup | None]]) -> Callable[[], None]:
     """Start :func:`broadcast` of several ``(tensor, src_rank, group)`` in place; call the result to wait."""
     works = []
     for tensor, src_rank, group in requests:

@@ -17,22 +17,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from . import comm
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 
 @dataclass
 class Sum:
     tensor: torch.Tensor
-    group: object
+    group: ProcessGroup | None
 
 
 @dataclass
 class Gather:
     tensor: torch.Tensor
-    group: object
+    group: ProcessGroup | None
 
 
 @dataclass
@@ -40,16 +44,17 @@ class Owned:
     fn: Callable[[], torch.Tensor]  # returns fp32 (the buffer other ranks receive into)
     shape: tuple[int, ...]
     cost: float  # relative, for load balancing (flops are fine)
-    group: object
+    group: ProcessGroup | None
     device: torch.device
 
 
-Routine = Generator[object, object, torch.Tensor]
+# Yields requests and is sent their results; returns the routine's result.
+Routine = Generator["Sum | Gather | Owned", torch.Tensor, torch.Tensor]
 
 
 def run(routine: Routine) -> torch.Tensor:
     """Drive one routine alone; ``Owned`` work is done on every rank."""
-    reply = None
+    reply: Any = None  # the first send, which starts the routine, must be None
     while True:
         try:
             request = routine.send(reply)
@@ -70,7 +75,7 @@ def run_together(routines: list[Routine]) -> list[torch.Tensor]:
     for a collective issued earlier, no rank can wait forever. ``Owned`` work goes to the rank with
     the least ``Owned`` cost so far (the same choice on every rank)."""
     results: list[torch.Tensor | None] = [None] * len(routines)
-    waits: list[Callable[[], object]] = [lambda: None] * len(routines)
+    waits: list[Callable[[], Any]] = [lambda: None] * len(routines)  # None starts a routine
     loads: dict[int, list[float]] = {}
     active = list(range(len(routines)))
     while active:
@@ -84,10 +89,10 @@ def run_together(routines: list[Routine]) -> list[torch.Tensor]:
             waits[i] = _start(request, loads)
             going.append(i)
         active = going
-    return results
+    return cast("list[torch.Tensor]", results)  # every routine has returned
 
 
-def _start(request, loads: dict[int, list[float]]) -> Callable[[], object]:
+def _start(request: Sum | Gather | Owned, loads: dict[int, list[float]]) -> Callable[[], torch.Tensor]:
     """Issue ``request``; the returned function waits for its result."""
     if isinstance(request, Sum):
         summing = comm.all_reduce_sum_async([(request.tensor, request.group)])

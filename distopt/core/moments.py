@@ -33,6 +33,8 @@ r"""What happens to moments that live in the subspace when its basis changes.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from .projector import rotate_projected
@@ -69,6 +71,8 @@ def apply_moment_policy(
             if t is not None:
                 t.zero_()
         return
+    # Callers pass a transition and a first moment with every policy that uses them.
+    c, exp_avg = cast(torch.Tensor, c), cast(torch.Tensor, exp_avg)
     if policy == "rotate" or exp_avg_sq is None:
         exp_avg.copy_(rotate_projected(exp_avg, c, side))
         return

@@ -25,9 +25,11 @@ Refresh methods produce a new orthonormal basis from the current gradient:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from functools import partial
+from typing import Any, cast
 
 import torch
 
@@ -137,7 +139,7 @@ def svd_bases(requests: list[SvdRequest]) -> list[torch.Tensor]:
         queues.setdefault(request.view.owner, []).append(i)
     rounds = [[i for i in round_ if i is not None] for round_ in itertools.zip_longest(*queues.values())]
 
-    def start_gathers(picked):
+    def start_gathers(picked: list[int]) -> Callable[[], list[torch.Tensor | None]]:
         return comm.gather_rows_async(
             [(requests[i].g.float(), list(requests[i].view.row_counts), requests[i].view.owner, requests[i].view.group) for i in picked]
         )
@@ -146,6 +148,7 @@ def svd_bases(requests: list[SvdRequest]) -> list[torch.Tensor]:
     broadcasts = []
     gathering = start_gathers(rounds[0]) if rounds else None
     for j, picked in enumerate(rounds):
+        assert gathering is not None  # rounds is not empty here
         fulls = gathering()
         if j + 1 < len(rounds):
             gathering = start_gathers(rounds[j + 1])
@@ -163,8 +166,8 @@ def svd_bases(requests: list[SvdRequest]) -> list[torch.Tensor]:
         wait()
     for i, request in enumerate(requests):
         if request.side == "left":
-            out[i] = out[i][request.view.row_start : request.view.row_end].contiguous()
-    return out
+            out[i] = cast(torch.Tensor, out[i])[request.view.row_start : request.view.row_end].contiguous()
+    return cast("list[torch.Tensor]", out)  # every request was in one round
 
 
 def compute_basis(request: SvdRequest | RangeRequest) -> torch.Tensor:
@@ -189,7 +192,9 @@ def prepared_bases(requests: list[SvdRequest | RangeRequest]):
     costs time. Whatever is not asked for is dropped on exit, so no basis outlives its step."""
     exact = [request for request in requests if isinstance(request, SvdRequest)]
     ranged = [request for request in requests if isinstance(request, RangeRequest)]
-    for batch, compute in ((exact, svd_bases), (ranged, randomized_bases)):
+    # Each batch goes with its own function, a pairing the types cannot express.
+    jobs: tuple[tuple[list[Any], Callable[[list[Any]], list[torch.Tensor]]], ...] = ((exact, svd_bases), (ranged, randomized_bases))
+    for batch, compute in jobs:
         if batch:
             _prepared.update({req.view.name: (req, basis) for req, basis in zip(batch, compute(batch))})
     try:

@@ -8,8 +8,15 @@ the rest. Algorithms take every decision (rank, side, seeds, refresh phase) from
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
@@ -18,9 +25,9 @@ class MatrixShardView:
     global_shape: tuple[int, int]
     row_start: int = 0
     row_end: int | None = None
-    group: object = None  # torch.distributed.ProcessGroup, or None when the rows are all here
+    group: ProcessGroup | None = None  # None when the rows are all here
     row_counts: tuple[int, ...] = field(default=())  # rows held by each rank of ``group``
-    mesh: object = None  # DeviceMesh of a DTensor parameter, to wrap row-sharded state for DCP
+    mesh: DeviceMesh | None = None  # of a DTensor parameter, to wrap row-sharded state for DCP
     placements: tuple = ()
     owner: int = 0  # rank in ``group`` that does this matrix's whole-matrix work (exact SVD)
     # This rank's position in ``group`` (and in ``row_counts``); found from ``row_start`` when not given.
@@ -33,6 +40,7 @@ class MatrixShardView:
             object.__setattr__(self, "row_end", self.global_shape[0])
         if not self.row_counts:
             object.__setattr__(self, "row_counts", (self.global_shape[0],))
+        assert self.row_end is not None  # filled in just above
         if not 0 <= self.row_start <= self.row_end <= self.global_shape[0]:
             raise ValueError(f"{self.name}: rows [{self.row_start}, {self.row_end}) lie outside {self.global_shape}")
         if not self.sharded:
@@ -42,6 +50,7 @@ class MatrixShardView:
         if self.index is None:
             found = [i for i, s in enumerate(starts) if s == self.row_start and self.row_counts[i] == self.local_rows]
             object.__setattr__(self, "index", found[0] if found else 0)
+        assert self.index is not None  # given, or found just above
         if not (0 <= self.index < len(self.row_counts) and starts[self.index] == self.row_start
                 and self.row_counts[self.index] == self.local_rows):
             raise ValueError(f"{self.name}: rows [{self.row_start}, {self.row_end}) are not block {self.index} of {self.row_counts}")
@@ -56,6 +65,7 @@ class MatrixShardView:
 
     @property
     def local_rows(self) -> int:
+        assert self.row_end is not None  # __post_init__ fills it in
         return self.row_end - self.row_start
 
     @property
@@ -75,6 +85,7 @@ class MatrixShardView:
     def chunk(self, length: int) -> tuple[int, int]:
         """``[start, end)`` of this rank's share of :meth:`chunk_counts`."""
         counts = self.chunk_counts(length)
+        assert self.index is not None  # __post_init__ fills it in
         return sum(counts[: self.index]), sum(counts[: self.index + 1])
 
 
@@ -85,7 +96,7 @@ def whole_matrix_view(name: str, tensor: torch.Tensor) -> MatrixShardView:
     return MatrixShardView(name=name, global_shape=(tensor.shape[0], tensor.shape[1]))
 
 
-def is_dtensor(tensor) -> bool:
+def is_dtensor(tensor) -> TypeGuard[DTensor]:
     return hasattr(tensor, "_local_tensor") and hasattr(tensor, "device_mesh")
 
 
@@ -129,7 +140,7 @@ def dtensor_view(name: str, tensor) -> MatrixShardView:
                            group=group, row_counts=counts, mesh=mesh, placements=placements, index=me)
 
 
-def lpt_owners(costs: dict[str, float], ranks: int) -> dict[str, int]:
+def lpt_owners(costs: Mapping[str, float], ranks: int) -> dict[str, int]:
     """Longest-processing-time assignment of named jobs to ranks: biggest first, to the least
     loaded rank. Sorted by (cost, name), so every rank computes the same answer."""
     load = [0.0] * ranks

@@ -127,7 +127,7 @@ def allocate_basis(state: dict, view: MatrixShardView, plan_: SubspacePlan, devi
         state["basis"] = torch.zeros(basis_local_shape(view, plan_), dtype=dtype, device=device)
 
 
-def distributed_state(view: MatrixShardView, plan_: SubspacePlan, keys: tuple[str, ...]) -> dict[str, tuple[tuple[int, int], int]]:
+def distributed_state(view: MatrixShardView, plan_: SubspacePlan, keys: tuple[str, ...]) -> dict[str, tuple[tuple[int, ...], int]]:
     """``{key: (global shape, dim)}`` of the state split in ``torch.chunk`` pieces over the shard
     group along ``dim`` (not by the matrix's rows): a chunked right basis, and the left side's
     column-chunked projected tensors named in ``keys``."""

@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import cast
 
 if __package__ in (None, ""):  # `python launch/train.py`, `torchrun launch/train.py`, `deepspeed launch/train.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -127,7 +128,7 @@ def preflight(cfg: RunConfig, info: dist.DistInfo) -> Plan:
             raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: not a complete checkpoint (no meta.json)")
     elif ckpt.latest(root) is not None and not cfg.overwrite:
         raise ConfigError(
-            f"out_dir={str(out_dir)!r} already holds checkpoints (latest: {ckpt.latest(root).name}). "
+            f"out_dir={str(out_dir)!r} already holds checkpoints (latest: {cast(Path, ckpt.latest(root)).name}). "
             "Continue that run with --resume, start over with --overwrite (deletes them), or set another --out_dir"
         )
     check_output_paths(out_dir, checkpoint_bytes=num_params * 4 + state + (1 << 20))

@@ -63,7 +63,7 @@ class CheckpointWriteError(RuntimeError):
 
 
 # -- checks before any work -------------------------------------------------------------------------
-def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> distopt.SubspaceOptimizer:
     kwargs = optimizer_kwargs(cfg)
     elementwise = kwargs.pop("elementwise", None)
     return distopt.build_optimizer(model, cfg.optim.name, elementwise=elementwise, **kwargs)

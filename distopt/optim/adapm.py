@@ -97,7 +97,7 @@ class AdaPM(SubspaceOptimizer):
     algorithm = "adapm"
     matrix_roles = frozenset(MOMENTUM_BY_ROLE)
     elementwise_defaults = {"weight_decay": 0.0}
-    shape_hparams = ("rank", "rank_fraction")
+    shape_hparams: tuple[str, ...] = ("rank", "rank_fraction")
 
     def __init__(
         self,
@@ -191,7 +191,7 @@ class AdaPM(SubspaceOptimizer):
             chunked=subspace.is_partitioned(view, group),
         )
 
-    def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, int], int]]:
+    def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], int]]:
         view = self._views[p]
         if self.momentum_kind(view) != "lowrank" or not subspace.is_partitioned(view, group):
             return {}

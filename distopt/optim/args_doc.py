@@ -68,7 +68,7 @@ def _fragment(cls: type, key: str) -> str:
     return FRAGMENTS[key]
 
 
-def args_section(cls: type) -> str:
+def args_section(cls: type[object]) -> str:
     """``Args:`` lines for every parameter of ``cls.__init__``, with its default."""
     lines = ["Args:"]
     for key, parameter in inspect.signature(cls.__init__).parameters.items():

@@ -15,7 +15,8 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 
 import torch
 from torch.optim.adamw import adamw as _functional_adamw
@@ -25,6 +26,9 @@ from ..core.options import check_option
 from ..core.projector import prepared_bases
 from ..core.shard import MatrixShardView, dtensor_view, is_dtensor, local, lpt_owners, whole_matrix_view
 from .args_doc import add_args_section
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 logger = logging.getLogger("distopt")
 
@@ -162,14 +166,15 @@ def fp32_matmuls():
 
 
 def _warn_tf32_override() -> None:
-    if os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1" and not _warn_tf32_override.done:
-        _warn_tf32_override.done = True
+    # A function attribute, which mypy cannot declare.
+    if os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1" and not _warn_tf32_override.done:  # type: ignore[attr-defined]
+        _warn_tf32_override.done = True  # type: ignore[attr-defined]
         logger.warning("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 (set by NGC images) makes cuBLAS run fp32 matmuls in TF32 "
                        "whatever the flags, the optimizer's projections and basis refreshes included; unset it for "
                        "fp32 optimizer math")
 
 
-_warn_tf32_override.done = False
+_warn_tf32_override.done = False  # type: ignore[attr-defined]  # a function attribute
 
 
 class SubspaceOptimizer(torch.optim.Optimizer):
@@ -383,7 +388,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def _state_params(self, group: dict) -> list[torch.Tensor]:
         """The tensors a group's state is keyed by: its parameters, or, for a bound group, the
         model parameter whose partition the engine hands over."""
-        return self._binding.state_params(group) if self._bound(group) else group["params"]
+        # A bound group implies a binding.
+        return cast(EngineBinding, self._binding).state_params(group) if self._bound(group) else group["params"]
 
     @torch.no_grad()
     def allocate_state(self, groups: list[dict] | None = None) -> None:
@@ -400,7 +406,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     continue
                 # State lives on this rank's shard as plain tensors; state_dict() wraps it for DCP.
                 # A bound group's shard is the adapter's stand-in of this rank's rows or elements.
-                shard = self._binding.state_template(p) if bound else local(p)
+                shard = cast(EngineBinding, self._binding).state_template(p) if bound else local(p)
                 if group["kind"] == "adamw":
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(shard, dtype=torch.float32, memory_format=torch.preserve_format)
@@ -471,7 +477,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         with fp32_matmuls():
             for group in active:
                 if self._bound(group):  # the adapter rebuilds rows from the engine's partition
-                    self._binding.step_group(self, group)
+                    cast(EngineBinding, self._binding).step_group(self, group)
                     continue
                 self._step_params(group, [p for p in group["params"] if id(p) in finite], checked=True)
         return loss
@@ -529,6 +535,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         """Element-wise AdamW on local tensors with their gradients and state dicts."""
         beta1, beta2 = group["betas"]
         lr, eps, wd, form = float(group["lr"]), group["eps"], group["weight_decay"], group.get("adam_form", "torch")
+        rest: Sequence[int]
         if form == "torch":
             native = [i for i, p in enumerate(params) if p.dtype == torch.float32]
             if native:
@@ -568,7 +575,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         cache = self._row_keys_cache
         if p not in cache:
             view = self._views[p]
-            full, empty = {}, {}
+            full: dict[str, torch.Tensor] = {}
+            empty: dict[str, torch.Tensor] = {}
             meta = torch.empty(view.global_shape, device="meta", dtype=torch.float32)
             self._init_matrix_state(meta, full, group, MatrixShardView(view.name, view.global_shape))
             self._init_matrix_state(meta[:0], empty, group, MatrixShardView(view.name, view.global_shape, 0, 0))
@@ -613,7 +621,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def _import(self, p: torch.Tensor, group: dict, key: str, value: torch.Tensor) -> torch.Tensor:
         """This rank's part of a saved state tensor: a DTensor's local shard, or rows of a full tensor."""
         if self._bound(group):
-            return self._binding.import_value(self, p, group, key, value)
+            return cast(EngineBinding, self._binding).import_value(self, p, group, key, value)
         if is_dtensor(value):
             return value.to_local()
         target = self.state[p][key]
@@ -627,7 +635,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             view, split = self._views[p], self._distributed_keys(p, group)
             if key not in split:
                 return value
-            mesh, placements = view.mesh, self._split_placements(view, split[key][1])
+            # A DTensor parameter's view carries its mesh.
+            mesh, placements = cast("DeviceMesh", view.mesh), self._split_placements(view, split[key][1])
         shape, offset = compute_local_shape_and_global_offset(tuple(value.shape), mesh, placements)
         return value[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 

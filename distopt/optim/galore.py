@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from ..core.shard import MatrixShardView
 from .base import hyperparameters
 from .projected import ProjectedAdam
@@ -75,4 +77,5 @@ class GaLore(ProjectedAdam):
         super().__init__(params, hyperparameters(locals()))
 
     def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
-        return self._data_basis(self._data_method(group, step), grad, state, group, view, plan, step, index)
+        method = cast(str, self._data_method(group, step))  # ProjectedAdam's: the group's refresh, never None
+        return self._data_basis(method, grad, state, group, view, plan, step, index)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -165,12 +167,13 @@ class ProjectedAdam(SubspaceOptimizer):
         if policy != "keep":
             old = state["basis"]
             c = change_of_basis(new, old, plan.side, view.group) if policy != "reset" else None
-            unseen = unseen_fraction(new, old, c, plan.side, view.group) if policy == "transform" else None
+            # c is None for "reset" only.
+            unseen = unseen_fraction(new, old, cast(torch.Tensor, c), plan.side, view.group) if policy == "transform" else None
             apply_moment_policy(policy, plan.side, c, state["exp_avg"], state["exp_avg_sq"],
                                 step=int(state["step"]), betas=group["betas"], unseen=unseen)
         state["basis"].copy_(new)
 
-    def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, int], int]]:
+    def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], int]]:
         view = self._views[p]
         return subspace.distributed_state(view, subspace.plan(view, group), ("exp_avg", "exp_avg_sq"))
 
@@ -239,7 +242,7 @@ class ProjectedAdam(SubspaceOptimizer):
         return not subspace.plan(view, group).full
 
     @staticmethod
-    def _adam_batched(lows: list, states: list[dict], plans: list, group: dict) -> tuple[list, list[float]]:
+    def _adam_batched(lows: list, states: list[dict], plans: list, group: dict) -> tuple[Sequence[torch.Tensor], list[float]]:
         """:meth:`_adam_in_subspace` over a list (the ``torch`` form), as ``torch._foreach_*`` calls:
         the moments of ``lows``, each step counter advanced, the directions and step sizes ``lr / c_1``."""
         beta1, beta2 = group["betas"]
@@ -266,6 +269,11 @@ class ProjectedAdam(SubspaceOptimizer):
         matrix (a full-size residual each, made and applied one at a time). The numbers are the
         per-matrix path's up to the rounding of the fused accumulation."""
         lr, wd, scale = float(group["lr"]), group["weight_decay"], group["scale"]
+        weights: list[torch.Tensor]
+        bases: list[torch.Tensor]
+        plans: list[subspace.SubspacePlan]
+        lows: list[torch.Tensor]
+        states: list[dict]
         weights, bases, plans, lows, states = [], [], [], [], []
         fira = {}  # index -> (gradient, view) of the matrices with a recovery term
         for p in params:
@@ -333,6 +341,7 @@ class ProjectedAdam(SubspaceOptimizer):
     def _chunks(self, group: dict, params: list[torch.Tensor], size, same_group: bool = False):
         """``params`` in consecutive runs of at most ``coalesce_bytes`` (``size(view, plan)`` each; a
         single larger one stands alone), and of one process group with ``same_group``."""
+        chunk: list[torch.Tensor]
         chunk, held = [], 0
         for p in params:
             view = self._views[p]

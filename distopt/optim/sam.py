@@ -131,7 +131,7 @@ class SAM(SubspaceOptimizer):
     def _refresh_request(self, group: dict, state: dict, view: MatrixShardView, grad: torch.Tensor):
         return first_moment_subspace.refresh_request(self.plan(view, group), state, group, view, grad)
 
-    def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, int], int]]:
+    def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], int]]:
         view = self._views[p]
         return subspace.distributed_state(view, self.plan(view, group), ("exp_avg",))
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ...core.shard import MatrixShardView
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -29,7 +33,7 @@ class Partition:
     length: int  # elements per rank's partition (S), padding included
     rank: int
     world: int
-    group: object  # data-parallel process group, None when one rank holds everything
+    group: ProcessGroup | None  # data-parallel process group, None when one rank holds everything
     device: torch.device
     source: object = None  # (stage, index) of DeepSpeed's buffers holding the fp32 partition
 
