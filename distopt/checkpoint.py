@@ -26,6 +26,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -35,10 +36,13 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from .optim.base import SubspaceOptimizer
 
+if TYPE_CHECKING:
+    import io
+
 try:
     import xxhash
 except ImportError:  # installed without its dependencies: block digests fall back to CRC-32
-    xxhash = None
+    xxhash = None  # type: ignore[assignment]  # an optional dependency: checked for None where used
 
 COMPLETE_MARKER = ".distopt-complete"
 logger = logging.getLogger("distopt")
@@ -218,6 +222,7 @@ def hashing_writer(folder: Path):
 
         @contextmanager
         def create_stream(self, path, mode):
+            stream: io.IOBase | _BlockHashWriter  # the base class's, or a hashing one when writing
             if "w" not in mode:
                 with super().create_stream(path, mode) as stream:
                     yield stream

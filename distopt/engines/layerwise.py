@@ -25,6 +25,9 @@ What the mode cannot do is refused rather than approximated:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import torch
 import torch.distributed as dist
 
@@ -53,7 +56,7 @@ class _Averager:
     def __init__(self, optimizer: SubspaceOptimizer, group, free_grads: bool, in_flight: int):
         self.optimizer, self.group, self.free_grads, self.in_flight = optimizer, group, free_grads, in_flight
         self.world = dist.get_world_size(group)
-        self.pending: list[tuple[torch.Tensor, object]] = []
+        self.pending: list[tuple[torch.Tensor, dist.Work]] = []
         self.callback_queued = False
 
     def __call__(self, p: torch.Tensor) -> None:
@@ -67,7 +70,7 @@ class _Averager:
 
     def _step(self, p: torch.Tensor, work) -> None:
         work.wait()
-        p.grad.div_(self.world)
+        cast(torch.Tensor, p.grad).div_(self.world)  # all-reduced in __call__
         self.optimizer.step_parameter(p)
         if self.free_grads:
             p.grad = None
@@ -102,6 +105,7 @@ def attach(optimizer: SubspaceOptimizer, *, free_grads: bool = True, data_parall
             "average only after the step), or data_parallel=False for independent replicas"
         )
     optimizer.allocate_state()
+    hook: Callable[[torch.Tensor], None]
     if data_parallel and several:
         if in_flight < 1:
             raise ValueError(f"in_flight={in_flight}: must be at least 1")

@@ -45,6 +45,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -230,7 +231,7 @@ def candidates(root: Path, notes: list[str] | None = None) -> list[Path]:
 def start_branch(root: Path, resumed: Path, step: int) -> Path | None:
     """Resuming at ``step``: move the checkpoints after it into ``abandoned-<time>/`` (kept, never
     counted by ``keep``) and point ``latest`` at ``resumed``'s branch. Returns that folder, if any."""
-    later = [p for p in root.glob("step_*") if p.is_dir() and _step_of(p) is not None and _step_of(p) > step]
+    later = [p for p in root.glob("step_*") if p.is_dir() and _step_of(p) is not None and cast(int, _step_of(p)) > step]
     if not later:
         return None
     aside = root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-from-{step_name(step)}"

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    results = []
+    results: list[dict[str, Any]] = []
     for label, _cfg, pairs, run_dir in plans:
         cmd = [sys.executable]
         if args.nproc > 1:
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd += [f"{k}={v}" for k, v in pairs]
         print(f"\n=== {label}: {' '.join(cmd)}", flush=True)
         started = time.perf_counter()
+        code: int | str  # the exit status, or "timeout"
         try:
             code = subprocess.run(cmd, env=env, timeout=args.timeout or None).returncode
         except subprocess.TimeoutExpired:

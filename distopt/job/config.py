@@ -17,6 +17,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ def config_dirs() -> list[Path]:
     """Where configs are looked up by name: $DISTOPT_CONFIG_DIR, ./configs, then the source tree's."""
     dirs = [Path(os.environ["DISTOPT_CONFIG_DIR"])] if os.environ.get("DISTOPT_CONFIG_DIR") else []
     dirs += [Path.cwd() / "configs", CONFIG_DIR]
-    out = []
+    out: list[Path] = []
     for d in dirs:
         if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:
             out.append(d)
@@ -70,7 +71,8 @@ def _f(default, help: str = "", **checks):
     """A dataclass field with a help text and checks (choices, ge, gt, le)."""
     meta = {"help": help, **checks}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        # A fresh copy per instance; the cast is for the lambda's default argument, which mypy cannot infer.
+        return field(default_factory=typing.cast("Callable[[], Any]", lambda d=default: type(d)(d)), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -189,7 +191,7 @@ class RunConfig:
 
 
 def _sections() -> dict[str, type]:
-    out = {}
+    out: dict[str, type] = {}
     for f in dataclasses.fields(RunConfig):
         if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
             out[f.name] = f.default_factory
@@ -399,7 +401,7 @@ def find_config(name: str) -> Path:
     raise ConfigError(f"config={name!r}: no such file (known run configs: {', '.join(known_names('runs'))}; looked in {where})")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | list[tuple[str, str]] = ()) -> RunConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] | Sequence[tuple[str, str]] = ()) -> RunConfig:
     """Defaults, then the YAML file, then the overrides; validated. Raises :class:`ConfigError`."""
     cfg = RunConfig()
     problems: list[str] = []
@@ -414,8 +416,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | li
             raise ConfigError(f"{file}: the top level must be a mapping of sections")
         for key, value in data.items():
             _apply(cfg, str(key), value, problems, from_cli=False, given=given)
-    pairs = parse_overrides(list(overrides)) if overrides and isinstance(next(iter(overrides)), str) else list(overrides)
-    explicit = set()
+    # "key=value" strings when the first one is a string, else (key, value) pairs.
+    pairs = parse_overrides(list(typing.cast("Sequence[str]", overrides))) if overrides and isinstance(next(iter(overrides)), str) else list(overrides)
+    explicit: set[str] = set()
     for key, value in pairs:
         key, problem = resolve_alias(key)
         if problem:
@@ -433,7 +436,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | li
     if problems:
         raise ConfigError(problems)
     # Keys given as overrides: they win over an engine's own config file (engine.deepspeed_config).
-    cfg.explicit_keys = frozenset(explicit)
+    cfg.explicit_keys = frozenset(explicit)  # type: ignore[attr-defined]  # not a field: read back with getattr
     return cfg
 
 

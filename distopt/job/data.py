@@ -25,6 +25,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ class HFTokenizer:
         return np.asarray(ids, dtype=np.uint16)
 
     def decode(self, ids) -> str:
-        return self.tok.decode([int(i) for i in ids])
+        return cast(str, self.tok.decode([int(i) for i in ids]))  # one sequence of ids: one string
 
 
 def build_tokenizer(spec: str):
@@ -140,6 +141,8 @@ def resolve_source(source: str, pattern: str, val_source: str, val_percent: floa
             return SourceFiles(kind, root, [f for f in files if f not in named_val], named_val)
     if len(files) == 1:
         return SourceFiles(kind, root, files, files, val_from_tail=True)
+    train: list[Path]
+    val: list[Path]
     train, val = [], []
     for f in files:
         (val if name_hash_percent(str(f.relative_to(root))) < val_percent else train).append(f)
@@ -226,14 +229,14 @@ class Sampler:
         self.stream = stream
         self.seed = seed
         self._epoch = -1
-        self._perm = None
+        self._perm: torch.Tensor | None = None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm = torch.randperm(self.stream.num_windows, generator=g)
             self._epoch = epoch
-        return self._perm
+        return cast(torch.Tensor, self._perm)  # drawn for self._epoch
 
     def batch(self, first: int, count: int) -> torch.Tensor:
         """Samples ``first .. first + count - 1`` as a ``count x (seq_len + 1)`` int64 tensor."""

@@ -18,6 +18,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -152,7 +153,7 @@ def init(info: DistInfo, device: torch.device, backend: str = "auto", timeout_mi
         "RANK": str(info.rank), "WORLD_SIZE": str(info.world_size), "LOCAL_RANK": str(info.local_rank),
         "MASTER_ADDR": info.master_addr, "MASTER_PORT": str(info.master_port),
     })
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(minutes=timeout_min), **kwargs)
 
 

@@ -5,6 +5,7 @@ returning its notes."""
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from .dist import DistInfo
 
 def _explicit(cfg: RunConfig, key: str) -> bool:
     """Whether ``key`` (or a section holding it) was set on the command line."""
-    given = getattr(cfg, "explicit_keys", frozenset())
+    given: frozenset[str] = getattr(cfg, "explicit_keys", frozenset())
     return any(key == k or key.startswith(k + ".") for k in given)
 
 
@@ -48,6 +49,7 @@ class _Merge:
     """Reconciles one DeepSpeed JSON value with the run config's, recording what happened."""
 
     def __init__(self, cfg: RunConfig, source: str, path: str):
+        self.notes: list[str]
         self.cfg, self.source, self.path, self.notes = cfg, source, path, []
 
     def begin(self) -> list[str]:
@@ -142,7 +144,7 @@ def _precision(raw: dict, merge: _Merge, info: DistInfo, stage: int) -> list[str
     for both bf16 and bf16-mixed); gradients are reduced in fp32 unless the JSON says otherwise."""
     cfg, train, notes = merge.cfg, merge.cfg.train, merge.begin()
     bf16_key = "bfloat16" if "bfloat16" in raw and "bf16" not in raw else "bf16"
-    block = raw.get(bf16_key) if isinstance(raw.get(bf16_key), dict) else {}
+    block = typing.cast(dict, raw.get(bf16_key)) if isinstance(raw.get(bf16_key), dict) else {}
     theirs = block.get("enabled")
     if isinstance(theirs, bool) and theirs != (train.precision != "fp32"):  # "auto" or absent: the run config decides
         if _explicit(cfg, "train.precision"):
@@ -195,7 +197,7 @@ def _optimizer(raw: dict, merge: _Merge, info: DistInfo, stage: int) -> list[str
     for key, value in params.items():
         if key in o.hparams:
             merge.pick(f"optim.hparams.{key}", o.hparams[key], value, f"optimizer.params.{key}",
-                       lambda v, k=key: o.hparams.__setitem__(k, v))
+                       typing.cast("Callable[[object], None]", lambda v, k=key: o.hparams.__setitem__(k, v)))
         elif _explicit(cfg, "optim.hparams"):
             notes.append(f"optim.hparams from the command line has no {key!r}: optimizer.params.{key}={value!r} "
                          f"of {merge.source} is not used")

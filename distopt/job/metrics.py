@@ -109,7 +109,7 @@ class Progress:
         self.enabled = enabled and self.mode != "off"
         self.total, self.start, self.every = total, start, every
         self.t0 = time.perf_counter()
-        self.val = None
+        self.val: float | None = None
         self.width = 24
         self._last_len = 0
 

@@ -102,7 +102,8 @@ def build_model(shape: ModelShape, impl: str, *, activation_checkpointing: bool 
     if impl == "hf":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(
+        # transformers 5 takes rope_theta and attn_implementation as extra keywords its signature does not list.
+        config = LlamaConfig(  # type: ignore[call-arg, unused-ignore]
             vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
             num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
             num_key_value_heads=shape.kv_heads, max_position_embeddings=shape.max_position_embeddings,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Mapping
 import sys
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def _supports_shutdown_timeout() -> bool:
     return "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)}
 
 
-def shutdown_timeout_env(argv: list[str], environ: dict[str, str]) -> dict[str, str]:
+def shutdown_timeout_env(argv: list[str], environ: Mapping[str, str]) -> dict[str, str]:
     """The environment torchrun should see: :data:`SHUTDOWN_TIMEOUT_S` as its shutdown timeout,
     unless the arguments or the environment already set one (torchrun reads it from there)."""
     given = any(a.split("=")[0] in ("--shutdown-timeout", "--shutdown_timeout") for a in argv)
@@ -46,7 +47,7 @@ def shutdown_timeout_env(argv: list[str], environ: dict[str, str]) -> dict[str, 
     return {TIMEOUT_ENV: str(SHUTDOWN_TIMEOUT_S)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int | None:
     argv = sys.argv[1:] if argv is None else list(argv)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import record
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
         return 0
 
-    return launch(parse_args(argv))
+    return launch(parse_args(argv))  # None where the launch exits 0 through SystemExit (torch's @record)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as torch_dist
@@ -22,7 +23,7 @@ import distopt
 from distopt.job import checkpoint as ckpt
 from distopt.job import dist
 from distopt.job.config import ConfigError, RunConfig, dump_config, optimizer_kwargs
-from distopt.job.data import Sampler, load_datasets
+from distopt.job.data import ByteTokenizer, HFTokenizer, Sampler, load_datasets
 from distopt.job.metrics import (
     PLOT_HINT,
     JsonlLog,
@@ -38,15 +39,18 @@ from distopt.job.metrics import (
 )
 from distopt.job.modeling import ModelShape, build_model, lm_loss
 
+if TYPE_CHECKING:
+    from distopt.job.engines.base import Engine
+
 logger = logging.getLogger("distopt.train")
 
 
 @dataclass
 class Plan:
-    engine_cls: type
+    engine_cls: type[Engine]
     shape: ModelShape
     impl: str
-    tokenizer: object
+    tokenizer: ByteTokenizer | HFTokenizer
     num_params: int
     matrix_params: int
     state_bytes: int
@@ -174,8 +178,9 @@ class Trainer:
         self.step_times: list[float] = []
         self.last_ckpt: Path | None = None
         self.state_now = 0
-        self.preempt = None
-        self.metrics = None
+        # Set by fit(), which calls train_step() and evaluate().
+        self.preempt: ckpt.Preemption | None = None
+        self.metrics: JsonlLog | None = None
 
     # -- setup -------------------------------------------------------------------------------------
     def _load_data(self):
@@ -211,7 +216,8 @@ class Trainer:
         is applied), falling back to older ones where one fails its check."""
         if not self.resuming:
             return
-        cfg, resume_from, fallbacks = self.cfg, self.plan.resume_from, list(self.plan.fallbacks)
+        # Resuming: resume_from is set.
+        cfg, resume_from, fallbacks = self.cfg, cast(Path, self.plan.resume_from), list(self.plan.fallbacks)
         while True:
             try:
                 trainer = ckpt.load(resume_from, self.info, self.engine)
@@ -257,7 +263,7 @@ class Trainer:
         self.best_val = min(self.best_val, val)
         self.eval_history.append((at, val))
         self.progress.val = val
-        self.metrics.write({"kind": "eval", "step": at, "val_loss": val, "tokens": at * self.tokens_per_step})
+        cast(JsonlLog, self.metrics).write({"kind": "eval", "step": at, "val_loss": val, "tokens": at * self.tokens_per_step})
         if self.progress.mode == "lines":
             self.say(f"eval step {at}: val loss {val:.4f}")
         return val
@@ -306,7 +312,7 @@ class Trainer:
         self.step += 1
         self.consumed += self.samples_per_step
         # One all-reduce per step: the loss for the log, and whether any rank was signalled.
-        shared = torch.stack([loss_sum.float(), torch.tensor(float(self.preempt.requested), device=device)])
+        shared = torch.stack([loss_sum.float(), torch.tensor(float(cast(ckpt.Preemption, self.preempt).requested), device=device)])
         if torch_dist.is_initialized():
             torch_dist.all_reduce(shared)
         return float(shared[0]) / self.world, grad_norm, lr_now, bool(shared[1] > 0)

@@ -193,6 +193,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     layout_hparams: tuple[str, ...] = ("state_layout",)
     # Defaults of the element-wise group that differ from the class's (``elementwise=`` still wins).
     elementwise_defaults: dict = {}
+    # Set by distopt.engines.layerwise.attach() (absent before: step() reads it from __dict__).
+    layerwise: bool
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

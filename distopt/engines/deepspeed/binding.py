@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -179,6 +180,7 @@ class ZeroBinding:
             p_rows = values[own].view(rows, n)
             g_rows = grads[own].view(rows, n)
         else:
+            gathered = cast(torch.Tensor, gathered)  # rows from other ranks: L > 0
             p_rows = torch.cat([values[own]] + [gathered[i, :c].to(values.dtype) for i, c in plan.sources]).view(rows, n)
             g_rows = torch.cat([grads[own]] + [gathered[i, L : L + c].to(grads.dtype) for i, c in plan.sources]).view(rows, n)
         optimizer.step_matrix(p_rows, g_rows, optimizer.state[part.param], group, plan.view)
@@ -205,14 +207,14 @@ class ZeroBinding:
             if full.numel() != part.numel:
                 raise ValueError(f"{part.name}: converted weight has {full.numel()} elements, the model {part.numel}")
             piece = full[part.start : part.end].to(part.device)
-            stage, index = part.source
+            stage, index = cast("tuple[int, Any]", part.source)  # set by attach()
             p = part.param
             if stage in (1, 2):
                 zopt.single_partition_of_fp32_groups[index].data[: piece.numel()].copy_(piece)
                 p.data.copy_(full.view(p.shape).to(p.dtype))
             elif stage == 3:
                 zopt.fp32_partitioned_groups_flat[index].data[: piece.numel()].copy_(piece)
-                p.ds_tensor.data[: piece.numel()].copy_(piece.to(p.ds_tensor.dtype))
+                p.ds_tensor.data[: piece.numel()].copy_(piece.to(p.ds_tensor.dtype))  # type: ignore[attr-defined]  # ZeRO-3 adds it
                 if p.data.numel() == part.numel:  # a persistent (never released) parameter
                     p.data.copy_(full.view(p.data.shape).to(p.dtype))
             else:

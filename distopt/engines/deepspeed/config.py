@@ -6,13 +6,17 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from ...optim.base import SubspaceOptimizer
-from .binding import attach, build_partitioned_optimizer
+from .binding import ZeroBinding, attach, build_partitioned_optimizer
 from .checkpoint import _guard_checkpoint_loading
 from .names import CONFIG_PREFIX, DEEPSPEED_MIN, DEEPSPEED_RANGE, DEEPSPEED_TESTED_MAX
+
+if TYPE_CHECKING:
+    from deepspeed.runtime.config import DeepSpeedConfig
 
 logger = logging.getLogger("distopt")
 
@@ -51,7 +55,7 @@ class UnsupportedConfig(NotImplementedError, ValueError):
 class _Setup:
     """What the refusals look at."""
 
-    ds_config: object
+    ds_config: DeepSpeedConfig
     raw: dict
     model: torch.nn.Module
     mpu: object
@@ -218,13 +222,14 @@ def check_deepspeed_version(version: str | None = None) -> None:
             f"DeepSpeed {version} is older than distopt's ZeRO adapter supports ({DEEPSPEED_RANGE}). Fix: pip install "
             f"\"{DEEPSPEED_RANGE}\" (with DS_BUILD_OPS=0 and --no-build-isolation for the source build)."
         )
-    if release > DEEPSPEED_TESTED_MAX and not check_deepspeed_version.warned:
-        check_deepspeed_version.warned = True
+    # A function attribute, which mypy cannot declare.
+    if release > DEEPSPEED_TESTED_MAX and not check_deepspeed_version.warned:  # type: ignore[attr-defined]
+        check_deepspeed_version.warned = True  # type: ignore[attr-defined]
         logger.warning("DeepSpeed %s is newer than distopt's adapter was tested with (%s); the adapter checks the "
                        "partition layout it reads and fails loudly if it changed", version, DEEPSPEED_RANGE)
 
 
-check_deepspeed_version.warned = False
+check_deepspeed_version.warned = False  # type: ignore[attr-defined]  # a function attribute
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
@@ -291,7 +296,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     engine, zopt, loader, scheduler = deepspeed.initialize(config=rest, **passthrough)
     attach(engine, opt)
     _guard_checkpoint_loading(engine)
-    logger.info("distopt.%s under DeepSpeed ZeRO-%d: %d groups", name, opt.binding.stage, len(opt.param_groups))
+    logger.info("distopt.%s under DeepSpeed ZeRO-%d: %d groups", name, cast(ZeroBinding, opt.binding).stage, len(opt.param_groups))
     return engine, zopt, loader, scheduler
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,7 +35,7 @@ class Partition:
     world: int
     group: ProcessGroup | None  # data-parallel process group, None when one rank holds everything
     device: torch.device
-    source: object = None  # (stage, index) of DeepSpeed's buffers holding the fp32 partition
+    source: tuple[int, Any] | None = None  # (stage, index) of DeepSpeed's buffers holding the fp32 partition
 
     @property
     def numel(self) -> int:

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,7 @@ class Engine:
 
     def __init__(self, cfg: RunConfig, info: DistInfo, device: torch.device):
         self.cfg, self.info, self.device = cfg, info, device
+        # None until setup(); the methods below run after it, hence their casts.
         self.module: nn.Module | None = None  # the unwrapped model
         self.model: nn.Module | None = None  # what forward is called on
         self.optimizer: torch.optim.Optimizer | None = None
@@ -87,36 +89,37 @@ class Engine:
     def clip_grad_norm(self, max_norm: float) -> float | None:
         """Global gradient norm before clipping; clips when ``max_norm > 0``. None from engines that
         clip inside :meth:`step`; :meth:`last_grad_norm` then has the norm after it."""
-        params = [p for p in self.module.parameters() if p.grad is not None]
+        params = [p for p in cast(nn.Module, self.module).parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
         if hasattr(norm, "full_tensor"):  # DTensor gradients (FSDP2) give a DTensor norm
             norm = norm.full_tensor()
         return float(norm)
 
     def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer = cast(torch.optim.Optimizer, self.optimizer)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-    def last_grad_norm(self) -> float:
+    def last_grad_norm(self) -> float | None:
         return math.nan
 
     def current_lr(self) -> float:
         """The learning rate of the matrix parameters (the first group when there are none)."""
-        groups = self.optimizer.param_groups
+        groups = cast(torch.optim.Optimizer, self.optimizer).param_groups
         return float(next((g for g in groups if g.get("kind") == "matrix"), groups[0])["lr"])
 
     # -- checkpoints ----------------------------------------------------------------------------
     def model_state_dict(self) -> dict:
-        return self.module.state_dict()
+        return cast(nn.Module, self.module).state_dict()
 
     def load_model_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state)
+        cast(nn.Module, self.module).load_state_dict(state)
 
     def optimizer_state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+        return cast(torch.optim.Optimizer, self.optimizer).state_dict()
 
     def load_optimizer_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+        cast(torch.optim.Optimizer, self.optimizer).load_state_dict(state)
 
     def describe(self) -> str:
         return f"{self.name} ({self.device.type})"

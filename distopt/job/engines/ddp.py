@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING, cast
 
 import torch.distributed as dist
 from torch import nn
@@ -10,6 +11,9 @@ from torch import nn
 from ..config import RunConfig
 from ..dist import DistInfo
 from .base import Engine
+
+if TYPE_CHECKING:
+    from torch.nn.parallel import DistributedDataParallel
 
 
 class DDPEngine(Engine):
@@ -32,7 +36,7 @@ class DDPEngine(Engine):
     def accumulating(self, last_micro: bool):
         if last_micro or not hasattr(self.model, "no_sync"):
             return contextlib.nullcontext()
-        return self.model.no_sync()
+        return cast("DistributedDataParallel", self.model).no_sync()
 
     def describe(self) -> str:
         backend = dist.get_backend() if dist.is_initialized() else "none"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -13,6 +14,9 @@ from torch import nn
 from ..config import ConfigError, RunConfig, optimizer_kwargs
 from ..dist import DistInfo
 from .base import Engine, EngineUnavailable, _single_process_group
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 
 def decoder_layers(module: nn.Module) -> list[nn.Module]:
@@ -89,20 +93,20 @@ class FSDP2Engine(Engine):
         self.optimizer = build_optimizer(module)
 
     def accumulating(self, last_micro: bool):
-        self.model.set_requires_gradient_sync(last_micro)
+        cast("FSDPModule", self.model).set_requires_gradient_sync(last_micro)  # fully_shard made it one
         return contextlib.nullcontext()
 
     # DCP checkpoints, resharded on load to whatever world size and mesh this run has.
     def save_sharded(self, folder: Path) -> None:
         from distopt import checkpoint
 
-        checkpoint.save(folder / "dcp", self.module, self.optimizer)
+        checkpoint.save(folder / "dcp", cast(nn.Module, self.module), cast(torch.optim.Optimizer, self.optimizer))
 
     def load_sharded(self, folder: Path) -> None:
         from distopt import checkpoint
 
         try:
-            checkpoint.load(folder / "dcp", self.module, self.optimizer)
+            checkpoint.load(folder / "dcp", cast(nn.Module, self.module), cast(torch.optim.Optimizer, self.optimizer))
         except FileNotFoundError as err:
             raise ValueError(str(err)) from None
 
