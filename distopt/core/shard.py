@@ -7,8 +7,8 @@ the rest. Algorithms take every decision (rank, side, seeds, refresh phase) from
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeGuard
 
 import torch
