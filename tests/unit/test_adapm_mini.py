@@ -1,10 +1,9 @@
 """AdaPM-mini: AdaPM's momentum design with Adam-mini's block second moment."""
 
-import math
 
 import pytest
 import torch
-from helpers import assert_resume_bit_identical, set_grads
+from helpers import set_grads
 from optim_checks import assert_matrix_group_trains, assert_refused, assert_state_bytes_match, matrix_group, one_thread  # noqa: F401 (a fixture, used by name)
 from torch import nn
 
@@ -79,43 +78,3 @@ def test_unknown_head_count_fails_with_the_fix():
     distopt.build_optimizer(_NoHeads(), "adapm-mini", n_heads=4, n_kv_heads=2)
 
 
-def test_matrix_group_alone_lowers_the_loss():
-    assert_matrix_group_trains("adapm-mini", lr=1e-2, update_proj_gap=10)
-
-
-def _adapm_mini_bytes(opt, p, group):
-    m, n = p.shape
-    role = opt.param_role(p)
-    blocks = {"q": group["n_heads"], "k": group["n_kv_heads"]}.get(role, m)
-    if role in ("q", "k", "mlp_in", "mlp_out"):
-        r = group["rank"] or max(1, math.floor(group["rank_fraction"] * m * n / (m + n)))
-        return 8 + 4 * (r * (m + n) + blocks)
-    if role in ("embedding", "o"):
-        return 8 + 4 * blocks
-    return 8 + 4 * (m * n + blocks)
-
-
-@pytest.mark.parametrize("rank", [None, 4])
-def test_state_bytes_match_the_formula(rank):
-    model = _gqa_model()
-    opt = distopt.build_optimizer(model, "adapm-mini", rank=rank, update_proj_gap=3)
-    assert_state_bytes_match(opt, model, _adapm_mini_bytes)
-
-
-def test_resume_is_bit_identical():
-    assert_resume_bit_identical("adapm-mini", lr=1e-2, rank=3, update_proj_gap=3)
-
-
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(n_heads=-1), "n_heads=-1"),
-        (dict(n_heads=4, n_kv_heads=3), "n_kv_heads=3"),
-        (dict(n_heads=5), "not divisible into 5 head blocks"),
-        (dict(correction="signed"), "correction='signed'"),
-        (dict(rank_fraction=2.0), "rank_fraction=2.0"),
-        (dict(clip=-1.0), "clip=-1.0"),
-    ],
-)
-def test_bad_hyperparameters_are_refused(kwargs, match):
-    assert_refused("adapm-mini", kwargs, match)
