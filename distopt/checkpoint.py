@@ -10,6 +10,9 @@ marker lists every file with its size and digest (hashed as written, or by all r
 :func:`load` checks them all before reading a tensor, so a truncated or corrupted checkpoint raises
 :class:`IntegrityError` naming the file instead of loading garbage. The same helpers serve the
 training job's checkpoints (``distopt/job/checkpoint.py``).
+
+One module of about 570 lines because saving, the integrity record and loading share the file
+layout and the digest format; split, each half would have to restate them.
 """
 
 from __future__ import annotations

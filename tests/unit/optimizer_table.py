@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
 from helpers import tiny_model
-from optim_checks import projected_adam_bytes
+from optim_checks import assert_constant_gradient_step, projected_adam_bytes
 
 from distopt.models import LlamaShape, TinyLlama
 
@@ -91,6 +92,13 @@ class OptimizerInfo:
     bytes_steps: int = 4
     resume: tuple[dict, ...] = ()  # hyper-parameters of the bit-identical resume runs
     bad_inputs: tuple[tuple[dict, str], ...] = field(default=())  # (hyper-parameters, part of the message)
+    # Checks of the algorithm's defining property that the table can state; the others are in its test file.
+    defining: tuple[Callable[[], None], ...] = ()
+
+
+def closed_form(name: str, **hparams) -> tuple[Callable[[], None], ...]:
+    """A constant gradient gives projected Adam's closed-form step, on a right and on a left basis."""
+    return tuple(partial(assert_constant_gradient_step, name, shape, **hparams) for shape in ((24, 18), (18, 24)))
 
 
 RANK_RS = ((8, True), (8, False), (1000, True))  # rank and recovery scaling of the projected-Adam family
@@ -150,7 +158,7 @@ OPTIMIZERS = (
         state_bytes=tuple(dict(rank=rank, side=side, update_proj_gap=3, basis_dtype=dtype) for rank, side, dtype in (
             (8, "auto", "fp32"), (8, "left", "fp32"), (8, "right", "fp32"), (8, "longer", "fp32"), (8, "auto", "bf16"),
             (1000, "auto", "fp32"))),
-        bytes_formula=projected_adam_bytes, bytes_steps=5,
+        bytes_formula=projected_adam_bytes, bytes_steps=5, defining=closed_form("galore"),
         resume=tuple(dict(lr=1e-2, rank=6, update_proj_gap=3, refresh=refresh, moment_policy=policy, basis_dtype=dtype)
                      for refresh, policy, dtype in (("randomized", "keep", "fp32"), ("svd", "rotate", "fp32"),
                                                     ("random", "transform", "fp32"), ("randomized", "rotate", "bf16"))),
@@ -178,6 +186,7 @@ OPTIMIZERS = (
         "golore", trains=(dict(lr=3e-2, rank=8, update_proj_gap=10),),
         state_bytes=tuple(dict(rank=rank, update_proj_gap=3, recovery_scaling=rs) for rank, rs in ((8, False), (8, True), (1000, True))),
         bytes_formula=projected_adam_bytes, resume=(dict(lr=1e-2, rank=6, update_proj_gap=3, recovery_scaling=True),),
+        defining=closed_form("golore"),
         bad_inputs=(
         (dict(rank=0), "rank=0"),
         (dict(update_proj_gap=0), "update_proj_gap=0"),
@@ -193,6 +202,7 @@ OPTIMIZERS = (
         "grassjump", trains=(dict(lr=3e-2, rank=8, update_proj_gap=10),),
         state_bytes=tuple(dict(rank=rank, update_proj_gap=3, recovery_scaling=rs) for rank, rs in RANK_RS),
         bytes_formula=projected_adam_bytes, resume=(dict(lr=1e-2, rank=6, update_proj_gap=3),),
+        defining=closed_form("grassjump", recovery_scaling=False),
         bad_inputs=(
         (dict(rank=0), "rank=0"),
         (dict(update_proj_gap=-2), "update_proj_gap=-2"),
@@ -209,6 +219,7 @@ OPTIMIZERS = (
         "grasswalk", trains=(dict(lr=3e-2, rank=8, update_proj_gap=10),),
         state_bytes=tuple(dict(rank=rank, update_proj_gap=3, recovery_scaling=rs) for rank, rs in RANK_RS),
         bytes_formula=projected_adam_bytes, resume=(dict(lr=1e-2, rank=6, update_proj_gap=3),),
+        defining=closed_form("grasswalk", recovery_scaling=False),
         bad_inputs=(
         (dict(rank=0), "rank=0"),
         (dict(walk_angle=0.0), "walk_angle=0.0"),
@@ -268,6 +279,7 @@ OPTIMIZERS = (
         "subtrack", trains=(dict(lr=3e-2, rank=8, update_proj_gap=10),),
         state_bytes=tuple(dict(rank=rank, update_proj_gap=3, recovery_scaling=rs) for rank, rs in RANK_RS),
         bytes_formula=projected_adam_bytes, resume=(dict(lr=1e-2, rank=6, update_proj_gap=3),),
+        defining=closed_form("subtrack", recovery_scaling=False),
         bad_inputs=(
         (dict(rank=0), "rank=0"),
         (dict(step_size=0.0), "step_size=0.0"),

@@ -37,5 +37,10 @@ def test_bad_hyperparameters_are_refused(info, case):
     assert_refused(info.name, kwargs, match)
 
 
+@pytest.mark.parametrize("info,check", _cases("defining"))
+def test_defining_property(info, check):
+    check()
+
+
 def test_every_registered_optimizer_is_in_the_table():
     assert {info.name for info in OPTIMIZERS} == set(distopt.list_optimizers()) - {"adamw"}
