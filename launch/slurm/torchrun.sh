@@ -42,14 +42,4 @@ srun --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
     -m distopt.job.train "$@" --resume &
 pid=$!
 
-on_term() {
-    echo "distopt: SIGTERM: the ranks checkpoint and stop"
-    kill -TERM "$pid" 2>/dev/null || true
-    wait "$pid" || true
-    if [ "${DISTOPT_REQUEUE:-1}" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
-        scontrol requeue "$SLURM_JOB_ID"
-    fi
-    exit 0
-}
-trap on_term TERM
-wait "$pid"
+. launch/slurm/wait_and_requeue.sh  # SIGTERM: checkpoint, stop, requeue
