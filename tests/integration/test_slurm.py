@@ -132,3 +132,30 @@ def test_slurm_variables_give_the_rank(tmp_path):
     # torchrun's variables win inside an allocation.
     info = discover({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "1"})
     assert (info.rank, info.world_size) == (1, 2)
+
+
+@pytest.mark.parametrize("requeue", ["1", "0"])
+def test_sigterm_stops_the_launcher_and_requeues_the_job(tmp_path, slurm, requeue):
+    """The handler every sbatch script sources: SIGTERM reaches the launcher (here a stand-in that
+    records it), the script exits 0 after it, and the job is requeued unless DISTOPT_REQUEUE=0."""
+    import signal
+    import subprocess
+    import time
+
+    variables, log = slurm
+    marker = tmp_path / "launcher-got-term"
+    script = tmp_path / "job.sh"
+    script.write_text(f"""cd {REPO}
+bash -c 'trap "touch {marker}; exit 0" TERM; while true; do sleep 0.1; done' &
+pid=$!
+. launch/slurm/wait_and_requeue.sh
+""")
+    proc = subprocess.Popen(["bash", str(script)], env=env(**{**variables, "DISTOPT_REQUEUE": requeue}),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert marker.exists(), out
+    calls = log.read_text() if log.exists() else ""
+    assert ("scontrol requeue 4242" in calls) == (requeue == "1"), calls
