@@ -200,23 +200,9 @@ def all_gather_cols(local: torch.Tensor, col_counts: list[int], group) -> torch.
 
 def all_gather_cols_coalesced(requests: list[tuple[torch.Tensor, list[int]]], group) -> list[torch.Tensor]:
     """:func:`all_gather_cols` of several ``(local columns, col_counts)`` of one dtype over one group,
-    in one collective."""
-    if not requests:
-        return []
-    if group is None or dist.get_world_size(group) == 1:
-        return [local for local, _ in requests]
-    blocks = []
-    for local, counts in requests:
-        padded = local.new_zeros((local.shape[0], max(counts)))
-        padded[:, : local.shape[1]] = local
-        blocks.append(padded.reshape(-1))
-    stacked = all_gather_stacked(torch.cat(blocks), group)
-    out, offset = [], 0
-    for (local, counts), block in zip(requests, blocks):
-        cols = stacked[:, offset : offset + block.numel()].reshape(len(counts), local.shape[0], max(counts))
-        out.append(torch.cat([cols[i, :, :count] for i, count in enumerate(counts)], dim=1))
-        offset += block.numel()
-    return out
+    in one collective: :func:`all_gather_rows_coalesced` of the transposes."""
+    gathered = all_gather_rows_coalesced([(local.T, counts) for local, counts in requests], group)
+    return [whole.T.contiguous() for whole in gathered]
 
 
 def gather_rows(local: torch.Tensor, row_counts: list[int], dst_rank: int, group) -> torch.Tensor | None:
