@@ -67,3 +67,17 @@ def assert_resume_bit_identical(name: str, steps_before: int = 7, steps_after: i
     train(resumed, opt2, steps_after, data_seed=50)
     for (n, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), f"{name}: {n} differs after resume"
+
+
+def side_by_side(pairs, steps: int):
+    """Train ``(model, optimizer)`` pairs on the same batches (``batch(seed=step)``), yielding each
+    step's index after every pair has stepped, for the caller to compare them (oracle tests)."""
+    for step in range(steps):
+        ids = batch(seed=step)
+        for model, _ in pairs:
+            model(ids, ids).backward()
+        for _, opt in pairs:
+            opt.step()
+        for model, _ in pairs:
+            model.zero_grad()
+        yield step

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import TINY, batch, set_grads, tiny_model, train
+from helpers import TINY, set_grads, side_by_side, tiny_model, train
 from optim_checks import assert_matrix_group_trains, assert_refused, assert_state_bytes_match, matrix_group, one_thread  # noqa: F401 (a fixture, used by name)
 from torch import nn
 
@@ -56,14 +56,7 @@ def test_matches_the_adam_mini_package():
     ours = distopt.build_optimizer(model, "adam-mini", **kw)
     ref = Adam_mini(ref_model.named_parameters(), dim=TINY.hidden_size, n_heads=TINY.num_attention_heads,
                     n_kv_heads=TINY.num_attention_heads, verbose=False, **kw)
-    for step in range(6):
-        ids = batch(seed=step)
-        for m in (model, ref_model):
-            m(ids, ids).backward()
-        ours.step()
-        ref.step()
-        for m in (model, ref_model):
-            m.zero_grad()
+    for step in side_by_side([(model, ours), (ref_model, ref)], 6):
         for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
 

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import batch, roundtrip, set_grads, tiny_model, train
+from helpers import batch, roundtrip, set_grads, side_by_side, tiny_model, train
 from optim_checks import (
     projected_adam_bytes,
     state_bytes_formula,
@@ -71,14 +71,7 @@ def test_reproduces_galore_torch_step_for_step(adam_form, steps, eps):
         model, rank=6, gap=4, scale=0.25, lr=1e-2, wd=0.01, betas=(0.9, 0.999), eps=eps, adam_form=adam_form,
     )
     matrices = {n for g in ours.param_groups if g["kind"] == "matrix" for n in g["param_names"]}
-    for step in range(steps):  # refreshes on steps 0, 4 and 8
-        ids = batch(seed=step)
-        for m in (model, ref_model):
-            m(ids, ids).backward()
-        ours.step()
-        ref.step()
-        for m in (model, ref_model):
-            m.zero_grad()
+    for step in side_by_side([(model, ours), (ref_model, ref)], steps):  # refreshes on steps 0, 4 and 8
         for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
             if adam_form == "hf":
                 assert torch.equal(a, b), f"step {step}: {name}"
