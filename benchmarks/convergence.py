@@ -100,7 +100,7 @@ def train(corpus: str, optimizer: str, lr: float, seed: int, extra: list[str]) -
     if hit is not None:
         return hit
     from distopt.job import compare
-    from distopt.job.metrics import read_jsonl, write_json_atomic
+    from distopt.job.metrics import write_json_atomic
 
     key = run_key(corpus, optimizer, lr, seed)
     out_dir = RUNS / key
@@ -110,21 +110,27 @@ def train(corpus: str, optimizer: str, lr: float, seed: int, extra: list[str]) -
     code = compare.main(["--config", CONFIG, "--optimizers", spec, "--out_dir", str(out_dir), f"train.seed={seed}",
                          *CORPORA[corpus], *extra])
     (entry,) = json.loads((out_dir / "compare.json").read_text())
-    summary = entry["summary"]
     record = {"corpus": corpus, "optimizer": optimizer, "lr": lr, "seed": seed, "hparams": hparams(optimizer),
-              "exit": code, "wall_s": time.perf_counter() - started}
-    if summary:
-        records = read_jsonl(Path(entry["dir"]) / "metrics.jsonl")
-        record.update({k: summary[k] for k in ("final_val_loss", "best_val_loss", "final_train_loss", "first_val_loss",
-                                               "state_bytes", "adamw_state_bytes", "num_params", "steps", "tokens",
-                                               "step_time_s")})
-        record["val_curve"] = [[r["step"], r["val_loss"]] for r in records if r.get("kind") == "eval"]
-        record["train_curve"] = [[r["step"], r["loss"]] for r in records if r.get("kind") == "train"]
-    else:  # a diverged or failed run is a result too: it bounds the grid
-        record.update(final_val_loss=math.inf, best_val_loss=math.inf)
+              "exit": code, "wall_s": time.perf_counter() - started, **run_results(entry)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json_atomic(RESULTS / f"{key}.json", record)
     return record
+
+
+def run_results(entry: dict | None) -> dict:
+    """A record's results from a ``distopt compare`` entry (``compare.json``): the summary's losses and
+    sizes and both loss curves; a diverged or failed run (no summary, or no entry) is a result too, at
+    an infinite loss, which bounds the grid."""
+    from distopt.job.metrics import read_jsonl
+
+    summary = entry["summary"] if entry else None
+    if not summary:
+        return {"final_val_loss": math.inf, "best_val_loss": math.inf}
+    records = read_jsonl(Path(entry["dir"]) / "metrics.jsonl")
+    return {**{k: summary[k] for k in ("final_val_loss", "best_val_loss", "final_train_loss", "first_val_loss",
+                                       "state_bytes", "adamw_state_bytes", "num_params", "steps", "tokens", "step_time_s")},
+            "val_curve": [[r["step"], r["val_loss"]] for r in records if r.get("kind") == "eval"],
+            "train_curve": [[r["step"], r["loss"]] for r in records if r.get("kind") == "train"]}
 
 
 def loss(record: dict | None) -> float:

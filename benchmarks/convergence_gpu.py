@@ -67,23 +67,11 @@ def spec(optimizer: str, lr: float) -> str:
 
 
 def record(out_dir: Path, optimizer: str, lr: float, code: int, wall: float, steps: int) -> dict:
-    from distopt.job.metrics import read_jsonl
-
-    rec = {"corpus": "stdlib", "optimizer": optimizer, "lr": lr, "seed": 0,
-           "hparams": {"rank": RANK} if convergence.hparams(optimizer) else {}, "exit": code, "wall_s": round(wall, 1),
-           "setting": f"llama-60m byte tokens, {steps} steps"}
     path = out_dir / "compare.json"
-    summary = json.loads(path.read_text())[0]["summary"] if path.is_file() else None
-    if summary:
-        records = read_jsonl(Path(json.loads(path.read_text())[0]["dir"]) / "metrics.jsonl")
-        rec.update({k: summary.get(k) for k in ("final_val_loss", "best_val_loss", "final_train_loss", "first_val_loss",
-                                                "state_bytes", "adamw_state_bytes", "num_params", "steps", "tokens",
-                                                "step_time_s")})
-        rec["val_curve"] = [[r["step"], r["val_loss"]] for r in records if r.get("kind") == "eval"]
-        rec["train_curve"] = [[r["step"], r["loss"]] for r in records if r.get("kind") == "train"]
-    else:  # a diverged or failed run bounds the grid
-        rec.update(final_val_loss=math.inf, best_val_loss=math.inf)
-    return rec
+    entry = json.loads(path.read_text())[0] if path.is_file() else None  # none where the run died early
+    return {"corpus": "stdlib", "optimizer": optimizer, "lr": lr, "seed": 0,
+            "hparams": {"rank": RANK} if convergence.hparams(optimizer) else {}, "exit": code, "wall_s": round(wall, 1),
+            "setting": f"llama-60m byte tokens, {steps} steps", **convergence.run_results(entry)}
 
 
 def run(args) -> int:
