@@ -58,8 +58,8 @@ class ProjectedAdam(SubspaceOptimizer):
 
     ``projection_precision="tf32"`` runs ``proj(G)`` and ``back(N)`` on TF32 tensor cores (CUDA):
     the step 1.8x faster at LLaMA-1B, rank 512, on an H100 (``benchmarks/gpu_suite.py``: 91.3 ->
-    50.8 ms), with a 10-bit mantissa in those products; the refresh stays fp32 either way. The default ``fp32`` holds the step to fp32 whatever the global
-    TF32 flags.
+    50.8 ms), with a 10-bit mantissa in those products; the refresh stays fp32 either way. The
+    default ``fp32`` holds the step to fp32 whatever the global TF32 flags.
 
     State per matrix: ``step`` (int64), ``basis`` (``d x r``), ``exp_avg`` and ``exp_avg_sq``
     (``r x D`` or ``D x r``), and ``rs_norm`` (0-d) with recovery scaling, all fp32.
@@ -114,7 +114,7 @@ class ProjectedAdam(SubspaceOptimizer):
     def _whole_previous(method: str | None, state: dict, view: MatrixShardView, plan, step: int) -> dict:
         """``state`` with the whole basis where a warm-started refresh request needs it (a chunked
         right basis is gathered ahead of the step, which gathers it again: refresh steps only)."""
-        if method == "randomized" and step > 0 and (plan.basis_chunked or state["basis"].dtype != torch.float32):
+        if method == "randomized" and step > 0:  # the whole fp32 basis: the stored one where it is that
             return {**state, "basis": subspace.gathered_basis(state, view, plan).float()}
         return state
 
