@@ -8,11 +8,13 @@ and library defaults, rank 128 (a quarter of the 512-wide short side) and bf16 a
 
 Small runs leave most of a large GPU idle, so ``--parallel`` runs go side by side, one process
 each. The queue is ordered so that a cut-off run still answers the most: every optimizer at the lr
-the CPU study chose first, then its grid neighbours, nearest first. Each finished run is written
+the CPU study chose first, then its grid neighbours, nearest first; once runs have finished in
+``--out``, only the lrs that still bracket each optimizer's best (going past the grid where the best
+lies at an end), so a folder of earlier results resumes the sweep. Each finished run is written
 at once as ``<out>/<key>.json`` (the CPU study's record format); a run still going at
 ``--deadline`` is stopped, and its validation curve so far goes to ``<out>/partial/``.
 
-    python benchmarks/convergence_gpu.py --plan                         # the queue, no training
+    python benchmarks/convergence_gpu.py --plan --out docs/results/convergence_gpu60m  # what is left
     python benchmarks/convergence_gpu.py --deadline 500 --out runs/convergence_gpu
     python benchmarks/convergence_gpu.py --report docs/results/convergence_gpu60m   # table of a folder
 """
@@ -50,14 +52,39 @@ def cpu_choice(optimizer: str) -> float:
     return best if best is not None else convergence.GRIDS[optimizer][len(convergence.GRIDS[optimizer]) // 2]
 
 
-def queue(optimizers: list[str]) -> list[tuple[str, float]]:
-    """Round by round: each optimizer's CPU choice, then its grid values nearest to it first."""
+def finished_losses(out: Path | None) -> dict[tuple[str, float], float]:
+    """Final validation loss of every finished seed-0 run in ``out``, by (optimizer, lr)."""
+    if out is None or not out.is_dir():
+        return {}
+    runs = (json.loads(p.read_text()) for p in out.glob("*.json"))
+    return {(r["optimizer"], r["lr"]): convergence.loss(r) for r in runs if r.get("seed", 0) == 0}
+
+
+def queue(optimizers: list[str], out: Path | None = None) -> list[tuple[str, float]]:
+    """The runs still needed, round by round over the optimizers.
+
+    Before any result: each optimizer's CPU choice, then its grid, nearest first. Once runs have
+    finished (in ``out``): only what brackets the best lr so far, the nearest untried value on
+    each side of it (beyond the grid where the best is at an end), where no finished run already
+    bounds that side. A value past a finished worse one is skipped."""
+    finished = finished_losses(out)
     per = {}
     for name in optimizers:
-        center = cpu_choice(name)
-        grid = sorted(set(convergence.GRIDS[name]) | {center})
-        per[name] = sorted(grid, key=lambda lr: (abs(math.log(lr / center)), lr))
-    rounds = max(len(v) for v in per.values())
+        done = {lr: loss for (o, lr), loss in finished.items() if o == name}
+        finite = {lr: loss for lr, loss in done.items() if math.isfinite(loss)}
+        if not finite:
+            center = cpu_choice(name)
+            grid = sorted(set(convergence.GRIDS[name]) | {center})
+            per[name] = [lr for lr in sorted(grid, key=lambda lr: (abs(math.log(lr / center)), lr)) if lr not in done]
+            continue
+        best = min(finite, key=finite.get)
+        sides = []
+        for up in (False, True):
+            if any((lr > best) if up else (lr < best) for lr in done):
+                continue  # a finished run bounds this side
+            sides.append(convergence._neighbour(best, up))
+        per[name] = sides
+    rounds = max((len(v) for v in per.values()), default=0)
     return [(name, per[name][i]) for i in range(rounds) for name in optimizers if i < len(per[name])]
 
 
@@ -79,8 +106,7 @@ def run(args) -> int:
 
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    todo = [(o, lr) for o, lr in queue(args.optimizers.split(","))
-            if not (out / f"{convergence.run_key('stdlib', o, lr, 0)}.json").is_file()]
+    todo = queue(args.optimizers.split(","), out)
     started, running, done = time.monotonic(), {}, 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     while todo or running:
@@ -145,7 +171,7 @@ def main(argv=None) -> int:
         print(report_folder(Path(args.report)))
         return 0
     if args.plan:
-        for optimizer, lr in queue(args.optimizers.split(",")):
+        for optimizer, lr in queue(args.optimizers.split(","), Path(args.out)):
             print(convergence.run_key("stdlib", optimizer, lr, 0), spec(optimizer, lr))
         return 0
     return run(args)
