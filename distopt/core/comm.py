@@ -90,6 +90,31 @@ def all_reduce_sum_coalesced(tensors: list[torch.Tensor], group) -> list[torch.T
     return out
 
 
+def replica_mean(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Average ``tensor`` in place over ``group``, the replicas of one matrix whose gradients are
+    their own (projected sync); returns it. Counted apart, as ``replica_all_reduce``: it is the
+    traffic that crosses nodes."""
+    if group is not None and dist.get_world_size(group) > 1:
+        replica_mean_future(tensor, group).wait()
+    return tensor
+
+
+def replica_mean_coalesced(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """:func:`replica_mean` of several fp32 tensors with one all-reduce of their concatenation."""
+    if not tensors or group is None or dist.get_world_size(group) == 1:
+        return list(tensors)
+    flat = replica_mean(torch.cat([t.reshape(-1) for t in tensors]), group)
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def replica_mean_future(tensor: torch.Tensor, group) -> torch.futures.Future:
+    """Start :func:`replica_mean` of ``tensor``; the future gives it. Divided before the sum, as DDP
+    divides, so the averages round as DDP's do."""
+    _record("replica_all_reduce", tensor)
+    tensor.div_(dist.get_world_size(group))
+    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True).get_future()
+
+
 def all_reduce_max(tensor: torch.Tensor, group) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         _record("all_reduce", tensor)

@@ -141,7 +141,8 @@ def svd_bases(requests: list[SvdRequest]) -> list[torch.Tensor]:
 
     def start_gathers(picked: list[int]) -> Callable[[], list[torch.Tensor | None]]:
         return comm.gather_rows_async(
-            [(requests[i].g.float(), list(requests[i].view.row_counts), requests[i].view.owner, requests[i].view.group) for i in picked]
+            [(_averaged(requests[i]), list(requests[i].view.row_counts), requests[i].view.owner, requests[i].view.group)
+             for i in picked]
         )
 
     out: list[torch.Tensor | None] = [None] * len(requests)
@@ -168,6 +169,13 @@ def svd_bases(requests: list[SvdRequest]) -> list[torch.Tensor]:
         if request.side == "left":
             out[i] = cast(torch.Tensor, out[i])[request.view.row_start : request.view.row_end].contiguous()
     return cast("list[torch.Tensor]", out)  # every request was in one round
+
+
+def _averaged(request: SvdRequest) -> torch.Tensor:
+    """The fp32 gradient of an exact refresh, averaged over the view's replicas under projected
+    sync: the one full-size reduction of that mode, paid by the refreshing matrix only."""
+    g, replicas = request.g.float(), request.view.replicas
+    return comm.replica_mean(g.clone() if g is request.g else g, replicas) if replicas is not None else g
 
 
 def compute_basis(request: SvdRequest | RangeRequest) -> torch.Tensor:
@@ -259,16 +267,19 @@ def randomized_bases(requests: list[RangeRequest]) -> list[torch.Tensor]:
     return lockstep.run_together([_range_finder(request) for request in requests])
 
 
-def _times(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``g @ x`` in fp32. A bf16 gradient is converted for this product only: routines of several
-    matrices run side by side, and each holding an fp32 copy would hold them all at once."""
-    return g.float() @ x
+def _times(g: torch.Tensor, x: torch.Tensor, replicas=None) -> torch.Tensor:
+    """``g @ x`` in fp32, averaged over ``replicas`` (projected sync: a product with the averaged
+    gradient is the average of the products). A bf16 gradient is converted for this product only:
+    routines of several matrices run side by side, and each holding an fp32 copy would hold them
+    all at once."""
+    return comm.replica_mean(g.float() @ x, replicas)
 
 
 def _range_finder(request: RangeRequest) -> lockstep.Routine:
     """:func:`randomized_basis` as a :mod:`lockstep` routine."""
     g, view, side, r, previous = request.g, request.view, request.side, request.r, request.previous
     group, counts = view.group, view.row_counts
+    times = partial(_times, replicas=view.replicas)
     k = min(r + request.oversample, view.m, view.n)
     n_random = k - (previous.shape[1] if previous is not None else 0)
     omega = seeded_gaussian((view.n, max(n_random, 0)), request.seed, g.device)
@@ -283,20 +294,20 @@ def _range_finder(request: RangeRequest) -> lockstep.Routine:
         # No QR of the start block: the iterates' spans, hence the Ritz vectors, do not depend on it.
         x = omega if previous is None else torch.cat([previous, omega], dim=1)
         for _ in range(request.power_iters + 1):
-            y = yield from orth_rows(_times(g, x))
-            x = yield orth_replicated((yield lockstep.Sum(_times(g.T, y), group)))
-        z = _times(g, x)
+            y = yield from orth_rows(times(g, x))
+            x = yield orth_replicated((yield lockstep.Sum(times(g.T, y), group)))
+        z = times(g, x)
         gram = yield lockstep.Sum(z.T @ z, group)
         ritz = partial(_ritz_basis, gram, x, r, previous)
         return (yield lockstep.Owned(ritz, (view.n, r), view.n * k * r + k**3, group, g.device))
-    y = _times(g, omega)
+    y = times(g, omega)
     if previous is not None:
         y = torch.cat([previous, y], dim=1)
     y = yield from orth_rows(y)
     for _ in range(request.power_iters):
-        x = yield orth_replicated((yield lockstep.Sum(_times(g.T, y), group)))
-        y = yield from orth_rows(_times(g, x))
-    z = yield lockstep.Sum(_times(g.T, y), group)
+        x = yield orth_replicated((yield lockstep.Sum(times(g.T, y), group)))
+        y = yield from orth_rows(times(g, x))
+    z = yield lockstep.Sum(times(g.T, y), group)
     top = yield lockstep.Owned(partial(_top_ritz_vectors, z, r), (k, r), view.n * k * k + k**3, group, g.device)
     basis = y @ top
     if previous is not None:

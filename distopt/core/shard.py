@@ -32,6 +32,9 @@ class MatrixShardView:
     owner: int = 0  # rank in ``group`` that does this matrix's whole-matrix work (exact SVD)
     # This rank's position in ``group`` (and in ``row_counts``); found from ``row_start`` when not given.
     index: int | None = None
+    # Ranks holding these same rows whose gradients are their own, not yet averaged (projected sync
+    # under DDP or HSDP): the optimizer averages each linear map of G over them. None: G is averaged.
+    replicas: ProcessGroup | None = None
 
     def __post_init__(self):
         if len(self.global_shape) != 2:

@@ -176,15 +176,18 @@ def moment_updates(step: int, plan_: SubspacePlan, group: dict) -> int:
 
 def project_grad(grad: torch.Tensor, state: dict, view: MatrixShardView, plan_: SubspacePlan) -> torch.Tensor:
     """This rank's part of ``proj(G)``: ``G Q`` (local rows), or ``P^T G`` summed over the row
-    shards (its column chunk when partitioned). ``state`` holds the whole basis (:func:`whole_basis`)."""
+    shards (its column chunk when partitioned), averaged over the view's replicas when they sync by
+    projection. ``state`` holds the whole basis (:func:`whole_basis`)."""
     if plan_.full:
-        return grad
+        return comm.replica_mean(grad.clone(), view.replicas) if view.replicas is not None else grad
     basis = state["basis"]
     if plan_.side == "right":
-        return grad @ basis
-    if plan_.columns_chunked:
-        return comm.reduce_scatter_cols(basis.T @ grad, view.chunk_counts(view.n), view.group)
-    return comm.all_reduce_sum(basis.T @ grad, view.group)
+        low = grad @ basis
+    elif plan_.columns_chunked:
+        low = comm.reduce_scatter_cols(basis.T @ grad, view.chunk_counts(view.n), view.group)
+    else:
+        low = comm.all_reduce_sum(basis.T @ grad, view.group)
+    return comm.replica_mean(low, view.replicas)  # projected sync: proj(mean G) = mean proj(G)
 
 
 def gather_projected(low: torch.Tensor, view: MatrixShardView, plan_: SubspacePlan) -> torch.Tensor:

@@ -339,6 +339,36 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         """The parameter this optimizer was built with under ``name``."""
         return self._by_name[name]
 
+    # -- projected gradient sync (distopt.engines.ddp, HSDP) ------------------------------------
+    def projected_sync_refusal(self, group: dict) -> str | None:
+        """Why this matrix group's update cannot be had from averaged projections of ``G`` alone
+        (``None``: it can). By default an algorithm needs the averaged full gradient."""
+        return (f"{self.algorithm} uses the full gradient, not only linear maps of it, in its update "
+                "(a full-rank second moment, a residual or a norm of G)")
+
+    def sync_by_projection(self, replicas) -> list[torch.Tensor]:
+        """Average the matrices' gradients over ``replicas`` through their projections and refresh
+        sketches instead of in full: set each matrix view's ``replicas`` and return the matrices,
+        whose full all-reduce the engine must then skip. Exact: every map of ``G`` the update uses
+        is linear, so averaging the maps equals mapping the average. Refused, with the reason, for a
+        group that needs more than that."""
+        matrices = [p for group in self.param_groups if group["kind"] == "matrix" for p in group["params"]]
+        reasons = {self.projected_sync_refusal(g) for g in self.param_groups if g["kind"] == "matrix" and g["params"]}
+        reasons.discard(None)
+        if reasons:
+            raise ValueError(
+                f"projected gradient sync is not available here: {'; '.join(sorted(r for r in reasons if r))}. "
+                "Use the full gradient sync (engine.grad_sync=full, or plain DDP/HSDP without distopt's sync)."
+            )
+        if self.state:
+            raise RuntimeError("call sync_by_projection before the first step (the views change how gradients are read)")
+        self.set_views({p: dataclasses.replace(self._views[p], replicas=replicas) for p in matrices})
+        return matrices
+
+    @property
+    def syncs_by_projection(self) -> bool:
+        return any(view.replicas is not None for view in self._views.values())
+
     def step_matrix(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         """The algorithm's update of one matrix's local rows ``p`` (in place), given their gradient."""
         self._matrix_step(p, grad, state, group, view)
@@ -437,8 +467,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             norms = (g.abs().amax() for g in filled)
         peaks = torch.stack([next(norms).float() if g.numel() else g.new_zeros((), dtype=torch.float32) for g in grads])
         bad = (~torch.isfinite(peaks)).float()
-        if any(is_dtensor(p) for p in params):
-            # Every holder of a shard must take the same decision; FSDP2 steps all ranks together.
+        if any(is_dtensor(p) or (p in self._views and self._views[p].replicas is not None) for p in params):
+            # Every holder of a shard, and every replica whose gradient it averages by projection,
+            # must take the same decision; FSDP2 and DDP step all ranks together.
             comm.all_reduce_max(bad, torch.distributed.group.WORLD)
         keep = []
         for p, flag in zip(params, bad.tolist()):

@@ -90,6 +90,13 @@ class ProjectedAdam(SubspaceOptimizer):
     def _check_algorithm_hparams(self, group: dict) -> None:
         """Validate the hyper-parameters specific to one algorithm."""
 
+    def projected_sync_refusal(self, group: dict) -> str | None:
+        """Adam on ``proj(G)`` and refreshes from sketches (or a whole averaged ``G`` for ``svd``, or
+        no ``G`` at all) use ``G`` linearly only; Fira's residual ``G - back(proj(G))`` does not."""
+        if group["recovery_scaling"]:
+            return f"{self.algorithm} with recovery_scaling adds the residual G - back(proj(G)), which needs the full averaged G"
+        return None
+
     # -- basis ---------------------------------------------------------------------------------
     def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int) -> torch.Tensor:
         """The basis to use from this refresh on (``step == 0``: the first one). Must not modify state."""
@@ -385,6 +392,9 @@ class ProjectedAdam(SubspaceOptimizer):
         else:  # replicated r x n sums (the layout is one per group, so all or none are chunked)
             reduced = comm.all_reduce_sum_coalesced(sums, pg)
         lows.update(zip(left, reduced))
+        if views[0].replicas is not None:  # projected sync: the averages, in one collective
+            order = sorted(lows)
+            lows.update(zip(order, comm.replica_mean_coalesced([lows[i] for i in order], views[0].replicas)))
         if group["adam_form"] == "torch":
             listed, steps = self._adam_batched([lows[i] for i in range(len(params))], states, plans, group)
             directions, sizes = dict(enumerate(listed)), dict(enumerate(steps))

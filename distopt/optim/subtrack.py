@@ -103,6 +103,10 @@ class SubTrack(ProjectedAdam):
     def _data_method(self, group: dict, step: int) -> str | None:
         return group["refresh"] if step == 0 else None
 
+    def projected_sync_refusal(self, group: dict) -> str | None:
+        return ("subtrack's tracking step uses the residual G - S A and the norm of G, which need the full "
+                "averaged G")
+
     def _new_basis(self, grad, state, group, view: MatrixShardView, plan, step: int, index: int):
         if method := self._data_method(group, step):
             return self._data_basis(method, grad, state, group, view, plan, step, index)
