@@ -89,6 +89,18 @@ def test_hsdp_with_two_replicas_matches_ddp(tmp_path, reference):
     assert_same_losses(losses(tmp_path / "run"), losses(reference), [1, 2])
 
 
+@pytest.mark.distributed
+def test_ddp_projected_grad_sync_matches_the_full_sync(tmp_path):
+    """galore, gradient accumulation, several refreshes: the optimizer's averages of projections and
+    sketches give DDP's numbers, and the banner says what is synced how."""
+    common = {**BASE, "engine.name": "ddp", "train.clip_grad_norm": 0}
+    ok(launch_ranks(2, job_args(tmp_path, "full", **common)))
+    out = ok(launch_ranks(2, job_args(tmp_path, "projected", **common, **{"engine.grad_sync": "projected"})))
+    assert "grad_sync=projected: 14 matrices averaged through their projections over 2 replicas" in out
+    assert_same_losses(losses(tmp_path / "projected"), losses(tmp_path / "full"), range(1, STEPS + 1))
+    assert val_losses(tmp_path / "projected")[STEPS] == pytest.approx(val_losses(tmp_path / "full")[STEPS], rel=RTOL)
+
+
 # -- DeepSpeed ZeRO ------------------------------------------------------------------------------------
 @needs_deepspeed
 @pytest.mark.distributed
@@ -161,6 +173,8 @@ def test_deepspeed_launcher_with_a_shipped_config(tmp_path):
     ({"engine.name": "zero3", "engine.deepspeed_config": "configs/ds/zero2_galore.json"},
      "engine.name=zero3 but engine.deepspeed_config='configs/ds/zero2_galore.json' has zero_optimization.stage=2"),
     ({"engine.name": "ddp", "engine.deepspeed_config": "configs/ds/zero2_galore.json"}, "only the zero1/zero2/zero3 engines read it"),
+    ({"engine.name": "hsdp", "engine.hsdp_replicas": 1, "engine.grad_sync": "projected"}, "engine hsdp does not offer it yet"),
+    ({"engine.grad_sync": "projected"}, "engine single does not have (one process)"),
 ])
 def test_engine_misconfigurations_fail_before_any_work(tmp_path, capsys, extra, message):
     if str(extra.get("engine.name", "")).startswith("zero"):
@@ -244,3 +258,15 @@ def test_bf16_runs_reduce_gradients_in_fp32_unless_told_otherwise(tmp_path):
     for path in sorted((REPO / "configs" / "ds").glob("*.json")):  # the shipped bf16 configs reduce in fp32
         shipped = json.loads(path.read_text())
         assert not shipped.get("bf16", {}).get("enabled") or shipped["communication_data_type"] == "fp32", path.name
+
+
+def test_projected_grad_sync_refuses_global_norm_clipping(tmp_path):
+    from distopt.job.config import ConfigError
+    from distopt.job.engines import resolve
+
+    cfg = load_config(None, job_args(tmp_path, **{"engine.name": "ddp", "engine.grad_sync": "projected"}))
+    with pytest.raises(ConfigError, match="train.clip_grad_norm=0, or engine.grad_sync=full"):
+        resolve(cfg, DistInfo(world_size=2))
+    cfg = load_config(None, job_args(tmp_path, **{"engine.name": "ddp", "engine.grad_sync": "projected",
+                                                   "train.clip_grad_norm": 0}))
+    assert resolve(cfg, DistInfo(world_size=2)).name == "ddp"

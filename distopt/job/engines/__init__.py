@@ -8,7 +8,9 @@ engine cannot run, with the fix.
     One process; the model and the optimizer live whole on it.
 ``ddp``
     torch ``DistributedDataParallel``: every rank holds the whole model and optimizer state; rank 0
-    writes ``model.pt`` and ``optimizer.pt``.
+    writes ``model.pt`` and ``optimizer.pt``. ``engine.grad_sync=projected`` leaves the matrices out
+    of DDP's all-reduce and lets the optimizer average their projections
+    (:mod:`distopt.engines.ddp`): the same numbers, a fraction ``r/d`` of their traffic.
 ``fsdp2``
     FSDP2 ``fully_shard`` on each decoder layer and on the root, over a 1-D mesh of every rank
     (one process works too). The algorithm's model surgery (RSO's ``reparametrize``) runs before
@@ -77,6 +79,12 @@ def resolve(cfg: RunConfig, info: DistInfo, notes: list[str] | None = None) -> t
     if name == "ddp" and info.world_size == 1:
         name = "single"
     cls = ENGINES[name]
+    if cfg.engine.grad_sync == "projected" and name != "ddp":
+        raise ConfigError(
+            f"engine.grad_sync=projected averages gradients across data-parallel replicas, which engine {name} "
+            + ("does not have (one process)" if name == "single" else "does not offer it yet")
+            + ": use engine.name=ddp on several ranks, or engine.grad_sync=full"
+        )
     found = cls.check(cfg, info) or []
     if notes is not None:
         notes.extend(found)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import TYPE_CHECKING, cast
 
 import torch.distributed as dist
 from torch import nn
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..dist import DistInfo
 from .base import Engine
 
@@ -23,6 +24,12 @@ class DDPEngine(Engine):
 
     @classmethod
     def check(cls, cfg: RunConfig, info: DistInfo) -> list[str]:
+        if cfg.engine.grad_sync == "projected" and cfg.train.clip_grad_norm > 0:
+            raise ConfigError(
+                f"engine.grad_sync=projected with train.clip_grad_norm={cfg.train.clip_grad_norm}: no rank knows the "
+                "norm of a synced matrix's averaged gradient, so clipping by the global norm would clip each "
+                "replica differently. Set train.clip_grad_norm=0, or engine.grad_sync=full"
+            )
         return []
 
     def wrap(self, module: nn.Module) -> nn.Module:
@@ -31,7 +38,20 @@ class DDPEngine(Engine):
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
+        ddp = DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
+        if self.cfg.engine.grad_sync == "projected":
+            from distopt.engines.ddp import sync_by_projection
+
+            try:
+                self.projected_sync = sync_by_projection(ddp, self.optimizer)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+        return ddp
+
+    def clip_grad_norm(self, max_norm: float) -> float | None:
+        if getattr(self, "projected_sync", None) is not None:  # each rank holds its own matrix gradients
+            return math.nan
+        return super().clip_grad_norm(max_norm)
 
     def accumulating(self, last_micro: bool):
         if last_micro or not hasattr(self.model, "no_sync"):
@@ -40,7 +60,9 @@ class DDPEngine(Engine):
 
     def describe(self) -> str:
         backend = dist.get_backend() if dist.is_initialized() else "none"
-        return f"ddp x {self.info.world_size} ranks ({backend}, {self.device.type})"
+        sync = getattr(self, "projected_sync", None)
+        how = f"; {sync.describe()}" if sync is not None else ""
+        return f"ddp x {self.info.world_size} ranks ({backend}, {self.device.type}{how})"
 
 
 # -- FSDP2 / HSDP -------------------------------------------------------------------------------
