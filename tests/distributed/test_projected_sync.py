@@ -28,14 +28,24 @@ CASES = [
 ]
 
 
-def _train(rank, world_size, name, extra, projected, accumulate):
+def _train(rank, world_size, name, extra, projected, accumulate, nan_at=None):
     model = OddNet()
     optimizer = distopt.build_optimizer(model, name, **hparams(name), **extra)
     ddp = DistributedDataParallel(model)
     if projected:
         sync_by_projection(ddp, optimizer)
     comm.reset_traffic()
+    current = [0]
+
+    def poison(grad):  # rank 1's gradient of one matrix, as backward makes it (before any sync)
+        if current[0] == nan_at and rank == 1:
+            grad = grad.clone()
+            grad[0, 0] = float("nan")
+        return grad
+
+    model.layers[0].self_attn.q_proj.weight.register_hook(poison)
     for step in range(STEPS):
+        current[0] = step
         batch = local_batch(step, rank, world_size)
         if accumulate:  # two micro-batches, the first without DDP's sync
             half = batch.shape[0] // 2
@@ -49,12 +59,12 @@ def _train(rank, world_size, name, extra, projected, accumulate):
     return full_params(model), comm.traffic()["bytes"].get("replica_all_reduce", 0)
 
 
-def _worker(rank, world_size, cases, accumulate):
+def _worker(rank, world_size, cases, accumulate, nan_at=None):
     out = {}
     for name, extra in cases:
         key = name + str(sorted(extra.items()))
-        full, _ = _train(rank, world_size, name, extra, False, accumulate)
-        projected, replica_bytes = _train(rank, world_size, name, extra, True, accumulate)
+        full, _ = _train(rank, world_size, name, extra, False, accumulate, nan_at)
+        projected, replica_bytes = _train(rank, world_size, name, extra, True, accumulate, nan_at)
         out[key] = {"full": full, "projected": projected, "replica_bytes": replica_bytes}
     return out
 
@@ -86,6 +96,17 @@ def test_projected_sync_equals_full_sync(world_size):
 def test_projected_sync_with_gradient_accumulation():
     cases = [("galore", {}), ("grassjump", {"recovery_scaling": False})]
     _check(run_ranks(2, _worker, cases, True), cases)
+
+
+def test_a_nan_on_one_replica_skips_that_matrix_on_every_replica():
+    """Under the full sync the NaN reaches every rank through the average, and each skips the
+    matrix; under the projected sync only rank 1 sees it, and the skip flag is agreed over the
+    replicas, so both runs and all replicas stay equal (a local skip would diverge or hang)."""
+    cases = [("galore", {})]
+    results = run_ranks(2, _worker, cases, False, 4)
+    _check(results, cases)
+    for result in results:
+        assert torch.isfinite(result["galore[]"]["projected"]["layers.0.self_attn.q_proj.weight"]).all()
 
 
 def _traffic_worker(rank, world_size):
