@@ -174,12 +174,13 @@ def moment_updates(step: int, plan_: SubspacePlan, group: dict) -> int:
     return step - last_refresh_step(step, group["update_proj_gap"], plan_.phase) + 1
 
 
-def project_grad(grad: torch.Tensor, state: dict, view: MatrixShardView, plan_: SubspacePlan) -> torch.Tensor:
+def project_grad(grad: torch.Tensor, state: dict, view: MatrixShardView, plan_: SubspacePlan,
+                 average: bool = True) -> torch.Tensor:
     """This rank's part of ``proj(G)``: ``G Q`` (local rows), or ``P^T G`` summed over the row
     shards (its column chunk when partitioned), averaged over the view's replicas when they sync by
-    projection. ``state`` holds the whole basis (:func:`whole_basis`)."""
+    projection (unless ``average`` is False). ``state`` holds the whole basis (:func:`whole_basis`)."""
     if plan_.full:
-        return comm.replica_mean(grad.clone(), view.replicas) if view.replicas is not None else grad
+        return comm.replica_mean(grad.clone(), view.replicas) if view.replicas is not None and average else grad
     basis = state["basis"]
     if plan_.side == "right":
         low = grad @ basis
@@ -187,7 +188,8 @@ def project_grad(grad: torch.Tensor, state: dict, view: MatrixShardView, plan_: 
         low = comm.reduce_scatter_cols(basis.T @ grad, view.chunk_counts(view.n), view.group)
     else:
         low = comm.all_reduce_sum(basis.T @ grad, view.group)
-    return comm.replica_mean(low, view.replicas)  # projected sync: proj(mean G) = mean proj(G)
+    # Projected sync: proj(mean G) = mean proj(G). ``average=False`` leaves it to the caller (coalesced).
+    return comm.replica_mean(low, view.replicas) if average else low
 
 
 def gather_projected(low: torch.Tensor, view: MatrixShardView, plan_: SubspacePlan) -> torch.Tensor:

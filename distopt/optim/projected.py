@@ -288,14 +288,19 @@ class ProjectedAdam(SubspaceOptimizer):
             plan = subspace.plan(view, group)
             with subspace.whole_basis(state, view, plan) as work:  # fp32: a bf16 basis converted, stored back
                 self._refresh_if_due(grad, work, group, view, plan)
-            with projection_matmuls(group):
-                lows.append(subspace.project_grad(grad.float(), work, view, plan))
+            with projection_matmuls(group):  # replicas' averages below, in one collective
+                lows.append(subspace.project_grad(grad.float(), work, view, plan, average=False))
             if "rs_norm" in state:
                 fira[len(weights)] = (grad, view)
             weights.append(w)
             bases.append(work["basis"])
             plans.append(plan)
             states.append(state)
+        groups = {id(self._views[p].replicas): self._views[p].replicas for p in params}
+        if len(groups) == 1 and (replicas := next(iter(groups.values()))) is not None:
+            lows = comm.replica_mean_coalesced(lows, replicas)  # one collective for the chunk
+        elif len(groups) > 1:  # matrices synced over different groups (or some not): one at a time
+            lows = [comm.replica_mean(low, self._views[p].replicas) for low, p in zip(lows, params)]
         directions, sizes = self._adam_batched(lows, states, plans, group)
         if wd:
             torch._foreach_mul_(weights, 1.0 - lr * wd)
