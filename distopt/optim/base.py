@@ -216,6 +216,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self._by_name: dict[str, torch.Tensor] = {}
         self._row_keys_cache: dict[torch.Tensor, dict[str, tuple[int, ...]]] = {}
         self.nonfinite_skips: dict[str, int] = {}
+        # This step's projected gradients, taken ahead by clip_grad_norm_ (by view name); step() uses
+        # and clears them.
+        self._prepared_lows: dict[str, torch.Tensor] = {}
         # Set by an engine adapter (distopt.deepspeed) after the engine is built: see bind().
         self._binding: EngineBinding | None = None
         super().__init__(groups, defaults)
@@ -369,6 +372,44 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def syncs_by_projection(self) -> bool:
         return any(view.replicas is not None for view in self._views.values())
 
+    def prepare_projections(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+        """Projected algorithms take this step's refreshes and ``proj(G)`` ahead (see
+        ``ProjectedAdam``); the others project nothing."""
+        return {}
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale every gradient by ``min(1, max_norm / (norm + 1e-6))`` and return ``norm``: the norm
+        of the gradient as the step uses it. For a projected matrix that is ``proj(G)`` in the basis
+        of this step (refreshed first when due), averaged over the replicas under projected sync; for
+        every other parameter, its gradient. It is the same on every replica, so it clips them alike,
+        and it is what the full-sync run gives with this method. The refresh is scale-free, so
+        clipping ``proj(G)`` equals clipping ``G``. Call it after backward and right before
+        :meth:`step`, which reuses the projections. A non-finite gradient anywhere gives a NaN norm
+        and every parameter skips the step, as ``torch.nn.utils.clip_grad_norm_`` makes it."""
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if any(self._bound(g) for g in self.param_groups if g["params"]) or any(
+                p in self._views and self._views[p].sharded for p in params):
+            raise ValueError("clip_grad_norm_ takes whole matrices (one process, DDP); under FSDP2 or ZeRO clip "
+                             "with torch.nn.utils.clip_grad_norm_ or the engine's own clipping")
+        if not params:
+            return torch.zeros(())
+        bad = (~torch.stack([torch.isfinite(local(p.grad)).all() for p in params])).any().float()
+        if self.syncs_by_projection:
+            comm.all_reduce_max(bad, torch.distributed.group.WORLD)
+        if bad.item():
+            for p in params:
+                p.grad.fill_(math.nan)
+            return torch.tensor(math.nan)
+        lows = self.prepare_projections(params)
+        squares = [(lows[p] if p in lows else local(p.grad)).float().square().sum() for p in params]
+        total = torch.stack(squares).sum().sqrt()
+        coef = float(max_norm) / (float(total) + 1e-6)
+        if coef < 1.0:
+            torch._foreach_mul_([local(p.grad) for p in params], coef)
+            torch._foreach_mul_(list(lows.values()), coef)
+        return total
+
     def step_matrix(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         """The algorithm's update of one matrix's local rows ``p`` (in place), given their gradient."""
         self._matrix_step(p, grad, state, group, view)
@@ -517,6 +558,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     cast(EngineBinding, self._binding).step_group(self, group)
                     continue
                 self._step_params(group, [p for p in group["params"] if id(p) in finite], checked=True)
+        self._prepared_lows.clear()
         return loss
 
     def _step_params(self, group: dict, params: list[torch.Tensor], checked: bool = False) -> None:

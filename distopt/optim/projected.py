@@ -193,6 +193,8 @@ class ProjectedAdam(SubspaceOptimizer):
         """Install this step's new basis when a refresh is due (``grad`` as the step received it: the
         refresh prepared for this step matches it by identity)."""
         step = int(state["step"])
+        if view.name in self._prepared_lows:  # refreshed already, by clip_grad_norm_
+            return
         if subspace.refresh_due(step, plan, group):
             index = refresh_index(step, group["update_proj_gap"], plan.phase)
             new = self._new_basis(grad, state, group, view, plan, step, index)
@@ -206,7 +208,7 @@ class ProjectedAdam(SubspaceOptimizer):
         self._refresh_if_due(grad, state, group, view, plan)
         grad = grad.float()
         with projection_matmuls(group):  # Adam's element-wise math in between has no matmul
-            low = subspace.project_grad(grad, state, view, plan)
+            low = self._projected(grad, state, view, plan)
             direction, step_size = self._adam_in_subspace(low, state, group, plan, step)
             update = subspace.back_project(direction, state, view, plan)
             residual = None
@@ -216,6 +218,33 @@ class ProjectedAdam(SubspaceOptimizer):
                     columns_chunked=plan.columns_chunked,
                 )
         self._apply(p, update, step_size, group, plan, residual)
+
+    def _projected(self, grad, state: dict, view: MatrixShardView, plan) -> torch.Tensor:
+        """``proj(G)`` for this step: the one :meth:`prepare_projections` left, else computed now."""
+        prepared = self._prepared_lows.pop(view.name, None)
+        return prepared if prepared is not None else subspace.project_grad(grad, state, view, plan)
+
+    def prepare_projections(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+        """Take this step's refresh (when due) and ``proj(G)`` of ``params`` now, averaged over the
+        replicas when they sync by projection, and keep them for :meth:`step`, which then neither
+        refreshes nor projects those matrices again. Returns each projection by parameter: what a
+        norm of the synced gradient is made from (:meth:`SubspaceOptimizer.clip_grad_norm_`)."""
+        self.allocate_state()
+        wanted = {id(p) for p in params}
+        out = {}
+        for group in self.param_groups:
+            if group["kind"] != "matrix":
+                continue
+            for p in (q for q in group["params"] if id(q) in wanted):
+                view, state = self._views[p], self.state[p]
+                plan = subspace.plan(view, group)
+                grad = local(p.grad)
+                with subspace.whole_basis(state, view, plan) as work:
+                    self._refresh_if_due(grad, work, group, view, plan)
+                    with projection_matmuls(group):
+                        low = subspace.project_grad(grad.float(), work, view, plan)
+                self._prepared_lows[view.name] = out[p] = low
+        return out
 
     @staticmethod
     def _adam_in_subspace(low, state: dict, group: dict, plan, step: int):
@@ -282,25 +311,34 @@ class ProjectedAdam(SubspaceOptimizer):
         lows: list[torch.Tensor]
         states: list[dict]
         weights, bases, plans, lows, states = [], [], [], [], []
+        unaveraged: list[int] = []  # lows whose replicas' average is still to take (not prepared)
         fira = {}  # index -> (gradient, view) of the matrices with a recovery term
         for p in params:
             w, grad, state, view = local(p), local(p.grad), self.state[p], self._views[p]
             plan = subspace.plan(view, group)
             with subspace.whole_basis(state, view, plan) as work:  # fp32: a bf16 basis converted, stored back
                 self._refresh_if_due(grad, work, group, view, plan)
-            with projection_matmuls(group):  # replicas' averages below, in one collective
-                lows.append(subspace.project_grad(grad.float(), work, view, plan, average=False))
+            prepared = self._prepared_lows.pop(view.name, None)
+            if prepared is not None:
+                lows.append(prepared)
+            else:
+                with projection_matmuls(group):  # replicas' averages below, in one collective
+                    lows.append(subspace.project_grad(grad.float(), work, view, plan, average=False))
+                unaveraged.append(len(lows) - 1)
             if "rs_norm" in state:
                 fira[len(weights)] = (grad, view)
             weights.append(w)
             bases.append(work["basis"])
             plans.append(plan)
             states.append(state)
-        groups = {id(self._views[p].replicas): self._views[p].replicas for p in params}
+        groups = {id(self._views[params[i]].replicas): self._views[params[i]].replicas for i in unaveraged}
         if len(groups) == 1 and (replicas := next(iter(groups.values()))) is not None:
-            lows = comm.replica_mean_coalesced(lows, replicas)  # one collective for the chunk
+            averaged = comm.replica_mean_coalesced([lows[i] for i in unaveraged], replicas)  # one collective
+            for i, low in zip(unaveraged, averaged):
+                lows[i] = low
         elif len(groups) > 1:  # matrices synced over different groups (or some not): one at a time
-            lows = [comm.replica_mean(low, self._views[p].replicas) for low, p in zip(lows, params)]
+            for i in unaveraged:
+                lows[i] = comm.replica_mean(lows[i], self._views[params[i]].replicas)
         directions, sizes = self._adam_batched(lows, states, plans, group)
         if wd:
             torch._foreach_mul_(weights, 1.0 - lr * wd)

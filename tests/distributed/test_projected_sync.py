@@ -4,6 +4,9 @@ of the matrices cut to their projections, and refusals where the update needs th
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -28,7 +31,7 @@ CASES = [
 ]
 
 
-def _train(rank, world_size, name, extra, projected, accumulate, nan_at=None):
+def _train(rank, world_size, name, extra, projected, accumulate, nan_at=None, clip=None):
     model = OddNet()
     optimizer = distopt.build_optimizer(model, name, **hparams(name), **extra)
     ddp = DistributedDataParallel(model)
@@ -44,6 +47,7 @@ def _train(rank, world_size, name, extra, projected, accumulate, nan_at=None):
         return grad
 
     model.layers[0].self_attn.q_proj.weight.register_hook(poison)
+    norms = []
     for step in range(STEPS):
         current[0] = step
         batch = local_batch(step, rank, world_size)
@@ -54,8 +58,12 @@ def _train(rank, world_size, name, extra, projected, accumulate, nan_at=None):
             (ddp(batch[half:]) / 2).backward()
         else:
             ddp(batch).backward()
+        if clip is not None:
+            norms.append(float(optimizer.clip_grad_norm_(clip)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if clip is not None:
+        return full_params(model), norms
     return full_params(model), comm.traffic()["bytes"].get("replica_all_reduce", 0)
 
 
@@ -69,13 +77,13 @@ def _worker(rank, world_size, cases, accumulate, nan_at=None):
     return out
 
 
-def _check(results, cases):
+def _check(results, cases, rtol=RTOL):
     for name, extra in cases:
         key = name + str(sorted(extra.items()))
         want = results[0][key]["full"]
         # An exact SVD turns the rounding of the average (summed in another order than DDP's
         # buckets) into a basis change scaled by 1 / (singular gap): about 1e-5 on 3 ranks here.
-        tolerance = 1e-4 if extra.get("refresh") == "svd" else RTOL
+        tolerance = 1e-4 if extra.get("refresh") == "svd" else rtol
         for rank_result in results:
             got = rank_result[key]["projected"]
             for param, value in want.items():
@@ -107,6 +115,62 @@ def test_a_nan_on_one_replica_skips_that_matrix_on_every_replica():
     _check(results, cases)
     for result in results:
         assert torch.isfinite(result["galore[]"]["projected"]["layers.0.self_attn.q_proj.weight"]).all()
+
+
+def _scaled_loss_reference(rank, world_size, name, extra, clip):
+    """Clipping by another road: the norm measured on a copy of the optimizer (so no refresh happens
+    twice), then the step's loss multiplied by the clip factor, which scales every gradient by it."""
+    model = OddNet()
+    optimizer = distopt.build_optimizer(model, name, **hparams(name), **extra)
+    ddp = DistributedDataParallel(model)
+    norms = []
+    for step in range(STEPS):
+        batch = local_batch(step, rank, world_size)
+        ddp(batch).backward()
+        probe_model = copy.deepcopy(model)
+        for mine, theirs in zip(model.parameters(), probe_model.parameters()):
+            theirs.grad = mine.grad.clone()
+        probe = distopt.build_optimizer(probe_model, name, **hparams(name), **extra)
+        probe.load_state_dict(optimizer.state_dict())
+        norms.append(float(probe.clip_grad_norm_(math.inf)))
+        optimizer.zero_grad(set_to_none=True)
+        (ddp(batch) * min(1.0, clip / (norms[-1] + 1e-6))).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return full_params(model), norms
+
+
+def _clip_worker(rank, world_size, cases, clip):
+    out = {}
+    for name, extra in cases:
+        key = name + str(sorted(extra.items()))
+        full, full_norms = _scaled_loss_reference(rank, world_size, name, extra, clip)
+        projected, norms = _train(rank, world_size, name, extra, True, False, clip=clip)
+        unclipped, _ = _train(rank, world_size, name, extra, True, False)
+        out[key] = {"full": full, "projected": projected, "unclipped": unclipped, "full_norms": full_norms,
+                    "norms": norms}
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_clipping_by_the_synced_norm_equals_the_full_sync_clipped_the_same_way(world_size):
+    """``clip_grad_norm_`` measures the projections (in this step's basis) and the other gradients:
+    the same norm on every replica as in the full-sync run, and the same steps as a full-sync run
+    whose loss is scaled by the clip factor."""
+    cases = [("galore", {}), ("grasswalk", {"recovery_scaling": False})]
+    clip = 0.3
+    results = run_ranks(world_size, _clip_worker, cases, clip)
+    # The reference scales the loss, not the gradients: other roundings, 1e-5 on small biases.
+    _check(results, cases, rtol=1e-4)
+    for name, extra in cases:
+        key = name + str(sorted(extra.items()))
+        norms = [r[key]["norms"] for r in results]
+        assert all(n == norms[0] for n in norms), f"{key}: replicas measured different norms"
+        assert norms[0] == pytest.approx(results[0][key]["full_norms"], rel=1e-5)
+        assert sum(n > clip for n in norms[0]) >= STEPS // 2, f"{key}: clipping never took effect: {norms[0]}"
+        moved = [float((results[0][key]["unclipped"][k] - v).norm() / v.norm())
+                 for k, v in results[0][key]["projected"].items()]
+        assert max(moved) > 1e-3, f"{key}: clipping changed nothing"
 
 
 def _traffic_worker(rank, world_size):

@@ -16,6 +16,8 @@ from .base import Engine
 if TYPE_CHECKING:
     from torch.nn.parallel import DistributedDataParallel
 
+    import distopt
+
 
 class DDPEngine(Engine):
     """torch DistributedDataParallel: every rank holds the whole model and optimizer state."""
@@ -24,12 +26,6 @@ class DDPEngine(Engine):
 
     @classmethod
     def check(cls, cfg: RunConfig, info: DistInfo) -> list[str]:
-        if cfg.engine.grad_sync == "projected" and cfg.train.clip_grad_norm > 0:
-            raise ConfigError(
-                f"engine.grad_sync=projected with train.clip_grad_norm={cfg.train.clip_grad_norm}: no rank knows the "
-                "norm of a synced matrix's averaged gradient, so clipping by the global norm would clip each "
-                "replica differently. Set train.clip_grad_norm=0, or engine.grad_sync=full"
-            )
         return []
 
     def wrap(self, module: nn.Module) -> nn.Module:
@@ -49,8 +45,11 @@ class DDPEngine(Engine):
         return ddp
 
     def clip_grad_norm(self, max_norm: float) -> float | None:
-        if getattr(self, "projected_sync", None) is not None:  # each rank holds its own matrix gradients
-            return math.nan
+        if getattr(self, "projected_sync", None) is not None:
+            # The norm of what is synced (projections of the matrices, the other gradients whole),
+            # the same on every replica: torch's clip_grad_norm_ would measure each rank's own G.
+            optimizer = cast("distopt.SubspaceOptimizer", self.optimizer)
+            return float(optimizer.clip_grad_norm_(max_norm if max_norm > 0 else math.inf))
         return super().clip_grad_norm(max_norm)
 
     def accumulating(self, last_micro: bool):
