@@ -14,10 +14,9 @@ What cannot be had from projections is refused when the sync is set up, never ap
 recovery scaling, SubTrack's tracking step, and the algorithms with a full-size second moment or
 residual (``snsm``, ``sam``, ``adam-mini``, ``adapm``, ``adapm-mini``, ``rso``).
 
-Gradient clipping by the global norm is not available in this mode yet: the norm of a synced
-matrix's averaged gradient is known to no rank (``torch.nn.utils.clip_grad_norm_`` would measure
-each replica's own gradient, and the replicas would drift apart). The training job refuses the
-combination; see ``docs/engines.md``.
+Gradient clipping: ``torch.nn.utils.clip_grad_norm_`` would measure each replica's own gradient of
+the synced matrices and clip the replicas differently. Use the optimizer's ``clip_grad_norm_``,
+which measures the projections as the step uses them (see ``docs/engines.md``).
 """
 
 from __future__ import annotations

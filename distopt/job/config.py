@@ -157,7 +157,7 @@ class EngineConfig:
     hsdp_replicas: int = _f(0, "hsdp: number of replica groups (world size must divide by it)", ge=0)
     grad_sync: str = _f("full", "ddp: full (DDP all-reduces every gradient) or projected (the optimizer averages the "
                                 "matrices' projections and refresh sketches: the same numbers, r/d of the traffic; "
-                                "projected algorithms without recovery scaling, no global-norm clipping)", choices=GRAD_SYNCS)
+                                "projected algorithms without recovery scaling; clipping measures the synced projections)", choices=GRAD_SYNCS)
     deepspeed_config: str = _f("", "zero1/2/3 (with name=auto: zero<its zero_optimization.stage>): a DeepSpeed JSON config; "
                                    "its values win over the run config file's, command-line overrides win over it")
 

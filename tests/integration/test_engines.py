@@ -99,6 +99,12 @@ def test_ddp_projected_grad_sync_matches_the_full_sync(tmp_path):
     assert "grad_sync=projected: 14 matrices averaged through their projections over 2 replicas" in out
     assert_same_losses(losses(tmp_path / "projected"), losses(tmp_path / "full"), range(1, STEPS + 1))
     assert val_losses(tmp_path / "projected")[STEPS] == pytest.approx(val_losses(tmp_path / "full")[STEPS], rel=RTOL)
+    # Clipping on: the norm of what is synced (optimizer.clip_grad_norm_), logged from rank 0.
+    ok(launch_ranks(2, job_args(tmp_path, "clipped", **{**common, "train.clip_grad_norm": 0.05,
+                                                         "engine.grad_sync": "projected"})))
+    norms = grad_norms(tmp_path / "clipped")
+    assert all(0.05 < norm < 100 for norm in norms.values()), norms
+    assert losses(tmp_path / "clipped")[STEPS] != pytest.approx(losses(tmp_path / "projected")[STEPS], rel=1e-4)
 
 
 # -- DeepSpeed ZeRO ------------------------------------------------------------------------------------
@@ -258,15 +264,3 @@ def test_bf16_runs_reduce_gradients_in_fp32_unless_told_otherwise(tmp_path):
     for path in sorted((REPO / "configs" / "ds").glob("*.json")):  # the shipped bf16 configs reduce in fp32
         shipped = json.loads(path.read_text())
         assert not shipped.get("bf16", {}).get("enabled") or shipped["communication_data_type"] == "fp32", path.name
-
-
-def test_projected_grad_sync_refuses_global_norm_clipping(tmp_path):
-    from distopt.job.config import ConfigError
-    from distopt.job.engines import resolve
-
-    cfg = load_config(None, job_args(tmp_path, **{"engine.name": "ddp", "engine.grad_sync": "projected"}))
-    with pytest.raises(ConfigError, match="train.clip_grad_norm=0, or engine.grad_sync=full"):
-        resolve(cfg, DistInfo(world_size=2))
-    cfg = load_config(None, job_args(tmp_path, **{"engine.name": "ddp", "engine.grad_sync": "projected",
-                                                   "train.clip_grad_norm": 0}))
-    assert resolve(cfg, DistInfo(world_size=2)).name == "ddp"
