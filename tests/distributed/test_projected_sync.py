@@ -173,6 +173,47 @@ def test_clipping_by_the_synced_norm_equals_the_full_sync_clipped_the_same_way(w
         assert max(moved) > 1e-3, f"{key}: clipping changed nothing"
 
 
+def _hsdp_train(rank, world_size, name, extra, mesh_shape, projected):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from distopt.engines import hsdp
+
+    model = OddNet()
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
+    on = mesh["shard"] if projected else mesh
+    for layer in model.layers:
+        fully_shard(layer, mesh=on)
+    fully_shard(model, mesh=on)
+    optimizer = distopt.build_optimizer(model, name, **hparams(name), **extra)
+    sync = hsdp.sync_by_projection(model, optimizer, mesh) if projected else None
+    for step in range(STEPS):
+        model(local_batch(step, rank, world_size)).backward()
+        if sync is not None:
+            sync.reduce_others()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return full_params(model)
+
+
+def _hsdp_worker(rank, world_size, cases, mesh_shape):
+    out = {}
+    for name, extra in cases:
+        key = name + str(sorted(extra.items()))
+        out[key] = {"full": _hsdp_train(rank, world_size, name, extra, mesh_shape, False),
+                    "projected": _hsdp_train(rank, world_size, name, extra, mesh_shape, True)}
+    return out
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2), (3, 1)])
+def test_hsdp_projected_sync_equals_hsdp(mesh_shape):
+    """HSDP 2 x 2 (row shards: the left side's reduce-scatter, chunked right bases, the coalesced
+    bucket path) and 3 x 1 against FSDP2's own replicate all-reduce."""
+    cases = [("galore", {}), ("galore", {"refresh": "svd"}), ("grassjump", {"recovery_scaling": False})]
+    world = mesh_shape[0] * mesh_shape[1]
+    _check(run_ranks(world, _hsdp_worker, cases, mesh_shape), cases)
+
+
 def _traffic_worker(rank, world_size):
     """Replicate bytes of the optimizer's averages against the full gradients of its matrices."""
     model = OddNet()
