@@ -33,7 +33,7 @@ class ProjectedHSDPSync:
     optimizer: torch.optim.Optimizer
     group: object  # the replicate process group
     synced: list[torch.Tensor] = field(default_factory=list)
-    others: list[torch.Tensor] = field(default_factory=list)
+    others: list[torch.nn.Parameter] = field(default_factory=list)
 
     def reduce_others(self) -> None:
         """Average the gradients of everything the optimizer does not sync by projection over the

@@ -155,7 +155,7 @@ class EngineConfig:
     backend: str = _f("auto", "process-group backend; auto: nccl on cuda, gloo on cpu", choices=BACKENDS)
     threads: int = _f(0, "CPU threads per rank (0: OMP_NUM_THREADS if set, else the usable cores divided by the ranks on the node)", ge=0)
     hsdp_replicas: int = _f(0, "hsdp: number of replica groups (world size must divide by it)", ge=0)
-    grad_sync: str = _f("full", "ddp: full (DDP all-reduces every gradient) or projected (the optimizer averages the "
+    grad_sync: str = _f("full", "ddp, hsdp: full (the engine all-reduces every gradient across replicas) or projected (the optimizer averages the "
                                 "matrices' projections and refresh sketches: the same numbers, r/d of the traffic; "
                                 "projected algorithms without recovery scaling; clipping measures the synced projections)", choices=GRAD_SYNCS)
     deepspeed_config: str = _f("", "zero1/2/3 (with name=auto: zero<its zero_optimization.stage>): a DeepSpeed JSON config; "

@@ -372,6 +372,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def syncs_by_projection(self) -> bool:
         return any(view.replicas is not None for view in self._views.values())
 
+    def _whole_on_every_shard(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s prepared projection is whole on every rank of its shard group."""
+        return False
+
     def prepare_projections(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Projected algorithms take this step's refreshes and ``proj(G)`` ahead (see
         ``ProjectedAdam``); the others project nothing."""
@@ -388,10 +392,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         :meth:`step`, which reuses the projections. A non-finite gradient anywhere gives a NaN norm
         and every parameter skips the step, as ``torch.nn.utils.clip_grad_norm_`` makes it."""
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if any(self._bound(g) for g in self.param_groups if g["params"]) or any(
-                p in self._views and self._views[p].sharded for p in params):
-            raise ValueError("clip_grad_norm_ takes whole matrices (one process, DDP); under FSDP2 or ZeRO clip "
-                             "with torch.nn.utils.clip_grad_norm_ or the engine's own clipping")
+        if any(self._bound(g) for g in self.param_groups if g["params"]):
+            raise ValueError("clip_grad_norm_ does not take engine-managed (DeepSpeed ZeRO) groups: clip with "
+                             "DeepSpeed's gradient_clipping")
+        if any(is_dtensor(p) and p.device_mesh.ndim > 1 for p in params):
+            raise ValueError("clip_grad_norm_ takes FSDP2 shards on a 1-D mesh (HSDP's projected sync shards on "
+                             "mesh['shard']); clip a 2-D HSDP model with torch.nn.utils.clip_grad_norm_")
         if not params:
             return torch.zeros(())
         bad = (~torch.stack([torch.isfinite(local(p.grad)).all() for p in params])).any().float()
@@ -402,8 +408,22 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 p.grad.fill_(math.nan)
             return torch.tensor(math.nan)
         lows = self.prepare_projections(params)
-        squares = [(lows[p] if p in lows else local(p.grad)).float().square().sum() for p in params]
-        total = torch.stack(squares).sum().sqrt()
+        # Squares summed over what this rank holds, then over each shard group: a row shard, a
+        # column chunk or an FSDP2 shard counts once; a whole r x n left projection held by every
+        # rank of the group counts on its first rank only.
+        by_group: dict[int, tuple[object, list[torch.Tensor]]] = {}
+        for p in params:
+            if p in lows:
+                view = self._views[p]
+                group, value = view.group, lows[p].float().square().sum()
+                if view.sharded and self._whole_on_every_shard(p) and view.index != 0:
+                    value = value * 0.0
+            else:
+                group = p.device_mesh.get_group() if is_dtensor(p) else None
+                value = local(p.grad).float().square().sum()
+            by_group.setdefault(id(group), (group, []))[1].append(value)
+        sums = [comm.all_reduce_sum(torch.stack(values).sum(), group) for group, values in by_group.values()]
+        total = torch.stack(sums).sum().sqrt()
         coef = float(max_norm) / (float(total) + 1e-6)
         if coef < 1.0:
             torch._foreach_mul_([local(p.grad) for p in params], coef)

@@ -224,6 +224,11 @@ class ProjectedAdam(SubspaceOptimizer):
         prepared = self._prepared_lows.pop(view.name, None)
         return prepared if prepared is not None else subspace.project_grad(grad, state, view, plan)
 
+    def _whole_on_every_shard(self, p: torch.Tensor) -> bool:
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        plan = subspace.plan(self._views[p], group)
+        return plan.side == "left" and not plan.full and not plan.columns_chunked
+
     def prepare_projections(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Take this step's refresh (when due) and ``proj(G)`` of ``params`` now, averaged over the
         replicas when they sync by projection, and keep them for :meth:`step`, which then neither

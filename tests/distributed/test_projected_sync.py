@@ -173,7 +173,7 @@ def test_clipping_by_the_synced_norm_equals_the_full_sync_clipped_the_same_way(w
         assert max(moved) > 1e-3, f"{key}: clipping changed nothing"
 
 
-def _hsdp_train(rank, world_size, name, extra, mesh_shape, projected):
+def _hsdp_train(rank, world_size, name, extra, mesh_shape, projected, clip=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -191,9 +191,28 @@ def _hsdp_train(rank, world_size, name, extra, mesh_shape, projected):
         model(local_batch(step, rank, world_size)).backward()
         if sync is not None:
             sync.reduce_others()
+        if clip is not None:
+            optimizer.clip_grad_norm_(clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return full_params(model)
+
+
+def _hsdp_clip_worker(rank, world_size, cases, mesh_shape, clip):
+    out = {}
+    for name, extra in cases:
+        key = name + str(sorted(extra.items()))
+        out[key] = {"full": _scaled_loss_reference(rank, world_size, name, extra, clip)[0],
+                    "projected": _hsdp_train(rank, world_size, name, extra, mesh_shape, True, clip)}
+    return out
+
+
+def test_hsdp_clipping_by_the_synced_norm():
+    """HSDP 2 x 2 with projected sync and clipping against DDP on the same 4 ranks, full sync, with
+    the loss scaled by the clip factor of the same norm: row shards, column chunks and whole left
+    projections each counted once in the norm."""
+    cases = [("galore", {}), ("galore", {"state_layout": "replicated"})]
+    _check(run_ranks(4, _hsdp_clip_worker, cases, (2, 2), 0.3), cases, rtol=1e-4)
 
 
 def _hsdp_worker(rank, world_size, cases, mesh_shape):

@@ -25,7 +25,9 @@ engine cannot run, with the fix.
     written on N ranks resumes on any number of ranks, and with ``hsdp``.
 ``hsdp``
     ``fsdp2`` on a 2-D mesh ``(engine.hsdp_replicas, world / hsdp_replicas)``: parameters and state
-    are sharded inside each replica group and replicated across groups.
+    are sharded inside each replica group and replicated across groups. ``engine.grad_sync=projected``
+    shards on the ``shard`` sub-mesh only and lets the optimizer average across the groups
+    (:mod:`distopt.engines.hsdp`).
 ``zero1`` / ``zero2`` / ``zero3``
     DeepSpeed ZeRO through :func:`distopt.deepspeed.initialize`, which steps ZeRO's partitions with
     the distopt optimizer. The DeepSpeed config is built from the run config, or read from
@@ -79,11 +81,11 @@ def resolve(cfg: RunConfig, info: DistInfo, notes: list[str] | None = None) -> t
     if name == "ddp" and info.world_size == 1:
         name = "single"
     cls = ENGINES[name]
-    if cfg.engine.grad_sync == "projected" and name != "ddp":
+    if cfg.engine.grad_sync == "projected" and name not in ("ddp", "hsdp"):
         raise ConfigError(
             f"engine.grad_sync=projected averages gradients across data-parallel replicas, which engine {name} "
             + ("does not have (one process)" if name == "single" else "does not offer it yet")
-            + ": use engine.name=ddp on several ranks, or engine.grad_sync=full"
+            + ": use engine.name=ddp or hsdp on several ranks, or engine.grad_sync=full"
         )
     found = cls.check(cfg, info) or []
     if notes is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -17,6 +18,8 @@ from .base import Engine, EngineUnavailable, _single_process_group
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
+
+    import distopt
 
 
 def decoder_layers(module: nn.Module) -> list[nn.Module]:
@@ -86,11 +89,20 @@ class FSDP2Engine(Engine):
         module = model.to(self.device)
         prepare_model(module, self.cfg)  # before fully_shard, which only shards what exists then
         mesh, policy = self.mesh(), self.mp_policy()
+        on = self.sharding_mesh(mesh)
         for layer in decoder_layers(module):
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
-        fully_shard(module, mesh=mesh, mp_policy=policy)
+            fully_shard(layer, mesh=on, mp_policy=policy)
+        fully_shard(module, mesh=on, mp_policy=policy)
         self.module = self.model = module
         self.optimizer = build_optimizer(module)
+        self.after_optimizer(mesh)
+
+    def sharding_mesh(self, mesh):
+        """The mesh ``fully_shard`` runs on (all of it, but for HSDP's projected sync)."""
+        return mesh
+
+    def after_optimizer(self, mesh) -> None:
+        """Set-up that needs the optimizer built (HSDP's projected sync)."""
 
     def accumulating(self, last_micro: bool):
         cast("FSDPModule", self.model).set_requires_gradient_sync(last_micro)  # fully_shard made it one
@@ -135,3 +147,31 @@ class HSDPEngine(FSDP2Engine):
     def mesh_shape(self) -> tuple[int, ...]:
         replicas = self.cfg.engine.hsdp_replicas
         return (replicas, self.info.world_size // replicas)
+
+    # Projected sync: each replica group is a plain FSDP2 run on the shard sub-mesh, and the optimizer
+    # averages across the groups (distopt.engines.hsdp).
+    def sharding_mesh(self, mesh):
+        return mesh["shard"] if self.cfg.engine.grad_sync == "projected" else mesh
+
+    def after_optimizer(self, mesh) -> None:
+        if self.cfg.engine.grad_sync != "projected":
+            return
+        from distopt.engines.hsdp import sync_by_projection
+
+        try:
+            self.projected_sync = sync_by_projection(cast(nn.Module, self.module), self.optimizer, mesh)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+    def clip_grad_norm(self, max_norm: float) -> float | None:
+        sync = getattr(self, "projected_sync", None)
+        if sync is None:
+            return super().clip_grad_norm(max_norm)
+        sync.reduce_others()  # after the last backward of the step, before the optimizer reads them
+        # The norm of what is synced, the same in every replica group (see distopt.engines.ddp).
+        optimizer = cast("distopt.SubspaceOptimizer", self.optimizer)
+        return float(optimizer.clip_grad_norm_(max_norm if max_norm > 0 else math.inf))
+
+    def describe(self) -> str:
+        sync = getattr(self, "projected_sync", None)
+        return super().describe() + (f"; {sync.describe()}" if sync is not None else "")
