@@ -91,12 +91,15 @@ def test_hsdp_with_two_replicas_matches_ddp(tmp_path, reference):
 
 @pytest.mark.distributed
 def test_ddp_projected_grad_sync_matches_the_full_sync(tmp_path):
-    """galore, gradient accumulation, several refreshes: the optimizer's averages of projections and
-    sketches give DDP's numbers, and the banner says what is synced how."""
+    """galore, gradient accumulation, several refreshes, a checkpoint and resume: the optimizer's
+    averages of projections and sketches give DDP's numbers, and the banner says what is synced how."""
     common = {**BASE, "engine.name": "ddp", "train.clip_grad_norm": 0}
     ok(launch_ranks(2, job_args(tmp_path, "full", **common)))
-    out = ok(launch_ranks(2, job_args(tmp_path, "projected", **common, **{"engine.grad_sync": "projected"})))
+    args = job_args(tmp_path, "projected", **common, **{"engine.grad_sync": "projected"})
+    out = ok(launch_ranks(2, args + ["train.stop_at=2"]))
     assert "grad_sync=projected: 14 matrices averaged through their projections over 2 replicas" in out
+    assert (tmp_path / "projected" / "checkpoints" / "step_00000002" / "optimizer.pt").is_file()
+    assert "resumed from" in ok(launch_ranks(2, args + ["--resume"]))  # replicas hold one state: rank 0's file
     assert_same_losses(losses(tmp_path / "projected"), losses(tmp_path / "full"), range(1, STEPS + 1))
     assert val_losses(tmp_path / "projected")[STEPS] == pytest.approx(val_losses(tmp_path / "full")[STEPS], rel=RTOL)
     # Clipping on: the norm of what is synced (optimizer.clip_grad_norm_), logged from rank 0.
