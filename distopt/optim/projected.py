@@ -235,6 +235,7 @@ class ProjectedAdam(SubspaceOptimizer):
         refreshes nor projects those matrices again. Returns each projection by parameter: what a
         norm of the synced gradient is made from (:meth:`SubspaceOptimizer.clip_grad_norm_`)."""
         self.allocate_state()
+        self._prepared_lows.clear()  # a call not followed by step() leaves nothing stale behind
         wanted = {id(p) for p in params}
         out = {}
         for group in self.param_groups:
