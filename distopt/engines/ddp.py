@@ -32,7 +32,6 @@ from ..core import comm
 class ProjectedSync:
     """What :func:`sync_by_projection` set up: the synced matrices and the replica group."""
 
-    optimizer: torch.optim.Optimizer
     group: object
     synced: list[torch.Tensor] = field(default_factory=list)
 
@@ -85,4 +84,4 @@ def sync_by_projection(model: torch.nn.Module, optimizer) -> ProjectedSync:
     group = model.process_group
     synced = optimizer.sync_by_projection(group)
     model.register_comm_hook(None, _hook_for({id(p) for p in synced}, group))
-    return ProjectedSync(optimizer, group, synced)
+    return ProjectedSync(group, synced)

@@ -30,7 +30,6 @@ from ..core.shard import local
 class ProjectedHSDPSync:
     """What :func:`sync_by_projection` set up."""
 
-    optimizer: torch.optim.Optimizer
     group: object  # the replicate process group
     synced: list[torch.Tensor] = field(default_factory=list)
     others: list[torch.nn.Parameter] = field(default_factory=list)
@@ -68,4 +67,4 @@ def sync_by_projection(model: torch.nn.Module, optimizer, mesh) -> ProjectedHSDP
     synced = optimizer.sync_by_projection(replicas)
     ids = {id(p) for p in synced}
     others = [p for p in model.parameters() if id(p) not in ids]
-    return ProjectedHSDPSync(optimizer, replicas, synced, others)
+    return ProjectedHSDPSync(replicas, synced, others)

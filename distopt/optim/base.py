@@ -400,10 +400,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                              "mesh['shard']); clip a 2-D HSDP model with torch.nn.utils.clip_grad_norm_")
         if not params:
             return torch.zeros(())
-        bad = (~torch.stack([torch.isfinite(local(p.grad)).all() for p in params])).any().float()
-        if self.syncs_by_projection:
-            comm.all_reduce_max(bad, torch.distributed.group.WORLD)
-        if bad.item():
+        if self._nonfinite_flags(params).max().item():
             for p in params:
                 p.grad.fill_(math.nan)
             return torch.tensor(math.nan)
@@ -417,7 +414,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 view = self._views[p]
                 group, value = view.group, lows[p].float().square().sum()
                 if view.sharded and self._whole_on_every_shard(p) and view.index != 0:
-                    value = value * 0.0
+                    value = value * 0.0  # kept, as zero: every rank issues the same reductions
             else:
                 group = p.device_mesh.get_group() if is_dtensor(p) else None
                 value = local(p.grad).float().square().sum()
@@ -520,6 +517,17 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         """
         if not params:
             return params
+        keep = []
+        for p, flag in zip(params, self._nonfinite_flags(params).tolist()):
+            if flag:
+                self.record_nonfinite_skip(self._names[p])
+            else:
+                keep.append(p)
+        return keep
+
+    def _nonfinite_flags(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """1.0 for each parameter whose gradient holds NaN or Inf on any rank holding part of it, in
+        one flag reduction (and one host read by the caller)."""
         grads = [local(p.grad) for p in params]
         filled = [g for g in grads if g.numel()]  # an empty shard has no infinity norm
         if filled and filled[0].is_cuda:  # one multi-tensor kernel; on CPU it is a slow fallback
@@ -532,13 +540,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             # Every holder of a shard, and every replica whose gradient it averages by projection,
             # must take the same decision; FSDP2 and DDP step all ranks together.
             comm.all_reduce_max(bad, torch.distributed.group.WORLD)
-        keep = []
-        for p, flag in zip(params, bad.tolist()):
-            if flag:
-                self.record_nonfinite_skip(self._names[p])
-            else:
-                keep.append(p)
-        return keep
+        return bad
 
     def record_nonfinite_skip(self, name: str) -> None:
         """Count a step skipped for a non-finite gradient (warned once per parameter)."""
@@ -598,25 +600,30 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
 
     def _batched_refresh_requests(self, group: dict, params: list[torch.Tensor]) -> list:
-        """Refreshes of row-sharded matrices in this step, when there are several to overlap."""
+        """Refreshes of row-sharded matrices in this step, when there are several to overlap (not those
+        clip_grad_norm_ took already)."""
         requests = []
         for p in params:
             view = self._views[p]
-            if view.sharded and comm.world_size(view.group) > 1:
+            if view.sharded and comm.world_size(view.group) > 1 and view.name not in self._prepared_lows:
                 request = self._refresh_request(group, self.state[p], view, local(p.grad))
                 if request is not None:
                     requests.append(request)
         return requests if len(requests) > 1 else []
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        """The param group holding ``p`` (an index built once, extended for groups added later)."""
+        index = self.__dict__.setdefault("_group_index", {})
+        if p not in index:
+            index.update({q: g for g in self.param_groups for q in g["params"]})
+        return index[p]
 
     @torch.no_grad()
     def step_parameter(self, p: torch.Tensor) -> None:
         """Step one parameter from its current gradient; the layer-wise mode calls it in backward."""
         if p.grad is None:
             return
-        index = self.__dict__.setdefault("_group_index", {})
-        if p not in index:
-            index.update({q: g for g in self.param_groups for q in g["params"]})
-        group = index[p]
+        group = self._group_of(p)
         if self._bound(group):
             raise RuntimeError("layer-wise stepping is not available for engine-managed (DeepSpeed ZeRO) groups")
         if group["kind"] == "matrix" and p.dim() != 2:

@@ -24,6 +24,7 @@ from ..core.projector import (
     accumulate_back,
     change_of_basis,
     compute_basis,
+    prepared_bases,
     project,
     project_back,
     random_basis,
@@ -225,8 +226,7 @@ class ProjectedAdam(SubspaceOptimizer):
         return prepared if prepared is not None else subspace.project_grad(grad, state, view, plan)
 
     def _whole_on_every_shard(self, p: torch.Tensor) -> bool:
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        plan = subspace.plan(self._views[p], group)
+        plan = subspace.plan(self._views[p], self._group_of(p))
         return plan.side == "left" and not plan.full and not plan.columns_chunked
 
     def prepare_projections(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
@@ -241,15 +241,17 @@ class ProjectedAdam(SubspaceOptimizer):
         for group in self.param_groups:
             if group["kind"] != "matrix":
                 continue
-            for p in (q for q in group["params"] if id(q) in wanted):
-                view, state = self._views[p], self.state[p]
-                plan = subspace.plan(view, group)
-                grad = local(p.grad)
-                with subspace.whole_basis(state, view, plan) as work:
-                    self._refresh_if_due(grad, work, group, view, plan)
-                    with projection_matmuls(group):
-                        low = subspace.project_grad(grad.float(), work, view, plan)
-                self._prepared_lows[view.name] = out[p] = low
+            taken = [q for q in group["params"] if id(q) in wanted]
+            with prepared_bases(self._batched_refresh_requests(group, taken)):  # refreshes side by side, as in step()
+                for p in taken:
+                    view, state = self._views[p], self.state[p]
+                    plan = subspace.plan(view, group)
+                    grad = local(p.grad)
+                    with subspace.whole_basis(state, view, plan) as work:
+                        self._refresh_if_due(grad, work, group, view, plan)
+                        with projection_matmuls(group):
+                            low = subspace.project_grad(grad.float(), work, view, plan)
+                    self._prepared_lows[view.name] = out[p] = low
         return out
 
     @staticmethod
@@ -432,18 +434,21 @@ class ProjectedAdam(SubspaceOptimizer):
             [(states[i]["basis"], views[i].chunk_counts(views[i].n)) for i in chunked_right], pg)
         bases.update(zip(chunked_right, gathered))
         bases = {i: basis.float() for i, basis in bases.items()}  # bf16 storage: gathered at 2 bytes, used in fp32
-        lows = {i: project(grads[i].float(), bases[i], "right", None) for i in right}
-        sums = [project(grads[i].float(), bases[i], "left", None) for i in left]  # this rank's partial sums
-        chunked = [plans[i].columns_chunked for i in left]
-        if all(chunked):
+        # Projections taken ahead by clip_grad_norm_ (reduced and averaged already) are used as they are.
+        prepared = {i: low for i, view in enumerate(views) if (low := self._prepared_lows.pop(view.name, None)) is not None}
+        lows = {i: project(grads[i].float(), bases[i], "right", None) for i in right if i not in prepared}
+        todo = [i for i in left if i not in prepared]
+        sums = [project(grads[i].float(), bases[i], "left", None) for i in todo]  # this rank's partial sums
+        if all(plans[i].columns_chunked for i in todo):
             reduced = comm.reduce_scatter_cols_coalesced(
-                [(total, views[i].chunk_counts(views[i].n)) for i, total in zip(left, sums)], pg)
+                [(total, views[i].chunk_counts(views[i].n)) for i, total in zip(todo, sums)], pg)
         else:  # replicated r x n sums (the layout is one per group, so all or none are chunked)
             reduced = comm.all_reduce_sum_coalesced(sums, pg)
-        lows.update(zip(left, reduced))
+        lows.update(zip(todo, reduced))
         if views[0].replicas is not None:  # projected sync: the averages, in one collective
             order = sorted(lows)
             lows.update(zip(order, comm.replica_mean_coalesced([lows[i] for i in order], views[0].replicas)))
+        lows.update(prepared)
         if group["adam_form"] == "torch":
             listed, steps = self._adam_batched([lows[i] for i in range(len(params))], states, plans, group)
             directions, sizes = dict(enumerate(listed)), dict(enumerate(steps))

@@ -175,7 +175,7 @@ def test_clipping_by_the_synced_norm_equals_the_full_sync_clipped_the_same_way(w
         assert max(moved) > 1e-3, f"{key}: clipping changed nothing"
 
 
-def _hsdp_train(rank, world_size, name, extra, mesh_shape, projected, clip=None):
+def _hsdp_train(rank, world_size, name, extra, mesh_shape, projected, clip=None, return_traffic=False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -189,6 +189,7 @@ def _hsdp_train(rank, world_size, name, extra, mesh_shape, projected, clip=None)
     fully_shard(model, mesh=on)
     optimizer = distopt.build_optimizer(model, name, **hparams(name), **extra)
     sync = hsdp.sync_by_projection(model, optimizer, mesh) if projected else None
+    comm.reset_traffic()
     for step in range(STEPS):
         model(local_batch(step, rank, world_size)).backward()
         if sync is not None:
@@ -197,6 +198,8 @@ def _hsdp_train(rank, world_size, name, extra, mesh_shape, projected, clip=None)
             optimizer.clip_grad_norm_(clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if return_traffic:
+        return full_params(model), comm.traffic()["bytes"].get("replica_all_reduce", 0)
     return full_params(model)
 
 
@@ -204,8 +207,10 @@ def _hsdp_clip_worker(rank, world_size, cases, mesh_shape, clip):
     out = {}
     for name, extra in cases:
         key = name + str(sorted(extra.items()))
-        out[key] = {"full": _scaled_loss_reference(rank, world_size, name, extra, clip)[0],
-                    "projected": _hsdp_train(rank, world_size, name, extra, mesh_shape, True, clip)}
+        projected, clipped_bytes = _hsdp_train(rank, world_size, name, extra, mesh_shape, True, clip, True)
+        _, unclipped_bytes = _hsdp_train(rank, world_size, name, extra, mesh_shape, True, None, True)
+        out[key] = {"full": _scaled_loss_reference(rank, world_size, name, extra, clip)[0], "projected": projected,
+                    "replica_bytes": (clipped_bytes, unclipped_bytes)}
     return out
 
 
@@ -214,7 +219,12 @@ def test_hsdp_clipping_by_the_synced_norm():
     the loss scaled by the clip factor of the same norm: row shards, column chunks and whole left
     projections each counted once in the norm."""
     cases = [("galore", {}), ("galore", {"state_layout": "replicated"})]
-    _check(run_ranks(4, _hsdp_clip_worker, cases, (2, 2), 0.3), cases, rtol=1e-4)
+    results = run_ranks(4, _hsdp_clip_worker, cases, (2, 2), 0.3)
+    _check(results, cases, rtol=1e-4)
+    for result in results:  # step() reuses the projections clipping took: no second replica average
+        for key, value in result.items():
+            clipped, unclipped = value["replica_bytes"]
+            assert clipped == unclipped > 0, f"{key}: {clipped} replicate bytes clipped, {unclipped} without"
 
 
 def _hsdp_worker(rank, world_size, cases, mesh_shape):

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -15,6 +15,9 @@ from torch import nn
 
 from ..config import ConfigError, RunConfig
 from ..dist import DistInfo
+
+if TYPE_CHECKING:
+    import distopt
 
 logger = logging.getLogger("distopt.train")
 
@@ -94,6 +97,13 @@ class Engine:
         if hasattr(norm, "full_tensor"):  # DTensor gradients (FSDP2) give a DTensor norm
             norm = norm.full_tensor()
         return float(norm)
+
+    def clip_synced_grad_norm(self, max_norm: float) -> float:
+        """Under projected gradient sync: the norm of what is synced (the matrices' projections, the
+        other gradients whole), the same on every replica, where torch's ``clip_grad_norm_`` would
+        measure each rank's own matrix gradients. Clips when ``max_norm > 0``."""
+        optimizer = cast("distopt.SubspaceOptimizer", self.optimizer)
+        return float(optimizer.clip_grad_norm_(max_norm if max_norm > 0 else math.inf))
 
     def step(self) -> None:
         optimizer = cast(torch.optim.Optimizer, self.optimizer)

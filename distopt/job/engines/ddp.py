@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import TYPE_CHECKING, cast
 
 import torch.distributed as dist
@@ -16,7 +15,6 @@ from .base import Engine
 if TYPE_CHECKING:
     from torch.nn.parallel import DistributedDataParallel
 
-    import distopt
 
 
 class DDPEngine(Engine):
@@ -46,10 +44,7 @@ class DDPEngine(Engine):
 
     def clip_grad_norm(self, max_norm: float) -> float | None:
         if getattr(self, "projected_sync", None) is not None:
-            # The norm of what is synced (projections of the matrices, the other gradients whole),
-            # the same on every replica: torch's clip_grad_norm_ would measure each rank's own G.
-            optimizer = cast("distopt.SubspaceOptimizer", self.optimizer)
-            return float(optimizer.clip_grad_norm_(max_norm if max_norm > 0 else math.inf))
+            return self.clip_synced_grad_norm(max_norm)
         return super().clip_grad_norm(max_norm)
 
     def accumulating(self, last_micro: bool):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -19,7 +18,6 @@ from .base import Engine, EngineUnavailable, _single_process_group
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
 
-    import distopt
 
 
 def decoder_layers(module: nn.Module) -> list[nn.Module]:
@@ -168,9 +166,7 @@ class HSDPEngine(FSDP2Engine):
         if sync is None:
             return super().clip_grad_norm(max_norm)
         sync.reduce_others()  # after the last backward of the step, before the optimizer reads them
-        # The norm of what is synced, the same in every replica group (see distopt.engines.ddp).
-        optimizer = cast("distopt.SubspaceOptimizer", self.optimizer)
-        return float(optimizer.clip_grad_norm_(max_norm if max_norm > 0 else math.inf))
+        return self.clip_synced_grad_norm(max_norm)
 
     def describe(self) -> str:
         sync = getattr(self, "projected_sync", None)
