@@ -108,10 +108,11 @@ def replica_mean_coalesced(tensors: list[torch.Tensor], group) -> list[torch.Ten
 
 
 def replica_mean_future(tensor: torch.Tensor, group) -> torch.futures.Future:
-    """Start :func:`replica_mean` of ``tensor``; the future gives it. Divided before the sum, as DDP
-    divides, so the averages round as DDP's do."""
+    """Start :func:`replica_mean` of ``tensor``; the future gives it. Scaled before the sum by the
+    reciprocal of the world size, as DDP's reducer scales (``x * (1/3)`` rounds unlike ``x / 3``), so
+    an average over the same buffer has the very bits of DDP's."""
     _record("replica_all_reduce", tensor)
-    tensor.div_(dist.get_world_size(group))
+    tensor.mul_(1.0 / dist.get_world_size(group))
     return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True).get_future()
 
 

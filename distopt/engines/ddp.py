@@ -6,8 +6,8 @@ sketches ``G X`` and ``G^T Y`` at a randomized refresh), and a linear map of the
 average of the maps. So :func:`sync_by_projection` leaves the matrices out of DDP's all-reduce and
 lets the optimizer average those maps instead: ``r`` values per row or column, the same numbers as
 the full sync to float rounding, identical on every replica (no drift, no special checkpoint
-step). An exact ``svd`` refresh averages the whole gradient of the refreshing matrix, at its
-refresh step only. Everything else (the element-wise group: norms, embeddings, biases) is still
+step). An exact ``svd`` refresh needs the whole averaged gradient of the refreshing matrix: at
+its refresh step DDP's bucket holding it is all-reduced in full, as without the hook. Everything else (the element-wise group: norms, embeddings, biases) is still
 all-reduced by DDP, through the same communication hook.
 
 What cannot be had from projections is refused when the sync is set up, never approximated: Fira's
@@ -40,14 +40,25 @@ class ProjectedSync:
                 f"{comm.world_size(self.group)} replicas; the other parameters all-reduced in full")
 
 
-def _hook_for(synced_ids: set[int], group):
+def _hook_for(synced_ids: set[int], group, optimizer):
     """A DDP communication hook that all-reduces (mean) the entries of a bucket that belong to
-    parameters outside ``synced_ids`` and leaves the synced matrices' local gradients as they are."""
+    parameters outside ``synced_ids`` and leaves the synced matrices' local gradients as they are.
+
+    A bucket holding a matrix whose exact ``svd`` refresh is due is all-reduced whole, as DDP's own
+    hook does it, so the refresh decomposes the very bits of the full-sync run's average (an SVD
+    turns the rounding of another summation order into a basis change scaled by the inverse
+    singular gap); its synced matrices are then handed to the optimizer as averaged already."""
 
     def hook(_state, bucket):  # unannotated: DDP checks the annotations, and postponed ones are strings
-        buffer = bucket.buffer()
+        if bucket.index() == 0:  # the first bucket of a backward: nothing is averaged in full yet
+            optimizer.release_averaged()
+        params, buffer = bucket.parameters(), bucket.buffer()
+        synced = [p for p in params if id(p) in synced_ids]
+        if any(optimizer.full_gradient_due(p) for p in synced):
+            optimizer.take_averaged(synced)
+            return comm.replica_mean_future(buffer, group).then(lambda fut: fut.value()[0])
         spans, offset = [], 0
-        for p, g in zip(bucket.parameters(), bucket.gradients()):
+        for p, g in zip(params, bucket.gradients()):
             if id(p) not in synced_ids:
                 spans.append((offset, g.numel()))
             offset += g.numel()
@@ -83,5 +94,5 @@ def sync_by_projection(model: torch.nn.Module, optimizer) -> ProjectedSync:
         raise TypeError(f"sync_by_projection needs the DistributedDataParallel wrapper, got {type(model).__name__}")
     group = model.process_group
     synced = optimizer.sync_by_projection(group)
-    model.register_comm_hook(None, _hook_for({id(p) for p in synced}, group))
+    model.register_comm_hook(None, _hook_for({id(p) for p in synced}, group, optimizer))
     return ProjectedSync(group, synced)

@@ -219,6 +219,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         # This step's projected gradients, taken ahead by clip_grad_norm_ (by view name); step() uses
         # and clears them.
         self._prepared_lows: dict[str, torch.Tensor] = {}
+        # Projected sync: views of matrices an engine averaged in full this step (see take_averaged),
+        # by the view they replace until step() ends, and their replica-free twins (stable identity).
+        self._averaged_views: dict[torch.Tensor, MatrixShardView] = {}
+        self._unsynced_twins: dict[int, tuple[MatrixShardView, MatrixShardView]] = {}
         # Set by an engine adapter (distopt.deepspeed) after the engine is built: see bind().
         self._binding: EngineBinding | None = None
         super().__init__(groups, defaults)
@@ -368,9 +372,34 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self.set_views({p: dataclasses.replace(self._views[p], replicas=replicas) for p in matrices})
         return matrices
 
+    def full_gradient_due(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s next step reads its averaged gradient whole rather than through linear maps
+        (an exact ``svd`` refresh is due): an engine syncing by projection then averages it in full."""
+        return False
+
+    def take_averaged(self, params: list[torch.Tensor]) -> None:
+        """The gradients of ``params`` are already the replicas' average this step (an engine reduced
+        them in full): until step() ends, their projections are used as they are, not averaged again."""
+        for p in params:
+            view = self._views[p]
+            if view.replicas is None:
+                continue
+            twin = self._unsynced_twins.get(id(view))
+            if twin is None or twin[0] is not view:
+                twin = (view, dataclasses.replace(view, replicas=None))
+                self._unsynced_twins[id(view)] = twin
+            self._averaged_views[p] = view
+            self._views[p] = twin[1]
+
+    def release_averaged(self) -> None:
+        """Undo :meth:`take_averaged`: every synced matrix is averaged by projection again."""
+        if self._averaged_views:
+            self._views.update(self._averaged_views)
+            self._averaged_views.clear()
+
     @property
     def syncs_by_projection(self) -> bool:
-        return any(view.replicas is not None for view in self._views.values())
+        return any(view.replicas is not None for view in self._views.values()) or bool(self._averaged_views)
 
     def _whole_on_every_shard(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s prepared projection is whole on every rank of its shard group."""
@@ -581,6 +610,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     continue
                 self._step_params(group, [p for p in group["params"] if id(p) in finite], checked=True)
         self._prepared_lows.clear()
+        self.release_averaged()
         return loss
 
     def _step_params(self, group: dict, params: list[torch.Tensor], checked: bool = False) -> None:

@@ -108,6 +108,16 @@ class ProjectedAdam(SubspaceOptimizer):
         ``step``, or ``None`` where it moves the basis another way."""
         return group["refresh"]
 
+    def full_gradient_due(self, p: torch.Tensor) -> bool:
+        view = self._views[p]
+        if view.replicas is None:
+            return False
+        group = self._group_of(p)
+        plan = subspace.plan(view, group)
+        state = self.state.get(p)
+        step = int(state["step"]) if state else 0
+        return subspace.refresh_due(step, plan, group) and self._data_method(group, step) == "svd"
+
     def _refresh_request(self, group: dict, state: dict, view: MatrixShardView, grad: torch.Tensor):
         plan = subspace.plan(view, group)
         step = int(state["step"])
