@@ -22,6 +22,12 @@ counting them would only lower the share.
     python benchmarks/distributed.py                               # 1, 2 and 3 CPU ranks, 60M shapes
     python benchmarks/distributed.py --state-layout replicated     # the layout without basis traffic
     python benchmarks/distributed.py --shapes 1b --layers 1 --rank 512 --gap 200
+
+With ``--replicate-traffic`` it measures instead the replicate (inter-node) gradient traffic of the
+projected sync against DDP's or HSDP's full all-reduce; the options are those of
+``benchmarks/replica_traffic.py``:
+
+    python benchmarks/distributed.py --replicate-traffic --shapes 7b --rank 256 [--hsdp 2]
 """
 
 from __future__ import annotations
@@ -186,6 +192,11 @@ def _rank_main(rank, world_size, port, args, out):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--replicate-traffic" in argv:
+        import replica_traffic
+
+        return replica_traffic.main([arg for arg in argv if arg != "--replicate-traffic"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--world-sizes", default="1,2,3")

@@ -7,8 +7,9 @@ average of the maps. So :func:`sync_by_projection` leaves the matrices out of DD
 lets the optimizer average those maps instead: ``r`` values per row or column, the same numbers as
 the full sync to float rounding, identical on every replica (no drift, no special checkpoint
 step). An exact ``svd`` refresh needs the whole averaged gradient of the refreshing matrix: at
-its refresh step DDP's bucket holding it is all-reduced in full, as without the hook. Everything else (the element-wise group: norms, embeddings, biases) is still
-all-reduced by DDP, through the same communication hook.
+its refresh step DDP's bucket holding it is all-reduced in full, as without the hook. Everything
+else (the element-wise group: norms, embeddings, biases) is still all-reduced by DDP, through the
+same communication hook.
 
 What cannot be had from projections is refused when the sync is set up, never approximated: Fira's
 recovery scaling, SubTrack's tracking step, and the algorithms with a full-size second moment or
