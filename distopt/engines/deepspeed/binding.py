@@ -21,6 +21,21 @@ logger = logging.getLogger("distopt")
 
 
 
+_UNREAD = 2.0  # a flag of a gradient not read ahead (a max-reduction keeps it above 0 and 1)
+
+
+def _flag(part: Partition, tensors: list[torch.Tensor] | None) -> torch.Tensor:
+    """1.0 if this rank's share of ``part``'s gradient holds NaN or Inf, else 0.0; ``_UNREAD`` when
+    ``tensors`` is ``None``."""
+    if tensors is None:
+        return torch.tensor(_UNREAD, device=part.device)
+    filled = [t for t in tensors if t.numel()]
+    if not filled:
+        return torch.zeros((), dtype=torch.float32, device=part.device)
+    extremes = torch.stack([torch.stack(t.detach().aminmax()).float() for t in filled])  # NaN propagates; no temporary
+    return (~torch.isfinite(extremes)).any().float().to(part.device)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The binding: how the optimizer steps the partitions DeepSpeed hands it
 # ---------------------------------------------------------------------------------------------------
@@ -39,6 +54,10 @@ class ZeroBinding:
         self.engine = engine
         self.plans: dict[str, _Plan] = {}
         self._bad: dict[str, bool] = {}  # skip flags of the groups the current step() call takes
+        # Flags of the engine step's later groups, decided at its first step() call (_UNREAD: decide
+        # at the group's own call), and the engine step they belong to.
+        self._ahead: dict[str, float] = {}
+        self._ahead_step: object = None
 
     # -- hooks called by SubspaceOptimizer ---------------------------------------------------------
     def state_params(self, group: dict) -> list[torch.Tensor]:
@@ -107,10 +126,13 @@ class ZeroBinding:
     # -- the step ------------------------------------------------------------------------------------
     def begin_step(self, groups: list[dict]) -> None:
         """Decide, for every group this ``step()`` call takes, whether its gradient is finite. Where
-        DeepSpeed checked already, nothing is computed and the host never waits; otherwise one flag
-        per group, one max-reduction per process group and one host read per call (DeepSpeed calls
-        ``step()`` once per parameter group, and distopt gives each parameter its own)."""
-        self._bad = {}
+        DeepSpeed checked already, nothing is computed and the host never waits. Otherwise DeepSpeed
+        calls ``step()`` once per parameter group (distopt gives each parameter its own), so the first
+        call of an engine step decides every group at once: this call's gradients, and the later
+        groups' still in DeepSpeed's ``averaged_gradients`` (DeepSpeed's clipping keeps a partition's
+        finiteness: the scale is finite, or zero only when some partition is not finite). One
+        max-reduction per process group and one host read per engine step; later calls read the
+        decisions made. A group whose gradient could not be read ahead is decided at its own call."""
         todo = []
         for group in groups:
             if group["params"] and group["params"][0].grad is not None:
@@ -119,19 +141,48 @@ class ZeroBinding:
         if self.finite_checked:  # a non-finite step never reaches the optimizer
             self._bad = {part.name: False for part, _ in todo}
             return
-        if not todo:
+        step_key = getattr(self.engine, "global_steps", None)
+        if step_key != self._ahead_step:
+            self._ahead, self._ahead_step = {}, step_key
+        if all(self._ahead.get(part.name, _UNREAD) != _UNREAD for part, _ in todo):
+            self._bad = {part.name: bool(self._ahead.pop(part.name)) for part, _ in todo}
             return
-        flags = torch.stack([(~torch.isfinite(g).all()).float() if g.numel() else g.new_zeros((), dtype=torch.float32)
-                             for _, g in todo])
+        current = {part.name for part, _ in todo}
+        entries: list[tuple[Partition, list[torch.Tensor] | None]]
+        if self._ahead or step_key is None:  # a group decided at its own call: only this call's groups
+            entries = [(part, [grad]) for part, grad in todo]
+        else:  # the first call of the engine step: every group, in the same order on every rank
+            given = {part.name: [grad] for part, grad in todo}
+            entries = [(part, given[part.name] if part.name in current else self._gradient_ahead(part))
+                       for part in self.parts.values()]
+        flags = torch.stack([_flag(part, tensors) for part, tensors in entries])
         by_group: dict[int, list[int]] = {}  # every holder of a part decides alike
-        for i, (part, _) in enumerate(todo):
+        for i, (part, _) in enumerate(entries):
             if part.group is not None:
                 by_group.setdefault(id(part.group), []).append(i)
         for indices in by_group.values():
             picked = flags[indices]
-            comm.all_reduce_max(picked, todo[indices[0]][0].group)
+            comm.all_reduce_max(picked, entries[indices[0]][0].group)
             flags[indices] = picked
-        self._bad = {part.name: bool(bad) for (part, _), bad in zip(todo, flags.tolist())}
+        decided = {part.name: value for (part, _), value in zip(entries, flags.tolist())}
+        self._bad = {name: bool(decided.pop(name)) for name in current}
+        self._ahead.update(decided)
+
+    def _gradient_ahead(self, part: Partition) -> list[torch.Tensor] | None:
+        """This rank's share of ``part``'s gradient as DeepSpeed holds it before handing it over
+        (``averaged_gradients``: a list of tensors, or a pre-flattened partition), or ``None``."""
+        zopt = getattr(self.engine, "optimizer", None)
+        held = getattr(zopt, "averaged_gradients", None)
+        if part.source is None or held is None or part.source[0] not in (1, 2, 3):
+            return None
+        source = held.get(part.source[1]) if isinstance(held, dict) else (
+            held[part.source[1]] if part.source[1] < len(held) else None)
+        if source is None:
+            return None
+        flat = getattr(source, "flat_partition", None)
+        tensors = [flat] if flat is not None else [t for t in source if torch.is_tensor(t)]
+        size = sum(t.numel() for t in tensors)  # this share (padding at most): else not ours to read
+        return tensors if part.end - part.start <= size <= part.length else None
 
     def _is_bad(self, part: Partition) -> bool:
         """The flag :meth:`begin_step` decided for this group in this ``step()`` call."""
