@@ -70,22 +70,27 @@ Supported: 0.19.6 to 0.19.8 (``DEEPSPEED_RANGE``), the releases this file's test
 The adapter reads these attributes of DeepSpeed's ZeRO optimizer (``engine.optimizer``) and checks
 the layout they describe against its own formula: ``bit16_groups``, ``bit16_groups_flat``,
 ``single_partition_of_fp32_groups``, ``partition_size``, ``real_dp_process_group``, ``dtype``,
-``compute_grad_norm`` and ``check_grad_overflow`` (ZeRO-1/2; 0.19.6 lacks the first, and the
-adapter then agrees on skips itself); ``fp16_groups``, ``sub_group_to_group_id``,
-``fp32_partitioned_groups_flat``, ``_get_sub_group_process_group`` (ZeRO-3) and each parameter's
-``partition_numel()``, ``ds_tensor`` and ``ds_shape``; the engine's ``basic_optimizer``,
-``zero_optimization_stage()``, ``seq_dp_world_size`` and ``skipped_steps``; the config's
-``float16_config``, ``bfloat16_config``, ``torch_autocast_enabled``, ``managed_gradient_accumulation``
-and ``compile_config``; ``deepspeed.runtime.tensor_parallel.init_utils.load_ds_config``; and whether
-``deepspeed.runtime.zero.stage3`` has ``is_invalid_grad_norm`` (0.19.8's stage 3 skips non-finite steps).
+``compute_grad_norm``, ``check_grad_overflow`` and ``averaged_gradients`` (ZeRO-1/2; 0.19.6 lacks
+the first, and the adapter then agrees on skips itself); ``fp16_groups``, ``sub_group_to_group_id``,
+``fp32_partitioned_groups_flat``, ``_get_sub_group_process_group`` and ``averaged_gradients``
+(ZeRO-3); each parameter's ``partition_numel()``, ``ds_tensor`` and ``ds_shape``; the engine's
+``basic_optimizer``, ``zero_optimization_stage()``, ``seq_dp_world_size``, ``skipped_steps`` and
+``global_steps``; the config's ``float16_config``, ``bfloat16_config``, ``torch_autocast_enabled``,
+``managed_gradient_accumulation`` and ``compile_config``;
+``deepspeed.runtime.tensor_parallel.init_utils.load_ds_config``; and whether
+``deepspeed.runtime.zero.stage_1_and_2`` and ``deepspeed.runtime.zero.stage3`` have
+``is_invalid_grad_norm`` (0.19.8's norm checks: its stage 3 skips non-finite steps).
 
-Non-finite gradients: DeepSpeed computes the global gradient norm and, when it is not finite,
-skips the whole step on every rank (measured with DeepSpeed 0.19.8, ZeRO-1/2/3, fp32 and bf16: the
-replicas stay identical and equal one process that skips that step). One process without
-DeepSpeed skips only the parameters whose gradient is not finite. Where DeepSpeed does not check
-(0.19.6's stage 3 in bf16 or fp32), the adapter's own skip flags are agreed over the ranks that hold
-each parameter (a max-reduction and a host read per ``step()`` call, which DeepSpeed makes per
-parameter group); where it checks, the adapter computes no flag and never waits on the device.
+Non-finite gradients: DeepSpeed 0.19.8 computes the global gradient norm and, when it is not
+finite, skips the whole step on every rank (measured with ZeRO-1/2/3, fp32 and bf16: the replicas
+stay identical and equal one process that skips that step). One process without DeepSpeed skips
+only the parameters whose gradient is not finite. Where DeepSpeed does not check (0.19.6; 0.19.7's
+stage 3, and its ZeRO-1/2 without ``check_grad_overflow``, which fp32 never sets; 0.19.8's bf16
+ZeRO-1/2 with ``bf16.check_grad_overflow: false``), the adapter's own skip flags are agreed over
+the ranks that hold each parameter, in one max-reduction and one host read per engine step:
+DeepSpeed calls ``step()`` once per parameter group, and the first call reads the later groups'
+gradients where DeepSpeed still holds them (``averaged_gradients``). Where it checks, the adapter
+computes no flag and never waits on the device.
 
 Trust boundary: distopt reads checkpoint files with ``weights_only=True`` (:func:`safe_load` allows
 only DeepSpeed's plain-data classes), so a planted file cannot run code through distopt's converter

@@ -355,14 +355,23 @@ def attach(engine, optimizer: SubspaceOptimizer) -> ZeroBinding:
     if stage == 3:
         # Stage 3 discards a step whose global gradient norm is not finite from 0.19.8 on (its
         # is_invalid_grad_norm); older releases hand bf16/fp32 NaN over, and the ranks then agree on
-        # skips themselves (one max-reduction per step() call, which DeepSpeed makes per sub-group).
+        # skips themselves (one max-reduction per engine step: see ZeroBinding.begin_step).
         from deepspeed.runtime.zero import stage3
 
         finite_checked = hasattr(stage3, "is_invalid_grad_norm")
     elif stage in (1, 2):
-        # Releases without these switches (0.19.6) are not trusted to check: the adapter agrees on skips itself.
+        # 0.19.8 skips a step whose global norm is not finite (unless bf16 without check_grad_overflow);
+        # 0.19.7 only with check_grad_overflow (fp32 never: measured); 0.19.6, without compute_grad_norm,
+        # is not trusted. Where DeepSpeed does not check, the adapter agrees on skips itself.
+        from deepspeed.runtime.zero import stage_1_and_2
+
         norm, overflow = getattr(zopt, "compute_grad_norm", None), getattr(zopt, "check_grad_overflow", None)
-        finite_checked = norm is not None and overflow is not None and bool(norm) and (zopt.dtype != torch.bfloat16 or bool(overflow))
+        if norm is None or overflow is None:
+            finite_checked = False
+        elif hasattr(stage_1_and_2, "is_invalid_grad_norm"):
+            finite_checked = bool(overflow) or (bool(norm) and zopt.dtype != torch.bfloat16)
+        else:
+            finite_checked = bool(overflow)
     else:
         finite_checked = False
     binding = ZeroBinding(stage, parts, engine, finite_checked)
