@@ -87,10 +87,11 @@ stay identical and equal one process that skips that step). One process without 
 only the parameters whose gradient is not finite. Where DeepSpeed does not check (0.19.6; 0.19.7's
 stage 3, and its ZeRO-1/2 without ``check_grad_overflow``, which fp32 never sets; 0.19.8's bf16
 ZeRO-1/2 with ``bf16.check_grad_overflow: false``), the adapter's own skip flags are agreed over
-the ranks that hold each parameter, in one max-reduction and one host read per engine step:
-DeepSpeed calls ``step()`` once per parameter group, and the first call reads the later groups'
-gradients where DeepSpeed still holds them (``averaged_gradients``). Where it checks, the adapter
-computes no flag and never waits on the device.
+the ranks that hold each parameter. ZeRO-1/2: one max-reduction and one host read per engine step
+(DeepSpeed calls ``step()`` once per parameter group, and the first call reads the later groups'
+gradients where DeepSpeed still holds them, ``averaged_gradients``). ZeRO-3 on 0.19.6 and 0.19.7:
+one per sub-group, at its own call (reading 0.19.6's later sub-groups ahead changed the numbers
+in some runs). Where DeepSpeed checks, the adapter computes no flag and never waits on the device.
 
 Trust boundary: distopt reads checkpoint files with ``weights_only=True`` (:func:`safe_load` allows
 only DeepSpeed's plain-data classes), so a planted file cannot run code through distopt's converter

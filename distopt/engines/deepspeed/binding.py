@@ -127,12 +127,13 @@ class ZeroBinding:
     def begin_step(self, groups: list[dict]) -> None:
         """Decide, for every group this ``step()`` call takes, whether its gradient is finite. Where
         DeepSpeed checked already, nothing is computed and the host never waits. Otherwise DeepSpeed
-        calls ``step()`` once per parameter group (distopt gives each parameter its own), so the first
-        call of an engine step decides every group at once: this call's gradients, and the later
-        groups' still in DeepSpeed's ``averaged_gradients`` (DeepSpeed's clipping keeps a partition's
-        finiteness: the scale is finite, or zero only when some partition is not finite). One
-        max-reduction per process group and one host read per engine step; later calls read the
-        decisions made. A group whose gradient could not be read ahead is decided at its own call."""
+        calls ``step()`` once per parameter group (distopt gives each parameter its own), so under
+        ZeRO-1/2 the first call of an engine step decides every group at once: this call's gradients,
+        and the later groups' still in DeepSpeed's ``averaged_gradients`` (DeepSpeed's clipping keeps
+        a partition's finiteness: the scale is finite, or zero only when some partition is not
+        finite). One max-reduction per process group and one host read per engine step; later calls
+        read the decisions made. A group whose gradient could not be read ahead, and each ZeRO-3
+        sub-group (0.19.6 and 0.19.7 only: 0.19.8 checks), is decided at its own call."""
         todo = []
         for group in groups:
             if group["params"] and group["params"][0].grad is not None:
@@ -149,7 +150,9 @@ class ZeroBinding:
             return
         current = {part.name for part, _ in todo}
         entries: list[tuple[Partition, list[torch.Tensor] | None]]
-        if self._ahead or step_key is None:  # a group decided at its own call: only this call's groups
+        # ZeRO-3's later sub-groups are not read ahead: with 0.19.6, reading its averaged_gradients
+        # before DeepSpeed prepares each sub-group changed the numbers in some runs (not understood).
+        if self.stage == 3 or self._ahead or step_key is None:  # decided at its own call
             entries = [(part, [grad]) for part, grad in todo]
         else:  # the first call of the engine step: every group, in the same order on every rank
             given = {part.name: [grad] for part, grad in todo}
@@ -173,7 +176,7 @@ class ZeroBinding:
         (``averaged_gradients``: a list of tensors, or a pre-flattened partition), or ``None``."""
         zopt = getattr(self.engine, "optimizer", None)
         held = getattr(zopt, "averaged_gradients", None)
-        if part.source is None or held is None or part.source[0] not in (1, 2, 3):
+        if part.source is None or held is None or part.source[0] not in (1, 2):
             return None
         source = held.get(part.source[1]) if isinstance(held, dict) else (
             held[part.source[1]] if part.source[1] < len(held) else None)
@@ -182,7 +185,16 @@ class ZeroBinding:
         flat = getattr(source, "flat_partition", None)
         tensors = [flat] if flat is not None else [t for t in source if torch.is_tensor(t)]
         size = sum(t.numel() for t in tensors)  # this share (padding at most): else not ours to read
-        return tensors if part.end - part.start <= size <= part.length else None
+        if not part.end - part.start <= size <= part.length:
+            return None
+        # The share's elements only: padding may be uninitialized memory (ZeRO-3's gradient buffers).
+        share, left = [], part.end - part.start
+        for t in tensors:
+            if left <= 0:
+                break
+            share.append(t.reshape(-1)[:left])
+            left -= share[-1].numel()
+        return share
 
     def _is_bad(self, part: Partition) -> bool:
         """The flag :meth:`begin_step` decided for this group in this ``step()`` call."""
@@ -359,6 +371,10 @@ def attach(engine, optimizer: SubspaceOptimizer) -> ZeroBinding:
         from deepspeed.runtime.zero import stage3
 
         finite_checked = hasattr(stage3, "is_invalid_grad_norm")
+        if not finite_checked:
+            logger.warning("distopt: this DeepSpeed's ZeRO-3 does not skip non-finite steps, so distopt agrees on "
+                           "skips itself with one flag reduction per sub-group per step; DeepSpeed 0.19.8 checks, and "
+                           "distopt then spends none (pip install 'deepspeed==0.19.8')")
     elif stage in (1, 2):
         # 0.19.8 skips a step whose global norm is not finite (unless bf16 without check_grad_overflow);
         # 0.19.7 only with check_grad_overflow (fp32 never: measured); 0.19.6, without compute_grad_norm,
