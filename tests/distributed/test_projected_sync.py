@@ -274,8 +274,9 @@ def _hsdp_worker(rank, world_size, cases, mesh_shape):
 @pytest.mark.parametrize("mesh_shape", [(2, 2), (3, 1)])
 def test_hsdp_projected_sync_equals_hsdp(mesh_shape):
     """HSDP 2 x 2 (row shards: the left side's reduce-scatter, chunked right bases, the coalesced
-    bucket path) and 3 x 1 against FSDP2's own replicate all-reduce."""
-    cases = [("galore", {}), ("galore", {"refresh": "svd"}), ("grassjump", {"recovery_scaling": False})]
+    bucket path) and 3 x 1 against FSDP2's own replicate all-reduce, every algorithm that takes the mode."""
+    cases = [("galore", {}), ("galore", {"refresh": "svd"}), ("golore", {}), ("grassjump", {"recovery_scaling": False}),
+             ("grasswalk", {"recovery_scaling": False})]
     world = mesh_shape[0] * mesh_shape[1]
     _check(run_ranks(world, _hsdp_worker, cases, mesh_shape), cases)
 
