@@ -397,10 +397,6 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             self._views.update(self._averaged_views)
             self._averaged_views.clear()
 
-    @property
-    def syncs_by_projection(self) -> bool:
-        return any(view.replicas is not None for view in self._views.values()) or bool(self._averaged_views)
-
     def _whole_on_every_shard(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s prepared projection is whole on every rank of its shard group."""
         return False

@@ -187,7 +187,7 @@ class ZeroBinding:
         size = sum(t.numel() for t in tensors)  # this share (padding at most): else not ours to read
         if not part.end - part.start <= size <= part.length:
             return None
-        # The share's elements only: padding may be uninitialized memory (ZeRO-3's gradient buffers).
+        # The share's elements only, as at the group's own call: padding is no gradient of the parameter.
         share, left = [], part.end - part.start
         for t in tensors:
             if left <= 0:
@@ -367,7 +367,7 @@ def attach(engine, optimizer: SubspaceOptimizer) -> ZeroBinding:
     if stage == 3:
         # Stage 3 discards a step whose global gradient norm is not finite from 0.19.8 on (its
         # is_invalid_grad_norm); older releases hand bf16/fp32 NaN over, and the ranks then agree on
-        # skips themselves (one max-reduction per engine step: see ZeroBinding.begin_step).
+        # skips themselves (one max-reduction per sub-group: see ZeroBinding.begin_step).
         from deepspeed.runtime.zero import stage3
 
         finite_checked = hasattr(stage3, "is_invalid_grad_norm")
