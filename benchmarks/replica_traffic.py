@@ -102,6 +102,9 @@ def main(argv=None) -> int:
                         help="HSDP with this many replica groups (ranks / REPLICAS shards each); 0: DDP")
     parser.add_argument("--out", default="runs/bench/replica_traffic.json")
     args = parser.parse_args(argv)
+    if args.hsdp < 0 or (args.hsdp and args.ranks % args.hsdp):
+        parser.error(f"--hsdp {args.hsdp}: the replica groups must divide --ranks {args.ranks} "
+                     f"(use one of {[d for d in range(1, args.ranks + 1) if args.ranks % d == 0]}, or 0 for DDP)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
