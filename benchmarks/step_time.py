@@ -8,6 +8,10 @@ the cycle's mean (amortized) and median step, its worst single step, the first s
 
     python benchmarks/step_time.py                       # CPU, small LLaMA shapes
     python benchmarks/step_time.py --device cuda --shapes 1b --rank 512 --gap 200
+    python benchmarks/step_time.py --shapes narrow32 --rank 16 --threads 1   # bound by dispatch, not flops
+
+Also per optimizer: the median of steps with no refresh at all ("plain"), and the aten ops one such
+step dispatches (a ``TorchDispatchMode`` count; a ``torch._foreach_*`` call over a list is one op).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, markdown_table, summarize, timed, write_json  # noqa: E402
@@ -59,6 +64,43 @@ def build(choice: str, model: torch.nn.Module, args) -> torch.optim.Optimizer | 
     return distopt.build_optimizer(model, "galore", lr=lr, rank=args.rank, update_proj_gap=args.gap, **extra)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched (a ``torch._foreach_*`` call over a list counts once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def plain_steps(choice: str, args) -> dict | None:
+    """Steps without a refresh (``update_proj_gap`` out of reach after the first step): the median of
+    ``--plain-steps`` of them and the aten ops of one, the dispatch-bound measure."""
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = TinyLlama(SHAPES[args.shapes])
+    gap = args.gap
+    args.gap = 10**9
+    try:
+        optimizer = build(choice, model, args)
+    finally:
+        args.gap = gap
+    if optimizer is None:
+        return None
+    generator = torch.Generator(device=args.device).manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator, device=args.device) * 1e-3
+    for _ in range(3):  # the first bases, then warm
+        optimizer.step()
+    times = [timed(optimizer.step, args.device) for _ in range(args.plain_steps)]
+    with OpCounter() as ops:
+        optimizer.step()
+    return {"plain_median_ms": summarize(times)["median_ms"], "aten_ops_per_plain_step": ops.count}
+
+
 def measure(choice: str, args) -> dict | None:
     torch.manual_seed(0)
     with torch.device(args.device):
@@ -88,6 +130,11 @@ def measure(choice: str, args) -> dict | None:
     return row
 
 
+def matrices(shapes: str) -> int:
+    """How many 2-D weights of the decoder layers the shapes hold (7 per layer)."""
+    return 7 * SHAPES[shapes].num_hidden_layers
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -97,6 +144,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--optimizers", default=",".join(CHOICES), help=f"comma list from {CHOICES}")
     parser.add_argument("--out", default="runs/bench/step_time.json")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--plain-steps", type=int, default=20,
+                        help="steps without a refresh timed per optimizer (and one counted in aten ops); 0: skip")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (the dispatch-bound case: 1)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -111,21 +161,32 @@ def main(argv=None) -> dict:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     rows = [row for choice in choices if (row := measure(choice, args)) is not None]
+    if args.plain_steps:
+        for row in rows:
+            row.update(plain_steps(row["optimizer"], args) or {})
     baseline = next((r for r in rows if r["optimizer"] == "adamw-fused"), None)
     for row in rows:
         if baseline:
             row["amortized_vs_fused_adamw"] = row["mean_ms"] / baseline["mean_ms"]
             row["state_vs_adamw"] = row["state_bytes"] / baseline["state_bytes"]
+            if "plain_median_ms" in row:
+                row["plain_vs_fused_adamw"] = row["plain_median_ms"] / baseline["plain_median_ms"]
         row["max_vs_median"] = row["max_ms"] / row["median_ms"]
     payload = {"benchmark": "step_time", "env": environment(args.device),
-               "settings": {"shapes": args.shapes, "rank": args.rank, "gap": args.gap, "lr": 1e-3, "tf32": False},
+               "settings": {"shapes": args.shapes, "rank": args.rank, "gap": args.gap, "lr": 1e-3, "tf32": False,
+                            "plain_steps": args.plain_steps, "matrices": matrices(args.shapes)},
                "results": rows}
     path = write_json(args.out, payload)
     print(markdown_table(rows, [
         ("optimizer", "optimizer", "s"), ("mean_ms", "amortized ms", ".2f"), ("median_ms", "median ms", ".2f"),
         ("max_ms", "worst ms", ".2f"), ("first_ms", "first ms", ".1f"), ("max_vs_median", "worst/median", ".2f"),
-        ("amortized_vs_fused_adamw", "x fused AdamW", ".2f"), ("state_bytes_per_param", "state B/param", ".2f"),
+        ("amortized_vs_fused_adamw", "x fused AdamW", ".2f"), ("plain_median_ms", "plain ms", ".2f"),
+        ("plain_vs_fused_adamw", "plain x fused AdamW", ".2f"), ("aten_ops_per_plain_step", "aten ops/plain step", "d"),
+        ("state_bytes_per_param", "state B/param", ".2f"),
         ("state_vs_adamw", "state x AdamW", ".3f"),
     ]))
     print(f"\n{payload['env']['device_name']} | torch {payload['env']['torch']} | shapes {args.shapes} "

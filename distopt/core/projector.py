@@ -67,14 +67,6 @@ def project_back(low: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Ten
     return low @ basis.T if side == "right" else basis @ low
 
 
-def accumulate_back(w: torch.Tensor, low: torch.Tensor, basis: torch.Tensor, side: str, alpha: float) -> None:
-    """``w += alpha project_back(low)`` in one ``addmm_``, with no full-size temporary."""
-    if side == "right":
-        w.addmm_(low, basis.T, alpha=alpha)
-    else:
-        w.addmm_(basis, low, alpha=alpha)
-
-
 def change_of_basis(new: torch.Tensor, old: torch.Tensor, side: str, group) -> torch.Tensor:
     """``C = new^T old`` (r x r): coordinates in ``old`` map to ``new`` by ``C`` (left) or ``C^T`` (right)."""
     c = new.T @ old

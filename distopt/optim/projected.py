@@ -10,22 +10,21 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
 
-from ..core import comm, subspace
+from ..core import batching, comm, subspace
 from ..core.linalg import stable_seed
 from ..core.moments import apply_moment_policy
 from ..core.options import check_option
 from ..core.projector import (
     RangeRequest,
     SvdRequest,
-    accumulate_back,
     change_of_basis,
     compute_basis,
     prepared_bases,
-    project,
     project_back,
     random_basis,
     unseen_fraction,
@@ -44,6 +43,22 @@ def projection_matmuls(group: dict):
     ``tf32`` lets those matmuls (never a refresh, whose Gram and range finder stay fp32) run on TF32
     tensor cores."""
     return tf32_matmuls(True) if group["projection_precision"] == "tf32" else contextlib.nullcontext()
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Matrices stepped together by :meth:`ProjectedAdam._step_batched` (same local shape, side, rank,
+    device, basis dtype, replica group and recovery term), with what their step reads of each."""
+
+    params: list[torch.Tensor]
+    weights: list[torch.Tensor]  # the local tensors stepped in place
+    states: list[dict]
+    views: list[MatrixShardView]
+    plans: list[subspace.SubspacePlan]
+    packing: batching.PackedState = field(init=False)
+
+    def __post_init__(self):
+        self.packing = batching.PackedState(self.states)
 
 
 class ProjectedAdam(SubspaceOptimizer):
@@ -313,61 +328,173 @@ class ProjectedAdam(SubspaceOptimizer):
         directions = torch._foreach_div(avgs, denominators)
         return directions, [float(group["lr"]) / (1.0 - beta1**count) for count in counts]
 
-    def _step_batched(self, group: dict, params: list[torch.Tensor]) -> None:
-        """One step of ``params`` with the element-wise math over all of them at once.
-
-        Per matrix: its refresh when one is due, then ``R = proj(G)`` (one matmul) and, at the end,
-        ``W -= step alpha back(N)`` accumulated into ``W`` by ``addmm_`` (no full-size temporary).
-        Adam's moments, its direction ``N`` and the weight decay are ``torch._foreach_*`` calls over
-        the whole list, so the launches per matrix are two matmuls. Fira's recovery term stays per
-        matrix (a full-size residual each, made and applied one at a time). The numbers are the
-        per-matrix path's up to the rounding of the fused accumulation."""
-        lr, wd, scale = float(group["lr"]), group["weight_decay"], group["scale"]
-        weights: list[torch.Tensor]
-        bases: list[torch.Tensor]
-        plans: list[subspace.SubspacePlan]
-        lows: list[torch.Tensor]
-        states: list[dict]
-        weights, bases, plans, lows, states = [], [], [], [], []
-        unaveraged: list[int] = []  # lows whose replicas' average is still to take (not prepared)
-        fira = {}  # index -> (gradient, view) of the matrices with a recovery term
+    def _batches(self, group: dict, params: list[torch.Tensor]) -> list[_Batch]:
+        """``params`` split into batches of matrices that share a local shape, side, rank, device,
+        basis dtype, replica group and recovery term; cached for the same parameters, views and
+        settings, so a plain step's Python work per matrix is a few integer tests."""
+        key = (id(group), tuple(map(id, params)), self._views_version, group["rank"], group["side"],
+               group["update_proj_gap"], group["stagger"], group.get("state_layout"), group.get("basis_dtype"),
+               group["recovery_scaling"], group["moment_policy"])
+        cache = self.__dict__.setdefault("_batch_cache", {})
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        members: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
-            w, grad, state, view = local(p), local(p.grad), self.state[p], self._views[p]
+            w, state, view = local(p), self.state[p], self._views[p]
             plan = subspace.plan(view, group)
-            with subspace.whole_basis(state, view, plan) as work:  # fp32: a bf16 basis converted, stored back
-                self._refresh_if_due(grad, work, group, view, plan)
-            prepared = self._prepared_lows.pop(view.name, None)
-            if prepared is not None:
-                lows.append(prepared)
-            else:
-                with projection_matmuls(group):  # replicas' averages below, in one collective
-                    lows.append(subspace.project_grad(grad.float(), work, view, plan, average=False))
-                unaveraged.append(len(lows) - 1)
-            if "rs_norm" in state:
-                fira[len(weights)] = (grad, view)
-            weights.append(w)
-            bases.append(work["basis"])
-            plans.append(plan)
-            states.append(state)
-        groups = {id(self._views[params[i]].replicas): self._views[params[i]].replicas for i in unaveraged}
-        if len(groups) == 1 and (replicas := next(iter(groups.values()))) is not None:
-            averaged = comm.replica_mean_coalesced([lows[i] for i in unaveraged], replicas)  # one collective
-            for i, low in zip(unaveraged, averaged):
-                lows[i] = low
-        elif len(groups) > 1:  # matrices synced over different groups (or some not): one at a time
-            for i in unaveraged:
-                lows[i] = comm.replica_mean(lows[i], self._views[params[i]].replicas)
-        directions, sizes = self._adam_batched(lows, states, plans, group)
-        if wd:
-            torch._foreach_mul_(weights, 1.0 - lr * wd)
+            members.setdefault((tuple(w.shape), plan.side, plan.rank, w.device, state["basis"].dtype, id(view.replicas),
+                                "rs_norm" in state), []).append(p)
+        batches = [_Batch(ps, [local(p) for p in ps], [self.state[p] for p in ps], [self._views[p] for p in ps],
+                          [subspace.plan(self._views[p], group) for p in ps]) for ps in members.values()]
+        if len(cache) >= 16:  # other chunks of parameters (a skipped matrix changes a chunk for one step)
+            cache.clear()
+        cache[key] = batches
+        return batches
+
+    def _step_batched(self, group: dict, params: list[torch.Tensor]) -> None:
+        """One step of ``params``, with the matrices that share a local shape, side, rank and dtypes
+        stepped as one batch.
+
+        Per matrix, only its refresh when one is due (then it joins its batch). Per batch, a fixed
+        number of kernels: the gradients stacked, ``R = proj(G)`` as one ``bmm``, Adam's moments and
+        direction on the batch's packed state (``core.batching``: each state tensor of the batch is
+        one buffer, each matrix's state a slice of it), ``back(N)`` as one ``bmm``, and the weight
+        decay and the update of all the batch's weights as two ``torch._foreach_*`` calls. The
+        replicas' averages of every batch's projections (projected sync) take one collective per
+        replica group. Fira's recovery term stays per matrix (a full-size residual each, made and
+        applied one at a time). The numbers are the per-matrix path's up to the rounding of the
+        batched products."""
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
+        gap, reset = group["update_proj_gap"], group["moment_policy"] == "reset"
+        batches = self._batches(group, params)
+        counts: list[list[int]] = []
+        fresh: dict[int, torch.Tensor] = {}  # this step's new bases in fp32 where they are stored in bf16
+        for batch in batches:
+            steps, _ = batch.packing.get("step")
+            batch_counts = []
+            for i, step in enumerate(steps.tolist()):
+                plan = batch.plans[i]
+                if step == 0 or (step + plan.phase) % gap == 0:  # refresh_due (never full rank here)
+                    p, state, view = batch.params[i], batch.states[i], batch.views[i]
+                    with subspace.whole_basis(state, view, plan) as work:  # fp32: a bf16 basis converted, stored back
+                        self._refresh_if_due(local(p.grad), work, group, view, plan)
+                    if work["basis"] is not state["basis"]:  # used unrounded this step, as the per-matrix step does
+                        fresh[id(p)] = work["basis"]
+                batch_counts.append(subspace.moment_updates(step, plan, group) if reset else step + 1)
+            counts.append(batch_counts)
+        if all(batch.views[0].replicas is None for batch in batches):  # each batch from its projection to its update
+            for batch, batch_counts in zip(batches, counts):
+                basis, low, _ = self._batch_projection(group, batch, fresh, reuse=True)
+                self._adam_update_batch(group, batch, batch_counts, basis, low, lr, wd, eps, beta1, beta2)
+            return
+        projected = [self._batch_projection(group, batch, fresh, reuse=False) for batch in batches]
+        # Projected sync: the replicas' averages of what is not averaged yet, one collective per group.
+        waiting: dict[int, tuple[object, list[int]]] = {}
+        for i, batch in enumerate(batches):
+            if batch.views[0].replicas is not None and projected[i][2]:
+                waiting.setdefault(id(batch.views[0].replicas), (batch.views[0].replicas, []))[1].append(i)
+        for group_, indices in waiting.values():
+            averaged = comm.replica_mean_coalesced([projected[i][1] for i in indices], group_)
+            for i, low in zip(indices, averaged):
+                projected[i] = (projected[i][0], low, False)
+        for batch, batch_counts, (basis, low, _) in zip(batches, counts, projected):
+            self._adam_update_batch(group, batch, batch_counts, basis, low, lr, wd, eps, beta1, beta2)
+
+    def _adam_update_batch(self, group: dict, batch: _Batch, counts: list[int], basis, low, lr, wd, eps, beta1, beta2):
+        """Adam on a batch's packed moments from its projections ``low``, then ``W -= step alpha back(N)``."""
+        packing, side = batch.packing, batch.plans[0].side
+        avg, avg_copied = packing.get("exp_avg")
+        avg_sq, avg_sq_copied = packing.get("exp_avg_sq")
+        steps, steps_copied = packing.get("step")
+        steps.add_(1)
+        avg.lerp_(low, 1.0 - beta1)
+        avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+        direction = torch.sqrt(avg_sq, out=self._scratch("direction", avg_sq.shape, avg_sq))
+        coef: float | torch.Tensor
+        if min(counts) == max(counts):  # one bias correction for the batch (all but staggered resets)
+            direction.div_(math.sqrt(1.0 - beta2 ** counts[0])).add_(eps)
+            sizes = [lr / (1.0 - beta1 ** counts[0])] * len(counts)
+            coef = -sizes[0] * group["scale"]
+        else:
+            direction.div_(self._per_matrix([math.sqrt(1.0 - beta2**c) for c in counts], low)).add_(eps)
+            sizes = [lr / (1.0 - beta1**c) for c in counts]
+            coef = self._per_matrix([-size * group["scale"] for size in sizes], low)
+        torch.div(avg, direction, out=direction)
         with projection_matmuls(group):
-            for i, (w, basis, plan, direction, size) in enumerate(zip(weights, bases, plans, directions, sizes)):
-                accumulate_back(w, direction, basis, plan.side, -size * scale)
-                if i in fira:  # one full-size residual alive at a time
-                    grad, view = fira[i]
-                    residual = recovery_term(grad.float(), lows[i], direction, basis, plan.side, view,
-                                             states[i]["rs_norm"], group["norm_growth_limit"])
-                    w.add_(residual, alpha=-size)
+            scaled = torch.mul(direction, coef, out=self._scratch("scaled", direction.shape, direction))
+            out = self._scratch("stacked", (len(batch.weights), *batch.weights[0].shape), scaled)
+            update = (torch.bmm(basis, scaled, out=out) if side == "left"
+                      else torch.bmm(scaled, basis.transpose(1, 2), out=out))
+        del scaled
+        if wd:
+            torch._foreach_mul_(batch.weights, 1.0 - lr * wd)
+        torch._foreach_add_(batch.weights, update.unbind(0))
+        del update
+        for i, state in enumerate(batch.states):
+            if "rs_norm" in state:  # one full-size residual alive at a time
+                with projection_matmuls(group):
+                    residual = recovery_term(local(batch.params[i].grad).float(), low[i], direction[i], basis[i], side,
+                                             batch.views[i], state["rs_norm"], group["norm_growth_limit"])
+                batch.weights[i].add_(residual, alpha=-sizes[i])
+        for key, value, copied in (("exp_avg", avg, avg_copied), ("exp_avg_sq", avg_sq, avg_sq_copied),
+                                   ("step", steps, steps_copied)):
+            if copied:
+                packing.store_back(key, value)
+
+    def _scratch(self, slot: str | None, shape, like: torch.Tensor) -> torch.Tensor:
+        """An fp32 ``shape`` tensor for a batch's temporaries (``slot``: ``stacked`` gradients, then
+        updates; ``low``, ``direction``, ``scaled``), overwritten by the next batch. On CPU it is a
+        view of a buffer per slot kept between steps (as large as the largest batch's): a fresh
+        multi-megabyte host allocation is mapped from the OS and page-faulted on every step, which
+        cost as much as the products. On a GPU (and with no slot) a new tensor: the caching allocator
+        does that reuse."""
+        if slot is None or like.device.type != "cpu":
+            return torch.empty(shape, dtype=torch.float32, device=like.device)
+        numel = math.prod(shape)
+        buffers = self.__dict__.setdefault("_cpu_scratch", {})
+        buffer = buffers.get(slot)
+        if buffer is None or buffer.numel() < numel:
+            buffer = buffers[slot] = torch.empty(numel, dtype=torch.float32)
+        return buffer[:numel].view(shape)
+
+    @staticmethod
+    def _per_matrix(values: list[float], like: torch.Tensor) -> torch.Tensor:
+        """One scalar per matrix of a batch, shaped to broadcast over ``(k, a, b)`` tensors."""
+        return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True).view(-1, 1, 1)
+
+    def _batch_projection(self, group: dict, batch: _Batch, fresh: dict, reuse: bool):
+        """``(basis, R, to_average)`` of a batch: its bases in fp32 (the packed buffer itself when it is
+        fp32; ``fresh`` ones unrounded) and ``proj(G)`` of every matrix, ``(k, r, n)`` or ``(k, m, r)``
+        (in the ``low`` scratch slot with ``reuse``, so only until the next batch's); ``to_average``
+        when the replicas' average of ``R`` is still to take (``clip_grad_norm_`` takes it with the
+        projections it prepares)."""
+        bases, _ = batch.packing.get("basis")  # read only: a refresh wrote into the slices already
+        basis = bases.float()
+        if fresh:
+            for i, p in enumerate(batch.params):
+                if id(p) in fresh:
+                    basis[i].copy_(fresh[id(p)])
+        side = batch.plans[0].side
+        prepared = [self._prepared_lows.pop(view.name, None) for view in batch.views] if self._prepared_lows else []
+        if prepared and all(low is not None for low in prepared):
+            return basis, torch.stack(cast(list, prepared)), False
+        with projection_matmuls(group):
+            if not any(low is not None for low in prepared):
+                grads_ = [local(p.grad) for p in batch.params]
+                grads = torch.stack(grads_, out=self._scratch("stacked", (len(grads_), *grads_[0].shape), grads_[0]))
+                k, m, n = grads.shape
+                out = self._scratch("low" if reuse else None, (k, m, basis.shape[2]) if side == "right"
+                                    else (k, basis.shape[2], n), grads)
+                low = (torch.bmm(grads, basis, out=out) if side == "right"
+                       else torch.bmm(basis.transpose(1, 2), grads, out=out))
+                return basis, low, True
+            # Some prepared, some not (clip_grad_norm_ given a subset): the others projected one by one.
+            lows = [low if low is not None else
+                    subspace.project_grad(local(p.grad).float(), {"basis": basis[i]}, batch.views[i], batch.plans[i])
+                    for i, (p, low) in enumerate(zip(batch.params, prepared))]
+            return basis, torch.stack(lows), False
 
     # -- plain steps of several matrices, with their collectives coalesced ---------------------------
     # Bytes of whole bases and r x n sums a bucket holds at once: what a plain step's coalescing adds
@@ -386,19 +513,49 @@ class ProjectedAdam(SubspaceOptimizer):
         return (not plan.full and not subspace.refresh_due(int(state["step"]), plan, group)
                 and (plan.side == "left" or plan.basis_chunked or "rs_norm" in state))
 
+    def _routes(self, group: dict, params: list[torch.Tensor]):
+        """``(sharded, chunks, single)``: the matrices sharded over several ranks (coalesced on their
+        plain steps), the chunks of batchable ones (:meth:`_step_batched`), and the rest (stepped one
+        by one); cached for the same parameters, views, dtypes and settings."""
+        key = (id(group), tuple(map(id, params)), tuple(p.dtype for p in params), self._views_version,
+               self.coalesce_bytes, group["adam_form"], group["rank"], group["side"], group.get("state_layout"),
+               group.get("basis_dtype"))
+        cache = self.__dict__.setdefault("_route_cache", {})
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        sharded = [p for p in params if self._views[p].sharded and comm.world_size(self._views[p].group) > 1]
+        taken = {id(p) for p in sharded}
+        batched = [p for p in params if id(p) not in taken and self._batchable(p, group)]
+        taken.update(id(p) for p in batched)
+
+        def kind(p):  # what splits batches: chunks of one kind make the fewest, largest batches
+            plan = subspace.plan(self._views[p], group)
+            return tuple(local(p).shape), plan.side, plan.rank
+
+        order: dict[tuple, int] = {}
+        batched.sort(key=lambda p: order.setdefault(kind(p), len(order)))  # stable: first-seen kind first
+        # A chunk's stacked gradients (then its updates), its R, N and scaled N, and the fp32 copies of
+        # bf16 bases are alive at once: at most coalesce_bytes.
+        copies = 4 if subspace.basis_dtype(group) != torch.float32 else 0
+        chunks = list(self._chunks(group, batched, lambda view, plan: 4 * view.local_rows * view.n + 12 * plan.rank * (
+            view.local_rows if plan.side == "right" else view.n) + copies * plan.rank * subspace.side_dim(
+            plan.side, view.global_shape)))
+        if len(cache) >= 16:
+            cache.clear()
+        cache[key] = routes = (sharded, chunks, [p for p in params if id(p) not in taken])
+        return routes
+
     def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
-        coalesced = [p for p in params if self._coalescible(p, group)]
+        sharded, chunks, single = self._routes(group, params)
+        coalesced = [p for p in sharded if self._coalescible(p, group)]
         chosen = {id(p) for p in coalesced}
-        batched = [p for p in params if id(p) not in chosen and self._batchable(p, group)]
-        chosen.update(id(p) for p in batched)
-        for p in params:
+        for p in sharded:
             if id(p) not in chosen:
                 self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
-        # R and N of a chunk are alive at once (and the fp32 copies of bf16 bases): at most coalesce_bytes.
-        copies = 4 if subspace.basis_dtype(group) != torch.float32 else 0
-        for chunk in self._chunks(group, batched, lambda view, plan: 8 * plan.rank * (
-                view.local_rows if plan.side == "right" else view.n) + copies * plan.rank * subspace.side_dim(
-                plan.side, view.global_shape)):
+        for p in single:
+            self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
+        for chunk in chunks:
             self._step_batched(group, chunk)
         # The same buckets on every rank: they follow the global shapes and step counts.
         for bucket in self._chunks(group, coalesced, lambda view, plan: 4 * view.n * plan.rank * (
@@ -446,9 +603,10 @@ class ProjectedAdam(SubspaceOptimizer):
         bases = {i: basis.float() for i, basis in bases.items()}  # bf16 storage: gathered at 2 bytes, used in fp32
         # Projections taken ahead by clip_grad_norm_ (reduced and averaged already) are used as they are.
         prepared = {i: low for i, view in enumerate(views) if (low := self._prepared_lows.pop(view.name, None)) is not None}
-        lows = {i: project(grads[i].float(), bases[i], "right", None) for i in right if i not in prepared}
+        mine = [i for i in right if i not in prepared]
+        lows = dict(zip(mine, self._project_batched([grads[i] for i in mine], [bases[i] for i in mine], "right")))
         todo = [i for i in left if i not in prepared]
-        sums = [project(grads[i].float(), bases[i], "left", None) for i in todo]  # this rank's partial sums
+        sums = self._project_batched([grads[i] for i in todo], [bases[i] for i in todo], "left")  # this rank's partial sums
         if all(plans[i].columns_chunked for i in todo):
             reduced = comm.reduce_scatter_cols_coalesced(
                 [(total, views[i].chunk_counts(views[i].n)) for i, total in zip(todo, sums)], pg)
@@ -485,17 +643,72 @@ class ProjectedAdam(SubspaceOptimizer):
             return scaled_residual(grads[i].float(), whole_low[i], whole_ratio[i], bases[i], plans[i].side)
 
         norms = comm.all_reduce_sum_coalesced([scaled(i).square().sum() for i in fira], pg)
-        for i, p in enumerate(params):
+        weights = [local(p) for p in params]
+        # back(N) into W by batches of one shape (the one-process step's products, row for row).
+        batched = [i for i in range(len(params)) if group["adam_form"] == "torch" and weights[i].dtype == torch.float32]
+        if group["weight_decay"] and batched:
+            torch._foreach_mul_([weights[i] for i in batched], 1.0 - float(group["lr"]) * group["weight_decay"])
+        self._accumulate_batched([weights[i] for i in batched], [whole_dir[i] for i in batched],
+                                 [bases[i] for i in batched], [-sizes[i] * group["scale"] for i in batched],
+                                 [plans[i].side for i in batched])
+        done = set(batched)
+        for i in range(len(params)):
             residual = None
             if i in ratios:
                 residual = limited(scaled(i), norms[fira.index(i)].sqrt(), states[i]["rs_norm"], group["norm_growth_limit"])
-            w = local(p)
-            if group["adam_form"] == "torch" and w.dtype == torch.float32:  # back(N) accumulated into W
-                if group["weight_decay"]:
-                    w.mul_(1.0 - float(group["lr"]) * group["weight_decay"])
-                accumulate_back(w, whole_dir[i], bases[i], plans[i].side, -sizes[i] * group["scale"])
+            if i in done:
                 if residual is not None:
-                    w.add_(residual, alpha=-sizes[i])
+                    weights[i].add_(residual, alpha=-sizes[i])
                 continue
             update = project_back(whole_dir[i], bases[i], plans[i].side)
-            self._apply(w, update, sizes[i], group, plans[i], residual)
+            self._apply(weights[i], update, sizes[i], group, plans[i], residual)
+
+    def _byte_runs(self, indices: list[int], nbytes) -> list[list[int]]:
+        """``indices`` in consecutive runs of at most ``coalesce_bytes`` (``nbytes(i)`` each)."""
+        runs: list[list[int]] = []
+        held = 0
+        for i in indices:
+            if runs and held + nbytes(i) <= self.coalesce_bytes:
+                runs[-1].append(i)
+                held += nbytes(i)
+            else:
+                runs.append([i])
+                held = nbytes(i)
+        return runs
+
+    def _project_batched(self, grads: list[torch.Tensor], bases: list[torch.Tensor], side: str) -> list[torch.Tensor]:
+        """This rank's ``G Q`` (right) or partial ``P^T G`` (left) of each pair, by batches of one shape:
+        one ``bmm`` per batch of at most ``coalesce_bytes`` of stacked gradients."""
+        out: list[torch.Tensor] = [grads[0]] * len(grads) if grads else []
+        classes: dict[tuple, list[int]] = {}
+        for j, (g, b) in enumerate(zip(grads, bases)):
+            classes.setdefault((tuple(g.shape), tuple(b.shape), g.dtype), []).append(j)
+        for members in classes.values():
+            for run in self._byte_runs(members, lambda j: 4 * grads[j].numel()):
+                stacked = self._stack_fp32([grads[j] for j in run])
+                basis = torch.stack([bases[j] for j in run])
+                low = torch.bmm(stacked, basis) if side == "right" else torch.bmm(basis.transpose(1, 2), stacked)
+                for t, j in enumerate(run):
+                    out[j] = low[t]
+        return out
+
+    @staticmethod
+    def _stack_fp32(tensors: list[torch.Tensor]) -> torch.Tensor:
+        """``tensors`` stacked in fp32, converted as they are copied (no low-precision stack first)."""
+        return torch.stack(tensors, out=torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float32,
+                                                    device=tensors[0].device))
+
+    def _accumulate_batched(self, weights: list[torch.Tensor], directions: list[torch.Tensor], bases: list[torch.Tensor],
+                            coefs: list[float], sides: list[str]) -> None:
+        """``w += c back(N)`` for each, by batches of one shape: the scaled directions stacked, one
+        ``bmm`` and one ``torch._foreach_add_`` per batch of at most ``coalesce_bytes`` of updates."""
+        classes: dict[tuple, list[int]] = {}
+        for j, (w, d, b, side) in enumerate(zip(weights, directions, bases, sides)):
+            classes.setdefault((tuple(w.shape), tuple(d.shape), tuple(b.shape), side), []).append(j)
+        for (_, _, _, side), members in classes.items():
+            for run in self._byte_runs(members, lambda j: 4 * weights[j].numel()):
+                scaled = torch.stack([directions[j] for j in run]).mul_(self._per_matrix([coefs[j] for j in run], directions[run[0]]))
+                basis = torch.stack([bases[j] for j in run])
+                update = torch.bmm(basis, scaled) if side == "left" else torch.bmm(scaled, basis.transpose(1, 2))
+                torch._foreach_add_([weights[j] for j in run], update.unbind(0))
+

@@ -239,6 +239,12 @@ EXACT = ("galore", "golore", "grassjump", "sam", "snsm")  # each takes refresh="
 
 def _refresh_kwargs(name, method):
     extra = {"galore_steps": 4} if name == "golore" else {}  # GoLore's data-driven refreshes come first
+    if name == "galore":
+        # Under "keep", a singular vector whose LAPACK sign flips with the last bit of G (a Householder
+        # pivot near 0) negates its momentum: the run jumps, and no tolerance holds between world
+        # sizes, whose reductions round differently. "rotate" maps the moments through the change of
+        # basis, which absorbs the flip.
+        extra["moment_policy"] = "rotate"
     return {**build_kwargs(name), **extra, "refresh": method, "stagger": False}
 
 
@@ -454,7 +460,8 @@ def test_a_refresh_step_holds_at_most_two_fp32_gradient_copies():
         for method, got in r.items():
             assert got["matrices"] == 10
             assert max(got["peaks"]) <= 2, (method, got["peaks"])
-            assert min(got["peaks"]) >= 1, (method, got["peaks"])  # the counter sees the step's own copy
+            # The counter sees the refresh steps' own copies (plain steps stack theirs, which it does not count).
+            assert min(got["peaks"][0], got["peaks"][3]) >= 1, (method, got["peaks"])
 
 
 def _plain_step_worker(rank, world_size, layers_list):

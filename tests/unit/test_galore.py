@@ -267,6 +267,16 @@ def test_an_empty_weight_is_stepped_element_wise(name, shape):
     assert all(kind == "adamw" for n, kind in groups.items() if "q_proj" in n)
 
 
+def spy_on(function, seen: list):
+    """``function``, recording the TF32 flag into ``seen`` on each call."""
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return function(*args, **kwargs)
+
+    return spy
+
+
 def test_the_step_runs_fp32_matmuls_whatever_the_tf32_flag(monkeypatch):
     from distopt.core import subspace
 
@@ -278,6 +288,7 @@ def test_the_step_runs_fp32_matmuls_whatever_the_tf32_flag(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(subspace, "project_grad", spy)
+    monkeypatch.setattr(torch, "bmm", spy_on(torch.bmm, seen))  # the batched step's products
     previous = torch.backends.cuda.matmul.allow_tf32  # a property of torch's module: set and restore by hand
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
@@ -307,6 +318,7 @@ def test_tf32_projections_are_opt_in_and_never_reach_the_refresh(monkeypatch, ba
         return real_basis(self, *args, **kwargs)
 
     monkeypatch.setattr(subspace, "project_grad", project)
+    monkeypatch.setattr(torch, "bmm", spy_on(torch.bmm, seen["project"]))  # the batched step's products
     monkeypatch.setattr(distopt.optim.GaLore, "_new_basis", new_basis)
     if not batched:
         monkeypatch.setattr(projected.ProjectedAdam, "_batchable", lambda self, p, g: False)

@@ -1,0 +1,122 @@
+"""Aten ops one plain optimizer step dispatches, at the structure of LLaMA-7B, per optimizer.
+
+A step bound by launches costs about its op count times a launch, so the count, not the flops, is
+what batching has to bring down: O(batches of one shape), not O(matrices). Counted with a
+``TorchDispatchMode`` (a ``torch._foreach_*`` call over a list is one op; a collective is one op).
+
+The model has LLaMA-7B's structure (32 layers, 224 matrices, the 7B's shape classes) at widths
+divided by ``--shrink`` (16: hidden 256, MLP 688, vocab 2000), with ``coalesce_bytes`` divided by
+``shrink**2``: every batch, chunk and bucket the step forms holds the same matrices as at full
+width, so the count is the 7B step's. Ranks are gloo processes (FSDP2, ``--world-sizes``); 1 is one
+process.
+
+    python benchmarks/op_count.py                       # galore, AdamW; 1 and 2 ranks
+    python benchmarks/op_count.py --optimizers galore,subtrack,adam-mini --world-sizes 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]  # tests/distributed: the rank spawner
+
+from common import environment, markdown_table, write_json  # noqa: E402
+
+import distopt  # noqa: E402
+from distopt.models import LlamaShape, TinyLlama  # noqa: E402
+from distopt.optim.projected import ProjectedAdam  # noqa: E402
+
+FULL = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def shape(shrink: int) -> LlamaShape:
+    return LlamaShape(vocab_size=FULL["vocab_size"] // shrink, hidden_size=FULL["hidden_size"] // shrink,
+                      intermediate_size=FULL["intermediate_size"] // shrink, num_hidden_layers=FULL["num_hidden_layers"],
+                      num_attention_heads=max(1, 32 // shrink))
+
+
+def build(name: str, model: torch.nn.Module, rank: int):
+    if name == "adamw-fused":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    if name == "adamw-foreach":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    return distopt.build_optimizer(model, name, lr=1e-3, rank=rank, update_proj_gap=10**9)
+
+
+def count(rank_index: int, world_size: int, names: list[str], shrink: int, rank: int) -> dict:
+    counts = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = TinyLlama(shape(shrink))
+        if world_size > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world_size,))
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        optimizer = build(name, model, rank // shrink)
+        if isinstance(optimizer, ProjectedAdam) or hasattr(optimizer, "coalesce_bytes"):
+            optimizer.coalesce_bytes = max(1, ProjectedAdam.coalesce_bytes // shrink**2)
+        generator = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+            if world_size > 1 and hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+
+                p.grad = distribute_tensor(p.grad, p.device_mesh, p.placements)
+        for _ in range(2):  # the first bases, then a plain step
+            optimizer.step()
+        with OpCounter() as ops:
+            optimizer.step()
+        counts[name] = ops.count
+    return counts
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--optimizers", default="adamw-fused,adamw-foreach,galore")
+    parser.add_argument("--world-sizes", default="1,2")
+    parser.add_argument("--shrink", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=1024, help="the subspace rank at full width")
+    parser.add_argument("--out", default="runs/bench/op_count.json")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    rows = []
+    for world_size in (int(w) for w in args.world_sizes.split(",")):
+        if world_size == 1:
+            counts = count(0, 1, names, args.shrink, args.rank)
+        else:
+            from distributed.harness import run_ranks
+
+            counts = run_ranks(world_size, count, names, args.shrink, args.rank)[0]
+        rows += [{"optimizer": name, "world_size": world_size, "aten_ops_per_plain_step": n} for name, n in counts.items()]
+    payload = {"benchmark": "op_count", "env": environment("cpu"),
+               "settings": {"structure": "llama-7b", "shrink": args.shrink, "rank": args.rank, "matrices": 224},
+               "results": rows}
+    path = write_json(args.out, payload)
+    print(markdown_table(rows, [("optimizer", "optimizer", "s"), ("world_size", "ranks", "d"),
+                                ("aten_ops_per_plain_step", "aten ops per plain step", "d")]))
+    print(f"\nLLaMA-7B structure (224 matrices), widths / {args.shrink}, rank {args.rank} at full width | JSON: {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

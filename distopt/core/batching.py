@@ -1,0 +1,75 @@
+"""State of same-shape matrices packed into shared buffers, so that one kernel steps them all.
+
+A buffer of shape ``(k, *shape)`` holds one state tensor (``exp_avg``, say) of ``k`` matrices, and
+each matrix's state dict holds its slice ``buffer[i]``. The state dict stays keyed by parameter
+name and tensor-only; a checkpoint loads into the slices with ``copy_``, so one written before the
+packing existed loads the same; and a batched kernel reads and writes all ``k`` with no copy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def shared_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The contiguous buffer whose slices ``0..k-1`` are ``tensors`` in order, else ``None``."""
+    first = tensors[0]
+    base = first._base
+    if base is None or base.dim() != first.dim() + 1 or base.shape[0] != len(tensors) or not base.is_contiguous():
+        return None
+    start, stride = base.data_ptr(), base.stride(0) * base.element_size()
+    for i, t in enumerate(tensors):
+        if t._base is not base or t.data_ptr() != start + i * stride:
+            return None
+    return base
+
+
+def packed(states: list[dict], key: str) -> tuple[torch.Tensor, bool]:
+    """``states[i][key]`` as one ``(k, ...)`` tensor, and whether it is a copy to store back
+    (:func:`store_back`) after writing to it.
+
+    The first call on tensors that are in no buffer yet packs them: it stacks them into a new buffer
+    and puts its slices in the state dicts, so later calls return that buffer itself. Tensors packed
+    with other companions (a matrix skipped for a non-finite gradient when the buffer was made) are
+    stacked into a copy instead: a new buffer would keep the old one alive for its other slices.
+    """
+    tensors = [state[key] for state in states]
+    base = shared_buffer(tensors)
+    if base is not None:
+        return base, False
+    stacked = torch.stack(tensors)
+    if all(t._base is None for t in tensors):
+        for i, state in enumerate(states):
+            state[key] = stacked[i]
+        return stacked, False
+    return stacked, True
+
+
+def store_back(states: list[dict], key: str, stacked: torch.Tensor) -> None:
+    """Write a copy made by :func:`packed` back into the state tensors."""
+    torch._foreach_copy_([state[key] for state in states], list(stacked.unbind(0)))
+
+
+class PackedState:
+    """The packed state of one batch of matrices: :func:`packed` once, then the buffers it made,
+    checked on each use by the identity of every state dict's slice (a load or a re-allocation that
+    replaced a tensor makes it pack again)."""
+
+    def __init__(self, states: list[dict]):
+        self.states = states
+        self._held: dict[str, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+
+    def get(self, key: str) -> tuple[torch.Tensor, bool]:
+        """As :func:`packed`: the ``(k, ...)`` tensor, and whether it is a copy to :meth:`store_back`."""
+        held = self._held.get(key)
+        if held is not None and all(state[key] is t for state, t in zip(self.states, held[1])):
+            return held[0], False
+        value, copied = packed(self.states, key)
+        if copied:
+            self._held.pop(key, None)
+        else:
+            self._held[key] = (value, tuple(state[key] for state in self.states))
+        return value, copied
+
+    def store_back(self, key: str, value: torch.Tensor) -> None:
+        store_back(self.states, key, value)
