@@ -162,23 +162,51 @@ def all_gather_rows(local: torch.Tensor, row_counts: list[int], group) -> torch.
     return all_gather_rows_coalesced([(local, row_counts)], group)[0]
 
 
+def _classes(requests: list[tuple[torch.Tensor, list[int]]], key) -> list[list[int]]:
+    """Indices of ``requests`` grouped by ``key(tensor, counts)``, in first-seen order: same-shape
+    requests are packed as one stacked block (a fixed number of copies per class, not per tensor).
+    ``key`` must give the same classes on every rank, so that the wire layouts agree."""
+    classes: dict[tuple, list[int]] = {}
+    for i, (tensor, counts) in enumerate(requests):
+        classes.setdefault(key(tensor, counts), []).append(i)
+    return list(classes.values())
+
+
 def all_gather_rows_coalesced(requests: list[tuple[torch.Tensor, list[int]]], group) -> list[torch.Tensor]:
     """:func:`all_gather_rows` of several ``(local rows, row_counts)`` of one dtype over one group, in
     one collective: each rank sends its blocks, each padded to the matrix's largest count, back to back."""
+    return _gather_rows_by_class(requests, group, transposed=False)
+
+
+def _gather_rows_by_class(requests: list[tuple[torch.Tensor, list[int]]], group, transposed: bool) -> list[torch.Tensor]:
+    """The rows gather of :func:`all_gather_rows_coalesced`; with ``transposed`` the requests hold
+    ``(local columns, col_counts)`` and the columns are gathered (each result made contiguous)."""
     if not requests:
         return []
     if group is None or dist.get_world_size(group) == 1:
         return [local for local, _ in requests]
+    rows_of = (lambda t: t.T) if transposed else (lambda t: t)
+    # The trailing shape and the counts are the same on every rank (the local row count is not).
+    classes = _classes(requests, lambda t, counts: (tuple(rows_of(t).shape[1:]), tuple(counts)))
     blocks = []
-    for local, counts in requests:
-        padded = local.new_zeros((max(counts), *local.shape[1:]))
-        padded[: local.shape[0]] = local
+    for members in classes:
+        local = torch.stack([rows_of(requests[i][0]) for i in members])  # (J, rows, ...)
+        counts = requests[members[0]][1]
+        padded = local.new_zeros((len(members), max(counts), *local.shape[2:]))
+        padded[:, : local.shape[1]] = local
         blocks.append(padded.reshape(-1))
     stacked = all_gather_stacked(torch.cat(blocks), group)
-    out, offset = [], 0
-    for (local, counts), block in zip(requests, blocks):
-        rows = stacked[:, offset : offset + block.numel()].reshape(len(counts), max(counts), *local.shape[1:])
-        out.append(torch.cat([rows[i, :count] for i, count in enumerate(counts)], dim=0))
+    out: list[torch.Tensor] = [requests[0][0]] * len(requests)
+    offset = 0
+    for members, block in zip(classes, blocks):
+        counts = requests[members[0]][1]
+        trailing = rows_of(requests[members[0]][0]).shape[1:]
+        parts = stacked[:, offset : offset + block.numel()].reshape(len(counts), len(members), max(counts), *trailing)
+        whole = torch.cat([parts[i, :, :count] for i, count in enumerate(counts)], dim=1)  # (J, rows, ...)
+        if transposed:
+            whole = whole.transpose(1, 2).contiguous()
+        for i, value in zip(members, whole.unbind(0)):
+            out[i] = value
         offset += block.numel()
     return out
 
@@ -198,23 +226,28 @@ def reduce_scatter_cols_coalesced(requests: list[tuple[torch.Tensor, list[int]]]
     if group is None or dist.get_world_size(group) == 1:
         return [full for full, _ in requests]
     parts = len(requests[0][1])
+    classes = _classes(requests, lambda full, counts: (tuple(full.shape), tuple(counts)))
     padded = []
-    for full, counts in requests:
-        block = full.new_zeros((parts, full.shape[0], max(counts)))
+    for members in classes:
+        fulls = torch.stack([requests[i][0] for i in members])  # (J, k, n)
+        counts = requests[members[0]][1]
+        block = fulls.new_zeros((parts, len(members), fulls.shape[1], max(counts)))
         start = 0
         for i, count in enumerate(counts):
-            block[i, :, :count] = full[:, start : start + count]
+            block[i, :, :, :count] = fulls[:, :, start : start + count]
             start += count
         padded.append(block.reshape(parts, -1))
     send = torch.cat(padded, dim=1)  # (parts, segment): rank i's segment is row i
     out = send.new_empty((send.shape[1],))  # flat: gloo checks the first dimensions
     _record("reduce_scatter", send)
     _reduce_scatter_single(out, send.reshape(-1), group=group)
-    rank, results, offset = dist.get_rank(group), [], 0
-    for (full, counts), block in zip(requests, padded):
-        width = max(counts)
-        mine = out[offset : offset + block.shape[1]].view(full.shape[0], width)
-        results.append(mine[:, : counts[rank]].contiguous())
+    rank, offset = dist.get_rank(group), 0
+    results: list[torch.Tensor] = [requests[0][0]] * len(requests)
+    for members, block in zip(classes, padded):
+        full, counts = requests[members[0]]
+        mine = out[offset : offset + block.shape[1]].view(len(members), full.shape[0], max(counts))
+        for i, value in zip(members, mine[:, :, : counts[rank]].contiguous().unbind(0)):
+            results[i] = value
         offset += block.shape[1]
     return results
 
@@ -227,8 +260,7 @@ def all_gather_cols(local: torch.Tensor, col_counts: list[int], group) -> torch.
 def all_gather_cols_coalesced(requests: list[tuple[torch.Tensor, list[int]]], group) -> list[torch.Tensor]:
     """:func:`all_gather_cols` of several ``(local columns, col_counts)`` of one dtype over one group,
     in one collective: :func:`all_gather_rows_coalesced` of the transposes."""
-    gathered = all_gather_rows_coalesced([(local.T, counts) for local, counts in requests], group)
-    return [whole.T.contiguous() for whole in gathered]
+    return _gather_rows_by_class(requests, group, transposed=True)
 
 
 def gather_rows(local: torch.Tensor, row_counts: list[int], dst_rank: int, group) -> torch.Tensor | None:

@@ -135,7 +135,7 @@ class ProjectedAdam(SubspaceOptimizer):
 
     def _refresh_request(self, group: dict, state: dict, view: MatrixShardView, grad: torch.Tensor):
         plan = subspace.plan(view, group)
-        step = int(state["step"])
+        step = self._step_count(view, state)
         if plan.full or not subspace.refresh_due(step, plan, group):
             return None
         index = refresh_index(step, group["update_proj_gap"], plan.phase)
@@ -311,11 +311,13 @@ class ProjectedAdam(SubspaceOptimizer):
         return not subspace.plan(view, group).full
 
     @staticmethod
-    def _adam_batched(lows: list, states: list[dict], plans: list, group: dict) -> tuple[Sequence[torch.Tensor], list[float]]:
+    def _adam_batched(lows: list, states: list[dict], plans: list, group: dict,
+                      steps: list[int]) -> tuple[Sequence[torch.Tensor], list[float]]:
         """:meth:`_adam_in_subspace` over a list (the ``torch`` form), as ``torch._foreach_*`` calls:
-        the moments of ``lows``, each step counter advanced, the directions and step sizes ``lr / c_1``."""
+        the moments of ``lows``, each step counter advanced (``steps``: their values now), the
+        directions and step sizes ``lr / c_1``."""
         beta1, beta2 = group["betas"]
-        counts = [subspace.moment_updates(int(state["step"]), plan, group) for state, plan in zip(states, plans)]
+        counts = [subspace.moment_updates(step, plan, group) for step, plan in zip(steps, plans)]
         torch._foreach_add_([state["step"] for state in states], 1)
         avgs = [state["exp_avg"] for state in states]
         avg_sqs = [state["exp_avg_sq"] for state in states]
@@ -510,7 +512,7 @@ class ProjectedAdam(SubspaceOptimizer):
         if not view.sharded or comm.world_size(view.group) == 1:
             return False
         plan = subspace.plan(view, group)
-        return (not plan.full and not subspace.refresh_due(int(state["step"]), plan, group)
+        return (not plan.full and not subspace.refresh_due(self._step_count(view, state), plan, group)
                 and (plan.side == "left" or plan.basis_chunked or "rs_norm" in state))
 
     def _routes(self, group: dict, params: list[torch.Tensor]):
@@ -543,11 +545,33 @@ class ProjectedAdam(SubspaceOptimizer):
             plan.side, view.global_shape)))
         if len(cache) >= 16:
             cache.clear()
-        cache[key] = routes = (sharded, chunks, [p for p in params if id(p) not in taken])
+        counters = batching.PackedState([self.state[p] for p in sharded]) if sharded else None
+        cache[key] = routes = (sharded, chunks, [p for p in params if id(p) not in taken], counters)
         return routes
 
+    def _step_count(self, view: MatrixShardView, state: dict) -> int:
+        """``int(state["step"])``, from this step's one read of the packed counters where there is one
+        (a host value either way: the counters live on the CPU)."""
+        count = self.__dict__.get("_steps_now", {}).get(view.name)
+        return int(state["step"]) if count is None else count
+
+    def _batched_refresh_requests(self, group: dict, params: list[torch.Tensor]) -> list:
+        # Called first in a matrix group's step: the sharded matrices' step counts, read at once.
+        sharded, _, _, counters = self._routes(group, params)
+        self._steps_now = {}
+        if counters is not None:
+            steps, _ = counters.get("step")  # packed: one (k,) buffer, read in one copy
+            self._steps_now = {self._views[p].name: step for p, step in zip(sharded, steps.tolist())}
+        return super()._batched_refresh_requests(group, params)
+
     def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
-        sharded, chunks, single = self._routes(group, params)
+        try:
+            self._step_routes(group, params)
+        finally:
+            self._steps_now = {}
+
+    def _step_routes(self, group: dict, params: list[torch.Tensor]) -> None:
+        sharded, chunks, single, _ = self._routes(group, params)
         coalesced = [p for p in sharded if self._coalescible(p, group)]
         chosen = {id(p) for p in coalesced}
         for p in sharded:
@@ -618,13 +642,14 @@ class ProjectedAdam(SubspaceOptimizer):
             lows.update(zip(order, comm.replica_mean_coalesced([lows[i] for i in order], views[0].replicas)))
         lows.update(prepared)
         if group["adam_form"] == "torch":
-            listed, steps = self._adam_batched([lows[i] for i in range(len(params))], states, plans, group)
+            listed, steps = self._adam_batched([lows[i] for i in range(len(params))], states, plans, group,
+                                               [self._step_count(view, state) for view, state in zip(views, states)])
             directions, sizes = dict(enumerate(listed)), dict(enumerate(steps))
         else:
             directions, sizes = {}, {}
             for i in range(len(params)):
                 directions[i], sizes[i] = self._adam_in_subspace(lows[i], states[i], group, plans[i],
-                                                                 int(states[i]["step"]))
+                                                                 self._step_count(views[i], states[i]))
         # Fira's ratio is local along the projected side; a left side in column chunks gathers its R and
         # ratio with its direction, in the same collective.
         fira = [i for i in range(len(params)) if "rs_norm" in states[i]]
