@@ -88,6 +88,12 @@ class ProjectedAdam(SubspaceOptimizer):
     buckets of matrices (``coalesce_bytes`` of whole bases and sums each): one all-gather of bases,
     one reduction of ``P^T G``, one all-gather of directions (with Fira's ``R`` and ratio) and one
     all-reduce of Fira's norms per bucket.
+
+    Matrices of one local shape, side and rank are stepped as a batch: one ``bmm`` for their
+    projections, one for their updates, and Adam's element-wise math on their moments at once, which
+    one process keeps packed in one buffer per state tensor (``core.batching``; each state dict holds
+    its slice). The ``hf`` form, bf16 weights, full rank and the engine adapters' matrices are
+    stepped one by one.
     """
 
     matrix_roles = LINEAR_ROLES
