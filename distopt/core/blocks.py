@@ -96,13 +96,15 @@ def block_plan(view: MatrixShardView, rows: int) -> BlockPlan:
 
 
 def block_mean_sq(grad: torch.Tensor, view: MatrixShardView, plan: BlockPlan) -> torch.Tensor:
-    """Mean of ``grad^2`` over each block this rank keeps (global means, shape ``(count,)``)."""
-    row_sums = grad.float().square().sum(dim=1)
+    """Mean of ``grad^2`` over each block this rank keeps (global means, shape ``(count,)``). A
+    leading batch dimension (same-shape matrices of one process, ``view`` any of theirs) gives
+    ``(batch, count)``, each row as the matrix alone would get it."""
+    row_sums = grad.float().square().sum(dim=-1)
     if plan.rows == 1:  # one row per block: local
         return row_sums / plan.numel
-    totals = row_sums.new_zeros(plan.n_blocks)
+    totals = row_sums.new_zeros((*row_sums.shape[:-1], plan.n_blocks))
     index = torch.arange(view.row_start, cast(int, view.row_end), device=grad.device) // plan.rows  # row_end: set by the view
-    totals.index_add_(0, index, row_sums)
+    totals.index_add_(-1, index, row_sums)
     comm.all_reduce_sum(totals, view.group)  # a head split across ranks sums its parts
     return totals / plan.numel
 

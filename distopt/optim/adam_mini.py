@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from ..core import blocks
+from ..core import batching, blocks
 from ..core.routing import LINEAR_ROLES
-from ..core.shard import MatrixShardView
+from ..core.shard import MatrixShardView, local
 from .base import SubspaceOptimizer, apply_update
 
 
@@ -48,6 +48,10 @@ class AdamMini(blocks.BlockSecondMoment, SubspaceOptimizer):
       ``elementwise={"weight_decay": 0}`` is passed (the package skips names with norm/ln/bias).
     - The head split works on row shards that cut a head in two (one all-reduce of a
       ``n_heads``-vector); the package needs whole heads per rank.
+
+    In one process, matrices of one shape and block size step together (moments packed per batch,
+    one kernel per operation for all of them); row-sharded matrices, the ``hf`` form and bf16
+    weights step one by one (a sharded head block needs its all-reduce per matrix).
 
     State per matrix, with ``B`` its number of blocks (``n_heads`` for q, ``n_kv_heads`` for k,
     ``m`` otherwise): ``step`` (int64) + ``exp_avg`` (m x n) + ``exp_avg_sq`` (B), fp32:
@@ -95,3 +99,61 @@ class AdamMini(blocks.BlockSecondMoment, SubspaceOptimizer):
             denom, step_size = rms / math.sqrt(c2) + group["eps"], float(group["lr"]) / c1
         lr = float(group["lr"])
         apply_update(p, exp_avg / denom, step_size, lr, group["weight_decay"], group["adam_form"])
+
+    # -- matrices of one shape and block size, stepped together (one process) -----------------------
+    def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
+        batches: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            view = self._views[p]
+            if group["adam_form"] == "torch" and p.dtype == torch.float32 and not view.sharded:
+                batches.setdefault((tuple(p.shape), self.block_plan(group, view).rows), []).append(p)
+            else:
+                self._matrix_step(local(p), local(p.grad), self.state[p], group, view)
+        for (shape, rows), members in batches.items():
+            # The stacked gradients, their squares and the directions: three full-size batches at once.
+            per_batch = max(1, self.coalesce_bytes // (12 * shape[0] * shape[1]))
+            for start in range(0, len(members), per_batch):
+                self._step_batch(group, members[start : start + per_batch], rows)
+
+    # Bytes of full-size temporaries a batch may hold (see _step_matrices).
+    coalesce_bytes = 768 << 20
+
+    def _step_batch(self, group: dict, params: list[torch.Tensor], rows: int) -> None:
+        """:meth:`_matrix_step` of same-shape matrices (``torch`` form, fp32, one process) with one
+        kernel per operation for all of them: the moments are packed in one buffer per state tensor
+        (``core.batching``), the block means are a reshape and a sum, and the weights take two
+        ``torch._foreach_*`` calls. The block second moments are the per-matrix step's bit for bit
+        (the shared block code); the weights up to the rounding of the scaled update."""
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
+        packing = batching.PackedState([self.state[p] for p in params])
+        avg, avg_copied = packing.get("exp_avg")
+        avg_sq, avg_sq_copied = packing.get("exp_avg_sq")
+        steps, steps_copied = packing.get("step")
+        grads = torch.stack([local(p.grad) for p in params]).float()
+        k, m, n = grads.shape
+        avg.lerp_(grads, 1.0 - beta1)
+        view = self._views[params[0]]
+        means = blocks.block_mean_sq(grads, view, self.block_plan(group, view))  # (k, blocks)
+        del grads
+        avg_sq.mul_(beta2).add_(means, alpha=1.0 - beta2)
+        steps.add_(1)
+        counts = [int(c) for c in steps.tolist()]
+        if min(counts) == max(counts):
+            c1, c2 = 1.0 - beta1 ** counts[0], 1.0 - beta2 ** counts[0]
+            denom = avg_sq.sqrt().div_(math.sqrt(c2)).add_(eps)
+            sizes: float | torch.Tensor = -lr / c1
+        else:
+            column = torch.tensor([math.sqrt(1.0 - beta2**c) for c in counts], dtype=torch.float32, device=avg.device)
+            denom = avg_sq.sqrt().div_(column[:, None]).add_(eps)
+            sizes = torch.tensor([-lr / (1.0 - beta1**c) for c in counts], dtype=torch.float32,
+                                 device=avg.device).view(-1, 1, 1)
+        direction = (avg.view(k, m // rows, rows, n) / denom.view(k, m // rows, 1, 1)).view(k, m, n).mul_(sizes)
+        weights = [local(p) for p in params]
+        if wd:
+            torch._foreach_mul_(weights, 1.0 - lr * wd)
+        torch._foreach_add_(weights, direction.unbind(0))
+        for key, value, copied in (("exp_avg", avg, avg_copied), ("exp_avg_sq", avg_sq, avg_sq_copied),
+                                   ("step", steps, steps_copied)):
+            if copied:
+                packing.store_back(key, value)
