@@ -17,32 +17,23 @@ process.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]  # tests/distributed: the rank spawner
 
-from common import environment, markdown_table, write_json  # noqa: E402
+from common import OpCounter, environment, markdown_table, write_json  # noqa: E402
 
 import distopt  # noqa: E402
 from distopt.models import LlamaShape, TinyLlama  # noqa: E402
+from distopt.optim import REGISTRY  # noqa: E402
 from distopt.optim.projected import ProjectedAdam  # noqa: E402
 
 FULL = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def shape(shrink: int) -> LlamaShape:
@@ -56,7 +47,9 @@ def build(name: str, model: torch.nn.Module, rank: int):
         return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     if name == "adamw-foreach":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
-    return distopt.build_optimizer(model, name, lr=1e-3, rank=rank, update_proj_gap=10**9)
+    accepted = inspect.signature(REGISTRY[name].__init__).parameters
+    wanted = dict(rank=rank, update_proj_gap=10**9, tau=10**9)  # no refresh after the first step
+    return distopt.build_optimizer(model, name, lr=1e-3, **{k: v for k, v in wanted.items() if k in accepted})
 
 
 def count(rank_index: int, world_size: int, names: list[str], shrink: int, rank: int) -> dict:

@@ -23,10 +23,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, summarize, timed, write_json  # noqa: E402
+from common import OpCounter, environment, markdown_table, summarize, timed, write_json  # noqa: E402
 
 import distopt  # noqa: E402
 from distopt.models import LLAMA_1B, LlamaShape, TinyLlama  # noqa: E402
@@ -62,18 +61,6 @@ def build(choice: str, model: torch.nn.Module, args) -> torch.optim.Optimizer | 
             return GaLoreAdamW(groups, lr=lr)
     extra = dict(refresh="svd", stagger=False) if choice == "galore-svd" else {}
     return distopt.build_optimizer(model, "galore", lr=lr, rank=args.rank, update_proj_gap=args.gap, **extra)
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched (a ``torch._foreach_*`` call over a list counts once)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def plain_steps(choice: str, args) -> dict | None:
