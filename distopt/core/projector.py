@@ -57,14 +57,24 @@ def side_dim(side: str, global_shape: tuple[int, int]) -> int:
     return global_shape[1] if side == "right" else global_shape[0]
 
 
-def project(g: torch.Tensor, basis: torch.Tensor, side: str, group) -> torch.Tensor:
+def project_local(g: torch.Tensor, basis: torch.Tensor, side: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's ``G Q`` (right) or partial ``P^T G`` (left, summed over the row shards by
+    :func:`project`). ``g`` and ``basis`` may carry a leading batch dimension (one ``bmm``)."""
     if side == "right":
-        return g @ basis
-    return comm.all_reduce_sum(basis.T @ g, group)
+        return torch.matmul(g, basis, out=out)
+    return torch.matmul(basis.transpose(-2, -1), g, out=out)
 
 
-def project_back(low: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
-    return low @ basis.T if side == "right" else basis @ low
+def project(g: torch.Tensor, basis: torch.Tensor, side: str, group) -> torch.Tensor:
+    low = project_local(g, basis, side)
+    return low if side == "right" else comm.all_reduce_sum(low, group)
+
+
+def project_back(low: torch.Tensor, basis: torch.Tensor, side: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``N Q^T`` (right) or ``P N`` (left), batched like :func:`project_local`."""
+    if side == "right":
+        return torch.matmul(low, basis.transpose(-2, -1), out=out)
+    return torch.matmul(basis, low, out=out)
 
 
 def change_of_basis(new: torch.Tensor, old: torch.Tensor, side: str, group) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from . import comm
 from .moments import MOMENT_POLICIES
 from .options import check_option
-from .projector import REFRESH_METHODS, resolve_side, side_dim
+from .projector import REFRESH_METHODS, project_back, project_local, resolve_side, side_dim
 from .schedule import is_refresh_step, last_refresh_step, refresh_phase
 from .shard import MatrixShardView
 
@@ -181,13 +181,11 @@ def project_grad(grad: torch.Tensor, state: dict, view: MatrixShardView, plan_: 
     projection (unless ``average`` is False). ``state`` holds the whole basis (:func:`whole_basis`)."""
     if plan_.full:
         return comm.replica_mean(grad.clone(), view.replicas) if view.replicas is not None and average else grad
-    basis = state["basis"]
-    if plan_.side == "right":
-        low = grad @ basis
-    elif plan_.columns_chunked:
-        low = comm.reduce_scatter_cols(basis.T @ grad, view.chunk_counts(view.n), view.group)
-    else:
-        low = comm.all_reduce_sum(basis.T @ grad, view.group)
+    low = project_local(grad, state["basis"], plan_.side)
+    if plan_.side == "left" and plan_.columns_chunked:
+        low = comm.reduce_scatter_cols(low, view.chunk_counts(view.n), view.group)
+    elif plan_.side == "left":
+        low = comm.all_reduce_sum(low, view.group)
     # Projected sync: proj(mean G) = mean proj(G). ``average=False`` leaves it to the caller (coalesced).
     return comm.replica_mean(low, view.replicas) if average else low
 
@@ -201,10 +199,7 @@ def back_project(low: torch.Tensor, state: dict, view: MatrixShardView, plan_: S
     """``back(low)`` for this rank's rows: ``low Q^T``, or ``P low`` (column chunks gathered first)."""
     if plan_.full:
         return low
-    basis = state["basis"]
-    if plan_.side == "right":
-        return low @ basis.T
-    return basis @ gather_projected(low, view, plan_)
+    return project_back(gather_projected(low, view, plan_), state["basis"], plan_.side)
 
 
 def projected_shape(view: MatrixShardView, plan_: SubspacePlan) -> tuple[int, int]:

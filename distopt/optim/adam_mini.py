@@ -139,15 +139,8 @@ class AdamMini(blocks.BlockSecondMoment, SubspaceOptimizer):
         avg_sq.mul_(beta2).add_(means, alpha=1.0 - beta2)
         steps.add_(1)
         counts = [int(c) for c in steps.tolist()]
-        if min(counts) == max(counts):
-            c1, c2 = 1.0 - beta1 ** counts[0], 1.0 - beta2 ** counts[0]
-            denom = avg_sq.sqrt().div_(math.sqrt(c2)).add_(eps)
-            sizes: float | torch.Tensor = -lr / c1
-        else:
-            column = torch.tensor([math.sqrt(1.0 - beta2**c) for c in counts], dtype=torch.float32, device=avg.device)
-            denom = avg_sq.sqrt().div_(column[:, None]).add_(eps)
-            sizes = torch.tensor([-lr / (1.0 - beta1**c) for c in counts], dtype=torch.float32,
-                                 device=avg.device).view(-1, 1, 1)
+        denom = avg_sq.sqrt().div_(batching.per_matrix([math.sqrt(1.0 - beta2**c) for c in counts], avg_sq, 2)).add_(eps)
+        sizes = batching.per_matrix([-lr / (1.0 - beta1**c) for c in counts], avg, 3)
         direction = (avg.view(k, m // rows, rows, n) / denom.view(k, m // rows, 1, 1)).view(k, m, n).mul_(sizes)
         weights = [local(p) for p in params]
         if wd:

@@ -26,6 +26,7 @@ from ..core.projector import (
     compute_basis,
     prepared_bases,
     project_back,
+    project_local,
     random_basis,
     unseen_fraction,
 )
@@ -375,7 +376,6 @@ class ProjectedAdam(SubspaceOptimizer):
         batched products."""
         beta1, beta2 = group["betas"]
         lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
-        gap, reset = group["update_proj_gap"], group["moment_policy"] == "reset"
         batches = self._batches(group, params)
         counts: list[list[int]] = []
         fresh: dict[int, torch.Tensor] = {}  # this step's new bases in fp32 where they are stored in bf16
@@ -384,13 +384,13 @@ class ProjectedAdam(SubspaceOptimizer):
             batch_counts = []
             for i, step in enumerate(steps.tolist()):
                 plan = batch.plans[i]
-                if step == 0 or (step + plan.phase) % gap == 0:  # refresh_due (never full rank here)
+                if subspace.refresh_due(step, plan, group):
                     p, state, view = batch.params[i], batch.states[i], batch.views[i]
                     with subspace.whole_basis(state, view, plan) as work:  # fp32: a bf16 basis converted, stored back
                         self._refresh_if_due(local(p.grad), work, group, view, plan)
                     if work["basis"] is not state["basis"]:  # used unrounded this step, as the per-matrix step does
                         fresh[id(p)] = work["basis"]
-                batch_counts.append(subspace.moment_updates(step, plan, group) if reset else step + 1)
+                batch_counts.append(subspace.moment_updates(step, plan, group))
             counts.append(batch_counts)
         if all(batch.views[0].replicas is None for batch in batches):  # each batch from its projection to its update
             for batch, batch_counts in zip(batches, counts):
@@ -420,21 +420,15 @@ class ProjectedAdam(SubspaceOptimizer):
         avg.lerp_(low, 1.0 - beta1)
         avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
         direction = torch.sqrt(avg_sq, out=self._scratch("direction", avg_sq.shape, avg_sq))
-        coef: float | torch.Tensor
-        if min(counts) == max(counts):  # one bias correction for the batch (all but staggered resets)
-            direction.div_(math.sqrt(1.0 - beta2 ** counts[0])).add_(eps)
-            sizes = [lr / (1.0 - beta1 ** counts[0])] * len(counts)
-            coef = -sizes[0] * group["scale"]
-        else:
-            direction.div_(self._per_matrix([math.sqrt(1.0 - beta2**c) for c in counts], low)).add_(eps)
-            sizes = [lr / (1.0 - beta1**c) for c in counts]
-            coef = self._per_matrix([-size * group["scale"] for size in sizes], low)
+        # One bias correction for the whole batch unless staggered resets made the counts differ.
+        direction.div_(batching.per_matrix([math.sqrt(1.0 - beta2**c) for c in counts], low, 3)).add_(eps)
+        sizes = [lr / (1.0 - beta1**c) for c in counts]
+        coef = batching.per_matrix([-size * group["scale"] for size in sizes], low, 3)
         torch.div(avg, direction, out=direction)
         with projection_matmuls(group):
             scaled = torch.mul(direction, coef, out=self._scratch("scaled", direction.shape, direction))
             out = self._scratch("stacked", (len(batch.weights), *batch.weights[0].shape), scaled)
-            update = (torch.bmm(basis, scaled, out=out) if side == "left"
-                      else torch.bmm(scaled, basis.transpose(1, 2), out=out))
+            update = project_back(scaled, basis, side, out=out)
         del scaled
         if wd:
             torch._foreach_mul_(batch.weights, 1.0 - lr * wd)
@@ -467,11 +461,6 @@ class ProjectedAdam(SubspaceOptimizer):
             buffer = buffers[slot] = torch.empty(numel, dtype=torch.float32)
         return buffer[:numel].view(shape)
 
-    @staticmethod
-    def _per_matrix(values: list[float], like: torch.Tensor) -> torch.Tensor:
-        """One scalar per matrix of a batch, shaped to broadcast over ``(k, a, b)`` tensors."""
-        return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True).view(-1, 1, 1)
-
     def _batch_projection(self, group: dict, batch: _Batch, fresh: dict, reuse: bool):
         """``(basis, R, to_average)`` of a batch: its bases in fp32 (the packed buffer itself when it is
         fp32; ``fresh`` ones unrounded) and ``proj(G)`` of every matrix, ``(k, r, n)`` or ``(k, m, r)``
@@ -495,8 +484,7 @@ class ProjectedAdam(SubspaceOptimizer):
                 k, m, n = grads.shape
                 out = self._scratch("low" if reuse else None, (k, m, basis.shape[2]) if side == "right"
                                     else (k, basis.shape[2], n), grads)
-                low = (torch.bmm(grads, basis, out=out) if side == "right"
-                       else torch.bmm(basis.transpose(1, 2), grads, out=out))
+                low = project_local(grads, basis, side, out=out)
                 return basis, low, True
             # Some prepared, some not (clip_grad_norm_ given a subset): the others projected one by one.
             lows = [low if low is not None else
@@ -716,18 +704,12 @@ class ProjectedAdam(SubspaceOptimizer):
             classes.setdefault((tuple(g.shape), tuple(b.shape), g.dtype), []).append(j)
         for members in classes.values():
             for run in self._byte_runs(members, lambda j: 4 * grads[j].numel()):
-                stacked = self._stack_fp32([grads[j] for j in run])
-                basis = torch.stack([bases[j] for j in run])
-                low = torch.bmm(stacked, basis) if side == "right" else torch.bmm(basis.transpose(1, 2), stacked)
+                stacked = torch.stack([grads[j] for j in run],  # converted to fp32 as they are copied
+                                      out=self._scratch(None, (len(run), *grads[run[0]].shape), grads[run[0]]))
+                low = project_local(stacked, torch.stack([bases[j] for j in run]), side)
                 for t, j in enumerate(run):
                     out[j] = low[t]
         return out
-
-    @staticmethod
-    def _stack_fp32(tensors: list[torch.Tensor]) -> torch.Tensor:
-        """``tensors`` stacked in fp32, converted as they are copied (no low-precision stack first)."""
-        return torch.stack(tensors, out=torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float32,
-                                                    device=tensors[0].device))
 
     def _accumulate_batched(self, weights: list[torch.Tensor], directions: list[torch.Tensor], bases: list[torch.Tensor],
                             coefs: list[float], sides: list[str]) -> None:
@@ -738,8 +720,8 @@ class ProjectedAdam(SubspaceOptimizer):
             classes.setdefault((tuple(w.shape), tuple(d.shape), tuple(b.shape), side), []).append(j)
         for (_, _, _, side), members in classes.items():
             for run in self._byte_runs(members, lambda j: 4 * weights[j].numel()):
-                scaled = torch.stack([directions[j] for j in run]).mul_(self._per_matrix([coefs[j] for j in run], directions[run[0]]))
-                basis = torch.stack([bases[j] for j in run])
-                update = torch.bmm(basis, scaled) if side == "left" else torch.bmm(scaled, basis.transpose(1, 2))
+                scaled = torch.stack([directions[j] for j in run])
+                scaled.mul_(batching.per_matrix([coefs[j] for j in run], scaled, 3))
+                update = project_back(scaled, torch.stack([bases[j] for j in run]), side)
                 torch._foreach_add_([weights[j] for j in run], update.unbind(0))
 

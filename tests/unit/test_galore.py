@@ -288,7 +288,7 @@ def test_the_step_runs_fp32_matmuls_whatever_the_tf32_flag(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(subspace, "project_grad", spy)
-    monkeypatch.setattr(torch, "bmm", spy_on(torch.bmm, seen))  # the batched step's products
+    monkeypatch.setattr(torch, "matmul", spy_on(torch.matmul, seen))  # the batched step's products
     previous = torch.backends.cuda.matmul.allow_tf32  # a property of torch's module: set and restore by hand
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
@@ -318,7 +318,7 @@ def test_tf32_projections_are_opt_in_and_never_reach_the_refresh(monkeypatch, ba
         return real_basis(self, *args, **kwargs)
 
     monkeypatch.setattr(subspace, "project_grad", project)
-    monkeypatch.setattr(torch, "bmm", spy_on(torch.bmm, seen["project"]))  # the batched step's products
+    monkeypatch.setattr(torch, "matmul", spy_on(torch.matmul, seen["project"]))  # the batched step's products
     monkeypatch.setattr(distopt.optim.GaLore, "_new_basis", new_basis)
     if not batched:
         monkeypatch.setattr(projected.ProjectedAdam, "_batchable", lambda self, p, g: False)
