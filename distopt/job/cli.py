@@ -62,7 +62,12 @@ def main(argv: list[str] | None = None) -> int | None:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         print(f"distopt: unknown command {command!r}.{hint}\n\n{USAGE}", file=sys.stderr)
         return 2
-    return run(rest)
+    code = run(rest)
+    if command == "train":
+        from distopt.job.train import exit_if_distributed
+
+        return exit_if_distributed(code or 0)
+    return code
 
 
 if __name__ == "__main__":

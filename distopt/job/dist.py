@@ -143,8 +143,17 @@ def pick_device(requested: str, info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
+_started = False
+
+
+def started() -> bool:
+    """Whether this process has started a process group through :func:`init`."""
+    return _started
+
+
 def init(info: DistInfo, device: torch.device, backend: str = "auto", timeout_min: float = 30) -> None:
     """Start the default process group for a multi-process job (no-op for one process)."""
+    global _started
     if not info.distributed or dist.is_initialized():
         return
     if backend == "auto":
@@ -155,6 +164,7 @@ def init(info: DistInfo, device: torch.device, backend: str = "auto", timeout_mi
     })
     kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(minutes=timeout_min), **kwargs)
+    _started = True
 
 
 def shutdown() -> None:
