@@ -9,7 +9,8 @@ schedule and token budget for a given seed. The study has four phases:
    the best value is at an end of the grid, the grid is extended in that direction (at most twice),
    so the chosen value is interior.
 2. ``seeds``: each flagship's best lr (lowest final validation loss) runs again with seeds 1 and 2.
-3. ``relatives``: the other optimizers run once, at the best lr of their closest relative.
+3. ``relatives``: the other optimizers run once, at the best lr of their closest relative (those in
+   ``SEEDED_RELATIVES`` with every seed).
 4. ``corpus2``: the flagships at their chosen lr on a second corpus (C headers under
    ``/usr/include``), to check that the ranking is not a property of one text.
 
@@ -59,7 +60,10 @@ FLAGSHIPS = tuple(GRIDS)
 # The other optimizers, each at the chosen lr of its closest relative.
 RELATIVES = {"golore": "galore", "grasswalk": "grassjump", "rso": "galore", "adapm": "adapm-mini", "sam": "adamw",
              # variants: a label "name[key=value,...]" is the optimizer with those hyper-parameters
-             "galore[side=longer]": "galore", "galore[basis_dtype=bf16]": "galore"}
+             "galore[side=longer]": "galore", "galore[basis_dtype=bf16]": "galore",
+             "galore[projection_precision=bf16]": "galore"}
+# Relatives that run every seed, to be told apart from their relative's spread.
+SEEDED_RELATIVES = ("galore[projection_precision=bf16]",)
 MAX_EXTENSIONS = 2
 CORPORA = {
     "stdlib": [],
@@ -190,7 +194,8 @@ class Study:
         if "relatives" in phases:
             for optimizer, relative in RELATIVES.items():
                 if best.get(relative) is not None:
-                    self.get("stdlib", optimizer, best[relative], 0)
+                    for seed in SEEDS if optimizer in SEEDED_RELATIVES else SEEDS[:1]:
+                        self.get("stdlib", optimizer, best[relative], seed)
         if "corpus2" in phases:
             for optimizer, lr in best.items():
                 if lr is not None:

@@ -24,6 +24,7 @@ Refresh methods produce a new orthonormal basis from the current gradient:
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -57,12 +58,46 @@ def side_dim(side: str, global_shape: tuple[int, int]) -> int:
     return global_shape[1] if side == "right" else global_shape[0]
 
 
+# The operand dtype of projection products (proj(G), back(N)) inside products_in(); None: as given.
+_product_dtype: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("product_dtype", default=None)
+_no_fp32_out: set[str] = set()  # device types whose GEMM gave no fp32 output from bf16 operands
+
+
+@contextmanager
+def products_in(dtype: torch.dtype | None):
+    """Give :func:`project_local` and :func:`project_back` ``dtype`` operands (``bfloat16``: half the
+    bytes read, and tensor cores on a GPU) with fp32 accumulation and an fp32 result. Refreshes never
+    go through these functions, so a basis is always computed from fp32 products."""
+    token = _product_dtype.set(dtype)
+    try:
+        yield
+    finally:
+        _product_dtype.reset(token)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    dtype = _product_dtype.get()
+    if dtype is None:
+        return torch.matmul(a, b, out=out)
+    if a.device.type == "cuda" and a.device.type not in _no_fp32_out and a.dim() == b.dim() and a.dim() in (2, 3):
+        product = torch.mm if a.dim() == 2 else torch.bmm
+        try:
+            if out is None:
+                return product(a.to(dtype), b.to(dtype), out_dtype=torch.float32)
+            return product(a.to(dtype), b.to(dtype), out_dtype=torch.float32, out=out)
+        except (NotImplementedError, RuntimeError):
+            _no_fp32_out.add(a.device.type)
+    # Elsewhere the same numbers (up to summation order) from an fp32 GEMM of the rounded operands:
+    # the product of two bf16 values is exact in fp32. CPUs without bf16 units run it ~30x faster.
+    return torch.matmul(a.to(dtype).float(), b.to(dtype).float(), out=out)
+
+
 def project_local(g: torch.Tensor, basis: torch.Tensor, side: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's ``G Q`` (right) or partial ``P^T G`` (left, summed over the row shards by
     :func:`project`). ``g`` and ``basis`` may carry a leading batch dimension (one ``bmm``)."""
     if side == "right":
-        return torch.matmul(g, basis, out=out)
-    return torch.matmul(basis.transpose(-2, -1), g, out=out)
+        return _matmul(g, basis, out=out)
+    return _matmul(basis.transpose(-2, -1), g, out=out)
 
 
 def project(g: torch.Tensor, basis: torch.Tensor, side: str, group) -> torch.Tensor:
@@ -73,8 +108,8 @@ def project(g: torch.Tensor, basis: torch.Tensor, side: str, group) -> torch.Ten
 def project_back(low: torch.Tensor, basis: torch.Tensor, side: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """``N Q^T`` (right) or ``P N`` (left), batched like :func:`project_local`."""
     if side == "right":
-        return torch.matmul(low, basis.transpose(-2, -1), out=out)
-    return torch.matmul(basis, low, out=out)
+        return _matmul(low, basis.transpose(-2, -1), out=out)
+    return _matmul(basis, low, out=out)
 
 
 def change_of_basis(new: torch.Tensor, old: torch.Tensor, side: str, group) -> torch.Tensor:

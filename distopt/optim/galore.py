@@ -68,6 +68,7 @@ class GaLore(ProjectedAdam):
         power_iters: int = 1,
         adam_form: str = "torch",
         projection_precision: str = "fp32",
+        compile: bool = False,
         recovery_scaling: bool = False,
         norm_growth_limit: float = 1.01,
         state_layout: str = "partitioned",

@@ -73,6 +73,7 @@ class GoLore(ProjectedAdam):
         power_iters: int = 1,
         adam_form: str = "torch",
         projection_precision: str = "fp32",
+        compile: bool = False,
         state_layout: str = "partitioned",
         basis_dtype: str = "fp32",
         seed: int = 0,

@@ -80,6 +80,7 @@ class GrassJump(ProjectedAdam):
         power_iters: int = 1,
         adam_form: str = "torch",
         projection_precision: str = "fp32",
+        compile: bool = False,
         state_layout: str = "partitioned",
         seed: int = 0,
     ):

@@ -25,6 +25,7 @@ from ..core.projector import (
     change_of_basis,
     compute_basis,
     prepared_bases,
+    products_in,
     project_back,
     project_local,
     random_basis,
@@ -36,14 +37,38 @@ from ..core.schedule import refresh_index
 from ..core.shard import MatrixShardView, local
 from .base import SubspaceOptimizer, adam_direction, apply_update, tf32_matmuls, update_moments
 
-PROJECTION_PRECISIONS = ("fp32", "tf32")
+PROJECTION_PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def projection_matmuls(group: dict):
-    """The precision of ``proj(G)``, ``back(N)`` and Fira's ``back(R)`` on CUDA: fp32 by default;
-    ``tf32`` lets those matmuls (never a refresh, whose Gram and range finder stay fp32) run on TF32
-    tensor cores."""
-    return tf32_matmuls(True) if group["projection_precision"] == "tf32" else contextlib.nullcontext()
+    """The precision of ``proj(G)``, ``back(N)`` and Fira's ``back(R)``: fp32 by default; ``tf32``
+    lets those matmuls run on TF32 tensor cores (CUDA), ``bf16`` gives them bf16 operands with fp32
+    accumulation (``core.projector.products_in``). Never a refresh: its Gram and range finder stay
+    fp32."""
+    precision = group["projection_precision"]
+    if precision == "tf32":
+        return tf32_matmuls(True)
+    return products_in(torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def _adam_batch_math(avg, avg_sq, low, beta1: float, beta2: float, eps: float, bias2, coef):
+    """Adam's moments of a batch's projections ``low`` (updated in place) and its direction
+    ``M / (sqrt(V) / c_2 + eps)``, returned with it scaled by ``coef`` (per matrix, ``(k, 1, 1)``)."""
+    avg.lerp_(low, 1.0 - beta1)
+    avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+    direction = avg / (avg_sq.sqrt() / bias2 + eps)
+    return direction, direction * coef
+
+
+_compiled_batch_math = None
+
+
+def compiled_batch_math():
+    """:func:`_adam_batch_math` under ``torch.compile``, made on first use (``compile=True``)."""
+    global _compiled_batch_math
+    if _compiled_batch_math is None:
+        _compiled_batch_math = torch.compile(_adam_batch_math, dynamic=None)
+    return _compiled_batch_math
 
 
 @dataclass(eq=False)
@@ -76,7 +101,13 @@ class ProjectedAdam(SubspaceOptimizer):
     ``projection_precision="tf32"`` runs ``proj(G)`` and ``back(N)`` on TF32 tensor cores (CUDA):
     the step 1.8x faster at LLaMA-1B, rank 512, on an H100 (``benchmarks/gpu_suite.py``: 91.3 ->
     50.8 ms), with a 10-bit mantissa in those products; the refresh stays fp32 either way. The
-    default ``fp32`` holds the step to fp32 whatever the global TF32 flags.
+    default ``fp32`` holds the step to fp32 whatever the global TF32 flags. ``"bf16"`` rounds the
+    operands of those products to bf16 (8-bit mantissa) and accumulates in fp32: bf16 GEMMs with an
+    fp32 result on CUDA, the same numbers from rounded fp32 operands elsewhere; the moments, the
+    basis and its refresh stay fp32. Its effect on training is measured in ``docs/convergence.md``.
+
+    ``compile=True`` runs the batched step's element-wise Adam (both moments, the direction and its
+    scaling) as one ``torch.compile`` graph per batch shape instead of about eight kernels per batch.
 
     State per matrix: ``step`` (int64), ``basis`` (``d x r``), ``exp_avg`` and ``exp_avg_sq``
     (``r x D`` or ``D x r``), and ``rs_norm`` (0-d) with recovery scaling, all fp32.
@@ -105,6 +136,8 @@ class ProjectedAdam(SubspaceOptimizer):
         subspace.check_subspace_hparams(group)
         check_option(group, "scale", low=0, low_open=True, note="GaLore's alpha, e.g. 0.25")
         check_option(group, "projection_precision", "choice", choices=PROJECTION_PRECISIONS)
+        if "compile" in group:
+            check_option(group, "compile", "bool")
         if "basis_dtype" in group:
             check_option(group, "basis_dtype", "choice", choices=tuple(subspace.BASIS_DTYPES))
         check_recovery_hparams(group)
@@ -417,16 +450,22 @@ class ProjectedAdam(SubspaceOptimizer):
         avg_sq, avg_sq_copied = packing.get("exp_avg_sq")
         steps, steps_copied = packing.get("step")
         steps.add_(1)
-        avg.lerp_(low, 1.0 - beta1)
-        avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-        direction = torch.sqrt(avg_sq, out=self._scratch("direction", avg_sq.shape, avg_sq))
-        # One bias correction for the whole batch unless staggered resets made the counts differ.
-        direction.div_(batching.per_matrix([math.sqrt(1.0 - beta2**c) for c in counts], low, 3)).add_(eps)
+        bias2 = [math.sqrt(1.0 - beta2**c) for c in counts]
         sizes = [lr / (1.0 - beta1**c) for c in counts]
-        coef = batching.per_matrix([-size * group["scale"] for size in sizes], low, 3)
-        torch.div(avg, direction, out=direction)
-        with projection_matmuls(group):
+        if group.get("compile"):  # per-matrix factors as tensors, so a new step count does not recompile
+            direction, scaled = compiled_batch_math()(
+                avg, avg_sq, low, beta1, beta2, eps, torch.tensor(bias2, device=low.device).view(-1, 1, 1),
+                torch.tensor([-size * group["scale"] for size in sizes], device=low.device).view(-1, 1, 1))
+        else:
+            avg.lerp_(low, 1.0 - beta1)
+            avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+            direction = torch.sqrt(avg_sq, out=self._scratch("direction", avg_sq.shape, avg_sq))
+            # One bias correction for the whole batch unless staggered resets made the counts differ.
+            direction.div_(batching.per_matrix(bias2, low, 3)).add_(eps)
+            coef = batching.per_matrix([-size * group["scale"] for size in sizes], low, 3)
+            torch.div(avg, direction, out=direction)
             scaled = torch.mul(direction, coef, out=self._scratch("scaled", direction.shape, direction))
+        with projection_matmuls(group):
             out = self._scratch("stacked", (len(batch.weights), *batch.weights[0].shape), scaled)
             update = project_back(scaled, basis, side, out=out)
         del scaled

@@ -77,6 +77,10 @@ class SAM(SubspaceOptimizer):
     ``k >= m``). Element-wise AdamW parameters of ``N`` elements: ``4 + 8 N``. Row-sharded over
     ``N`` ranks, ``basis`` and ``exp_avg_sq`` hold this rank's rows and ``exp_avg`` its ``n/N``
     columns (``state_layout="partitioned"``, the default; ``"replicated"`` keeps ``exp_avg`` whole).
+
+    Each matrix steps on its own: no batched step (unlike the GaLore family's). Its update divides
+    by a full ``m x n`` second moment, so a batch would stack full-size numerators and moments, and
+    the two small products it would batch are a minor share of its step.
     """
 
     algorithm = "sam"

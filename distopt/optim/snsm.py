@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..core import comm, subspace
+from ..core import batching, comm, subspace
 from ..core.options import check_option
+from ..core.projector import project_back, project_local
 from ..core.routing import LINEAR_ROLES
-from ..core.shard import MatrixShardView
+from ..core.shard import MatrixShardView, local
 from . import first_moment_subspace
 from .base import SubspaceOptimizer, adam_direction, apply_update, hyperparameters
 
@@ -75,6 +78,14 @@ class AdamSNSM(SubspaceOptimizer):
     ``exp_avg_sq`` (``m x 1`` if ``m >= n``, else ``1 x n``), fp32:
     ``8 + 4 (d r + r D + max(m, n))`` bytes; ``8 + 4 (m n + max(m, n))`` at full rank. Element-wise
     AdamW parameters of ``N`` elements: ``4 + 8 N``.
+
+    In one process, fp32 matrices of one shape, side and rank (``torch`` form, below full rank)
+    step as a batch: each refreshes on its own when due, then one ``bmm`` projects them all, the
+    moments are packed in one buffer per state tensor (``core.batching``), one ``bmm`` maps the
+    momentum back, and the weights take two ``torch._foreach_*`` calls. The numerator is full-size,
+    so a batch holds at most ``coalesce_bytes`` of stacked gradients and numerators. Sharded
+    matrices (a column subset's sum needs its all-reduce), the ``hf`` form and full rank step one
+    by one.
     """
 
     algorithm = "snsm"
@@ -122,6 +133,63 @@ class AdamSNSM(SubspaceOptimizer):
         if subsets_are_rows(view.global_shape):
             return sq.sum(dim=1, keepdim=True)
         return comm.all_reduce_sum(sq.sum(dim=0, keepdim=True), view.group)
+
+    # -- same-shape matrices stepped together (one process) ------------------------------------
+    # Bytes of full-size temporaries a batch may hold: the stacked gradients and numerators.
+    coalesce_bytes = 768 << 20
+
+    def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
+        batches: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            view = self._views[p]
+            plan = subspace.plan(view, group)
+            if group["adam_form"] == "torch" and p.dtype == torch.float32 and not view.sharded and not plan.full:
+                batches.setdefault((tuple(p.shape), plan.side, plan.rank, p.device), []).append(p)
+            else:
+                self._matrix_step(local(p), local(p.grad), self.state[p], group, view)
+        for (shape, *_), members in batches.items():
+            per_batch = max(1, self.coalesce_bytes // (8 * shape[0] * shape[1]))
+            for start in range(0, len(members), per_batch):
+                self._step_batch(group, members[start : start + per_batch])
+
+    def _step_batch(self, group: dict, params: list[torch.Tensor]) -> None:
+        """:meth:`_step_with_basis` of same-shape matrices with one kernel per operation for all of
+        them; the same numbers up to the rounding of the batched products."""
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
+        states, views = [self.state[p] for p in params], [self._views[p] for p in params]
+        plans = [subspace.plan(view, group) for view in views]
+        steps_now = [int(state["step"]) for state in states]
+        for p, state, view, plan, step in zip(params, states, views, plans, steps_now):
+            if subspace.refresh_due(step, plan, group):  # reset (per policy) before M is updated
+                first_moment_subspace.refresh(local(p.grad), state, group, view, plan, step)
+        packing = batching.PackedState(states)
+        basis, _ = packing.get("basis")  # read only: a refresh wrote into the slices already
+        avg, avg_copied = packing.get("exp_avg")
+        avg_sq, avg_sq_copied = packing.get("exp_avg_sq")
+        steps, steps_copied = packing.get("step")
+        side = plans[0].side
+        grads = torch.stack([local(p.grad) for p in params]).float()
+        low = project_local(grads, basis, side)
+        avg.lerp_(low, 1.0 - beta1)
+        sums = grads.square().sum(dim=2 if subsets_are_rows(views[0].global_shape) else 1, keepdim=True)
+        avg_sq.mul_(beta2).add_(sums, alpha=1.0 - beta2)
+        del sums
+        counts = [subspace.moment_updates(step, plan, group) for step, plan in zip(steps_now, plans)]
+        corrected = avg / batching.per_matrix([1.0 - beta1**c for c in counts], avg, 3)
+        numerator = grads.add_(project_back(corrected.sub_(low), basis, side))  # G + back(M / c - proj G)
+        del corrected, low
+        steps.add_(1)
+        bias2 = batching.per_matrix([math.sqrt(1.0 - beta2 ** (step + 1)) for step in steps_now], avg_sq, 3)
+        direction = numerator.div_(avg_sq.sqrt().div_(bias2).add_(eps))
+        weights = [local(p) for p in params]
+        if wd:
+            torch._foreach_mul_(weights, 1.0 - lr * wd)
+        torch._foreach_add_(weights, direction.unbind(0), alpha=-lr)
+        for key, value, copied in (("exp_avg", avg, avg_copied), ("exp_avg_sq", avg_sq, avg_sq_copied),
+                                   ("step", steps, steps_copied)):
+            if copied:
+                packing.store_back(key, value)
 
     def _refresh_request(self, group: dict, state: dict, view: MatrixShardView, grad: torch.Tensor):
         return first_moment_subspace.refresh_request(subspace.plan(view, group), state, group, view, grad)

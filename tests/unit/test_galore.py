@@ -333,5 +333,46 @@ def test_tf32_projections_are_opt_in_and_never_reach_the_refresh(monkeypatch, ba
             assert torch.backends.cuda.matmul.allow_tf32 == previous
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    with pytest.raises(ValueError, match="projection_precision='bf16'"):
-        distopt.build_optimizer(tiny_model(), "galore", projection_precision="bf16")
+    with pytest.raises(ValueError, match="projection_precision='fp16'"):
+        distopt.build_optimizer(tiny_model(), "galore", projection_precision="fp16")
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_bf16_projections_take_bf16_operands_keep_fp32_state_and_never_reach_the_refresh(monkeypatch, batched):
+    from distopt.optim import projected
+
+    operands, refresh_dtypes = [], []
+    real_matmul, real_basis = torch.matmul, distopt.optim.GaLore._new_basis
+
+    def matmul(a, b, *args, **kwargs):  # on a CPU, bf16 operands come rounded, in fp32
+        operands.append(tuple(torch.equal(x, x.bfloat16().float()) for x in (a, b)))
+        return real_matmul(a, b, *args, **kwargs)
+
+    def new_basis(self, *args, **kwargs):
+        refresh_dtypes.append(projector._product_dtype.get())
+        return real_basis(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "matmul", matmul)
+    monkeypatch.setattr(distopt.optim.GaLore, "_new_basis", new_basis)
+    if not batched:
+        monkeypatch.setattr(projected.ProjectedAdam, "_batchable", lambda self, p, g: False)
+    models = {}
+    torch.manual_seed(0)
+    start = [p.detach().clone() for p in tiny_model().parameters()]
+    for precision in ("fp32", "bf16"):
+        operands.clear(), refresh_dtypes.clear()
+        torch.manual_seed(0)
+        model = models[precision] = tiny_model()
+        opt = distopt.build_optimizer(model, "galore", rank=8, lr=1e-2, update_proj_gap=2, projection_precision=precision)
+        train(model, opt, 3)
+        want = precision == "bf16"  # fp32 operands are not all representable in bf16
+        assert operands and set(operands) == {(want, want)}, precision
+        assert refresh_dtypes and set(refresh_dtypes) == {None}, precision  # refreshes stay fp32
+        states = [opt.state[p] for g in opt.param_groups for p in g["params"] if "basis" in opt.state[p]]
+        assert states and all(s[k].dtype == torch.float32 for s in states for k in ("basis", "exp_avg", "exp_avg_sq"))
+    assert projector._product_dtype.get() is None
+    # bf16 operands round at 2^-8: the runs part by more than fp32 rounding, by a few percent of the
+    # distance travelled.
+    travelled = torch.cat([(p - p0).flatten() for p, p0 in zip(models["fp32"].parameters(), start)]).norm()
+    gap = torch.cat([(a - b).flatten() for a, b in zip(models["fp32"].parameters(), models["bf16"].parameters())]).norm()
+    assert 1e-4 < gap / travelled < 0.05, (gap / travelled).item()
