@@ -75,9 +75,10 @@ class PackedState:
         store_back(self.states, key, value)
 
 
-def per_matrix(values: list[float], like: torch.Tensor, dims: int) -> float | torch.Tensor:
-    """One scalar per matrix of a batch: the float itself when they are all equal, else a tensor of
-    ``dims`` dimensions, ``(k, 1, ..., 1)``, on ``like``'s device, to broadcast over the batch."""
-    if min(values) == max(values):
+def per_matrix(values: list[float], like: torch.Tensor, dims: int, as_tensor: bool = False) -> float | torch.Tensor:
+    """One scalar per matrix of a batch: the float itself when they are all equal (unless
+    ``as_tensor``), else a tensor of ``dims`` dimensions, ``(k, 1, ..., 1)``, on ``like``'s device,
+    to broadcast over the batch."""
+    if min(values) == max(values) and not as_tensor:
         return values[0]
     return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True).view(-1, *[1] * (dims - 1))

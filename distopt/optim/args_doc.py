@@ -24,7 +24,7 @@ FRAGMENTS = {
     "power_iters": "subspace iterations of the randomized range finder",
     "seed": "seed of every random draw, hashed with the parameter's name and the refresh index",
     "state_layout": "``partitioned`` (state split over the shard group) or ``replicated`` (whole on every rank)",
-    "compile": "wrap the batched step's element-wise Adam math in ``torch.compile`` (one fused kernel per batch of matrices); compiles once per batch shape",
+    "compile": "wrap the batched step's element-wise Adam math in ``torch.compile`` (one fused kernel per batch of matrices); the first steps compile",
     "projection_precision": "``fp32``, ``tf32`` (TF32 tensor cores for the projections on CUDA) or ``bf16`` "
                             "(bf16 operands, fp32 accumulation and moments); refreshes stay fp32",
     "basis_dtype": "storage of the basis between steps, ``fp32`` or ``bf16`` (half the bytes and the gather traffic; the step works on fp32)",

@@ -107,7 +107,8 @@ class ProjectedAdam(SubspaceOptimizer):
     basis and its refresh stay fp32. Its effect on training is measured in ``docs/convergence.md``.
 
     ``compile=True`` runs the batched step's element-wise Adam (both moments, the direction and its
-    scaling) as one ``torch.compile`` graph per batch shape instead of about eight kernels per batch.
+    scaling) as one ``torch.compile`` graph instead of about eight kernels per batch (compiled on the
+    first steps, shape-generic after a second batch shape).
 
     State per matrix: ``step`` (int64), ``basis`` (``d x r``), ``exp_avg`` and ``exp_avg_sq``
     (``r x D`` or ``D x r``), and ``rs_norm`` (0-d) with recovery scaling, all fp32.
@@ -454,8 +455,8 @@ class ProjectedAdam(SubspaceOptimizer):
         sizes = [lr / (1.0 - beta1**c) for c in counts]
         if group.get("compile"):  # per-matrix factors as tensors, so a new step count does not recompile
             direction, scaled = compiled_batch_math()(
-                avg, avg_sq, low, beta1, beta2, eps, torch.tensor(bias2, device=low.device).view(-1, 1, 1),
-                torch.tensor([-size * group["scale"] for size in sizes], device=low.device).view(-1, 1, 1))
+                avg, avg_sq, low, beta1, beta2, eps, batching.per_matrix(bias2, low, 3, as_tensor=True),
+                batching.per_matrix([-size * group["scale"] for size in sizes], low, 3, as_tensor=True))
         else:
             avg.lerp_(low, 1.0 - beta1)
             avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
