@@ -256,21 +256,41 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_PREEMPTED if result.preempted else 0
 
 
+def _live_gloo_threads() -> int:
+    """Threads of torch's gloo backend still running in this process (Linux; 0 elsewhere)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0
+    count = 0
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as fh:
+                count += fh.read().startswith(("pt_gloo", "gloo_"))
+        except OSError:
+            continue
+    return count
+
+
 def exit_if_distributed(code: int) -> int:
-    """After :func:`main` of a multi-process run, leave the process with ``code`` at once, without
-    the interpreter's teardown; otherwise return ``code``. FSDP2 keeps torch's gloo process group,
-    and its worker threads, alive past ``destroy_process_group`` (torch 2.13, on CPU), so the
-    teardown runs under live communication threads. Finished 2-rank FSDP2 runs were seen to lose a
-    rank there, about once in a few hundred: it aborted (``terminate called without an active
-    exception``, exit -6) after its last collective, its peer having exited 0, and a launcher counts
-    that as a failed job. Logs and standard streams are flushed first."""
-    if dist.started():
-        gc.collect()  # what still holds files open (in reference cycles) closes them now
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(code)
-    return code
+    """After :func:`main` of a multi-process run whose gloo threads outlived the process group,
+    leave the process with ``code`` at once, without the interpreter's teardown; otherwise return
+    ``code``. FSDP2 keeps torch's gloo process group, and its worker threads, alive past
+    ``destroy_process_group`` (torch 2.13, on CPU), so the teardown would run under live
+    communication threads. Finished 2-rank FSDP2 runs were seen to lose a rank there, about once in
+    a few hundred: it aborted (``terminate called without an active exception``, exit -6) after its
+    last collective, its peer having exited 0, and a launcher counts that as a failed job. Logs and
+    standard streams are flushed and MPI (``mpirun`` with mpi4py) is finalized first."""
+    if not dist.started() or not _live_gloo_threads():
+        return code
+    gc.collect()  # what still holds files open (in reference cycles) closes them now
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(code)
 
 
 if __name__ == "__main__":

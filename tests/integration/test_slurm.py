@@ -74,10 +74,10 @@ def slurm(tmp_path):
     return variables, log
 
 
-def _check_run(tmp_path, proc, world=2):
+def _check_run(tmp_path, proc, world=2, engine="ddp"):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["world_size"] == world and summary["steps"] == 3 and summary["engine"] == "ddp"
+    assert summary["world_size"] == world and summary["steps"] == 3 and summary["engine"] == engine
     return summary
 
 
@@ -96,15 +96,17 @@ def test_torchrun_script(tmp_path, slurm):
 
 
 @pytest.mark.distributed
-def test_mpi_script_with_mpirun(tmp_path, slurm):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])  # fsdp2: its ranks leave with MPI finalized, then os._exit
+def test_mpi_script_with_mpirun(tmp_path, slurm, engine):
     pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install 'distopt[mpi]')")
     if shutil.which("mpirun", path=slurm[0]["PATH"]) is None:
         pytest.skip("mpirun is not on PATH")
     variables, _ = slurm
     mpi = {"MPI_LAUNCH": "mpirun", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1", "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe"}
-    proc = run(["bash", "launch/slurm/mpi.sh", *job_args(tmp_path, **ARGS)], env=env(**variables, **mpi), timeout=300)
-    _check_run(tmp_path, proc)
+    proc = run(["bash", "launch/slurm/mpi.sh", *job_args(tmp_path, **ARGS, **{"engine.name": engine})],
+               env=env(**variables, **mpi), timeout=300)
+    _check_run(tmp_path, proc, engine=engine)
 
 
 @pytest.mark.distributed
