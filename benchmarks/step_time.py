@@ -37,7 +37,8 @@ SHAPES = {
     # 224 small matrices: a step bound by launches and Python, as a 7B model's shards are on 64 ranks
     "narrow32": LlamaShape(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=32, num_attention_heads=4),
 }
-CHOICES = ("adamw-foreach", "adamw-fused", "galore-torch", "galore", "galore-svd", "galore-compile", "galore-bf16")
+CHOICES = ("adamw-foreach", "adamw-fused", "galore-torch", "galore", "galore-svd", "galore-compile", "galore-bf16", "snsm",
+           "adam-mini")
 # distopt's galore with other settings, by choice name
 VARIANTS = {"galore-svd": {"refresh": "svd", "stagger": False}, "galore-compile": {"compile": True},
             "galore-bf16": {"projection_precision": "bf16"}}
@@ -62,7 +63,10 @@ def build(choice: str, model: torch.nn.Module, args) -> torch.optim.Optimizer | 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             return GaLoreAdamW(groups, lr=lr)
-    return distopt.build_optimizer(model, "galore", lr=lr, rank=args.rank, update_proj_gap=args.gap, **VARIANTS.get(choice, {}))
+    if choice == "adam-mini":
+        return distopt.build_optimizer(model, "adam-mini", lr=lr)
+    name = "snsm" if choice == "snsm" else "galore"
+    return distopt.build_optimizer(model, name, lr=lr, rank=args.rank, update_proj_gap=args.gap, **VARIANTS.get(choice, {}))
 
 
 def plain_steps(choice: str, args) -> dict | None:
