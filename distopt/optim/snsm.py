@@ -159,15 +159,15 @@ class AdamSNSM(SubspaceOptimizer):
         lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
         states, views = [self.state[p] for p in params], [self._views[p] for p in params]
         plans = [subspace.plan(view, group) for view in views]
-        steps_now = [int(state["step"]) for state in states]
+        packing = batching.PackedState(states)
+        steps, steps_copied = packing.get("step")
+        steps_now = [int(step) for step in steps.tolist()]  # one host read for the batch
         for p, state, view, plan, step in zip(params, states, views, plans, steps_now):
             if subspace.refresh_due(step, plan, group):  # reset (per policy) before M is updated
                 first_moment_subspace.refresh(local(p.grad), state, group, view, plan, step)
-        packing = batching.PackedState(states)
         basis, _ = packing.get("basis")  # read only: a refresh wrote into the slices already
         avg, avg_copied = packing.get("exp_avg")
         avg_sq, avg_sq_copied = packing.get("exp_avg_sq")
-        steps, steps_copied = packing.get("step")
         side = plans[0].side
         grads = torch.stack([local(p.grad) for p in params]).float()
         low = project_local(grads, basis, side)
