@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int | None:
         return 2
     code = run(rest)
     if command == "train":
-        from distopt.job.train import exit_if_distributed
+        from distopt.job.train import skip_teardown_under_live_threads
 
-        return exit_if_distributed(code or 0)
+        return skip_teardown_under_live_threads(code or 0)
     return code
 
 

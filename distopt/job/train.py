@@ -272,7 +272,7 @@ def _live_gloo_threads() -> int:
     return count
 
 
-def exit_if_distributed(code: int) -> int:
+def skip_teardown_under_live_threads(code: int) -> int:
     """After :func:`main` of a multi-process run whose gloo threads outlived the process group,
     leave the process with ``code`` at once, without the interpreter's teardown; otherwise return
     ``code``. FSDP2 keeps torch's gloo process group, and its worker threads, alive past
@@ -294,4 +294,4 @@ def exit_if_distributed(code: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_if_distributed(main()))
+    sys.exit(skip_teardown_under_live_threads(main()))
