@@ -102,21 +102,14 @@ class AdamMini(blocks.BlockSecondMoment, SubspaceOptimizer):
 
     # -- matrices of one shape and block size, stepped together (one process) -----------------------
     def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
-        batches: dict[tuple, list[torch.Tensor]] = {}
-        for p in params:
+        def batch_key(p):
             view = self._views[p]
             if group["adam_form"] == "torch" and p.dtype == torch.float32 and not view.sharded:
-                batches.setdefault((tuple(p.shape), self.block_plan(group, view).rows), []).append(p)
-            else:
-                self._matrix_step(local(p), local(p.grad), self.state[p], group, view)
-        for (shape, rows), members in batches.items():
-            # The stacked gradients, their squares and the directions: three full-size batches at once.
-            per_batch = max(1, self.coalesce_bytes // (12 * shape[0] * shape[1]))
-            for start in range(0, len(members), per_batch):
-                self._step_batch(group, members[start : start + per_batch], rows)
+                return tuple(p.shape), self.block_plan(group, view).rows
+            return None
 
-    # Bytes of full-size temporaries a batch may hold (see _step_matrices).
-    coalesce_bytes = 768 << 20
+        # The stacked gradients, their squares and the directions: three full-size copies at once.
+        self._step_by_batches(group, params, batch_key, 3, lambda g, members, key: self._step_batch(g, members, key[1]))
 
     def _step_batch(self, group: dict, params: list[torch.Tensor], rows: int) -> None:
         """:meth:`_matrix_step` of same-shape matrices (``torch`` form, fp32, one process) with one

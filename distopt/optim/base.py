@@ -19,8 +19,8 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch.optim.adamw import adamw as _functional_adamw
@@ -670,6 +670,26 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         """Step a matrix group's parameters (all with finite gradients), one by one by default."""
         for p in params:
             self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
+
+    # Bytes of full-size fp32 temporaries a batch of matrices may hold (see _step_by_batches).
+    coalesce_bytes = 768 << 20
+
+    def _step_by_batches(self, group: dict, params: list[torch.Tensor], batch_key: Callable[[torch.Tensor], Hashable | None],
+                         temporaries: int, step_batch: Callable[[dict, list[torch.Tensor], Any], None]) -> None:
+        """Step the matrices that share a ``batch_key`` (one process; ``None``: stepped one by one) by
+        ``step_batch(group, members, key)``, in runs that hold at most ``coalesce_bytes`` of
+        ``temporaries`` full-size fp32 copies of each member."""
+        batches: dict[Hashable, list[torch.Tensor]] = {}
+        for p in params:
+            key = batch_key(p)
+            if key is None:
+                self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
+            else:
+                batches.setdefault(key, []).append(p)
+        for key, members in batches.items():
+            per_batch = max(1, self.coalesce_bytes // (4 * temporaries * local(members[0]).numel()))
+            for start in range(0, len(members), per_batch):
+                step_batch(group, members[start : start + per_batch], key)
 
     def _batched_refresh_requests(self, group: dict, params: list[torch.Tensor]) -> list:
         """Refreshes of row-sharded matrices in this step, when there are several to overlap (not those

@@ -135,22 +135,16 @@ class AdamSNSM(SubspaceOptimizer):
         return comm.all_reduce_sum(sq.sum(dim=0, keepdim=True), view.group)
 
     # -- same-shape matrices stepped together (one process) ------------------------------------
-    # Bytes of full-size temporaries a batch may hold: the stacked gradients and numerators.
-    coalesce_bytes = 768 << 20
-
     def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
-        batches: dict[tuple, list[torch.Tensor]] = {}
-        for p in params:
+        def batch_key(p):
             view = self._views[p]
             plan = subspace.plan(view, group)
             if group["adam_form"] == "torch" and p.dtype == torch.float32 and not view.sharded and not plan.full:
-                batches.setdefault((tuple(p.shape), plan.side, plan.rank, p.device), []).append(p)
-            else:
-                self._matrix_step(local(p), local(p.grad), self.state[p], group, view)
-        for (shape, *_), members in batches.items():
-            per_batch = max(1, self.coalesce_bytes // (8 * shape[0] * shape[1]))
-            for start in range(0, len(members), per_batch):
-                self._step_batch(group, members[start : start + per_batch])
+                return tuple(p.shape), plan.side, plan.rank, p.device
+            return None
+
+        # The stacked gradients (then the numerators, in place) and one more full-size temporary at a time.
+        self._step_by_batches(group, params, batch_key, 2, lambda g, members, _: self._step_batch(g, members))
 
     def _step_batch(self, group: dict, params: list[torch.Tensor]) -> None:
         """:meth:`_step_with_basis` of same-shape matrices with one kernel per operation for all of
