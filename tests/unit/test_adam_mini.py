@@ -130,3 +130,23 @@ def test_the_batched_step_equals_the_per_matrix_step(hparams, monkeypatch):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
         for key, value in opt_a.state[x].items():
             torch.testing.assert_close(value, opt_b.state[y][key], rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
+
+
+def test_matrices_left_to_the_per_matrix_step_are_stepped(monkeypatch):
+    """The hf form takes the per-matrix path inside the batched routing: every matrix moves, and
+    exactly as the plain per-matrix loop moves it."""
+    from distopt.optim.adam_mini import AdamMini
+    from distopt.optim.base import SubspaceOptimizer
+
+    runs = []
+    for routed in (True, False):
+        if not routed:
+            monkeypatch.setattr(AdamMini, "_step_matrices", SubspaceOptimizer._step_matrices)
+        model = tiny_model()
+        opt = distopt.build_optimizer(model, "adam-mini", lr=1e-2, adam_form="hf")
+        before = [p.detach().clone() for p in matrix_group(opt)["params"]]
+        train(model, opt, 2)
+        assert all(not torch.equal(b, p) for b, p in zip(before, matrix_group(opt)["params"]))
+        runs.append(model)
+    for x, y in zip(runs[0].parameters(), runs[1].parameters()):
+        assert torch.equal(x, y)

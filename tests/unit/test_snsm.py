@@ -137,3 +137,24 @@ def test_batched_step_equals_the_per_matrix_step(hparams, monkeypatch):
         for key, value in opts[True].state[a].items():
             torch.testing.assert_close(value, opts[False].state[b][key], rtol=1e-5, atol=1e-5,
                                        msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("hparams", [{"adam_form": "hf"}, {"rank": 10_000}])
+def test_matrices_left_to_the_per_matrix_step_are_stepped(hparams, monkeypatch):
+    """The hf form and full rank take the per-matrix path inside the batched routing: every matrix
+    moves, and exactly as the plain per-matrix loop moves it."""
+    from distopt.optim.base import SubspaceOptimizer
+    from distopt.optim.snsm import AdamSNSM
+
+    runs = []
+    for routed in (True, False):
+        if not routed:
+            monkeypatch.setattr(AdamSNSM, "_step_matrices", SubspaceOptimizer._step_matrices)
+        model = tiny_model()
+        opt = distopt.build_optimizer(model, "snsm", lr=1e-2, update_proj_gap=3, **hparams)
+        before = [p.detach().clone() for p in matrix_group(opt)["params"]]
+        train(model, opt, 2)
+        assert all(not torch.equal(b, p) for b, p in zip(before, matrix_group(opt)["params"]))
+        runs.append(model)
+    for x, y in zip(runs[0].parameters(), runs[1].parameters()):
+        assert torch.equal(x, y)
