@@ -79,8 +79,7 @@ class SAM(SubspaceOptimizer):
     columns (``state_layout="partitioned"``, the default; ``"replicated"`` keeps ``exp_avg`` whole).
 
     Each matrix steps on its own: no batched step (unlike the GaLore family's). Its update divides
-    by a full ``m x n`` second moment, so a batch would stack full-size numerators and moments, and
-    the two small products it would batch are a minor share of its step.
+    by a full ``m x n`` second moment, so a batch would stack full-size numerators and moments.
     """
 
     algorithm = "sam"
