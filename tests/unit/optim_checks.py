@@ -130,3 +130,22 @@ def assert_constant_gradient_step(name: str, shape: tuple[int, int], steps: int 
         back = basis @ (basis.T @ grad).sign() if side == "left" else (grad @ basis).sign() @ basis.T
         expected = expected * (1 - lr * wd) - lr * scale * back
         torch.testing.assert_close(w.detach(), expected, rtol=1e-5, atol=1e-7, msg=lambda m, step=step: f"{name} step {step}: {m}")
+
+
+def assert_routed_matrices_step_as_per_matrix(cls, name: str, monkeypatch, **hparams) -> None:
+    """Matrices that ``cls``'s batched routing leaves to the per-matrix step (``hparams`` make them
+    so) are stepped: every matrix moves, exactly as the plain per-matrix loop moves it."""
+    from distopt.optim.base import SubspaceOptimizer
+
+    runs = []
+    for routed in (True, False):
+        if not routed:
+            monkeypatch.setattr(cls, "_step_matrices", SubspaceOptimizer._step_matrices)
+        model = tiny_model()
+        opt = distopt.build_optimizer(model, name, lr=1e-2, **hparams)
+        before = [p.detach().clone() for p in matrix_group(opt)["params"]]
+        train(model, opt, 2)
+        assert all(not torch.equal(b, p) for b, p in zip(before, matrix_group(opt)["params"]))
+        runs.append(model)
+    for x, y in zip(runs[0].parameters(), runs[1].parameters()):
+        assert torch.equal(x, y)

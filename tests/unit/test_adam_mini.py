@@ -5,7 +5,14 @@ import copy
 import pytest
 import torch
 from helpers import TINY, set_grads, side_by_side, tiny_model, train
-from optim_checks import assert_matrix_group_trains, assert_refused, assert_state_bytes_match, matrix_group, one_thread  # noqa: F401 (a fixture, used by name)
+from optim_checks import (  # noqa: F401 (a fixture, used by name)
+    assert_matrix_group_trains,
+    assert_refused,
+    assert_routed_matrices_step_as_per_matrix,
+    assert_state_bytes_match,
+    matrix_group,
+    one_thread,
+)
 from torch import nn
 
 import distopt
@@ -133,20 +140,7 @@ def test_the_batched_step_equals_the_per_matrix_step(hparams, monkeypatch):
 
 
 def test_matrices_left_to_the_per_matrix_step_are_stepped(monkeypatch):
-    """The hf form takes the per-matrix path inside the batched routing: every matrix moves, and
-    exactly as the plain per-matrix loop moves it."""
+    """The hf form takes the per-matrix path inside the batched routing."""
     from distopt.optim.adam_mini import AdamMini
-    from distopt.optim.base import SubspaceOptimizer
 
-    runs = []
-    for routed in (True, False):
-        if not routed:
-            monkeypatch.setattr(AdamMini, "_step_matrices", SubspaceOptimizer._step_matrices)
-        model = tiny_model()
-        opt = distopt.build_optimizer(model, "adam-mini", lr=1e-2, adam_form="hf")
-        before = [p.detach().clone() for p in matrix_group(opt)["params"]]
-        train(model, opt, 2)
-        assert all(not torch.equal(b, p) for b, p in zip(before, matrix_group(opt)["params"]))
-        runs.append(model)
-    for x, y in zip(runs[0].parameters(), runs[1].parameters()):
-        assert torch.equal(x, y)
+    assert_routed_matrices_step_as_per_matrix(AdamMini, "adam-mini", monkeypatch, adam_form="hf")

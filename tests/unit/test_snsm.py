@@ -3,7 +3,16 @@
 import pytest
 import torch
 from helpers import tiny_model, train
-from optim_checks import assert_matrix_group_trains, assert_refused, assert_state_bytes_match, matrix_group, one_matrix_optimizer, one_thread, step_with_grads  # noqa: F401 (a fixture, used by name)
+from optim_checks import (  # noqa: F401 (a fixture, used by name)
+    assert_matrix_group_trains,
+    assert_refused,
+    assert_routed_matrices_step_as_per_matrix,
+    assert_state_bytes_match,
+    matrix_group,
+    one_matrix_optimizer,
+    one_thread,
+    step_with_grads,
+)
 
 import distopt
 from distopt.core import projector, subspace
@@ -141,20 +150,7 @@ def test_batched_step_equals_the_per_matrix_step(hparams, monkeypatch):
 
 @pytest.mark.parametrize("hparams", [{"adam_form": "hf"}, {"rank": 10_000}])
 def test_matrices_left_to_the_per_matrix_step_are_stepped(hparams, monkeypatch):
-    """The hf form and full rank take the per-matrix path inside the batched routing: every matrix
-    moves, and exactly as the plain per-matrix loop moves it."""
-    from distopt.optim.base import SubspaceOptimizer
+    """The hf form and full rank take the per-matrix path inside the batched routing."""
     from distopt.optim.snsm import AdamSNSM
 
-    runs = []
-    for routed in (True, False):
-        if not routed:
-            monkeypatch.setattr(AdamSNSM, "_step_matrices", SubspaceOptimizer._step_matrices)
-        model = tiny_model()
-        opt = distopt.build_optimizer(model, "snsm", lr=1e-2, update_proj_gap=3, **hparams)
-        before = [p.detach().clone() for p in matrix_group(opt)["params"]]
-        train(model, opt, 2)
-        assert all(not torch.equal(b, p) for b, p in zip(before, matrix_group(opt)["params"]))
-        runs.append(model)
-    for x, y in zip(runs[0].parameters(), runs[1].parameters()):
-        assert torch.equal(x, y)
+    assert_routed_matrices_step_as_per_matrix(AdamSNSM, "snsm", monkeypatch, update_proj_gap=3, **hparams)
