@@ -13,6 +13,9 @@ schedule and token budget for a given seed. The study has four phases:
    ``SEEDED_RELATIVES`` with every seed).
 4. ``corpus2``: the flagships at their chosen lr on a second corpus (C headers under
    ``/usr/include``), to check that the ranking is not a property of one text.
+5. ``lowstate``: the flagships that can hold <= 10% of AdamW's state, at the largest rank that
+   does (``LOW_STATE``), each on a 3-point grid around its full-rank relative's lr (extended at an
+   end that wins), then its best lr with every seed: the runs that measure the headline goal.
 
 All other hyper-parameters are the library defaults (``docs/defaults.md``), except the rank. Each
 finished run is cached as ``docs/results/convergence/<corpus>__<optimizer>__lr<lr>__seed<seed>.json``
@@ -43,7 +46,7 @@ RESULTS = ROOT / "docs" / "results" / "convergence"
 RUNS = ROOT / "runs" / "convergence"
 CONFIG = "convergence_cpu"
 RANK = 64  # a quarter of the model's 256-wide short side
-PHASES = ("sweep", "seeds", "relatives", "corpus2")
+PHASES = ("sweep", "seeds", "relatives", "corpus2", "lowstate")
 SEEDS = (0, 1, 2)
 
 # The lr grid each flagship starts from (about 3x apart); extended at an end that wins.
@@ -64,6 +67,10 @@ RELATIVES = {"golore": "galore", "grasswalk": "grassjump", "rso": "galore", "ada
              "galore[projection_precision=bf16]": "galore"}
 # Relatives that run every seed, to be told apart from their relative's spread.
 SEEDED_RELATIVES = ("galore[projection_precision=bf16]",)
+# At most 10% of AdamW's state on this model: the largest rank that stays under it (state x AdamW
+# from the optimizers' own allocation: snsm 0.095, adapm-mini 0.089, grassjump 0.099; at rank 64
+# they hold 0.217, 0.202 and 0.350). Each starts from its rank-64 relative's chosen lr.
+LOW_STATE = {"snsm[rank=24]": "snsm", "adapm-mini[rank=16]": "adapm-mini", "grassjump[rank=12]": "grassjump"}
 MAX_EXTENSIONS = 2
 CORPORA = {
     "stdlib": [],
@@ -145,8 +152,8 @@ def loss(record: dict | None) -> float:
 class Study:
     """The plan of runs, computed from what is cached, so every phase can be resumed."""
 
-    def __init__(self, extra: list[str], dry: bool):
-        self.extra, self.dry, self.pending = extra, dry, []
+    def __init__(self, extra: list[str], dry: bool, only: tuple[str, ...] = ()):
+        self.extra, self.dry, self.pending, self.only = extra, dry, [], only
 
     def get(self, corpus: str, optimizer: str, lr: float, seed: int) -> dict | None:
         hit = cached(corpus, optimizer, lr, seed)
@@ -158,9 +165,9 @@ class Study:
             return None
         return train(corpus, optimizer, lr, seed, self.extra)
 
-    def grid(self, optimizer: str) -> list[float]:
+    def grid(self, optimizer: str, start: list[float] | None = None) -> list[float]:
         """The grid, extended at an end that wins (as far as the cached runs tell)."""
-        values = list(GRIDS[optimizer])
+        values = list(start if start is not None else GRIDS[optimizer])
         for _ in range(MAX_EXTENSIONS):
             records = [self.get("stdlib", optimizer, lr, 0) for lr in values]
             if any(r is None for r in records) or all(math.isinf(loss(r)) for r in records):
@@ -176,8 +183,8 @@ class Study:
             self.get("stdlib", optimizer, lr, 0)
         return values
 
-    def best_lr(self, optimizer: str) -> float | None:
-        values = self.grid(optimizer)
+    def best_lr(self, optimizer: str, start: list[float] | None = None) -> float | None:
+        values = self.grid(optimizer, start)
         results = {lr: loss(cached("stdlib", optimizer, lr, 0)) for lr in values}
         finite = {lr: r for lr, r in results.items() if math.isfinite(r)}
         return min(finite, key=finite.get) if finite else None
@@ -200,6 +207,16 @@ class Study:
             for optimizer, lr in best.items():
                 if lr is not None:
                     self.get("c-headers", optimizer, lr, 0)
+        if "lowstate" in phases:
+            for optimizer, relative in LOW_STATE.items():
+                if self.only and optimizer not in self.only:
+                    continue
+                if (center := best.get(relative)) is None:
+                    continue
+                chosen = self.best_lr(optimizer, [_neighbour(center, up=False), center, _neighbour(center, up=True)])
+                for seed in SEEDS[1:]:
+                    if chosen is not None:
+                        self.get("stdlib", optimizer, chosen, seed)
 
     def _best_cached(self, optimizer: str) -> float | None:
         runs = [r for r in all_runs() if r["corpus"] == "stdlib" and r["optimizer"] == optimizer and r["seed"] == 0]
@@ -236,7 +253,8 @@ def summarize(runs: list[dict]) -> dict:
             "std": statistics.stdev(finals) if len(finals) > 1 else None,
             "state_bytes": any_run["state_bytes"], "adamw_state_bytes": any_run["adamw_state_bytes"],
             "relative_of": RELATIVES.get(optimizer),
-            "interior": lr not in (min(r["lr"] for r in seed0), max(r["lr"] for r in seed0)) if optimizer in GRIDS else None,
+            "interior": (lr not in (min(r["lr"] for r in seed0), max(r["lr"] for r in seed0))
+                         if optimizer in GRIDS or optimizer in LOW_STATE else None),
         }
     return out
 
@@ -260,13 +278,19 @@ def report(runs: list[dict]) -> str:
                   "| optimizer | final val loss | x AdamW loss |", "|---|---|---|"]
         for name, value in sorted(second.items(), key=lambda kv: kv[1]):
             lines.append(f"| {name} | {value:.4f} | {value / second['adamw']:.4f} |")
-    goal = [n for n, r in table.items() if r["state_bytes"] <= 0.10 * base["state_bytes"] and n != "adamw"]
-    if goal:
+    small = [n for n, r in table.items() if r["state_bytes"] <= 0.10 * base["state_bytes"] and n != "adamw"]
+    # The goal is a mean over every seed: a one-seed row cannot decide it.
+    goal = [n for n in small if len(table[n]["losses"]) == len(SEEDS)]
+    if goal and len(base["losses"]) == len(SEEDS):
         best = min(goal, key=lambda n: table[n]["mean"])
         ratio = table[best]["mean"] / base["mean"]
-        lines += ["", f"Goal (best optimizer at <= 10% of AdamW's state within 1% of its loss): {best} at "
-                      f"{ratio:.4f}x AdamW's loss, {table[best]['state_bytes'] / base['state_bytes']:.3f}x its state: "
+        lines += ["", f"Goal (best optimizer at <= 10% of AdamW's state within 1% of its loss, mean over "
+                      f"{len(SEEDS)} seeds): {best} at {ratio:.4f}x AdamW's loss, "
+                      f"{table[best]['state_bytes'] / base['state_bytes']:.3f}x its state: "
                       f"{'met' if ratio <= 1.01 else 'not met'}."]
+    elif small:
+        lines += ["", "Goal (best optimizer at <= 10% of AdamW's state within 1% of its loss): not decided yet, "
+                      f"the rows under 10% ({', '.join(small)}) do not all have {len(SEEDS)} seeds."]
     else:
         smallest = min((n for n in table if n != "adamw"), key=lambda n: table[n]["state_bytes"], default=None)
         if smallest is not None:
@@ -355,12 +379,14 @@ def main(argv=None) -> int:
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list from {PHASES}")
     parser.add_argument("--plan", action="store_true", help="print the runs still to do (as far as the cache tells), train nothing")
     parser.add_argument("--report", action="store_true", help="only write the table and the plot from the cached runs")
+    parser.add_argument("--only", default="", help="comma list of LOW_STATE labels the lowstate phase runs "
+                        "(to split it over processes); default all")
     args, extra = parser.parse_known_args(argv)
     phases = [p for p in args.phases.split(",") if p]
     if bad := sorted(set(phases) - set(PHASES)):
         parser.error(f"unknown phases {bad}; choose from {PHASES}")
     if not args.report:
-        study = Study(extra, dry=args.plan)
+        study = Study(extra, dry=args.plan, only=tuple(x for x in args.only.split(",") if x))
         study.run(phases)
         if args.plan:
             print(f"{len(all_runs())} runs cached in {RESULTS}; {len(study.pending)} to run next "
