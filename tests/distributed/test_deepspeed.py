@@ -301,6 +301,9 @@ def _parity_cases(world):
     cases = {f"zero{s}-{n}{suffix}": {"kind": "train", "stage": s, "name": n, "bf16": bf16}
              for bf16, suffix in ((False, ""), (True, "-bf16")) for s in (1, 2, 3) for n in NAMES}
     if world == 2:
+        # Two ways DeepSpeed's own Muon went silently wrong, held to one process's numbers here:
+        # stage 0 (its default) stepped plain SGD (DeepSpeed #8441, #8442), and zero.Init's flat
+        # placeholders hid the matrix shapes the choice of update depends on (#8438).
         cases.update({
             "zero0-galore": {"kind": "train", "stage": 0, "name": "galore"},
             "zero1-grassjump-gas2-clip": {"kind": "train", "stage": 1, "name": "grassjump", "gas": 2, "clip": CLIP},
@@ -466,6 +469,13 @@ NAN_STEP = 3
 NAN_PARAM = "layers.0.self_attn.q_proj.weight"
 
 
+def _with_nan(grad):
+    """A gradient hook: the same gradient with a NaN in its first element."""
+    grad = grad.clone()
+    grad.view(-1)[0] = float("nan")
+    return grad
+
+
 def _nan_worker(rank, world, cases):
     """Each case trains with one NaN planted in one element of ``NAN_PARAM``'s gradient on rank 1
     only, at step ``NAN_STEP``; returns the masters and each rank's skip counts."""
@@ -483,11 +493,7 @@ def _nan_worker(rank, world, cases):
         for step in range(6):
             handle = None
             if step == NAN_STEP and rank == 1:
-                def plant(grad):
-                    grad = grad.clone()
-                    grad.view(-1)[0] = float("nan")
-                    return grad
-                handle = target.register_hook(plant)
+                handle = target.register_hook(_with_nan)
             engine.backward(engine(local_batch(step, rank, world)))
             engine.step()
             if handle is not None:
@@ -514,14 +520,15 @@ def _nan_reference(whole_step: bool = False):
     return {n: p.detach().clone() for n, p in model.named_parameters()}, dict(opt.nonfinite_skips)
 
 
-def test_a_nan_on_one_rank_skips_the_step_on_every_rank_alike_and_never_hangs():
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank_alike_and_never_hangs(world_size):
     # DeepSpeed 0.19.8's own overflow check (it computes the global gradient norm) skips the whole
     # step when any gradient is not finite, so the distopt optimizer never sees the NaN: every rank
     # skips alike, and the result is one process skipping that step. Releases that do not check
     # (0.19.6 and older in fp32) hand the NaN over; the adapter's agreed flag then skips only that
     # parameter on every rank, as one process does. Either way: no hang, no drift between ranks.
     cases = [{"stage": s, "bf16": b} for s in (1, 2, 3) for b in (False, True)]
-    per_rank = run_ranks(2, _nan_worker, cases, timeout=900)  # a hang would time out, not pass
+    per_rank = run_ranks(world_size, _nan_worker, cases, timeout=900)  # a hang would time out, not pass
     whole_step, _ = _nan_reference(whole_step=True)
     one_param, _ = _nan_reference(whole_step=False)
     problems = []
@@ -530,11 +537,11 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank_alike_and_never_hangs():
         want = whole_step if per_rank[0][key]["engine_skipped"] else one_param
         if not per_rank[0][key]["engine_skipped"] and per_rank[0][key]["skips"] != {NAN_PARAM: 1}:
             problems.append(f"stage {key[0]} bf16={key[1]}: DeepSpeed stepped, but distopt skipped {per_rank[0][key]['skips']}")
-        a, b = per_rank[0][key]["params"], per_rank[1][key]["params"]
-        for name in a:  # the replicas agree bit for bit
-            if not torch.equal(a[name], b[name]):
-                problems.append(f"stage {key[0]} bf16={key[1]}: ranks disagree on {name}")
-                break
+        a = per_rank[0][key]["params"]
+        for rank in range(1, world_size):  # the replicas agree bit for bit
+            b = per_rank[rank][key]["params"]
+            if any(not torch.equal(a[name], b[name]) for name in a):
+                problems.append(f"stage {key[0]} bf16={key[1]}: ranks 0 and {rank} disagree")
         if not key[1]:  # fp32: one process's numbers (bf16 runs are compared by replay elsewhere)
             for name, value in want.items():
                 if not torch.allclose(a[name], value, rtol=RTOL, atol=ATOL):
@@ -557,11 +564,26 @@ def _plant_in_deepspeeds_gradient(zopt, part) -> None:
     target.view(-1)[0] = float("nan")
 
 
+def _as_releases_without_the_check(stage3) -> dict:
+    """Make this DeepSpeed's ZeRO-3 step as 0.19.6 and 0.19.7 do: no step skipped for a non-finite
+    norm, and the per-sub-group norms (-1 where not finite) combined as they are, so the global norm
+    stays finite. Returns what to restore."""
+    saved = {name: getattr(stage3, name) for name in ("is_invalid_grad_norm", "combine_grad_norm_groups")
+             if hasattr(stage3, name)}
+    stage3.is_invalid_grad_norm = lambda norm: False
+    stage3.combine_grad_norm_groups = lambda groups: torch.linalg.vector_norm(torch.stack(list(groups)))
+    return saved
+
+
 def _agreed_skip_worker(rank, world, stages):
-    """The adapter's own agreement (where DeepSpeed does not check): the NaN is planted in rank 1's
-    share of ``NAN_PARAM``'s gradient after DeepSpeed's checks, as DeepSpeed holds it before handing
-    the first group over. Also counts the adapter's flag reductions in a step where DeepSpeed checks."""
+    """The adapter's own agreement (where DeepSpeed does not check). ZeRO-1/2: the NaN is planted in
+    rank 1's share of ``NAN_PARAM``'s gradient after DeepSpeed's checks, as DeepSpeed holds it before
+    handing the first group over. ZeRO-3 steps as the releases without the check do
+    (:func:`_as_releases_without_the_check`) and the NaN comes from backward, so it reaches
+    DeepSpeed's norms as it would there. Also counts the adapter's flag reductions in a step where
+    DeepSpeed checks."""
     import deepspeed  # noqa: F401
+    from deepspeed.runtime.zero import stage3
 
     import distopt.deepspeed as dds
     from distopt.core import comm
@@ -595,20 +617,30 @@ def _agreed_skip_worker(rank, world, stages):
             state["calls"] += 1
             return real_begin(groups)
 
-        def optimizer_step(index, real_inner=real_inner, zopt=zopt, binding=binding, state=state):
-            if state["step"] == NAN_STEP and rank == 1 and not state["planted"]:
+        def optimizer_step(index, real_inner=real_inner, zopt=zopt, binding=binding, state=state, stage=stage):
+            if state["step"] == NAN_STEP and rank == 1 and not state["planted"] and stage != 3:
                 state["planted"] = True
                 _plant_in_deepspeeds_gradient(zopt, binding.parts[NAN_PARAM])
             return real_inner(index)
 
         binding.begin_step, zopt._optimizer_step = begin_step, optimizer_step
+        saved = {}
+        if stage == 3 and checked_by_deepspeed:  # 0.19.8: step as the releases without the check
+            saved = _as_releases_without_the_check(stage3)
+            binding.watch_norm_groups(zopt)
+        target = dict(engine.module.named_parameters())[NAN_PARAM]
         reductions = []
         for step in range(6):
             state["step"], state["calls"] = step, 0
+            handle = target.register_hook(_with_nan) if stage == 3 and step == NAN_STEP and rank == 1 else None
             engine.backward(engine(local_batch(step, rank, world)))
+            if handle is not None:
+                handle.remove()
             flag_reductions.clear()
             engine.step()
             reductions.append((len(flag_reductions), state["calls"]))
+        for name, value in saved.items():
+            setattr(stage3, name, value)
         out[stage] = {"params": _masters(engine, stage), "skips": dict(opt.nonfinite_skips), "reductions": reductions,
                       "engine_skipped": int(engine.skipped_steps), "checked": checked_by_deepspeed,
                       "checked_reductions": checked_reductions, "bookkeeping": bookkeeping}
@@ -620,8 +652,8 @@ def test_the_adapters_own_skip_flags_take_one_reduction_per_engine_step_and_skip
     # Where DeepSpeed hands a NaN over (0.19.6; 0.19.7's stage 3; bf16 ZeRO-1/2 without
     # check_grad_overflow), every rank must skip exactly the parameter one process skips, agreed
     # through one max-reduction per engine step under ZeRO-1/2, although DeepSpeed calls step() once
-    # per parameter group (ZeRO-3: one per sub-group). Where DeepSpeed checks, the adapter spends no
-    # reduction at all.
+    # per parameter group. ZeRO-3 decides from DeepSpeed's per-sub-group norms, already reduced over
+    # the ranks: no flag reduction at all. Where DeepSpeed checks, the adapter spends none either.
     # And a step's bookkeeping walks each group a bounded number of times, not once per step() call.
     stages = (1, 2, 3)
     per_rank = run_ranks(2, _agreed_skip_worker, stages, timeout=900)
@@ -631,8 +663,8 @@ def test_the_adapters_own_skip_flags_take_one_reduction_per_engine_step_and_skip
         a, b = per_rank[0][stage], per_rank[1][stage]
         if a["engine_skipped"] or a["skips"] != want_skips or b["skips"] != want_skips:
             problems.append(f"stage {stage}: skips {a['skips']} / {b['skips']}, want {want_skips} (engine {a['engine_skipped']})")
-        for count, calls in a["reductions"]:  # ZeRO-3's sub-groups are decided one call at a time
-            if count != (calls if stage == 3 else 1) or calls < 2:
+        for count, calls in a["reductions"]:
+            if count != (0 if stage == 3 else 1) or calls < 2:
                 problems.append(f"stage {stage}: {count} flag reductions in an engine step of {calls} step() calls")
                 break
         visits, groups = a["bookkeeping"]  # O(groups) per engine step, although step() is called per group

@@ -67,6 +67,70 @@ def test_every_optimizer_matches_one_process(world_size):
     assert not problems, "\n".join(problems)
 
 
+NAN_STEP = 2
+
+
+def _nan_targets(model) -> list[str]:
+    """A matrix (o_proj, or what RSO trains in its place) and a LayerNorm weight."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return [next(n for n in names if "layers.0.self_attn.o_proj" in n), "layers.1.post_attention_layernorm.weight"]
+
+
+def _train_with_a_nan(model, opt, rank=0, world_size=1, steps=6):
+    """At ``NAN_STEP`` the last element of each target's gradient is NaN: after FSDP2's
+    reduce-scatter that element is on the last rank's shard only, so that rank alone sees it."""
+    params = dict(model.named_parameters())
+    for step in range(steps):
+        model(local_batch(step, rank, world_size)).backward()
+        if step == NAN_STEP and rank == world_size - 1:
+            for name in _nan_targets(model):
+                grad = params[name].grad
+                (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[-1] = float("nan")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _nan_worker(rank, world_size, names):
+    out = {}
+    for name in names:
+        try:
+            model = shard(prepare(OddNet(), name), world_size)
+            opt = build(model, name)
+            _train_with_a_nan(model, opt, rank, world_size)
+            out[name] = {"params": full_params(model), "skips": dict(opt.nonfinite_skips)}
+        except Exception:  # noqa: BLE001 - one optimizer's failure must not hide the others'
+            out[name] = traceback.format_exc()
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_nan_on_one_ranks_shard_skips_that_parameter_on_every_rank_as_one_process(world_size):
+    # Only the last rank's shard holds the NaN; every rank must skip exactly the parameters one
+    # process skips (the matrix and the LayerNorm weight, once each), and nothing else: the final
+    # weights equal one process given the same NaN. A hang would time out, not pass.
+    per_rank = run_ranks(world_size, _nan_worker, NAMES, timeout=600)
+    problems = []
+    for name in NAMES:
+        got = [results[name] for results in per_rank]
+        if any(isinstance(g, str) for g in got):
+            problems.append(f"{name}: raised\n{next(g for g in got if isinstance(g, str))}")
+            continue
+        model = prepare(OddNet(), name)
+        opt = build(model, name)
+        _train_with_a_nan(model, opt)
+        want_skips = {target: 1 for target in _nan_targets(model)}
+        if dict(opt.nonfinite_skips) != want_skips:
+            problems.append(f"{name}: one process skipped {dict(opt.nonfinite_skips)}, want {want_skips}")
+        for rank, g in enumerate(got):
+            if g["skips"] != want_skips:
+                problems.append(f"{name}: rank {rank} skipped {g['skips']}, want {want_skips}")
+        for key, value in full_params(model).items():
+            if not torch.allclose(got[0]["params"][key], value, rtol=RTOL, atol=ATOL):
+                problems.append(f"{name}: {key} differs by {(got[0]['params'][key] - value).abs().max().item():.3g}")
+                break
+    assert not problems, "\n".join(problems)
+
+
 def test_hsdp_replicate_dimension_does_not_change_the_numbers():
     names = ["galore", "adamw"]
     results = run_ranks(4, _parity_worker, names, STEPS, (2, 2))[0]

@@ -72,10 +72,11 @@ the layout they describe against its own formula: ``bit16_groups``, ``bit16_grou
 ``single_partition_of_fp32_groups``, ``partition_size``, ``real_dp_process_group``, ``dtype``,
 ``compute_grad_norm``, ``check_grad_overflow`` and ``averaged_gradients`` (ZeRO-1/2; 0.19.6 lacks
 the first, and the adapter then agrees on skips itself); ``fp16_groups``, ``sub_group_to_group_id``,
-``fp32_partitioned_groups_flat``, ``_get_sub_group_process_group`` and ``averaged_gradients``
-(ZeRO-3); each parameter's ``partition_numel()``, ``ds_tensor`` and ``ds_shape``; the engine's
-``basic_optimizer``, ``zero_optimization_stage()``, ``seq_dp_world_size``, ``skipped_steps`` and
-``global_steps``; the config's ``float16_config``, ``bfloat16_config``, ``torch_autocast_enabled``,
+``fp32_partitioned_groups_flat``, ``_get_sub_group_process_group`` and ``_get_norm_groups`` (ZeRO-3;
+the adapter wraps the last on releases that do not check, to keep the norms); each parameter's
+``partition_numel()``, ``ds_tensor`` and ``ds_shape``; the engine's ``basic_optimizer``,
+``zero_optimization_stage()``, ``seq_dp_world_size``, ``skipped_steps`` and ``global_steps``; the
+config's ``float16_config``, ``bfloat16_config``, ``torch_autocast_enabled``,
 ``managed_gradient_accumulation`` and ``compile_config``;
 ``deepspeed.runtime.tensor_parallel.init_utils.load_ds_config``; and whether
 ``deepspeed.runtime.zero.stage_1_and_2`` and ``deepspeed.runtime.zero.stage3`` have
@@ -90,8 +91,11 @@ ZeRO-1/2 with ``bf16.check_grad_overflow: false``), the adapter's own skip flags
 the ranks that hold each parameter. ZeRO-1/2: one max-reduction and one host read per engine step
 (DeepSpeed calls ``step()`` once per parameter group, and the first call reads the later groups'
 gradients where DeepSpeed still holds them, ``averaged_gradients``). ZeRO-3 on 0.19.6 and 0.19.7:
-one per sub-group, at its own call (reading 0.19.6's later sub-groups ahead changed the numbers
-in some runs). Where DeepSpeed checks, the adapter computes no flag and never waits on the device.
+none. Before its first ``step()`` call DeepSpeed has reduced every sub-group's gradient norm over
+the ranks and set it to -1 where it is not finite; the first call reads those norms (one host read)
+and decides every sub-group. Those releases then combine the norms as they are, so the global norm,
+and the clipping by it, stay finite. Where DeepSpeed checks, the adapter computes no flag and never
+waits on the device.
 
 Trust boundary: distopt reads checkpoint files with ``weights_only=True`` (:func:`safe_load` allows
 only DeepSpeed's plain-data classes), so a planted file cannot run code through distopt's converter

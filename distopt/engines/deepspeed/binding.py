@@ -3,7 +3,6 @@ builder of its one-group-per-parameter optimizer."""
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, cast
 
@@ -16,10 +15,6 @@ from ...core.shard import chunk_rows, lpt_owners
 from ...optim.base import ADAPTER_KEY, SubspaceOptimizer
 from .layout import Partition, _ceil_div, _Plan, _plan
 from .names import ADAPTER, CONFIG_LABEL, CONVERT_HINT
-
-logger = logging.getLogger("distopt")
-
-
 
 _UNREAD = 2.0  # a flag of a gradient not read ahead (a max-reduction keeps it above 0 and 1)
 
@@ -58,6 +53,7 @@ class ZeroBinding:
         # at the group's own call), and the engine step they belong to.
         self._ahead: dict[str, float] = {}
         self._ahead_step: object = None
+        self._norm_groups: list | None = None  # ZeRO-3's per-sub-group norms of this step (watch_norm_groups)
 
     # -- hooks called by SubspaceOptimizer ---------------------------------------------------------
     def state_params(self, group: dict) -> list[torch.Tensor]:
@@ -132,8 +128,12 @@ class ZeroBinding:
         and the later groups' still in DeepSpeed's ``averaged_gradients`` (DeepSpeed's clipping keeps
         a partition's finiteness: the scale is finite, or zero only when some partition is not
         finite). One max-reduction per process group and one host read per engine step; later calls
-        read the decisions made. A group whose gradient could not be read ahead, and each ZeRO-3
-        sub-group (0.19.6 and 0.19.7 only: 0.19.8 checks), is decided at its own call."""
+        read the decisions made. A group whose gradient could not be read ahead is decided at its own
+        call.
+
+        ZeRO-3 (0.19.6 and 0.19.7: 0.19.8 checks) has reduced each sub-group's gradient norm over
+        every rank before its first call, -1 where it is not finite (:meth:`watch_norm_groups`), so
+        the first call decides every group from those norms: one host read and no collective."""
         todo = []
         for group in groups:
             if group["params"] and group["params"][0].grad is not None:
@@ -149,10 +149,14 @@ class ZeroBinding:
             self._bad = {part.name: bool(self._ahead.pop(part.name)) for part, _ in todo}
             return
         current = {part.name for part, _ in todo}
+        if self.stage == 3 and not self._ahead and step_key is not None:
+            decided_now = self._decided_by_norm_groups()
+            if decided_now is not None:
+                self._bad = {name: bool(decided_now.pop(name)) for name in current}
+                self._ahead.update(decided_now)
+                return
         entries: list[tuple[Partition, list[torch.Tensor] | None]]
-        # ZeRO-3's later sub-groups are not read ahead: with 0.19.6, reading its averaged_gradients
-        # before DeepSpeed prepares each sub-group changed the numbers in some runs (not understood).
-        if self.stage == 3 or self._ahead or step_key is None:  # decided at its own call
+        if self._ahead or step_key is None:  # decided at its own call
             entries = [(part, [grad]) for part, grad in todo]
         else:  # the first call of the engine step: every group, in the same order on every rank
             given = {part.name: [grad] for part, grad in todo}
@@ -170,6 +174,32 @@ class ZeroBinding:
         decided = {part.name: value for (part, _), value in zip(entries, flags.tolist())}
         self._bad = {name: bool(decided.pop(name)) for name in current}
         self._ahead.update(decided)
+
+    def watch_norm_groups(self, zopt) -> None:
+        """ZeRO-3 on releases that do not check (0.19.6, 0.19.7): keep the per-sub-group gradient
+        norms DeepSpeed reduces over every rank before its first ``step()`` call. Those releases
+        replace a non-finite sub-group's norm by -1 and combine the norms as they are, so the global
+        norm stays finite (clipping included) and only the per-sub-group values tell a NaN."""
+        real = zopt._get_norm_groups
+
+        def recorded():
+            norms = real()
+            self._norm_groups = list(norms)
+            return norms
+
+        zopt._get_norm_groups = recorded
+
+    def _decided_by_norm_groups(self) -> dict[str, float] | None:
+        """Every group's skip flag (1.0: its gradient is not finite on some rank) from the norms
+        :meth:`watch_norm_groups` kept for this engine step, with one host read and no collective;
+        ``None`` when there are none to read."""
+        norms, self._norm_groups = self._norm_groups, None
+        by_sub_group = {part.source[1]: part.name for part in self.parts.values() if part.source}
+        if norms is None or len(norms) != len(by_sub_group):
+            return None
+        values = torch.stack([torch.as_tensor(n, dtype=torch.float32).reshape(()).cpu() for n in norms])
+        bad = (~torch.isfinite(values) | (values < 0)).tolist()
+        return {by_sub_group[s]: float(flag) for s, flag in enumerate(bad)}
 
     def _gradient_ahead(self, part: Partition) -> list[torch.Tensor] | None:
         """This rank's share of ``part``'s gradient as DeepSpeed holds it before handing it over
@@ -367,14 +397,10 @@ def attach(engine, optimizer: SubspaceOptimizer) -> ZeroBinding:
     if stage == 3:
         # Stage 3 discards a step whose global gradient norm is not finite from 0.19.8 on (its
         # is_invalid_grad_norm); older releases hand bf16/fp32 NaN over, and the ranks then agree on
-        # skips themselves (one max-reduction per sub-group: see ZeroBinding.begin_step).
+        # skips from DeepSpeed's per-sub-group norms (see ZeroBinding.watch_norm_groups).
         from deepspeed.runtime.zero import stage3
 
         finite_checked = hasattr(stage3, "is_invalid_grad_norm")
-        if not finite_checked:
-            logger.warning("distopt: this DeepSpeed's ZeRO-3 does not skip non-finite steps, so distopt agrees on "
-                           "skips itself with one flag reduction per sub-group per step; DeepSpeed 0.19.8 checks, and "
-                           "distopt then spends none (pip install 'deepspeed==0.19.8')")
     elif stage in (1, 2):
         # 0.19.8 skips a step whose global norm is not finite (unless bf16 without check_grad_overflow);
         # 0.19.7 only with check_grad_overflow (fp32 never: measured); 0.19.6, without compute_grad_norm,
@@ -391,6 +417,8 @@ def attach(engine, optimizer: SubspaceOptimizer) -> ZeroBinding:
     else:
         finite_checked = False
     binding = ZeroBinding(stage, parts, engine, finite_checked)
+    if stage == 3 and not finite_checked and hasattr(zopt, "_get_norm_groups"):
+        binding.watch_norm_groups(zopt)
     matrices = [part for part in parts.values() if part.kind == "matrix"]
     owners = lpt_owners({p.name: p.shape[0] * p.shape[1] * min(p.shape) for p in matrices}, matrices[0].world) if matrices else {}
     for part in matrices:
