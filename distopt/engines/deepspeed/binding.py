@@ -197,7 +197,8 @@ class ZeroBinding:
         by_sub_group = {part.source[1]: part.name for part in self.parts.values() if part.source}
         if norms is None or len(norms) != len(by_sub_group):
             return None
-        values = torch.stack([torch.as_tensor(n, dtype=torch.float32).reshape(()).cpu() for n in norms])
+        device = next((n.device for n in norms if torch.is_tensor(n)), torch.device("cpu"))
+        values = torch.stack([torch.as_tensor(n, dtype=torch.float32, device=device).reshape(()) for n in norms])
         bad = (~torch.isfinite(values) | (values < 0)).tolist()
         return {by_sub_group[s]: float(flag) for s, flag in enumerate(bad)}
 
