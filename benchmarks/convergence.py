@@ -335,7 +335,7 @@ def readme_summary(runs: list[dict]) -> str:
     if "adamw" not in table:
         return ""
     base = table["adamw"]
-    lines = ["Tuned convergence so far ([docs/convergence.md](docs/convergence.md): a 3.3M-parameter byte-level "
+    lines = ["Tuned convergence ([docs/convergence.md](docs/convergence.md): a 3.3M-parameter byte-level "
              "LLaMA, 600 steps on Python's standard library, CPU; validation loss, mean ± half-range over the "
              "seeds run):", "",
              "| optimizer | lr | val loss (seeds) | x AdamW loss | state x AdamW |", "|---|---|---|---|---|"]
