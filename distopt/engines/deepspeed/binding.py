@@ -54,6 +54,7 @@ class ZeroBinding:
         self._ahead: dict[str, float] = {}
         self._ahead_step: object = None
         self._norm_groups: list | None = None  # ZeRO-3's per-sub-group norms of this step (watch_norm_groups)
+        self._sub_group_names: list[str] = []  # the part each of those norms belongs to, in sub-group order
 
     # -- hooks called by SubspaceOptimizer ---------------------------------------------------------
     def state_params(self, group: dict) -> list[torch.Tensor]:
@@ -181,6 +182,8 @@ class ZeroBinding:
         replace a non-finite sub-group's norm by -1 and combine the norms as they are, so the global
         norm stays finite (clipping included) and only the per-sub-group values tell a NaN."""
         real = zopt._get_norm_groups
+        by_sub_group = {part.source[1]: part.name for part in self.parts.values() if part.source}
+        self._sub_group_names = [by_sub_group[s] for s in sorted(by_sub_group)]
 
         def recorded():
             norms = real()
@@ -194,13 +197,12 @@ class ZeroBinding:
         :meth:`watch_norm_groups` kept for this engine step, with one host read and no collective;
         ``None`` when there are none to read."""
         norms, self._norm_groups = self._norm_groups, None
-        by_sub_group = {part.source[1]: part.name for part in self.parts.values() if part.source}
-        if norms is None or len(norms) != len(by_sub_group):
+        if norms is None or len(norms) != len(self._sub_group_names):
             return None
         device = next((n.device for n in norms if torch.is_tensor(n)), torch.device("cpu"))
         values = torch.stack([torch.as_tensor(n, dtype=torch.float32, device=device).reshape(()) for n in norms])
         bad = (~torch.isfinite(values) | (values < 0)).tolist()
-        return {by_sub_group[s]: float(flag) for s, flag in enumerate(bad)}
+        return {name: float(flag) for name, flag in zip(self._sub_group_names, bad)}
 
     def _gradient_ahead(self, part: Partition) -> list[torch.Tensor] | None:
         """This rank's share of ``part``'s gradient as DeepSpeed holds it before handing it over
