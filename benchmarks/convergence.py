@@ -385,8 +385,11 @@ def main(argv=None) -> int:
     phases = [p for p in args.phases.split(",") if p]
     if bad := sorted(set(phases) - set(PHASES)):
         parser.error(f"unknown phases {bad}; choose from {PHASES}")
+    only = tuple(x for x in args.only.split(",") if x)
+    if bad := sorted(set(only) - set(LOW_STATE)):
+        parser.error(f"--only {','.join(bad)}: not a lowstate label; choose from {', '.join(LOW_STATE)}")
     if not args.report:
-        study = Study(extra, dry=args.plan, only=tuple(x for x in args.only.split(",") if x))
+        study = Study(extra, dry=args.plan, only=only)
         study.run(phases)
         if args.plan:
             print(f"{len(all_runs())} runs cached in {RESULTS}; {len(study.pending)} to run next "
