@@ -12,6 +12,11 @@ the cycle's mean (amortized) and median step, its worst single step, the first s
 
 Also per optimizer: the median of steps with no refresh at all ("plain"), and the aten ops one such
 step dispatches (a ``TorchDispatchMode`` count; a ``torch._foreach_*`` call over a list is one op).
+With ``--interleave`` the plain steps of all optimizers run in turn and each "plain x fused AdamW"
+is the median of the rounds' ratios, which a machine that speeds up and slows down skews far less.
+
+    OMP_NUM_THREADS=1 python benchmarks/step_time.py --shapes narrow32 --rank 16 --gap 50 --threads 1 \
+        --plain-steps 200 --interleave --optimizers adamw-fused,galore
 """
 
 from __future__ import annotations
@@ -69,9 +74,8 @@ def build(choice: str, model: torch.nn.Module, args) -> torch.optim.Optimizer | 
     return distopt.build_optimizer(model, name, lr=lr, rank=args.rank, update_proj_gap=args.gap, **VARIANTS.get(choice, {}))
 
 
-def plain_steps(choice: str, args) -> dict | None:
-    """Steps without a refresh (``update_proj_gap`` out of reach after the first step): the median of
-    ``--plain-steps`` of them and the aten ops of one, the dispatch-bound measure."""
+def plain_optimizer(choice: str, args) -> torch.optim.Optimizer | None:
+    """An optimizer whose refreshes are out of reach after its first step, warmed up (3 steps)."""
     torch.manual_seed(0)
     with torch.device(args.device):
         model = TinyLlama(SHAPES[args.shapes])
@@ -88,10 +92,39 @@ def plain_steps(choice: str, args) -> dict | None:
         p.grad = torch.randn(p.shape, generator=generator, device=args.device) * 1e-3
     for _ in range(3):  # the first bases, then warm
         optimizer.step()
+    return optimizer
+
+
+def plain_steps(choice: str, args) -> dict | None:
+    """Steps without a refresh (``update_proj_gap`` out of reach after the first step): the median of
+    ``--plain-steps`` of them and the aten ops of one, the dispatch-bound measure."""
+    optimizer = plain_optimizer(choice, args)
+    if optimizer is None:
+        return None
     times = [timed(optimizer.step, args.device) for _ in range(args.plain_steps)]
     with OpCounter() as ops:
         optimizer.step()
     return {"plain_median_ms": summarize(times)["median_ms"], "aten_ops_per_plain_step": ops.count}
+
+
+def plain_steps_interleaved(choices: list[str], args) -> dict[str, dict]:
+    """:func:`plain_steps` of every choice at once, one step of each in turn: a machine that slows down
+    for a while slows all of them, so the ratio to fused AdamW of each round (their median) stays
+    sound where the medians of separate runs do not. Every model lives at once: small shapes only."""
+    optimizers = {c: o for c in choices if (o := plain_optimizer(c, args)) is not None}
+    times: dict[str, list[float]] = {c: [] for c in optimizers}
+    for _ in range(args.plain_steps):
+        for choice, optimizer in optimizers.items():
+            times[choice].append(timed(optimizer.step, args.device))
+    results = {}
+    for choice, optimizer in optimizers.items():
+        with OpCounter() as ops:
+            optimizer.step()
+        results[choice] = {"plain_median_ms": summarize(times[choice])["median_ms"], "aten_ops_per_plain_step": ops.count}
+        if "adamw-fused" in times:
+            rounds = sorted(t / base for t, base in zip(times[choice], times["adamw-fused"]))
+            results[choice]["plain_vs_fused_adamw"] = rounds[len(rounds) // 2]
+    return results
 
 
 def measure(choice: str, args) -> dict | None:
@@ -140,6 +173,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--plain-steps", type=int, default=20,
                         help="steps without a refresh timed per optimizer (and one counted in aten ops); 0: skip")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (the dispatch-bound case: 1)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="plain steps of all optimizers in turn, each ratio the median over rounds (every model "
+                             "held at once: small shapes)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -158,7 +194,11 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
 
     rows = [row for choice in choices if (row := measure(choice, args)) is not None]
-    if args.plain_steps:
+    if args.plain_steps and args.interleave:
+        plain = plain_steps_interleaved([row["optimizer"] for row in rows], args)
+        for row in rows:
+            row.update(plain.get(row["optimizer"], {}))
+    elif args.plain_steps:
         for row in rows:
             row.update(plain_steps(row["optimizer"], args) or {})
     baseline = next((r for r in rows if r["optimizer"] == "adamw-fused"), None)
@@ -166,12 +206,13 @@ def main(argv=None) -> dict:
         if baseline:
             row["amortized_vs_fused_adamw"] = row["mean_ms"] / baseline["mean_ms"]
             row["state_vs_adamw"] = row["state_bytes"] / baseline["state_bytes"]
-            if "plain_median_ms" in row:
+            if "plain_median_ms" in row and "plain_vs_fused_adamw" not in row:
                 row["plain_vs_fused_adamw"] = row["plain_median_ms"] / baseline["plain_median_ms"]
         row["max_vs_median"] = row["max_ms"] / row["median_ms"]
     payload = {"benchmark": "step_time", "env": environment(args.device),
                "settings": {"shapes": args.shapes, "rank": args.rank, "gap": args.gap, "lr": 1e-3, "tf32": False,
-                            "plain_steps": args.plain_steps, "matrices": matrices(args.shapes)},
+                            "plain_steps": args.plain_steps, "plain_interleaved": bool(args.interleave),
+                            "matrices": matrices(args.shapes)},
                "results": rows}
     path = write_json(args.out, payload)
     print(markdown_table(rows, [

@@ -8,6 +8,9 @@ packing existed loads the same; and a batched kernel reads and writes all ``k`` 
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
+
 import torch
 
 
@@ -62,7 +65,7 @@ class PackedState:
     def get(self, key: str) -> tuple[torch.Tensor, bool]:
         """As :func:`packed`: the ``(k, ...)`` tensor, and whether it is a copy to :meth:`store_back`."""
         held = self._held.get(key)
-        if held is not None and all(state[key] is t for state, t in zip(self.states, held[1])):
+        if held is not None and all(map(operator.is_, map(operator.itemgetter(key), self.states), held[1])):
             return held[0], False
         value, copied = packed(self.states, key)
         if copied:
@@ -82,3 +85,29 @@ def per_matrix(values: list[float], like: torch.Tensor, dims: int, as_tensor: bo
     if min(values) == max(values) and not as_tensor:
         return values[0]
     return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True).view(-1, *[1] * (dims - 1))
+
+
+_dtype = operator.attrgetter("dtype")
+# Device types whose fused SGD kernel is missing (the update then takes two foreach calls).
+_no_fused_sgd: set[str] = set()
+
+
+def add_updates(weights: list[torch.Tensor], updates: Sequence[torch.Tensor], decay: float) -> None:
+    """``w <- w - decay w + u`` for each weight and update: one pass over each pair in one kernel call
+    (torch's fused SGD kernel, learning rate 1, ``decay`` as its weight decay), not two ``foreach`` calls
+    that, on CPU, dispatch one op per tensor. That kernel assumes contiguous tensors of one dtype, so
+    anything else takes the ``foreach`` calls."""
+    device = weights[0].device.type
+    if (device not in _no_fused_sgd and all(map(torch.Tensor.is_contiguous, weights))
+            and all(map(torch.Tensor.is_contiguous, updates))
+            and all(map(operator.eq, map(_dtype, weights), map(_dtype, updates)))):
+        try:
+            # maximize: the kernel adds the "gradient" (it steps as -(-u + decay w)).
+            torch._fused_sgd_(weights, list(updates), [], weight_decay=decay, momentum=0.0, lr=1.0, dampening=0.0,
+                              nesterov=False, maximize=True, is_first_step=False)
+            return
+        except (NotImplementedError, RuntimeError, AttributeError):
+            _no_fused_sgd.add(device)
+    if decay:
+        torch._foreach_mul_(weights, 1.0 - decay)
+    torch._foreach_add_(weights, list(updates))

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import operator
 import os
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 import torch
 from torch.optim.adamw import adamw as _functional_adamw
 
-from ..core import comm
+from ..core import batching, comm
 from ..core.options import check_option
 from ..core.projector import prepared_bases
 from ..core.shard import MatrixShardView, dtensor_view, is_dtensor, local, lpt_owners, whole_matrix_view
@@ -179,6 +180,10 @@ def _warn_tf32_override() -> None:
 
 
 _warn_tf32_override.done = False  # type: ignore[attr-defined]  # a function attribute
+
+
+def _all_contiguous(*tensors: torch.Tensor) -> bool:
+    return all(t.is_contiguous() for t in tensors)
 
 
 def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -727,23 +732,33 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
         states = [self.state[p] for p in params]
         grads = [local(p.grad) for p in params]
-        self._adamw_apply(group, [local(p) for p in params], grads, states)  # this rank's shards
+        self._adamw_apply(group, [local(p) for p in params], grads, states, pack_steps=True)  # this rank's shards
 
-    def _adamw_apply(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict]) -> None:
-        """Element-wise AdamW on local tensors with their gradients and state dicts."""
+    def _adamw_apply(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],
+                     pack_steps: bool = False) -> None:
+        """Element-wise AdamW on local tensors with their gradients and state dicts (with ``pack_steps``,
+        the step counters of the CPU fused kernel's tensors live in one buffer, advanced by one op)."""
         beta1, beta2 = group["betas"]
         lr, eps, wd, form = float(group["lr"]), group["eps"], group["weight_decay"], group.get("adam_form", "torch")
         rest: Sequence[int]
         if form == "torch":
             native = [i for i, p in enumerate(params) if p.dtype == torch.float32 and grads[i].dtype == torch.float32]
-            if native:
-                # On CPU torch's fused kernel (one pass per tensor); elsewhere multi-tensor kernels,
-                # whose step counts may stay on the host.
-                fused = all(params[i].device.type == "cpu" for i in native)
+            # On CPU torch's fused kernel (one pass per tensor), which walks each tensor as one dense block:
+            # a strided one (a view into a larger tensor) would be written out of its bounds, so it
+            # takes the multi-tensor ops, as every tensor does elsewhere (their step counts may stay on
+            # the host).
+            fused = [i for i in native if params[i].device.type == "cpu" and _all_contiguous(
+                params[i], grads[i], states[i]["exp_avg"], states[i]["exp_avg_sq"])]
+            if fused:
+                self._fused_adamw_cpu([params[i] for i in fused], [grads[i] for i in fused],
+                                      [states[i] for i in fused], lr, beta1, beta2, wd, eps, pack_steps)
+            taken = set(fused)
+            multi = [i for i in native if i not in taken]
+            if multi:
                 _functional_adamw(
-                    [params[i] for i in native], [grads[i] for i in native], [states[i]["exp_avg"] for i in native],
-                    [states[i]["exp_avg_sq"] for i in native], [], [states[i]["step"] for i in native],
-                    foreach=not fused, fused=fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd,
+                    [params[i] for i in multi], [grads[i] for i in multi], [states[i]["exp_avg"] for i in multi],
+                    [states[i]["exp_avg_sq"] for i in multi], [], [states[i]["step"] for i in multi],
+                    foreach=True, fused=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd,
                     eps=eps, maximize=False,
                 )
             rest = [i for i, p in enumerate(params) if p.dtype != torch.float32 or grads[i].dtype != torch.float32]
@@ -758,6 +773,29 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             apply_update(master, direction, step_size, lr, wd, form)
             if master is not p:
                 p.copy_(master)
+
+    def _fused_adamw_cpu(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], lr: float,
+                         beta1: float, beta2: float, weight_decay: float, eps: float, pack_steps: bool) -> None:
+        """torch's fused AdamW kernel on dense CPU tensors. With ``pack_steps`` their step counters are
+        slices of one buffer (``core.batching``), advanced by one ``add_`` instead of one per tensor."""
+        if pack_steps:
+            cache = self.__dict__.setdefault("_adamw_steps", {})
+            key = tuple(map(id, params))
+            packing = cache.get(key)
+            if packing is None or not all(map(operator.is_, packing.states, states)):
+                if len(cache) >= 16:  # other subsets (a skipped parameter changes the list for one step)
+                    cache.clear()
+                packing = cache[key] = batching.PackedState(states)
+            steps, copied = packing.get("step")
+            steps.add_(1)
+            if copied:
+                packing.store_back("step", steps)
+        else:
+            torch._foreach_add_([state["step"] for state in states], 1)
+        torch._fused_adamw_(params, grads, [state["exp_avg"] for state in states],
+                            [state["exp_avg_sq"] for state in states], [], [state["step"] for state in states],
+                            amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                            maximize=False)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _shape_signature(self) -> list[dict]:

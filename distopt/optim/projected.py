@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -33,11 +34,12 @@ from ..core.projector import (
 )
 from ..core.recovery import channel_ratio, check_recovery_hparams, limited, recovery_term, scaled_residual
 from ..core.routing import LINEAR_ROLES
-from ..core.schedule import refresh_index
-from ..core.shard import MatrixShardView, local
+from ..core.schedule import is_refresh_step, refresh_index
+from ..core.shard import MatrixShardView, is_dtensor, local
 from .base import SubspaceOptimizer, adam_direction, apply_update, tf32_matmuls, update_moments
 
 PROJECTION_PRECISIONS = ("fp32", "tf32", "bf16")
+_grad_of = operator.attrgetter("grad")
 
 
 def projection_matmuls(group: dict):
@@ -82,9 +84,26 @@ class _Batch:
     views: list[MatrixShardView]
     plans: list[subspace.SubspacePlan]
     packing: batching.PackedState = field(init=False)
+    phases: list[int] = field(init=False)
+    plain: bool = field(init=False)  # no DTensor among the parameters: a gradient is its local tensor
 
     def __post_init__(self):
         self.packing = batching.PackedState(self.states)
+        self.phases = [plan.phase for plan in self.plans]
+        self.plain = not any(map(is_dtensor, self.params))
+
+    def grads(self) -> list[torch.Tensor]:
+        return list(map(_grad_of, self.params)) if self.plain else [local(p.grad) for p in self.params]
+
+    def refreshing(self, steps: list[int], gap: int) -> list[int]:
+        """Indices of the matrices whose refresh is due at their step counts ``steps``."""
+        return [i for i, (step, phase) in enumerate(zip(steps, self.phases)) if is_refresh_step(step, gap, phase)]
+
+    def moment_counts(self, steps: list[int], group: dict) -> list[int]:
+        """:func:`subspace.moment_updates` of each matrix at its step count."""
+        if group["moment_policy"] != "reset":
+            return [step + 1 for step in steps]
+        return [subspace.moment_updates(step, plan, group) for step, plan in zip(steps, self.plans)]
 
 
 class ProjectedAdam(SubspaceOptimizer):
@@ -414,18 +433,14 @@ class ProjectedAdam(SubspaceOptimizer):
         counts: list[list[int]] = []
         fresh: dict[int, torch.Tensor] = {}  # this step's new bases in fp32 where they are stored in bf16
         for batch in batches:
-            steps, _ = batch.packing.get("step")
-            batch_counts = []
-            for i, step in enumerate(steps.tolist()):
-                plan = batch.plans[i]
-                if subspace.refresh_due(step, plan, group):
-                    p, state, view = batch.params[i], batch.states[i], batch.views[i]
-                    with subspace.whole_basis(state, view, plan) as work:  # fp32: a bf16 basis converted, stored back
-                        self._refresh_if_due(local(p.grad), work, group, view, plan)
-                    if work["basis"] is not state["basis"]:  # used unrounded this step, as the per-matrix step does
-                        fresh[id(p)] = work["basis"]
-                batch_counts.append(subspace.moment_updates(step, plan, group))
-            counts.append(batch_counts)
+            steps = batch.packing.get("step")[0].tolist()  # one host read per batch
+            for i in batch.refreshing(steps, group["update_proj_gap"]):
+                p, state, view, plan = batch.params[i], batch.states[i], batch.views[i], batch.plans[i]
+                with subspace.whole_basis(state, view, plan) as work:  # fp32: a bf16 basis converted, stored back
+                    self._refresh_if_due(local(p.grad), work, group, view, plan)
+                if work["basis"] is not state["basis"]:  # used unrounded this step, as the per-matrix step does
+                    fresh[id(p)] = work["basis"]
+            counts.append(batch.moment_counts(steps, group))
         if all(batch.views[0].replicas is None for batch in batches):  # each batch from its projection to its update
             for batch, batch_counts in zip(batches, counts):
                 basis, low, _ = self._batch_projection(group, batch, fresh, reuse=True)
@@ -451,8 +466,12 @@ class ProjectedAdam(SubspaceOptimizer):
         avg_sq, avg_sq_copied = packing.get("exp_avg_sq")
         steps, steps_copied = packing.get("step")
         steps.add_(1)
-        bias2 = [math.sqrt(1.0 - beta2**c) for c in counts]
-        sizes = [lr / (1.0 - beta1**c) for c in counts]
+        if min(counts) == max(counts):  # the usual case: one bias correction for the whole batch
+            bias2 = [math.sqrt(1.0 - beta2 ** counts[0])] * len(counts)
+            sizes = [lr / (1.0 - beta1 ** counts[0])] * len(counts)
+        else:
+            bias2 = [math.sqrt(1.0 - beta2**c) for c in counts]
+            sizes = [lr / (1.0 - beta1**c) for c in counts]
         if group.get("compile"):  # per-matrix factors as tensors, so a new step count does not recompile
             direction, scaled = compiled_batch_math()(
                 avg, avg_sq, low, beta1, beta2, eps, batching.per_matrix(bias2, low, 3, as_tensor=True),
@@ -467,15 +486,13 @@ class ProjectedAdam(SubspaceOptimizer):
             torch.div(avg, direction, out=direction)
             scaled = torch.mul(direction, coef, out=self._scratch("scaled", direction.shape, direction))
         with projection_matmuls(group):
-            out = self._scratch("stacked", (len(batch.weights), *batch.weights[0].shape), scaled)
+            out, rows = self._scratch_rows("stacked", (len(batch.weights), *batch.weights[0].shape), scaled)
             update = project_back(scaled, basis, side, out=out)
         del scaled
-        if wd:
-            torch._foreach_mul_(batch.weights, 1.0 - lr * wd)
-        torch._foreach_add_(batch.weights, update.unbind(0))
-        del update
-        for i, state in enumerate(batch.states):
-            if "rs_norm" in state:  # one full-size residual alive at a time
+        batching.add_updates(batch.weights, rows if update is out else update.unbind(0), lr * wd)
+        del update, rows
+        if "rs_norm" in batch.states[0]:  # a batch shares its recovery term (see _batches)
+            for i, state in enumerate(batch.states):  # one full-size residual alive at a time
                 with projection_matmuls(group):
                     residual = recovery_term(local(batch.params[i].grad).float(), low[i], direction[i], basis[i], side,
                                              batch.views[i], state["rs_norm"], group["norm_growth_limit"])
@@ -494,12 +511,33 @@ class ProjectedAdam(SubspaceOptimizer):
         does that reuse."""
         if slot is None or like.device.type != "cpu":
             return torch.empty(shape, dtype=torch.float32, device=like.device)
+        shape = tuple(shape)
+        views = self.__dict__.setdefault("_cpu_scratch_views", {})
+        view = views.get((slot, shape))
+        if view is not None and view.shape == shape:  # an out= resize would have changed it
+            return view
         numel = math.prod(shape)
         buffers = self.__dict__.setdefault("_cpu_scratch", {})
         buffer = buffers.get(slot)
         if buffer is None or buffer.numel() < numel:
             buffer = buffers[slot] = torch.empty(numel, dtype=torch.float32)
-        return buffer[:numel].view(shape)
+            for key in [key for key in views if key[0] == slot]:  # views of the smaller buffer it replaces
+                del views[key]
+            self.__dict__.get("_scratch_rows_cache", {}).pop(slot, None)
+        view = views[(slot, shape)] = buffer[:numel].view(shape)
+        return view
+
+    def _scratch_rows(self, slot: str, shape, like: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
+        """:meth:`_scratch` and its views ``[i]``, made once per shape for a CPU buffer kept between steps
+        (making 224 views took as long as adding them into the weights)."""
+        out = self._scratch(slot, shape, like)
+        if like.device.type != "cpu":
+            return out, out.unbind(0)
+        by_shape = self.__dict__.setdefault("_scratch_rows_cache", {}).setdefault(slot, {})
+        rows = by_shape.get(tuple(shape))
+        if rows is None or rows[0].data_ptr() != out.data_ptr():
+            rows = by_shape[tuple(shape)] = out.unbind(0)
+        return out, rows
 
     def _batch_projection(self, group: dict, batch: _Batch, fresh: dict, reuse: bool):
         """``(basis, R, to_average)`` of a batch: its bases in fp32 (the packed buffer itself when it is
@@ -519,7 +557,7 @@ class ProjectedAdam(SubspaceOptimizer):
             return basis, torch.stack(cast(list, prepared)), False
         with projection_matmuls(group):
             if not any(low is not None for low in prepared):
-                grads_ = [local(p.grad) for p in batch.params]
+                grads_ = batch.grads()
                 grads = torch.stack(grads_, out=self._scratch("stacked", (len(grads_), *grads_[0].shape), grads_[0]))
                 k, m, n = grads.shape
                 out = self._scratch("low" if reuse else None, (k, m, basis.shape[2]) if side == "right"
@@ -705,11 +743,9 @@ class ProjectedAdam(SubspaceOptimizer):
         weights = [local(p) for p in params]
         # back(N) into W by batches of one shape (the one-process step's products, row for row).
         batched = [i for i in range(len(params)) if group["adam_form"] == "torch" and weights[i].dtype == torch.float32]
-        if group["weight_decay"] and batched:
-            torch._foreach_mul_([weights[i] for i in batched], 1.0 - float(group["lr"]) * group["weight_decay"])
         self._accumulate_batched([weights[i] for i in batched], [whole_dir[i] for i in batched],
                                  [bases[i] for i in batched], [-sizes[i] * group["scale"] for i in batched],
-                                 [plans[i].side for i in batched])
+                                 [plans[i].side for i in batched], float(group["lr"]) * group["weight_decay"])
         done = set(batched)
         for i in range(len(params)):
             residual = None
@@ -747,14 +783,15 @@ class ProjectedAdam(SubspaceOptimizer):
                 stacked = torch.stack([grads[j] for j in run],  # converted to fp32 as they are copied
                                       out=self._scratch(None, (len(run), *grads[run[0]].shape), grads[run[0]]))
                 low = project_local(stacked, torch.stack([bases[j] for j in run]), side)
-                for t, j in enumerate(run):
-                    out[j] = low[t]
+                for j, piece in zip(run, low.unbind(0)):  # one op, not a select per matrix
+                    out[j] = piece
         return out
 
     def _accumulate_batched(self, weights: list[torch.Tensor], directions: list[torch.Tensor], bases: list[torch.Tensor],
-                            coefs: list[float], sides: list[str]) -> None:
-        """``w += c back(N)`` for each, by batches of one shape: the scaled directions stacked, one
-        ``bmm`` and one ``torch._foreach_add_`` per batch of at most ``coalesce_bytes`` of updates."""
+                            coefs: list[float], sides: list[str], decay: float) -> None:
+        """``w <- w - decay w + c back(N)`` for each, by batches of one shape: the scaled directions
+        stacked, one ``bmm`` and one update kernel (:func:`batching.add_updates`) per batch of at most
+        ``coalesce_bytes`` of updates."""
         classes: dict[tuple, list[int]] = {}
         for j, (w, d, b, side) in enumerate(zip(weights, directions, bases, sides)):
             classes.setdefault((tuple(w.shape), tuple(d.shape), tuple(b.shape), side), []).append(j)
@@ -763,5 +800,5 @@ class ProjectedAdam(SubspaceOptimizer):
                 scaled = torch.stack([directions[j] for j in run])
                 scaled.mul_(batching.per_matrix([coefs[j] for j in run], scaled, 3))
                 update = project_back(scaled, torch.stack([bases[j] for j in run]), side)
-                torch._foreach_add_([weights[j] for j in run], update.unbind(0))
+                batching.add_updates([weights[j] for j in run], update.unbind(0), decay)
 

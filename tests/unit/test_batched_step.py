@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import io
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import batch, roundtrip, tiny_model, train
+from helpers import batch, roundtrip, set_grads, tiny_model, train
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import distopt
+from distopt.models import LlamaShape, TinyLlama
+from distopt.optim import REGISTRY
 from distopt.optim.projected import ProjectedAdam
 
 CASES = [
@@ -211,3 +215,64 @@ def test_compile_fuses_the_batch_math_and_gives_the_eager_numbers():
             torch.testing.assert_close(value, opts[True].state[b][key], rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
     with pytest.raises(ValueError, match="compile='yes': must be True or False"):
         distopt.build_optimizer(tiny_model(), "galore", compile="yes")
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore"])
+def test_strided_parameters_step_as_dense_ones_and_leave_their_neighbours_alone(name):
+    """torch's fused CPU kernels (AdamW's, and the SGD kernel the batched update adds with) walk each
+    tensor as one dense block. A parameter that is a strided view (every other column of a wider
+    tensor) must step as its dense copy does, and the columns between must stay as they were."""
+    dense_model, strided_model = tiny_model(), tiny_model()
+    wide = {}
+    for n, p in strided_model.named_parameters():
+        if n.endswith(("q_proj.weight", "input_layernorm.weight")):
+            host = torch.full((*p.shape[:-1], 2 * p.shape[-1]), 7.0)
+            host[..., ::2] = p.detach()
+            p.data = host[..., ::2]  # not contiguous
+            wide[n] = host
+    assert wide and not any(p.is_contiguous() for n, p in strided_model.named_parameters() if n in wide)
+    hparams = {} if name == "adamw" else {"rank": 6, "update_proj_gap": 3}
+    dense = distopt.build_optimizer(dense_model, name, lr=1e-2, **hparams)
+    strided = distopt.build_optimizer(strided_model, name, lr=1e-2, **hparams)
+    for step in range(4):
+        for model in (dense_model, strided_model):
+            set_grads(model.parameters(), seed=step)
+        dense.step()
+        strided.step()
+    for (n, a), b in zip(dense_model.named_parameters(), strided_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    for n, host in wide.items():
+        assert torch.equal(host[..., 1::2], torch.full_like(host[..., 1::2], 7.0)), n
+
+
+class _AtenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _plain_step_ops(name: str, layers: int) -> int:
+    torch.manual_seed(0)
+    model = TinyLlama(LlamaShape(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                                 num_attention_heads=4))
+    accepted = inspect.signature(REGISTRY[name].__init__).parameters
+    opt = distopt.build_optimizer(model, name, **{k: v for k, v in dict(rank=4, update_proj_gap=100).items() if k in accepted})
+    set_grads(model.parameters(), seed=0)
+    for _ in range(2):  # the first bases, then a plain step that packs the state
+        opt.step()
+    with _AtenOps() as ops:
+        opt.step()
+    return ops.count
+
+
+# One process, no recovery term: batched by shape. Fira's residual (GrassJump, GrassWalk and SubTrack by
+# default), AdaPM, AdaPM-mini, RSO and SAM still step matrix by matrix (docs/benchmarks.md).
+@pytest.mark.parametrize("name", ["galore", "golore", "snsm", "adam-mini", "adamw"])
+def test_a_plain_step_dispatches_ops_per_batch_not_per_matrix(name):
+    """2 or 8 layers give the same batches (one per shape), so the same aten ops: views, slices and
+    per-tensor adds per matrix would show up as a difference (4 matrices of each shape more)."""
+    assert _plain_step_ops(name, 2) == _plain_step_ops(name, 8)

@@ -288,7 +288,8 @@ def test_the_step_runs_fp32_matmuls_whatever_the_tf32_flag(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(subspace, "project_grad", spy)
-    monkeypatch.setattr(torch, "matmul", spy_on(torch.matmul, seen))  # the batched step's products
+    monkeypatch.setattr(torch, "matmul", spy_on(torch.matmul, seen))
+    monkeypatch.setattr(torch, "bmm", spy_on(torch.bmm, seen))  # the batched step's products
     previous = torch.backends.cuda.matmul.allow_tf32  # a property of torch's module: set and restore by hand
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
@@ -318,7 +319,8 @@ def test_tf32_projections_are_opt_in_and_never_reach_the_refresh(monkeypatch, ba
         return real_basis(self, *args, **kwargs)
 
     monkeypatch.setattr(subspace, "project_grad", project)
-    monkeypatch.setattr(torch, "matmul", spy_on(torch.matmul, seen["project"]))  # the batched step's products
+    monkeypatch.setattr(torch, "matmul", spy_on(torch.matmul, seen["project"]))
+    monkeypatch.setattr(torch, "bmm", spy_on(torch.bmm, seen["project"]))  # the batched step's products
     monkeypatch.setattr(distopt.optim.GaLore, "_new_basis", new_basis)
     if not batched:
         monkeypatch.setattr(projected.ProjectedAdam, "_batchable", lambda self, p, g: False)
@@ -342,17 +344,21 @@ def test_bf16_projections_take_bf16_operands_keep_fp32_state_and_never_reach_the
     from distopt.optim import projected
 
     operands, refresh_dtypes = [], []
-    real_matmul, real_basis = torch.matmul, distopt.optim.GaLore._new_basis
+    real_basis = distopt.optim.GaLore._new_basis
 
-    def matmul(a, b, *args, **kwargs):  # on a CPU, bf16 operands come rounded, in fp32
-        operands.append(tuple(torch.equal(x, x.bfloat16().float()) for x in (a, b)))
-        return real_matmul(a, b, *args, **kwargs)
+    def recorded(product):
+        def record(a, b, *args, **kwargs):  # on a CPU, bf16 operands come rounded, in fp32
+            operands.append(tuple(torch.equal(x, x.bfloat16().float()) for x in (a, b)))
+            return product(a, b, *args, **kwargs)
+
+        return record
 
     def new_basis(self, *args, **kwargs):
         refresh_dtypes.append(projector._product_dtype.get())
         return real_basis(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "matmul", matmul)
+    monkeypatch.setattr(torch, "matmul", recorded(torch.matmul))
+    monkeypatch.setattr(torch, "bmm", recorded(torch.bmm))  # the batched fp32 products
     monkeypatch.setattr(distopt.optim.GaLore, "_new_basis", new_basis)
     if not batched:
         monkeypatch.setattr(projected.ProjectedAdam, "_batchable", lambda self, p, g: False)
