@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import batch, roundtrip, set_grads, tiny_model, train
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import distopt
 from distopt.models import LlamaShape, TinyLlama
@@ -245,14 +244,15 @@ def test_strided_parameters_step_as_dense_ones_and_leave_their_neighbours_alone(
         assert torch.equal(host[..., 1::2], torch.full_like(host[..., 1::2], 7.0)), n
 
 
-class _AtenOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+def _op_counter():
+    """``benchmarks/common.py``'s ``OpCounter``: the tests count ops as the benchmarks do (loaded by
+    path: the tests' own ``common`` module has the same name)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "common.py"
+    spec = importlib.util.spec_from_file_location("distopt_benchmarks_common", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.OpCounter()
 
 
 def _plain_step_ops(name: str, layers: int) -> int:
@@ -264,7 +264,7 @@ def _plain_step_ops(name: str, layers: int) -> int:
     set_grads(model.parameters(), seed=0)
     for _ in range(2):  # the first bases, then a plain step that packs the state
         opt.step()
-    with _AtenOps() as ops:
+    with _op_counter() as ops:
         opt.step()
     return ops.count
 
