@@ -190,7 +190,8 @@ def _gather_rows_by_class(requests: list[tuple[torch.Tensor, list[int]]], group,
     classes = _classes(requests, lambda t, counts: (tuple(rows_of(t).shape[1:]), tuple(counts)))
     blocks = []
     for members in classes:
-        local = torch.stack([rows_of(requests[i][0]) for i in members])  # (J, rows, ...)
+        local = torch.stack([requests[i][0] for i in members])
+        local = local.transpose(1, 2) if transposed else local  # (J, rows, ...): one op, not one per matrix
         counts = requests[members[0]][1]
         padded = local.new_zeros((len(members), max(counts), *local.shape[2:]))
         padded[:, : local.shape[1]] = local

@@ -732,10 +732,11 @@ class ProjectedAdam(SubspaceOptimizer):
             [(block, views[i].chunk_counts(views[i].n)) for i, block in zip(gather, packed)], pg)
         whole_dir, whole_low, whole_ratio = dict(directions), dict(lows), dict(ratios)
         for i, block in zip(gather, wholes):
+            if i not in ratios:  # the direction alone
+                whole_dir[i] = block
+                continue
             r = plans[i].rank
-            whole_dir[i] = block[:r]
-            if i in ratios:
-                whole_low[i], whole_ratio[i] = block[r : 2 * r], block[2 * r]
+            whole_dir[i], whole_low[i], whole_ratio[i] = block[:r], block[r : 2 * r], block[2 * r]
         def scaled(i):  # computed twice (for the norm, then for the update) rather than held for all
             return scaled_residual(grads[i].float(), whole_low[i], whole_ratio[i], bases[i], plans[i].side)
 
