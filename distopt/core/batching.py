@@ -9,7 +9,7 @@ packing existed loads the same; and a batched kernel reads and writes all ``k`` 
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -87,6 +87,12 @@ def per_matrix(values: list[float], like: torch.Tensor, dims: int, as_tensor: bo
     return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True).view(-1, *[1] * (dims - 1))
 
 
+def dense(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every tensor is contiguous: what torch's fused CPU kernels (AdamW's, SGD's) need, since
+    they walk each tensor as one dense block and write between the strides of any other."""
+    return all(map(torch.Tensor.is_contiguous, tensors))
+
+
 _dtype = operator.attrgetter("dtype")
 # Device types whose fused SGD kernel is missing (the update then takes two foreach calls).
 _no_fused_sgd: set[str] = set()
@@ -98,8 +104,7 @@ def add_updates(weights: list[torch.Tensor], updates: Sequence[torch.Tensor], de
     that, on CPU, dispatch one op per tensor. That kernel assumes contiguous tensors of one dtype, so
     anything else takes the ``foreach`` calls."""
     device = weights[0].device.type
-    if (device not in _no_fused_sgd and all(map(torch.Tensor.is_contiguous, weights))
-            and all(map(torch.Tensor.is_contiguous, updates))
+    if (device not in _no_fused_sgd and dense(weights) and dense(updates)
             and all(map(operator.eq, map(_dtype, weights), map(_dtype, updates)))):
         try:
             # maximize: the kernel adds the "gradient" (it steps as -(-u + decay w)).

@@ -182,10 +182,6 @@ def _warn_tf32_override() -> None:
 _warn_tf32_override.done = False  # type: ignore[attr-defined]  # a function attribute
 
 
-def _all_contiguous(*tensors: torch.Tensor) -> bool:
-    return all(t.is_contiguous() for t in tensors)
-
-
 def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """1.0 (a 0-d tensor) where some element of ``tensors`` (CPU, floating point) is NaN or Inf, else
     0.0: one multi-tensor pass (the check of AMP's grad scaler, scaling by exactly 1, which changes
@@ -743,12 +739,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         rest: Sequence[int]
         if form == "torch":
             native = [i for i, p in enumerate(params) if p.dtype == torch.float32 and grads[i].dtype == torch.float32]
-            # On CPU torch's fused kernel (one pass per tensor), which walks each tensor as one dense block:
-            # a strided one (a view into a larger tensor) would be written out of its bounds, so it
-            # takes the multi-tensor ops, as every tensor does elsewhere (their step counts may stay on
+            # On CPU torch's fused kernel (one pass per tensor) where the tensors are dense (a strided one
+            # takes the multi-tensor ops, as every tensor does elsewhere; their step counts may stay on
             # the host).
-            fused = [i for i in native if params[i].device.type == "cpu" and _all_contiguous(
-                params[i], grads[i], states[i]["exp_avg"], states[i]["exp_avg_sq"])]
+            fused = [i for i in native if params[i].device.type == "cpu" and batching.dense(
+                (params[i], grads[i], states[i]["exp_avg"], states[i]["exp_avg_sq"]))]
             if fused:
                 self._fused_adamw_cpu([params[i] for i in fused], [grads[i] for i in fused],
                                       [states[i] for i in fused], lr, beta1, beta2, wd, eps, pack_steps)

@@ -34,7 +34,7 @@ from ..core.projector import (
 )
 from ..core.recovery import channel_ratio, check_recovery_hparams, limited, recovery_term, scaled_residual
 from ..core.routing import LINEAR_ROLES
-from ..core.schedule import is_refresh_step, refresh_index
+from ..core.schedule import refresh_index
 from ..core.shard import MatrixShardView, is_dtensor, local
 from .base import SubspaceOptimizer, adam_direction, apply_update, tf32_matmuls, update_moments
 
@@ -84,26 +84,14 @@ class _Batch:
     views: list[MatrixShardView]
     plans: list[subspace.SubspacePlan]
     packing: batching.PackedState = field(init=False)
-    phases: list[int] = field(init=False)
     plain: bool = field(init=False)  # no DTensor among the parameters: a gradient is its local tensor
 
     def __post_init__(self):
         self.packing = batching.PackedState(self.states)
-        self.phases = [plan.phase for plan in self.plans]
         self.plain = not any(map(is_dtensor, self.params))
 
     def grads(self) -> list[torch.Tensor]:
         return list(map(_grad_of, self.params)) if self.plain else [local(p.grad) for p in self.params]
-
-    def refreshing(self, steps: list[int], gap: int) -> list[int]:
-        """Indices of the matrices whose refresh is due at their step counts ``steps``."""
-        return [i for i, (step, phase) in enumerate(zip(steps, self.phases)) if is_refresh_step(step, gap, phase)]
-
-    def moment_counts(self, steps: list[int], group: dict) -> list[int]:
-        """:func:`subspace.moment_updates` of each matrix at its step count."""
-        if group["moment_policy"] != "reset":
-            return [step + 1 for step in steps]
-        return [subspace.moment_updates(step, plan, group) for step, plan in zip(steps, self.plans)]
 
 
 class ProjectedAdam(SubspaceOptimizer):
@@ -434,13 +422,14 @@ class ProjectedAdam(SubspaceOptimizer):
         fresh: dict[int, torch.Tensor] = {}  # this step's new bases in fp32 where they are stored in bf16
         for batch in batches:
             steps = batch.packing.get("step")[0].tolist()  # one host read per batch
-            for i in batch.refreshing(steps, group["update_proj_gap"]):
-                p, state, view, plan = batch.params[i], batch.states[i], batch.views[i], batch.plans[i]
-                with subspace.whole_basis(state, view, plan) as work:  # fp32: a bf16 basis converted, stored back
-                    self._refresh_if_due(local(p.grad), work, group, view, plan)
-                if work["basis"] is not state["basis"]:  # used unrounded this step, as the per-matrix step does
-                    fresh[id(p)] = work["basis"]
-            counts.append(batch.moment_counts(steps, group))
+            for i, (step, plan) in enumerate(zip(steps, batch.plans)):
+                if subspace.refresh_due(step, plan, group):
+                    p, state, view = batch.params[i], batch.states[i], batch.views[i]
+                    with subspace.whole_basis(state, view, plan) as work:  # fp32: a bf16 basis converted, stored back
+                        self._refresh_if_due(local(p.grad), work, group, view, plan)
+                    if work["basis"] is not state["basis"]:  # used unrounded this step, as the per-matrix step does
+                        fresh[id(p)] = work["basis"]
+            counts.append([subspace.moment_updates(step, plan, group) for step, plan in zip(steps, batch.plans)])
         if all(batch.views[0].replicas is None for batch in batches):  # each batch from its projection to its update
             for batch, batch_counts in zip(batches, counts):
                 basis, low, _ = self._batch_projection(group, batch, fresh, reuse=True)
@@ -466,12 +455,9 @@ class ProjectedAdam(SubspaceOptimizer):
         avg_sq, avg_sq_copied = packing.get("exp_avg_sq")
         steps, steps_copied = packing.get("step")
         steps.add_(1)
-        if min(counts) == max(counts):  # the usual case: one bias correction for the whole batch
-            bias2 = [math.sqrt(1.0 - beta2 ** counts[0])] * len(counts)
-            sizes = [lr / (1.0 - beta1 ** counts[0])] * len(counts)
-        else:
-            bias2 = [math.sqrt(1.0 - beta2**c) for c in counts]
-            sizes = [lr / (1.0 - beta1**c) for c in counts]
+        corrections = {c: (math.sqrt(1.0 - beta2**c), lr / (1.0 - beta1**c)) for c in set(counts)}  # usually one
+        bias2 = [corrections[c][0] for c in counts]
+        sizes = [corrections[c][1] for c in counts]
         if group.get("compile"):  # per-matrix factors as tensors, so a new step count does not recompile
             direction, scaled = compiled_batch_math()(
                 avg, avg_sq, low, beta1, beta2, eps, batching.per_matrix(bias2, low, 3, as_tensor=True),
@@ -521,9 +507,8 @@ class ProjectedAdam(SubspaceOptimizer):
         buffer = buffers.get(slot)
         if buffer is None or buffer.numel() < numel:
             buffer = buffers[slot] = torch.empty(numel, dtype=torch.float32)
-            for key in [key for key in views if key[0] == slot]:  # views of the smaller buffer it replaces
+            for key in [key for key in views if key[0] == slot]:  # views (and rows) of the buffer it replaces
                 del views[key]
-            self.__dict__.get("_scratch_rows_cache", {}).pop(slot, None)
         view = views[(slot, shape)] = buffer[:numel].view(shape)
         return view
 
@@ -533,11 +518,11 @@ class ProjectedAdam(SubspaceOptimizer):
         out = self._scratch(slot, shape, like)
         if like.device.type != "cpu":
             return out, out.unbind(0)
-        by_shape = self.__dict__.setdefault("_scratch_rows_cache", {}).setdefault(slot, {})
-        rows = by_shape.get(tuple(shape))
-        if rows is None or rows[0].data_ptr() != out.data_ptr():
-            rows = by_shape[tuple(shape)] = out.unbind(0)
-        return out, rows
+        views = self.__dict__["_cpu_scratch_views"]
+        held = views.get((slot, tuple(shape), "rows"))
+        if held is None or held[0] is not out:  # rows of the view _scratch keeps, while it keeps it
+            held = views[(slot, tuple(shape), "rows")] = (out, out.unbind(0))
+        return out, held[1]
 
     def _batch_projection(self, group: dict, batch: _Batch, fresh: dict, reuse: bool):
         """``(basis, R, to_average)`` of a batch: its bases in fp32 (the packed buffer itself when it is
