@@ -41,6 +41,9 @@ SHAPES = {
     "1b": LLAMA_1B,
     # 224 small matrices: a step bound by launches and Python, as a 7B model's shards are on 64 ranks
     "narrow32": LlamaShape(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=32, num_attention_heads=4),
+    # narrow32's 224 matrices at width 8 (use --rank 2): kernels cost next to nothing, so a step's time
+    # is its Python and dispatch
+    "tiny32": LlamaShape(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=32, num_attention_heads=2),
 }
 CHOICES = ("adamw-foreach", "adamw-fused", "galore-torch", "galore", "galore-svd", "galore-compile", "galore-bf16", "snsm",
            "adam-mini")
