@@ -12,6 +12,7 @@ process.
 
     python benchmarks/op_count.py                       # galore, AdamW; 1 and 2 ranks
     python benchmarks/op_count.py --optimizers galore,subtrack,adam-mini --world-sizes 1
+    python benchmarks/op_count.py --optimizers galore --world-sizes 1,2,4,8 --coalesce-mib 1536
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def build(name: str, model: torch.nn.Module, rank: int):
     return distopt.build_optimizer(model, name, lr=1e-3, **{k: v for k, v in wanted.items() if k in accepted})
 
 
-def count(rank_index: int, world_size: int, names: list[str], shrink: int, rank: int) -> dict:
+def count(rank_index: int, world_size: int, names: list[str], shrink: int, rank: int,
+          coalesce_bytes: int = ProjectedAdam.coalesce_bytes) -> dict:
     counts = {}
     for name in names:
         torch.manual_seed(0)
@@ -67,7 +69,7 @@ def count(rank_index: int, world_size: int, names: list[str], shrink: int, rank:
             fully_shard(model, mesh=mesh)
         optimizer = build(name, model, rank // shrink)
         if isinstance(optimizer, ProjectedAdam) or hasattr(optimizer, "coalesce_bytes"):
-            optimizer.coalesce_bytes = max(1, ProjectedAdam.coalesce_bytes // shrink**2)
+            optimizer.coalesce_bytes = max(1, coalesce_bytes // shrink**2)
         generator = torch.Generator().manual_seed(1)
         for p in model.parameters():
             p.grad = torch.randn(p.shape, generator=generator) * 1e-3
@@ -89,25 +91,29 @@ def main(argv=None) -> dict:
     parser.add_argument("--world-sizes", default="1,2")
     parser.add_argument("--shrink", type=int, default=16)
     parser.add_argument("--rank", type=int, default=1024, help="the subspace rank at full width")
+    parser.add_argument("--coalesce-mib", type=int, default=ProjectedAdam.coalesce_bytes >> 20,
+                        help="the optimizers' coalesce_bytes at full width, in MiB (default: theirs)")
     parser.add_argument("--out", default="runs/bench/op_count.json")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     rows = []
     for world_size in (int(w) for w in args.world_sizes.split(",")):
         if world_size == 1:
-            counts = count(0, 1, names, args.shrink, args.rank)
+            counts = count(0, 1, names, args.shrink, args.rank, args.coalesce_mib << 20)
         else:
             from distributed.harness import run_ranks
 
-            counts = run_ranks(world_size, count, names, args.shrink, args.rank)[0]
+            counts = run_ranks(world_size, count, names, args.shrink, args.rank, args.coalesce_mib << 20)[0]
         rows += [{"optimizer": name, "world_size": world_size, "aten_ops_per_plain_step": n} for name, n in counts.items()]
     payload = {"benchmark": "op_count", "env": environment("cpu"),
-               "settings": {"structure": "llama-7b", "shrink": args.shrink, "rank": args.rank, "matrices": 224},
+               "settings": {"structure": "llama-7b", "shrink": args.shrink, "rank": args.rank, "matrices": 224,
+                            "coalesce_mib": args.coalesce_mib},
                "results": rows}
     path = write_json(args.out, payload)
     print(markdown_table(rows, [("optimizer", "optimizer", "s"), ("world_size", "ranks", "d"),
                                 ("aten_ops_per_plain_step", "aten ops per plain step", "d")]))
-    print(f"\nLLaMA-7B structure (224 matrices), widths / {args.shrink}, rank {args.rank} at full width | JSON: {path}")
+    print(f"\nLLaMA-7B structure (224 matrices), widths / {args.shrink}, rank {args.rank} at full width, "
+          f"coalesce_bytes {args.coalesce_mib} MiB | JSON: {path}")
     return payload
 
 

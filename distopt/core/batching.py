@@ -27,6 +27,22 @@ def shared_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return base
 
 
+def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``, read only: where they are consecutive slices ``base[a], base[a + 1],
+    ...`` of one contiguous buffer (a class gathered in one block), that buffer's rows themselves,
+    with no copy."""
+    first = tensors[0]
+    base = first._base
+    if base is not None and base.dim() == first.dim() + 1 and base.is_contiguous() and first.shape == base.shape[1:]:
+        step = base.stride(0) * base.element_size()
+        start, rest = divmod(first.data_ptr() - base.data_ptr(), step)
+        if (not rest and start + len(tensors) <= base.shape[0] and all(
+                t._base is base and t.shape == first.shape and t.data_ptr() == first.data_ptr() + i * step
+                for i, t in enumerate(tensors))):
+            return base if len(tensors) == base.shape[0] else base[start : start + len(tensors)]
+    return torch.stack(list(tensors))
+
+
 def packed(states: list[dict], key: str) -> tuple[torch.Tensor, bool]:
     """``states[i][key]`` as one ``(k, ...)`` tensor, and whether it is a copy to store back
     (:func:`store_back`) after writing to it.
@@ -116,3 +132,35 @@ def add_updates(weights: list[torch.Tensor], updates: Sequence[torch.Tensor], de
     if decay:
         torch._foreach_mul_(weights, 1.0 - decay)
     torch._foreach_add_(weights, list(updates))
+
+
+# Device types whose fused Adam kernel is missing (the batch math then takes the eager ops).
+_no_fused_adam: set[str] = set()
+
+
+def scaled_adam_direction(avg: torch.Tensor, avg_sq: torch.Tensor, low: torch.Tensor, out: torch.Tensor,
+                          counts: Sequence[torch.Tensor], step: float, beta1: float, beta2: float,
+                          eps: float) -> torch.Tensor | None:
+    """Adam's moments of a batch's projections ``low`` (``(k, ...)``, updated in place) and its
+    scaled direction ``-step M / c_1 / (sqrt(V) / c_2 + eps)`` written into ``out``, with the bias
+    corrections ``c = 1 - beta^t`` of ``counts`` (float tensors on ``low``'s device: one for the
+    whole batch, or one per matrix). One pass in one kernel: torch's fused Adam kernel steps a
+    zeroed ``out`` as its parameter, where the eager math takes eight. ``None`` where that kernel
+    is missing or a tensor is not dense fp32 (the kernel walks each one as a dense block); nothing
+    is written then."""
+    tensors = (avg, avg_sq, low, out)
+    device = low.device.type
+    if device in _no_fused_adam or not dense(tensors) or any(t.dtype != torch.float32 for t in tensors):
+        return None
+    if len(counts) == 1:
+        lists = [[t] for t in tensors]
+    else:
+        lists = [list(t.unbind(0)) for t in tensors]
+    out.zero_()
+    try:
+        torch._fused_adam_(lists[3], lists[2], lists[0], lists[1], [], list(counts), lr=step, beta1=beta1, beta2=beta2,
+                           weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+    except (NotImplementedError, RuntimeError, AttributeError):  # raised before any write: no kernel here
+        _no_fused_adam.add(device)
+        return None
+    return out

@@ -8,7 +8,7 @@ counted per kind, which is what the traffic benchmark reads.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -162,54 +162,88 @@ def all_gather_rows(local: torch.Tensor, row_counts: list[int], group) -> torch.
     return all_gather_rows_coalesced([(local, row_counts)], group)[0]
 
 
-def _classes(requests: list[tuple[torch.Tensor, list[int]]], key) -> list[list[int]]:
-    """Indices of ``requests`` grouped by ``key(tensor, counts)``, in first-seen order: same-shape
-    requests are packed as one stacked block (a fixed number of copies per class, not per tensor).
-    ``key`` must give the same classes on every rank, so that the wire layouts agree."""
-    classes: dict[tuple, list[int]] = {}
-    for i, (tensor, counts) in enumerate(requests):
-        classes.setdefault(key(tensor, counts), []).append(i)
+def _classes(keys: Sequence[Hashable]) -> list[list[int]]:
+    """Indices of the requests grouped by their keys, in first-seen order: same-shape requests are
+    packed as one stacked block (a fixed number of copies per class, not per tensor). The keys must
+    give the same classes on every rank, so that the wire layouts agree."""
+    classes: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        classes.setdefault(key, []).append(i)
     return list(classes.values())
 
 
-def all_gather_rows_coalesced(requests: list[tuple[torch.Tensor, list[int]]], group) -> list[torch.Tensor]:
+def all_gather_rows_coalesced(requests: list[tuple[torch.Tensor, list[int]]], group,
+                              tags: Sequence[Hashable] | None = None) -> list[torch.Tensor]:
     """:func:`all_gather_rows` of several ``(local rows, row_counts)`` of one dtype over one group, in
-    one collective: each rank sends its blocks, each padded to the matrix's largest count, back to back."""
-    return _gather_rows_by_class(requests, group, transposed=False)
+    one collective: each rank sends its blocks, each padded to the matrix's largest count, back to back.
+    Requests of one shape and layout (and ``tags``, the same on every rank, where given) come back as
+    consecutive slices of one buffer, in their order (:func:`core.batching.stacked` reads them with no
+    copy)."""
+    return _gather_rows_by_class(requests, group, transposed=False, tags=tags)
 
 
-def _gather_rows_by_class(requests: list[tuple[torch.Tensor, list[int]]], group, transposed: bool) -> list[torch.Tensor]:
+def _gather_rows_by_class(requests: list[tuple[torch.Tensor, list[int]]], group, transposed: bool,
+                          tags: Sequence[Hashable] | None = None) -> list[torch.Tensor]:
     """The rows gather of :func:`all_gather_rows_coalesced`; with ``transposed`` the requests hold
-    ``(local columns, col_counts)`` and the columns are gathered (each result made contiguous)."""
+    ``(local columns, col_counts)`` and the columns are gathered (each result made contiguous).
+    A fixed number of ops per class of same-shape requests, whatever the world size."""
     if not requests:
         return []
     if group is None or dist.get_world_size(group) == 1:
         return [local for local, _ in requests]
-    rows_of = (lambda t: t.T) if transposed else (lambda t: t)
-    # The trailing shape and the counts are the same on every rank (the local row count is not).
-    classes = _classes(requests, lambda t, counts: (tuple(rows_of(t).shape[1:]), tuple(counts)))
+    # The trailing shape (read from the shape: a transposed view per request is an op each) and the
+    # counts are the same on every rank (the local row count is not).
+    trailing_of = (lambda t: tuple(t.shape[:-1])) if transposed else (lambda t: tuple(t.shape[1:]))
+    tags = tags if tags is not None else [None] * len(requests)
+    classes = _classes([(trailing_of(t), tuple(counts), tag) for (t, counts), tag in zip(requests, tags)])
     blocks = []
     for members in classes:
         local = torch.stack([requests[i][0] for i in members])
         local = local.transpose(1, 2) if transposed else local  # (J, rows, ...): one op, not one per matrix
-        counts = requests[members[0]][1]
-        padded = local.new_zeros((len(members), max(counts), *local.shape[2:]))
+        top = max(requests[members[0]][1])
+        if local.shape[1] == top:  # this rank holds the most rows: nothing to pad
+            blocks.append(local.reshape(-1))
+            continue
+        padded = local.new_zeros((len(members), top, *local.shape[2:]))
         padded[:, : local.shape[1]] = local
         blocks.append(padded.reshape(-1))
-    stacked = all_gather_stacked(torch.cat(blocks), group)
+    stacked = all_gather_stacked(torch.cat(blocks) if len(blocks) > 1 else blocks[0], group)
     out: list[torch.Tensor] = [requests[0][0]] * len(requests)
     offset = 0
     for members, block in zip(classes, blocks):
         counts = requests[members[0]][1]
-        trailing = rows_of(requests[members[0]][0]).shape[1:]
-        parts = stacked[:, offset : offset + block.numel()].reshape(len(counts), len(members), max(counts), *trailing)
-        whole = torch.cat([parts[i, :, :count] for i, count in enumerate(counts)], dim=1)  # (J, rows, ...)
+        trailing = trailing_of(requests[members[0]][0])
+        top = max(counts)
+        parts = stacked[:, offset : offset + block.numel()].view(len(counts), len(members), top, *trailing)
+        # (ranks, J, top, ...) -> (J, ranks * top, ...) in one copy, then the padding rows dropped.
+        whole = parts.transpose(0, 1).reshape(len(members), len(counts) * top, *trailing)
+        if min(counts) != top:
+            whole = whole.index_select(1, _unpadded_positions(tuple(counts), whole.device))
         if transposed:
             whole = whole.transpose(1, 2).contiguous()
         for i, value in zip(members, whole.unbind(0)):
             out[i] = value
         offset += block.numel()
     return out
+
+
+_positions: dict[tuple, torch.Tensor] = {}
+
+
+def _unpadded_positions(counts: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Where the real rows lie among ``len(counts)`` blocks of ``max(counts)`` rows, block ``i``
+    holding ``counts[i]`` real rows first: the index that drops or places the padding in one op
+    (made once per layout and device)."""
+    key = (counts, device)
+    index = _positions.get(key)
+    if index is None:
+        top = max(counts)
+        index = torch.tensor([i * top + j for i, count in enumerate(counts) for j in range(count)], dtype=torch.long,
+                             device=device)
+        if len(_positions) >= 64:
+            _positions.clear()
+        _positions[key] = index
+    return index
 
 
 def reduce_scatter_cols(full: torch.Tensor, col_counts: list[int], group) -> torch.Tensor:
@@ -227,18 +261,18 @@ def reduce_scatter_cols_coalesced(requests: list[tuple[torch.Tensor, list[int]]]
     if group is None or dist.get_world_size(group) == 1:
         return [full for full, _ in requests]
     parts = len(requests[0][1])
-    classes = _classes(requests, lambda full, counts: (tuple(full.shape), tuple(counts)))
+    classes = _classes([(tuple(full.shape), tuple(counts)) for full, counts in requests])
     padded = []
-    for members in classes:
+    for members in classes:  # a fixed number of ops per class, whatever the world size
         fulls = torch.stack([requests[i][0] for i in members])  # (J, k, n)
         counts = requests[members[0]][1]
-        block = fulls.new_zeros((parts, len(members), fulls.shape[1], max(counts)))
-        start = 0
-        for i, count in enumerate(counts):
-            block[i, :, :, :count] = fulls[:, :, start : start + count]
-            start += count
-        padded.append(block.reshape(parts, -1))
-    send = torch.cat(padded, dim=1)  # (parts, segment): rank i's segment is row i
+        top = max(counts)
+        if min(counts) != top:  # columns padded to parts * top, each rank's block zero-filled at its end
+            spread = fulls.new_zeros((*fulls.shape[:2], parts * top))
+            fulls = spread.index_copy_(2, _unpadded_positions(tuple(counts), fulls.device), fulls)
+        # (J, k, parts, top) -> (parts, J, k, top): rank i's columns of every matrix in row i
+        padded.append(fulls.view(*fulls.shape[:2], parts, top).permute(2, 0, 1, 3).reshape(parts, -1))
+    send = torch.cat(padded, dim=1) if len(padded) > 1 else padded[0]  # (parts, segment): rank i's is row i
     out = send.new_empty((send.shape[1],))  # flat: gloo checks the first dimensions
     _record("reduce_scatter", send)
     _reduce_scatter_single(out, send.reshape(-1), group=group)
@@ -258,10 +292,11 @@ def all_gather_cols(local: torch.Tensor, col_counts: list[int], group) -> torch.
     return all_gather_cols_coalesced([(local, col_counts)], group)[0]
 
 
-def all_gather_cols_coalesced(requests: list[tuple[torch.Tensor, list[int]]], group) -> list[torch.Tensor]:
+def all_gather_cols_coalesced(requests: list[tuple[torch.Tensor, list[int]]], group,
+                              tags: Sequence[Hashable] | None = None) -> list[torch.Tensor]:
     """:func:`all_gather_cols` of several ``(local columns, col_counts)`` of one dtype over one group,
     in one collective: :func:`all_gather_rows_coalesced` of the transposes."""
-    return _gather_rows_by_class(requests, group, transposed=True)
+    return _gather_rows_by_class(requests, group, transposed=True, tags=tags)
 
 
 def gather_rows(local: torch.Tensor, row_counts: list[int], dst_rank: int, group) -> torch.Tensor | None:

@@ -114,8 +114,8 @@ class ProjectedAdam(SubspaceOptimizer):
     basis and its refresh stay fp32. Its effect on training is measured in ``docs/convergence.md``.
 
     ``compile=True`` runs the batched step's element-wise Adam (both moments, the direction and its
-    scaling) as one ``torch.compile`` graph instead of about eight kernels per batch (compiled on the
-    first steps, shape-generic after a second batch shape).
+    scaling) as one ``torch.compile`` graph (compiled on the first steps, shape-generic after a
+    second batch shape) instead of torch's fused Adam kernel.
 
     State per matrix: ``step`` (int64), ``basis`` (``d x r``), ``exp_avg`` and ``exp_avg_sq``
     (``r x D`` or ``D x r``), and ``rs_norm`` (0-d) with recovery scaling, all fp32.
@@ -132,8 +132,10 @@ class ProjectedAdam(SubspaceOptimizer):
     Matrices of one local shape, side and rank are stepped as a batch: one ``bmm`` for their
     projections, one for their updates, and Adam's element-wise math on their moments at once, which
     one process keeps packed in one buffer per state tensor (``core.batching``; each state dict holds
-    its slice). The ``hf`` form, bf16 weights, full rank and the engine adapters' matrices are
-    stepped one by one.
+    its slice). That math is one pass of torch's fused Adam kernel, which steps a zeroed buffer as
+    its "parameter" and so writes ``-step alpha N``; with Fira's recovery term, which needs ``N``
+    itself, it is eight eager ops. The ``hf`` form, bf16 weights, full rank and the engine adapters'
+    matrices are stepped one by one.
     """
 
     matrix_roles = LINEAR_ROLES
@@ -408,9 +410,9 @@ class ProjectedAdam(SubspaceOptimizer):
 
         Per matrix, only its refresh when one is due (then it joins its batch). Per batch, a fixed
         number of kernels: the gradients stacked, ``R = proj(G)`` as one ``bmm``, Adam's moments and
-        direction on the batch's packed state (``core.batching``: each state tensor of the batch is
-        one buffer, each matrix's state a slice of it), ``back(N)`` as one ``bmm``, and the weight
-        decay and the update of all the batch's weights as two ``torch._foreach_*`` calls. The
+        scaled direction on the batch's packed state in one fused kernel (``core.batching``: each
+        state tensor of the batch is one buffer, each matrix's state a slice of it), ``back(N)`` as
+        one ``bmm``, and the weight decay and the update of all the batch's weights as one more. The
         replicas' averages of every batch's projections (projected sync) take one collective per
         replica group. Fira's recovery term stays per matrix (a full-size residual each, made and
         applied one at a time). The numbers are the per-matrix path's up to the rounding of the
@@ -458,26 +460,34 @@ class ProjectedAdam(SubspaceOptimizer):
         corrections = {c: (math.sqrt(1.0 - beta2**c), lr / (1.0 - beta1**c)) for c in set(counts)}  # usually one
         bias2 = [corrections[c][0] for c in counts]
         sizes = [corrections[c][1] for c in counts]
+        recovery = "rs_norm" in batch.states[0]  # a batch shares its recovery term (see _batches)
+        scaled = None
+        if not group.get("compile") and not recovery:  # one fused pass; Fira's residual needs the unscaled direction
+            scaled = batching.scaled_adam_direction(
+                avg, avg_sq, low, self._scratch("scaled", low.shape, low), self._count_tensors(counts, low),
+                lr * group["scale"], beta1, beta2, eps)
         if group.get("compile"):  # per-matrix factors as tensors, so a new step count does not recompile
             direction, scaled = compiled_batch_math()(
                 avg, avg_sq, low, beta1, beta2, eps, batching.per_matrix(bias2, low, 3, as_tensor=True),
                 batching.per_matrix([-size * group["scale"] for size in sizes], low, 3, as_tensor=True))
-        else:
+        elif scaled is None:
             avg.lerp_(low, 1.0 - beta1)
             avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-            direction = torch.sqrt(avg_sq, out=self._scratch("direction", avg_sq.shape, avg_sq))
+            # Without a recovery term the direction is scaled where it is (one buffer, as the fused pass).
+            direction = torch.sqrt(avg_sq, out=self._scratch("direction" if recovery else "scaled", avg_sq.shape, avg_sq))
             # One bias correction for the whole batch unless staggered resets made the counts differ.
             direction.div_(batching.per_matrix(bias2, low, 3)).add_(eps)
             coef = batching.per_matrix([-size * group["scale"] for size in sizes], low, 3)
             torch.div(avg, direction, out=direction)
-            scaled = torch.mul(direction, coef, out=self._scratch("scaled", direction.shape, direction))
+            scaled = (torch.mul(direction, coef, out=self._scratch("scaled", direction.shape, direction)) if recovery
+                      else direction.mul_(coef))
         with projection_matmuls(group):
             out, rows = self._scratch_rows("stacked", (len(batch.weights), *batch.weights[0].shape), scaled)
             update = project_back(scaled, basis, side, out=out)
         del scaled
         batching.add_updates(batch.weights, rows if update is out else update.unbind(0), lr * wd)
         del update, rows
-        if "rs_norm" in batch.states[0]:  # a batch shares its recovery term (see _batches)
+        if recovery:
             for i, state in enumerate(batch.states):  # one full-size residual alive at a time
                 with projection_matmuls(group):
                     residual = recovery_term(local(batch.params[i].grad).float(), low[i], direction[i], basis[i], side,
@@ -487,6 +497,17 @@ class ProjectedAdam(SubspaceOptimizer):
                                    ("step", steps, steps_copied)):
             if copied:
                 packing.store_back(key, value)
+
+    def _count_tensors(self, counts: list[int], like: torch.Tensor) -> list[torch.Tensor]:
+        """A batch's moment counts as float tensors on ``like``'s device for the fused Adam kernel: one
+        kept tensor refilled when they agree (the usual case), else one per matrix."""
+        if min(counts) == max(counts):
+            kept = self.__dict__.setdefault("_count_scalars", {})
+            count = kept.get(like.device)
+            if count is None:
+                count = kept[like.device] = torch.zeros((), dtype=torch.float32, device=like.device)
+            return [count.fill_(counts[0])]
+        return list(torch.tensor(counts, dtype=torch.float32).to(like.device).unbind(0))
 
     def _scratch(self, slot: str | None, shape, like: torch.Tensor) -> torch.Tensor:
         """An fp32 ``shape`` tensor for a batch's temporaries (``slot``: ``stacked`` gradients, then
@@ -578,7 +599,7 @@ class ProjectedAdam(SubspaceOptimizer):
         by one); cached for the same parameters, views, dtypes and settings."""
         key = (id(group), tuple(map(id, params)), tuple(p.dtype for p in params), self._views_version,
                self.coalesce_bytes, group["adam_form"], group["rank"], group["side"], group.get("state_layout"),
-               group.get("basis_dtype"))
+               group.get("basis_dtype"), group.get("compile"), group["recovery_scaling"])
         cache = self.__dict__.setdefault("_route_cache", {})
         hit = cache.get(key)
         if hit is not None:
@@ -594,10 +615,12 @@ class ProjectedAdam(SubspaceOptimizer):
 
         order: dict[tuple, int] = {}
         batched.sort(key=lambda p: order.setdefault(kind(p), len(order)))  # stable: first-seen kind first
-        # A chunk's stacked gradients (then its updates), its R, N and scaled N, and the fp32 copies of
-        # bf16 bases are alive at once: at most coalesce_bytes.
+        # A chunk's stacked gradients (then its updates), its R and scaled N (and N itself, for Fira's
+        # recovery term or the compiled math), and the fp32 copies of bf16 bases are alive at once: at
+        # most coalesce_bytes.
+        lows = 12 if group.get("compile") or any("rs_norm" in self.state[p] for p in batched) else 8
         copies = 4 if subspace.basis_dtype(group) != torch.float32 else 0
-        chunks = list(self._chunks(group, batched, lambda view, plan: 4 * view.local_rows * view.n + 12 * plan.rank * (
+        chunks = list(self._chunks(group, batched, lambda view, plan: 4 * view.local_rows * view.n + lows * plan.rank * (
             view.local_rows if plan.side == "right" else view.n) + copies * plan.rank * subspace.side_dim(
             plan.side, view.global_shape)))
         if len(cache) >= 16:
@@ -678,8 +701,10 @@ class ProjectedAdam(SubspaceOptimizer):
         bases = {i: states[i]["basis"] for i in left}
         bases.update({i: states[i]["basis"] for i in right if not plans[i].basis_chunked})
         chunked_right = [i for i in right if plans[i].basis_chunked]
+        # Tagged by global shape, a class of gathered bases is the batch that projects with it (no stack).
         gathered = comm.all_gather_rows_coalesced(
-            [(states[i]["basis"], views[i].chunk_counts(views[i].n)) for i in chunked_right], pg)
+            [(states[i]["basis"], views[i].chunk_counts(views[i].n)) for i in chunked_right], pg,
+            tags=[views[i].global_shape for i in chunked_right])
         bases.update(zip(chunked_right, gathered))
         bases = {i: basis.float() for i, basis in bases.items()}  # bf16 storage: gathered at 2 bytes, used in fp32
         # Projections taken ahead by clip_grad_norm_ (reduced and averaged already) are used as they are.
@@ -714,7 +739,8 @@ class ProjectedAdam(SubspaceOptimizer):
         gather = [i for i in left if plans[i].columns_chunked]
         packed = [torch.cat([directions[i], lows[i], ratios[i][None]]) if i in ratios else directions[i] for i in gather]
         wholes = comm.all_gather_cols_coalesced(
-            [(block, views[i].chunk_counts(views[i].n)) for i, block in zip(gather, packed)], pg)
+            [(block, views[i].chunk_counts(views[i].n)) for i, block in zip(gather, packed)], pg,
+            tags=[views[i].global_shape for i in gather])
         whole_dir, whole_low, whole_ratio = dict(directions), dict(lows), dict(ratios)
         for i, block in zip(gather, wholes):
             if i not in ratios:  # the direction alone
@@ -768,7 +794,7 @@ class ProjectedAdam(SubspaceOptimizer):
             for run in self._byte_runs(members, lambda j: 4 * grads[j].numel()):
                 stacked = torch.stack([grads[j] for j in run],  # converted to fp32 as they are copied
                                       out=self._scratch(None, (len(run), *grads[run[0]].shape), grads[run[0]]))
-                low = project_local(stacked, torch.stack([bases[j] for j in run]), side)
+                low = project_local(stacked, batching.stacked([bases[j] for j in run]), side)
                 for j, piece in zip(run, low.unbind(0)):  # one op, not a select per matrix
                     out[j] = piece
         return out
@@ -783,8 +809,9 @@ class ProjectedAdam(SubspaceOptimizer):
             classes.setdefault((tuple(w.shape), tuple(d.shape), tuple(b.shape), side), []).append(j)
         for (_, _, _, side), members in classes.items():
             for run in self._byte_runs(members, lambda j: 4 * weights[j].numel()):
-                scaled = torch.stack([directions[j] for j in run])
-                scaled.mul_(batching.per_matrix([coefs[j] for j in run], scaled, 3))
-                update = project_back(scaled, torch.stack([bases[j] for j in run]), side)
+                # A gathered class of directions is scaled where it lies, in one op (no stack).
+                scaled = torch.mul(batching.stacked([directions[j] for j in run]),
+                                   batching.per_matrix([coefs[j] for j in run], directions[run[0]], 3))
+                update = project_back(scaled, batching.stacked([bases[j] for j in run]), side)
                 batching.add_updates([weights[j] for j in run], update.unbind(0), decay)
 
