@@ -46,7 +46,9 @@ SHAPES = {
     "tiny32": LlamaShape(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=32, num_attention_heads=2),
 }
 CHOICES = ("adamw-foreach", "adamw-fused", "galore-torch", "galore", "galore-svd", "galore-compile", "galore-bf16", "snsm",
-           "adam-mini")
+           "adam-mini", "grassjump", "subtrack")
+# distopt optimizers built by their own name (the rest of the galore-* choices are galore variants)
+OWN_NAMES = ("snsm", "grassjump", "subtrack")
 # distopt's galore with other settings, by choice name
 VARIANTS = {"galore-svd": {"refresh": "svd", "stagger": False}, "galore-compile": {"compile": True},
             "galore-bf16": {"projection_precision": "bf16"}}
@@ -73,7 +75,7 @@ def build(choice: str, model: torch.nn.Module, args) -> torch.optim.Optimizer | 
             return GaLoreAdamW(groups, lr=lr)
     if choice == "adam-mini":
         return distopt.build_optimizer(model, "adam-mini", lr=lr)
-    name = "snsm" if choice == "snsm" else "galore"
+    name = choice if choice in OWN_NAMES else "galore"
     return distopt.build_optimizer(model, name, lr=lr, rank=args.rank, update_proj_gap=args.gap, **VARIANTS.get(choice, {}))
 
 

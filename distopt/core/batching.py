@@ -138,29 +138,26 @@ def add_updates(weights: list[torch.Tensor], updates: Sequence[torch.Tensor], de
 _no_fused_adam: set[str] = set()
 
 
-def scaled_adam_direction(avg: torch.Tensor, avg_sq: torch.Tensor, low: torch.Tensor, out: torch.Tensor,
-                          counts: Sequence[torch.Tensor], step: float, beta1: float, beta2: float,
-                          eps: float) -> torch.Tensor | None:
-    """Adam's moments of a batch's projections ``low`` (``(k, ...)``, updated in place) and its
-    scaled direction ``-step M / c_1 / (sqrt(V) / c_2 + eps)`` written into ``out``, with the bias
-    corrections ``c = 1 - beta^t`` of ``counts`` (float tensors on ``low``'s device: one for the
-    whole batch, or one per matrix). One pass in one kernel: torch's fused Adam kernel steps a
-    zeroed ``out`` as its parameter, where the eager math takes eight. ``None`` where that kernel
-    is missing or a tensor is not dense fp32 (the kernel walks each one as a dense block); nothing
-    is written then."""
-    tensors = (avg, avg_sq, low, out)
-    device = low.device.type
+def scaled_adam_directions(avgs: Sequence[torch.Tensor], avg_sqs: Sequence[torch.Tensor], lows: Sequence[torch.Tensor],
+                           outs: Sequence[torch.Tensor], counts: Sequence[torch.Tensor], step: float, beta1: float,
+                           beta2: float, eps: float) -> bool:
+    """Adam's moments of the projections ``lows`` (updated in place) and their scaled directions
+    ``-step M / c_1 / (sqrt(V) / c_2 + eps)`` written into ``outs``, with the bias corrections
+    ``c = 1 - beta^t`` of ``counts`` (float tensors on the device: one for all, or one each). Each
+    list holds whole batches ``(k, ...)`` or single matrices. One pass in one kernel: torch's fused
+    Adam kernel steps the zeroed ``outs`` as its parameters, where the eager math takes eight. False
+    where that kernel is missing or a tensor is not dense fp32 (the kernel walks each one as a dense
+    block); nothing is written then."""
+    tensors = (*avgs, *avg_sqs, *lows, *outs)
+    device = lows[0].device.type
     if device in _no_fused_adam or not dense(tensors) or any(t.dtype != torch.float32 for t in tensors):
-        return None
-    if len(counts) == 1:
-        lists = [[t] for t in tensors]
-    else:
-        lists = [list(t.unbind(0)) for t in tensors]
-    out.zero_()
+        return False
+    steps = list(counts) if len(counts) == len(lows) else list(counts) * len(lows)
+    torch._foreach_zero_(list(outs))
     try:
-        torch._fused_adam_(lists[3], lists[2], lists[0], lists[1], [], list(counts), lr=step, beta1=beta1, beta2=beta2,
-                           weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+        torch._fused_adam_(list(outs), list(lows), list(avgs), list(avg_sqs), [], steps, lr=step, beta1=beta1,
+                           beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
     except (NotImplementedError, RuntimeError, AttributeError):  # raised before any write: no kernel here
         _no_fused_adam.add(device)
-        return None
-    return out
+        return False
+    return True

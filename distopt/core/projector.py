@@ -114,6 +114,16 @@ def project_back(low: torch.Tensor, basis: torch.Tensor, side: str, out: torch.T
     return _matmul(basis, low, out=out)
 
 
+def add_back(target: torch.Tensor, low: torch.Tensor, basis: torch.Tensor, side: str, alpha: float = 1.0) -> torch.Tensor:
+    """``target += alpha back(low)`` in place, batched like :func:`project_back`: one ``baddbmm`` into
+    ``target`` with no full-size temporary (with :func:`products_in` operands, a product added)."""
+    if _product_dtype.get() is None and target.dim() == low.dim() == basis.dim() == 3:
+        if side == "right":
+            return target.baddbmm_(low, basis.transpose(-2, -1), alpha=alpha)
+        return target.baddbmm_(basis, low, alpha=alpha)
+    return target.add_(project_back(low, basis, side), alpha=alpha)
+
+
 def change_of_basis(new: torch.Tensor, old: torch.Tensor, side: str, group) -> torch.Tensor:
     """``C = new^T old`` (r x r): coordinates in ``old`` map to ``new`` by ``C`` (left) or ``C^T`` (right)."""
     c = new.T @ old

@@ -75,9 +75,15 @@ def scaled_residual(grad: torch.Tensor, low: torch.Tensor, ratio: torch.Tensor, 
 
 def limited(scaled: torch.Tensor, norm: torch.Tensor, last_norm: torch.Tensor, limit: float) -> torch.Tensor:
     """``scaled`` after the norm-growth limiter, given its whole Frobenius ``norm``; updates ``last_norm``."""
+    return scaled * limit_factor(norm, last_norm, limit)
+
+
+def limit_factor(norm: torch.Tensor, last_norm: torch.Tensor, limit: float) -> torch.Tensor:
+    """The norm-growth limiter's factor for Frobenius norms ``norm`` (element-wise: one matrix, or a
+    batch of them against their ``last_norm``); ``last_norm`` becomes the limited norm."""
     cap = last_norm * limit
     factor = torch.where(
         (last_norm > 0) & (norm > cap), cap / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.ones_like(norm)
     )
     last_norm.copy_(norm * factor)
-    return scaled * factor
+    return factor

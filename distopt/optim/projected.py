@@ -23,6 +23,7 @@ from ..core.options import check_option
 from ..core.projector import (
     RangeRequest,
     SvdRequest,
+    add_back,
     change_of_basis,
     compute_basis,
     prepared_bases,
@@ -32,7 +33,15 @@ from ..core.projector import (
     random_basis,
     unseen_fraction,
 )
-from ..core.recovery import channel_ratio, check_recovery_hparams, limited, recovery_term, scaled_residual
+from ..core.recovery import (
+    RATIO_EPS,
+    channel_ratio,
+    check_recovery_hparams,
+    limit_factor,
+    limited,
+    recovery_term,
+    scaled_residual,
+)
 from ..core.routing import LINEAR_ROLES
 from ..core.schedule import refresh_index
 from ..core.shard import MatrixShardView, is_dtensor, local
@@ -360,6 +369,21 @@ class ProjectedAdam(SubspaceOptimizer):
             return False
         return not subspace.plan(view, group).full
 
+    def _scaled_adam_list(self, lows: list[torch.Tensor], states: list[dict], plans: list, group: dict,
+                          steps: list[int]) -> list[torch.Tensor] | None:
+        """:meth:`_adam_batched` in torch's fused Adam kernel, giving the scaled directions
+        ``-step alpha N`` themselves; ``None`` (nothing changed) where that kernel does not run."""
+        beta1, beta2 = group["betas"]
+        counts = [subspace.moment_updates(step, plan, group) for step, plan in zip(steps, plans)]
+        outs = list(torch._foreach_mul(lows, 0.0))  # buffers shaped like R, in one op
+        if not batching.scaled_adam_directions([state["exp_avg"] for state in states],
+                                               [state["exp_avg_sq"] for state in states], lows, outs,
+                                               self._count_tensors(counts, lows[0]), float(group["lr"]) * group["scale"],
+                                               beta1, beta2, group["eps"]):
+            return None
+        torch._foreach_add_([state["step"] for state in states], 1)
+        return outs
+
     @staticmethod
     def _adam_batched(lows: list, states: list[dict], plans: list, group: dict,
                       steps: list[int]) -> tuple[Sequence[torch.Tensor], list[float]]:
@@ -414,9 +438,9 @@ class ProjectedAdam(SubspaceOptimizer):
         state tensor of the batch is one buffer, each matrix's state a slice of it), ``back(N)`` as
         one ``bmm``, and the weight decay and the update of all the batch's weights as one more. The
         replicas' averages of every batch's projections (projected sync) take one collective per
-        replica group. Fira's recovery term stays per matrix (a full-size residual each, made and
-        applied one at a time). The numbers are the per-matrix path's up to the rounding of the
-        batched products."""
+        replica group. Fira's recovery term is batched too, made over the stacked gradients (no other
+        full-size temporary): the residual and the update are one ``baddbmm`` each. The numbers are
+        the per-matrix path's up to the rounding of the batched products."""
         beta1, beta2 = group["betas"]
         lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
         batches = self._batches(group, params)
@@ -434,8 +458,8 @@ class ProjectedAdam(SubspaceOptimizer):
             counts.append([subspace.moment_updates(step, plan, group) for step, plan in zip(steps, batch.plans)])
         if all(batch.views[0].replicas is None for batch in batches):  # each batch from its projection to its update
             for batch, batch_counts in zip(batches, counts):
-                basis, low, _ = self._batch_projection(group, batch, fresh, reuse=True)
-                self._adam_update_batch(group, batch, batch_counts, basis, low, lr, wd, eps, beta1, beta2)
+                basis, low, _, grads = self._batch_projection(group, batch, fresh, reuse=True)
+                self._adam_update_batch(group, batch, batch_counts, basis, low, lr, wd, eps, beta1, beta2, grads)
             return
         projected = [self._batch_projection(group, batch, fresh, reuse=False) for batch in batches]
         # Projected sync: the replicas' averages of what is not averaged yet, one collective per group.
@@ -446,12 +470,15 @@ class ProjectedAdam(SubspaceOptimizer):
         for group_, indices in waiting.values():
             averaged = comm.replica_mean_coalesced([projected[i][1] for i in indices], group_)
             for i, low in zip(indices, averaged):
-                projected[i] = (projected[i][0], low, False)
-        for batch, batch_counts, (basis, low, _) in zip(batches, counts, projected):
+                projected[i] = (projected[i][0], low, False, None)
+        for batch, batch_counts, (basis, low, _, _) in zip(batches, counts, projected):
             self._adam_update_batch(group, batch, batch_counts, basis, low, lr, wd, eps, beta1, beta2)
 
-    def _adam_update_batch(self, group: dict, batch: _Batch, counts: list[int], basis, low, lr, wd, eps, beta1, beta2):
-        """Adam on a batch's packed moments from its projections ``low``, then ``W -= step alpha back(N)``."""
+    def _adam_update_batch(self, group: dict, batch: _Batch, counts: list[int], basis, low, lr, wd, eps, beta1, beta2,
+                           grads: torch.Tensor | None = None):
+        """Adam on a batch's packed moments from its projections ``low``, then ``W -= step (alpha back(N) +
+        D_hat)`` (``D_hat``: Fira's term, made in the buffer of the stacked gradients ``grads`` when
+        given, else of a new stack)."""
         packing, side = batch.packing, batch.plans[0].side
         avg, avg_copied = packing.get("exp_avg")
         avg_sq, avg_sq_copied = packing.get("exp_avg_sq")
@@ -463,9 +490,12 @@ class ProjectedAdam(SubspaceOptimizer):
         recovery = "rs_norm" in batch.states[0]  # a batch shares its recovery term (see _batches)
         scaled = None
         if not group.get("compile") and not recovery:  # one fused pass; Fira's residual needs the unscaled direction
-            scaled = batching.scaled_adam_direction(
-                avg, avg_sq, low, self._scratch("scaled", low.shape, low), self._count_tensors(counts, low),
-                lr * group["scale"], beta1, beta2, eps)
+            out = self._scratch("scaled", low.shape, low)
+            # The batch as one tensor each when its counts agree, else its matrices with a count each.
+            split = (lambda t: [t]) if min(counts) == max(counts) else (lambda t: list(t.unbind(0)))
+            if batching.scaled_adam_directions(split(avg), split(avg_sq), split(low), split(out),
+                                               self._count_tensors(counts, low), lr * group["scale"], beta1, beta2, eps):
+                scaled = out
         if group.get("compile"):  # per-matrix factors as tensors, so a new step count does not recompile
             direction, scaled = compiled_batch_math()(
                 avg, avg_sq, low, beta1, beta2, eps, batching.per_matrix(bias2, low, 3, as_tensor=True),
@@ -481,22 +511,46 @@ class ProjectedAdam(SubspaceOptimizer):
             torch.div(avg, direction, out=direction)
             scaled = (torch.mul(direction, coef, out=self._scratch("scaled", direction.shape, direction)) if recovery
                       else direction.mul_(coef))
+        shape = (len(batch.weights), *batch.weights[0].shape)
+        rows: Sequence[torch.Tensor]
         with projection_matmuls(group):
-            out, rows = self._scratch_rows("stacked", (len(batch.weights), *batch.weights[0].shape), scaled)
-            update = project_back(scaled, basis, side, out=out)
+            if recovery:  # in the stacked gradients' buffer: no other full-size temporary
+                if grads is None:
+                    grads_ = batch.grads()
+                    grads = torch.stack(grads_, out=self._scratch("stacked", shape, grads_[0]))
+                update = self._recovery_batch(group, batch, grads, basis, low, direction, sizes)
+                add_back(update, scaled, basis, side)
+                rows = update.unbind(0)
+            else:
+                out, rows = self._scratch_rows("stacked", shape, scaled)
+                update = project_back(scaled, basis, side, out=out)
+                if update is not out:
+                    rows = update.unbind(0)
         del scaled
-        batching.add_updates(batch.weights, rows if update is out else update.unbind(0), lr * wd)
+        batching.add_updates(batch.weights, rows, lr * wd)
         del update, rows
-        if recovery:
-            for i, state in enumerate(batch.states):  # one full-size residual alive at a time
-                with projection_matmuls(group):
-                    residual = recovery_term(local(batch.params[i].grad).float(), low[i], direction[i], basis[i], side,
-                                             batch.views[i], state["rs_norm"], group["norm_growth_limit"])
-                batch.weights[i].add_(residual, alpha=-sizes[i])
         for key, value, copied in (("exp_avg", avg, avg_copied), ("exp_avg_sq", avg_sq, avg_sq_copied),
                                    ("step", steps, steps_copied)):
             if copied:
                 packing.store_back(key, value)
+
+    def _recovery_batch(self, group: dict, batch: _Batch, grads: torch.Tensor, basis: torch.Tensor, low: torch.Tensor,
+                        direction: torch.Tensor, sizes: list[float]) -> torch.Tensor:
+        """Fira's term of every matrix of a batch, ``-step D_hat`` (:mod:`core.recovery`, batched),
+        written over the stacked gradients ``grads``; each ``rs_norm`` updated. The per-matrix rule's
+        numbers, with one kernel per stage for the batch."""
+        side = batch.plans[0].side
+        dim = 2 if side == "right" else 1  # the projected dimension of R and N: per row (right) or column (left)
+        ratio = direction.norm(dim=dim) / (low.norm(dim=dim) + RATIO_EPS)
+        residual = add_back(grads, low, basis, side, alpha=-1.0)  # G - back(R)
+        residual.mul_(ratio.unsqueeze(dim))
+        norms = torch.linalg.vector_norm(residual, dim=(1, 2))
+        last, copied = batch.packing.get("rs_norm")
+        factor = limit_factor(norms, last, group["norm_growth_limit"])
+        if copied:
+            batch.packing.store_back("rs_norm", last)
+        return residual.mul_((factor * batching.per_matrix([-size for size in sizes], factor, 1, as_tensor=True))
+                             .view(-1, 1, 1))
 
     def _count_tensors(self, counts: list[int], like: torch.Tensor) -> list[torch.Tensor]:
         """A batch's moment counts as float tensors on ``like``'s device for the fused Adam kernel: one
@@ -546,11 +600,11 @@ class ProjectedAdam(SubspaceOptimizer):
         return out, held[1]
 
     def _batch_projection(self, group: dict, batch: _Batch, fresh: dict, reuse: bool):
-        """``(basis, R, to_average)`` of a batch: its bases in fp32 (the packed buffer itself when it is
-        fp32; ``fresh`` ones unrounded) and ``proj(G)`` of every matrix, ``(k, r, n)`` or ``(k, m, r)``
+        """``(basis, R, to_average, G)`` of a batch: its bases in fp32 (the packed buffer itself when it
+        is fp32; ``fresh`` ones unrounded) and ``proj(G)`` of every matrix, ``(k, r, n)`` or ``(k, m, r)``
         (in the ``low`` scratch slot with ``reuse``, so only until the next batch's); ``to_average``
         when the replicas' average of ``R`` is still to take (``clip_grad_norm_`` takes it with the
-        projections it prepares)."""
+        projections it prepares); with ``reuse``, the stacked gradients (else ``None``: not kept)."""
         bases, _ = batch.packing.get("basis")  # read only: a refresh wrote into the slices already
         basis = bases.float()
         if fresh:
@@ -560,7 +614,7 @@ class ProjectedAdam(SubspaceOptimizer):
         side = batch.plans[0].side
         prepared = [self._prepared_lows.pop(view.name, None) for view in batch.views] if self._prepared_lows else []
         if prepared and all(low is not None for low in prepared):
-            return basis, torch.stack(cast(list, prepared)), False
+            return basis, torch.stack(cast(list, prepared)), False, None
         with projection_matmuls(group):
             if not any(low is not None for low in prepared):
                 grads_ = batch.grads()
@@ -569,12 +623,12 @@ class ProjectedAdam(SubspaceOptimizer):
                 out = self._scratch("low" if reuse else None, (k, m, basis.shape[2]) if side == "right"
                                     else (k, basis.shape[2], n), grads)
                 low = project_local(grads, basis, side, out=out)
-                return basis, low, True
+                return basis, low, True, grads if reuse else None
             # Some prepared, some not (clip_grad_norm_ given a subset): the others projected one by one.
             lows = [low if low is not None else
                     subspace.project_grad(local(p.grad).float(), {"basis": basis[i]}, batch.views[i], batch.plans[i])
                     for i, (p, low) in enumerate(zip(batch.params, prepared))]
-            return basis, torch.stack(lows), False
+            return basis, torch.stack(lows), False, None
 
     # -- plain steps of several matrices, with their collectives coalesced ---------------------------
     # Bytes of whole bases and r x n sums a bucket holds at once: what a plain step's coalescing adds
@@ -723,9 +777,16 @@ class ProjectedAdam(SubspaceOptimizer):
             order = sorted(lows)
             lows.update(zip(order, comm.replica_mean_coalesced([lows[i] for i in order], views[0].replicas)))
         lows.update(prepared)
-        if group["adam_form"] == "torch":
-            listed, steps = self._adam_batched([lows[i] for i in range(len(params))], states, plans, group,
-                                               [self._step_count(view, state) for view, state in zip(views, states)])
+        weights = [local(p) for p in params]
+        step_counts = [self._step_count(view, state) for view, state in zip(views, states)]
+        # Scaled in the fused kernel where every update is back(N) alone (no Fira term, fp32 weights).
+        scaled = (self._scaled_adam_list([lows[i] for i in range(len(params))], states, plans, group, step_counts)
+                  if group["adam_form"] == "torch" and not any("rs_norm" in state for state in states)
+                  and all(w.dtype == torch.float32 for w in weights) else None)
+        if scaled is not None:
+            directions, sizes = dict(enumerate(scaled)), {}
+        elif group["adam_form"] == "torch":
+            listed, steps = self._adam_batched([lows[i] for i in range(len(params))], states, plans, group, step_counts)
             directions, sizes = dict(enumerate(listed)), dict(enumerate(steps))
         else:
             directions, sizes = {}, {}
@@ -748,21 +809,21 @@ class ProjectedAdam(SubspaceOptimizer):
                 continue
             r = plans[i].rank
             whole_dir[i], whole_low[i], whole_ratio[i] = block[:r], block[r : 2 * r], block[2 * r]
-        def scaled(i):  # computed twice (for the norm, then for the update) rather than held for all
+        def residual_of(i):  # computed twice (for the norm, then for the update) rather than held for all
             return scaled_residual(grads[i].float(), whole_low[i], whole_ratio[i], bases[i], plans[i].side)
 
-        norms = comm.all_reduce_sum_coalesced([scaled(i).square().sum() for i in fira], pg)
-        weights = [local(p) for p in params]
+        norms = comm.all_reduce_sum_coalesced([residual_of(i).square().sum() for i in fira], pg)
         # back(N) into W by batches of one shape (the one-process step's products, row for row).
         batched = [i for i in range(len(params)) if group["adam_form"] == "torch" and weights[i].dtype == torch.float32]
         self._accumulate_batched([weights[i] for i in batched], [whole_dir[i] for i in batched],
-                                 [bases[i] for i in batched], [-sizes[i] * group["scale"] for i in batched],
+                                 [bases[i] for i in batched],
+                                 None if scaled is not None else [-sizes[i] * group["scale"] for i in batched],
                                  [plans[i].side for i in batched], float(group["lr"]) * group["weight_decay"])
         done = set(batched)
         for i in range(len(params)):
             residual = None
             if i in ratios:
-                residual = limited(scaled(i), norms[fira.index(i)].sqrt(), states[i]["rs_norm"], group["norm_growth_limit"])
+                residual = limited(residual_of(i), norms[fira.index(i)].sqrt(), states[i]["rs_norm"], group["norm_growth_limit"])
             if i in done:
                 if residual is not None:
                     weights[i].add_(residual, alpha=-sizes[i])
@@ -800,18 +861,19 @@ class ProjectedAdam(SubspaceOptimizer):
         return out
 
     def _accumulate_batched(self, weights: list[torch.Tensor], directions: list[torch.Tensor], bases: list[torch.Tensor],
-                            coefs: list[float], sides: list[str], decay: float) -> None:
-        """``w <- w - decay w + c back(N)`` for each, by batches of one shape: the scaled directions
-        stacked, one ``bmm`` and one update kernel (:func:`batching.add_updates`) per batch of at most
-        ``coalesce_bytes`` of updates."""
+                            coefs: list[float] | None, sides: list[str], decay: float) -> None:
+        """``w <- w - decay w + c back(N)`` for each (``coefs``: ``c``, or ``None``: the directions come
+        scaled), by batches of one shape: the scaled directions stacked, one ``bmm`` and one update
+        kernel (:func:`batching.add_updates`) per batch of at most ``coalesce_bytes`` of updates."""
         classes: dict[tuple, list[int]] = {}
         for j, (w, d, b, side) in enumerate(zip(weights, directions, bases, sides)):
             classes.setdefault((tuple(w.shape), tuple(d.shape), tuple(b.shape), side), []).append(j)
         for (_, _, _, side), members in classes.items():
             for run in self._byte_runs(members, lambda j: 4 * weights[j].numel()):
-                # A gathered class of directions is scaled where it lies, in one op (no stack).
-                scaled = torch.mul(batching.stacked([directions[j] for j in run]),
-                                   batching.per_matrix([coefs[j] for j in run], directions[run[0]], 3))
+                # A gathered class of directions is read (and scaled) where it lies, with no stack.
+                scaled = batching.stacked([directions[j] for j in run])
+                if coefs is not None:
+                    scaled = torch.mul(scaled, batching.per_matrix([coefs[j] for j in run], scaled, 3))
                 update = project_back(scaled, batching.stacked([bases[j] for j in run]), side)
                 batching.add_updates([weights[j] for j in run], update.unbind(0), decay)
 
