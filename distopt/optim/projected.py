@@ -35,7 +35,6 @@ from ..core.projector import (
 )
 from ..core.recovery import (
     RATIO_EPS,
-    channel_ratio,
     check_recovery_hparams,
     limit_factor,
     limited,
@@ -80,6 +79,14 @@ def compiled_batch_math():
     if _compiled_batch_math is None:
         _compiled_batch_math = torch.compile(_adam_batch_math, dynamic=None)
     return _compiled_batch_math
+
+
+def _classes(indices, key) -> dict:
+    """``indices`` grouped by ``key(i)``, each class in their order (first-seen classes first)."""
+    classes: dict = {}
+    for i in indices:
+        classes.setdefault(key(i), []).append(i)
+    return classes
 
 
 @dataclass(eq=False)
@@ -794,42 +801,79 @@ class ProjectedAdam(SubspaceOptimizer):
                 directions[i], sizes[i] = self._adam_in_subspace(lows[i], states[i], group, plans[i],
                                                                  self._step_count(views[i], states[i]))
         # Fira's ratio is local along the projected side; a left side in column chunks gathers its R and
-        # ratio with its direction, in the same collective.
+        # ratio with its direction, in the same collective. Both by classes of one shape.
         fira = [i for i in range(len(params)) if "rs_norm" in states[i]]
-        ratios = {i: channel_ratio(lows[i], directions[i], plans[i].side) for i in fira}
+        ratios: dict[int, torch.Tensor] = {}
+        for (_, _, side), members in _classes(fira, lambda i: (lows[i].shape, directions[i].shape, plans[i].side)).items():
+            dim = 2 if side == "right" else 1  # the projected dimension: per row (right) or column (left)
+            low_, dir_ = batching.stacked([lows[i] for i in members]), batching.stacked([directions[i] for i in members])
+            ratios.update(zip(members, (dir_.norm(dim=dim) / (low_.norm(dim=dim) + RATIO_EPS)).unbind(0)))
         gather = [i for i in left if plans[i].columns_chunked]
-        packed = [torch.cat([directions[i], lows[i], ratios[i][None]]) if i in ratios else directions[i] for i in gather]
-        wholes = comm.all_gather_cols_coalesced(
-            [(block, views[i].chunk_counts(views[i].n)) for i, block in zip(gather, packed)], pg,
-            tags=[views[i].global_shape for i in gather])
+        packed = dict(zip(gather, [directions[i] for i in gather]))
+        for _, members in _classes([i for i in gather if i in ratios], lambda i: directions[i].shape).items():
+            block = torch.cat([batching.stacked([directions[i] for i in members]),
+                               batching.stacked([lows[i] for i in members]),
+                               batching.stacked([ratios[i] for i in members]).unsqueeze(1)], dim=1)
+            packed.update(zip(members, block.unbind(0)))
+        wholes = dict(zip(gather, comm.all_gather_cols_coalesced(
+            [(packed[i], views[i].chunk_counts(views[i].n)) for i in gather], pg,
+            tags=[(views[i].global_shape, i in ratios) for i in gather])))
         whole_dir, whole_low, whole_ratio = dict(directions), dict(lows), dict(ratios)
-        for i, block in zip(gather, wholes):
-            if i not in ratios:  # the direction alone
-                whole_dir[i] = block
-                continue
-            r = plans[i].rank
-            whole_dir[i], whole_low[i], whole_ratio[i] = block[:r], block[r : 2 * r], block[2 * r]
+        whole_dir.update((i, wholes[i]) for i in gather if i not in ratios)  # the direction alone
+        for (_, r), members in _classes([i for i in gather if i in ratios], lambda i: (wholes[i].shape, plans[i].rank)).items():
+            block = batching.stacked([wholes[i] for i in members])  # a gathered class: no copy
+            whole_dir.update(zip(members, block[:, :r].unbind(0)))
+            whole_low.update(zip(members, block[:, r : 2 * r].unbind(0)))
+            whole_ratio.update(zip(members, block[:, 2 * r].unbind(0)))
+
         def residual_of(i):  # computed twice (for the norm, then for the update) rather than held for all
             return scaled_residual(grads[i].float(), whole_low[i], whole_ratio[i], bases[i], plans[i].side)
 
-        norms = comm.all_reduce_sum_coalesced([residual_of(i).square().sum() for i in fira], pg)
-        # back(N) into W by batches of one shape (the one-process step's products, row for row).
+        def run_residual(run):  # residual_of for a run of one shape, stacked: (k, rows, n)
+            side = plans[run[0]].side
+            stacked = torch.stack([grads[i] for i in run],  # converted to fp32 as they are copied
+                                  out=self._scratch(None, (len(run), *grads[run[0]].shape), grads[run[0]]))
+            add_back(stacked, batching.stacked([whole_low[i] for i in run]), batching.stacked([bases[i] for i in run]),
+                     side, alpha=-1.0)
+            return stacked.mul_(batching.stacked([whole_ratio[i] for i in run]).unsqueeze(2 if side == "right" else 1))
+
+        # fp32 weights in the torch form: back(N) added by batches of one shape (the one-process step's
+        # products, row for row), Fira's term with it in runs of at most coalesce_bytes of residuals.
         batched = [i for i in range(len(params)) if group["adam_form"] == "torch" and weights[i].dtype == torch.float32]
-        self._accumulate_batched([weights[i] for i in batched], [whole_dir[i] for i in batched],
-                                 [bases[i] for i in batched],
-                                 None if scaled is not None else [-sizes[i] * group["scale"] for i in batched],
-                                 [plans[i].side for i in batched], float(group["lr"]) * group["weight_decay"])
+        fira_runs = [run for members in _classes([i for i in batched if i in ratios], lambda i: (
+            grads[i].shape, grads[i].dtype, whole_low[i].shape, bases[i].shape, plans[i].side)).values()
+            for run in self._byte_runs(members, lambda i: 4 * grads[i].numel())]
+        in_runs = {i for run in fira_runs for i in run}
+        singles = [i for i in fira if i not in in_runs]
+        sums = comm.all_reduce_sum_coalesced(
+            [torch.linalg.vector_norm(run_residual(run), dim=(1, 2)).square() for run in fira_runs]
+            + [residual_of(i).square().sum() for i in singles], pg)
+        decay = float(group["lr"]) * group["weight_decay"]
+        plain = [i for i in batched if i not in in_runs]
+        self._accumulate_batched([weights[i] for i in plain], [whole_dir[i] for i in plain], [bases[i] for i in plain],
+                                 None if scaled is not None else [-sizes[i] * group["scale"] for i in plain],
+                                 [plans[i].side for i in plain], decay)
+        for run, total in zip(fira_runs, sums):  # W <- W - decay W - step (alpha back(N) + D_hat), by runs
+            update = run_residual(run)
+            last = torch.stack([states[i]["rs_norm"] for i in run])
+            factor = limit_factor(total.sqrt(), last, group["norm_growth_limit"])
+            torch._foreach_copy_([states[i]["rs_norm"] for i in run], list(last.unbind(0)))
+            update.mul_((factor * batching.per_matrix([-sizes[i] for i in run], factor, 1, as_tensor=True)).view(-1, 1, 1))
+            add_back(update, torch.mul(batching.stacked([whole_dir[i] for i in run]),
+                                       batching.per_matrix([-sizes[i] * group["scale"] for i in run], update, 3)),
+                     batching.stacked([bases[i] for i in run]), plans[run[0]].side)
+            batching.add_updates([weights[i] for i in run], update.unbind(0), decay)
         done = set(batched)
-        for i in range(len(params)):
-            residual = None
-            if i in ratios:
-                residual = limited(residual_of(i), norms[fira.index(i)].sqrt(), states[i]["rs_norm"], group["norm_growth_limit"])
+        for i, total in zip(singles, sums[len(fira_runs):]):
+            residual = limited(residual_of(i), total.sqrt(), states[i]["rs_norm"], group["norm_growth_limit"])
             if i in done:
-                if residual is not None:
-                    weights[i].add_(residual, alpha=-sizes[i])
-                continue
-            update = project_back(whole_dir[i], bases[i], plans[i].side)
-            self._apply(weights[i], update, sizes[i], group, plans[i], residual)
+                weights[i].add_(residual, alpha=-sizes[i])
+            else:
+                self._apply(weights[i], project_back(whole_dir[i], bases[i], plans[i].side), sizes[i], group, plans[i],
+                            residual)
+        for i in range(len(params)):
+            if i not in done and i not in ratios:
+                self._apply(weights[i], project_back(whole_dir[i], bases[i], plans[i].side), sizes[i], group, plans[i], None)
 
     def _byte_runs(self, indices: list[int], nbytes) -> list[list[int]]:
         """``indices`` in consecutive runs of at most ``coalesce_bytes`` (``nbytes(i)`` each)."""
