@@ -17,6 +17,8 @@ is the median of the rounds' ratios, which a machine that speeds up and slows do
 
     OMP_NUM_THREADS=1 python benchmarks/step_time.py --shapes narrow32 --rank 16 --gap 50 --threads 1 \
         --plain-steps 200 --interleave --optimizers adamw-fused,galore
+
+``--profile STEPS`` adds, per optimizer, the top ops of a plain step by self time (torch profiler).
 """
 
 from __future__ import annotations
@@ -132,6 +134,31 @@ def plain_steps_interleaved(choices: list[str], args) -> dict[str, dict]:
     return results
 
 
+def profile_plain(choice: str, args, top: int = 10) -> list[dict]:
+    """Where a plain step's time goes: torch's profiler over ``--profile`` plain steps, the ``top``
+    entries by self time per step (host time on CPU, kernel time on a GPU). The step's own entry
+    (``Optimizer.step#...``) is its Python and everything outside the ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    optimizer = plain_optimizer(choice, args)
+    if optimizer is None:
+        return []
+    cuda = args.device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(args.profile):
+            optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        self_us = (getattr(event, "self_device_time_total", 0) if cuda else event.self_cpu_time_total)
+        if self_us > 0:
+            rows.append({"op": event.key, "self_ms_per_step": self_us / 1e3 / args.profile,
+                         "calls_per_step": event.count / args.profile})
+    rows.sort(key=lambda row: -row["self_ms_per_step"])
+    return rows[:top]
+
+
 def measure(choice: str, args) -> dict | None:
     torch.manual_seed(0)
     with torch.device(args.device):
@@ -178,6 +205,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--plain-steps", type=int, default=20,
                         help="steps without a refresh timed per optimizer (and one counted in aten ops); 0: skip")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (the dispatch-bound case: 1)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile this many plain steps of each optimizer (torch profiler; top ops by self time)")
     parser.add_argument("--interleave", action="store_true",
                         help="plain steps of all optimizers in turn, each ratio the median over rounds (every model "
                              "held at once: small shapes)")
@@ -206,6 +235,9 @@ def main(argv=None) -> dict:
     elif args.plain_steps:
         for row in rows:
             row.update(plain_steps(row["optimizer"], args) or {})
+    if args.profile:
+        for row in rows:
+            row["profile"] = profile_plain(row["optimizer"], args)
     baseline = next((r for r in rows if r["optimizer"] == "adamw-fused"), None)
     for row in rows:
         if baseline:
@@ -217,6 +249,7 @@ def main(argv=None) -> dict:
     payload = {"benchmark": "step_time", "env": environment(args.device),
                "settings": {"shapes": args.shapes, "rank": args.rank, "gap": args.gap, "lr": 1e-3, "tf32": False,
                             "plain_steps": args.plain_steps, "plain_interleaved": bool(args.interleave),
+                            "profiled_steps": args.profile,
                             "matrices": matrices(args.shapes)},
                "results": rows}
     path = write_json(args.out, payload)
@@ -228,6 +261,11 @@ def main(argv=None) -> dict:
         ("state_bytes_per_param", "state B/param", ".2f"),
         ("state_vs_adamw", "state x AdamW", ".3f"),
     ]))
+    for row in rows:
+        if row.get("profile"):
+            print(f"\n{row['optimizer']}: a plain step's top ops by self time ({args.profile} steps profiled)")
+            print(markdown_table(row["profile"], [("op", "op", "s"), ("self_ms_per_step", "ms per step", ".3f"),
+                                                  ("calls_per_step", "calls per step", ".1f")]))
     print(f"\n{payload['env']['device_name']} | torch {payload['env']['torch']} | shapes {args.shapes} "
           f"| rank {args.rank} | gap {args.gap} | JSON: {path}")
     return payload
