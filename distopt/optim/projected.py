@@ -34,7 +34,7 @@ from ..core.projector import (
     unseen_fraction,
 )
 from ..core.recovery import (
-    RATIO_EPS,
+    channel_ratio,
     check_recovery_hparams,
     limit_factor,
     limited,
@@ -527,7 +527,10 @@ class ProjectedAdam(SubspaceOptimizer):
                     grads = torch.stack(grads_, out=self._scratch("stacked", shape, grads_[0]))
                 update = self._recovery_batch(group, batch, grads, basis, low, direction, sizes)
                 add_back(update, scaled, basis, side)
-                rows = update.unbind(0)
+                if update.device.type == "cpu" and update is self._scratch("stacked", shape, update):
+                    rows = self._scratch_rows("stacked", shape, update)[1]  # the kept buffer's rows, made once
+                else:
+                    rows = update.unbind(0)
             else:
                 out, rows = self._scratch_rows("stacked", shape, scaled)
                 update = project_back(scaled, basis, side, out=out)
@@ -547,10 +550,9 @@ class ProjectedAdam(SubspaceOptimizer):
         written over the stacked gradients ``grads``; each ``rs_norm`` updated. The per-matrix rule's
         numbers, with one kernel per stage for the batch."""
         side = batch.plans[0].side
-        dim = 2 if side == "right" else 1  # the projected dimension of R and N: per row (right) or column (left)
-        ratio = direction.norm(dim=dim) / (low.norm(dim=dim) + RATIO_EPS)
+        ratio = channel_ratio(low, direction, side, batch_dims=1)  # (k, m) for a right side, (k, n) for a left
         residual = add_back(grads, low, basis, side, alpha=-1.0)  # G - back(R)
-        residual.mul_(ratio.unsqueeze(dim))
+        residual.mul_(ratio.unsqueeze(2 if side == "right" else 1))
         norms = torch.linalg.vector_norm(residual, dim=(1, 2))
         last, copied = batch.packing.get("rs_norm")
         factor = limit_factor(norms, last, group["norm_growth_limit"])
@@ -805,9 +807,9 @@ class ProjectedAdam(SubspaceOptimizer):
         fira = [i for i in range(len(params)) if "rs_norm" in states[i]]
         ratios: dict[int, torch.Tensor] = {}
         for (_, _, side), members in _classes(fira, lambda i: (lows[i].shape, directions[i].shape, plans[i].side)).items():
-            dim = 2 if side == "right" else 1  # the projected dimension: per row (right) or column (left)
-            low_, dir_ = batching.stacked([lows[i] for i in members]), batching.stacked([directions[i] for i in members])
-            ratios.update(zip(members, (dir_.norm(dim=dim) / (low_.norm(dim=dim) + RATIO_EPS)).unbind(0)))
+            ratios.update(zip(members, channel_ratio(batching.stacked([lows[i] for i in members]),
+                                                     batching.stacked([directions[i] for i in members]), side,
+                                                     batch_dims=1).unbind(0)))
         gather = [i for i in left if plans[i].columns_chunked]
         packed = dict(zip(gather, [directions[i] for i in gather]))
         for _, members in _classes([i for i in gather if i in ratios], lambda i: directions[i].shape).items():
