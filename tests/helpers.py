@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
+from pathlib import Path
 
 import torch
 
@@ -81,3 +83,14 @@ def side_by_side(pairs, steps: int):
         for model, _ in pairs:
             model.zero_grad()
         yield step
+
+
+def op_counter():
+    """``benchmarks/common.py``'s ``OpCounter``: the tests count aten ops as the benchmarks do (loaded
+    by path: the distributed tests' own ``common`` module has the same name)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "common.py"
+    spec = importlib.util.spec_from_file_location("distopt_benchmarks_common", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.OpCounter()

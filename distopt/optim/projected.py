@@ -105,9 +105,26 @@ class _Batch:
     def __post_init__(self):
         self.packing = batching.PackedState(self.states)
         self.plain = not any(map(is_dtensor, self.params))
+        self._due_gap: int | None = None
+        self._due_by_residue: dict[int, list[int]] = {}
 
     def grads(self) -> list[torch.Tensor]:
         return list(map(_grad_of, self.params)) if self.plain else [local(p.grad) for p in self.params]
+
+    def due(self, steps: list[int], group: dict) -> Sequence[int]:
+        """The members whose refresh is due at their step counts ``steps``: when the counts agree (the
+        usual case), looked up by the step's residue modulo the gap instead of tested one by one."""
+        first = steps[0]
+        if first == 0 or min(steps) != max(steps):
+            return [i for i, (step, plan) in enumerate(zip(steps, self.plans)) if subspace.refresh_due(step, plan, group)]
+        gap = group["update_proj_gap"]
+        if self._due_gap != gap:  # members by the residue (step mod gap) at which they refresh
+            self._due_by_residue = {}
+            for i, plan in enumerate(self.plans):
+                if not plan.full:
+                    self._due_by_residue.setdefault(-plan.phase % gap, []).append(i)
+            self._due_gap = gap
+        return self._due_by_residue.get(first % gap, ())
 
 
 class ProjectedAdam(SubspaceOptimizer):
@@ -455,14 +472,16 @@ class ProjectedAdam(SubspaceOptimizer):
         fresh: dict[int, torch.Tensor] = {}  # this step's new bases in fp32 where they are stored in bf16
         for batch in batches:
             steps = batch.packing.get("step")[0].tolist()  # one host read per batch
-            for i, (step, plan) in enumerate(zip(steps, batch.plans)):
-                if subspace.refresh_due(step, plan, group):
-                    p, state, view = batch.params[i], batch.states[i], batch.views[i]
-                    with subspace.whole_basis(state, view, plan) as work:  # fp32: a bf16 basis converted, stored back
-                        self._refresh_if_due(local(p.grad), work, group, view, plan)
-                    if work["basis"] is not state["basis"]:  # used unrounded this step, as the per-matrix step does
-                        fresh[id(p)] = work["basis"]
-            counts.append([subspace.moment_updates(step, plan, group) for step, plan in zip(steps, batch.plans)])
+            for i in batch.due(steps, group):
+                p, state, view, plan = batch.params[i], batch.states[i], batch.views[i], batch.plans[i]
+                with subspace.whole_basis(state, view, plan) as work:  # fp32: a bf16 basis converted, stored back
+                    self._refresh_if_due(local(p.grad), work, group, view, plan)
+                if work["basis"] is not state["basis"]:  # used unrounded this step, as the per-matrix step does
+                    fresh[id(p)] = work["basis"]
+            if group["moment_policy"] != "reset" and min(steps) == max(steps):  # every count steps[0] + 1
+                counts.append([steps[0] + 1] * len(steps))
+            else:
+                counts.append([subspace.moment_updates(step, plan, group) for step, plan in zip(steps, batch.plans)])
         if all(batch.views[0].replicas is None for batch in batches):  # each batch from its projection to its update
             for batch, batch_counts in zip(batches, counts):
                 basis, low, _, grads = self._batch_projection(group, batch, fresh, reuse=True)
@@ -705,7 +724,7 @@ class ProjectedAdam(SubspaceOptimizer):
         if counters is not None:
             steps, _ = counters.get("step")  # packed: one (k,) buffer, read in one copy
             self._steps_now = {self._views[p].name: step for p, step in zip(sharded, steps.tolist())}
-        return super()._batched_refresh_requests(group, params)
+        return super()._batched_refresh_requests(group, sharded)  # only the sharded ones can request
 
     def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
         try:

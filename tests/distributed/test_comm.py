@@ -3,11 +3,9 @@ shards included, for a fixed number of ops whatever the world size."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import op_counter
 
 from distopt.core import comm
 
@@ -24,15 +22,6 @@ def _counts(n: int, world_size: int) -> list[int]:
     """FSDP2's split of ``n`` rows: ``torch.chunk``'s, the last ranks short or empty."""
     sizes = [len(c) for c in torch.arange(n).chunk(world_size)]
     return sizes + [0] * (world_size - len(sizes))
-
-
-def _op_counter():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "common.py"
-    spec = importlib.util.spec_from_file_location("distopt_benchmarks_common", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.OpCounter()
 
 
 def _worker(rank, world_size):
@@ -55,7 +44,7 @@ def _worker(rank, world_size):
                 ("scatter", comm.reduce_scatter_cols_coalesced, partial,
                  [mine(w.T * total, c, 1) for w, c in zip(wholes, row_counts)])):
             fn(requests, torch.distributed.group.WORLD)  # a step's layouts are the last step's: count the second
-            with _op_counter() as ops:
+            with op_counter() as ops:
                 got = fn(requests, torch.distributed.group.WORLD)
             if rows_of is COUNTED_ROWS:
                 out["ops"][kind] = ops.count

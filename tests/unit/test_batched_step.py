@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import batch, roundtrip, set_grads, tiny_model, train
+from helpers import batch, op_counter, roundtrip, set_grads, tiny_model, train
 
 import distopt
 from distopt.core import batching
@@ -252,17 +252,6 @@ def test_strided_parameters_step_as_dense_ones_and_leave_their_neighbours_alone(
         assert torch.equal(host[..., 1::2], torch.full_like(host[..., 1::2], 7.0)), n
 
 
-def _op_counter():
-    """``benchmarks/common.py``'s ``OpCounter``: the tests count ops as the benchmarks do (loaded by
-    path: the tests' own ``common`` module has the same name)."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "common.py"
-    spec = importlib.util.spec_from_file_location("distopt_benchmarks_common", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.OpCounter()
-
-
 def _plain_step_ops(name: str, layers: int) -> int:
     torch.manual_seed(0)
     model = TinyLlama(LlamaShape(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
@@ -272,7 +261,7 @@ def _plain_step_ops(name: str, layers: int) -> int:
     set_grads(model.parameters(), seed=0)
     for _ in range(2):  # the first bases, then a plain step that packs the state
         opt.step()
-    with _op_counter() as ops:
+    with op_counter() as ops:
         opt.step()
     return ops.count
 
