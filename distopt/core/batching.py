@@ -33,12 +33,15 @@ def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     with no copy."""
     first = tensors[0]
     base = first._base
-    if base is not None and base.dim() == first.dim() + 1 and base.is_contiguous() and first.shape == base.shape[1:]:
+    # Each must be a row of the buffer as it lies: same shape and strides (a transposed view of a
+    # square row would pass every other test and give its transpose).
+    if (base is not None and base.dim() == first.dim() + 1 and base.is_contiguous() and base.numel()
+            and first.shape == base.shape[1:] and first.stride() == base.stride()[1:]):
         step = base.stride(0) * base.element_size()
         start, rest = divmod(first.data_ptr() - base.data_ptr(), step)
-        if (not rest and start + len(tensors) <= base.shape[0] and all(
-                t._base is base and t.shape == first.shape and t.data_ptr() == first.data_ptr() + i * step
-                for i, t in enumerate(tensors))):
+        if (not rest and 0 <= start and start + len(tensors) <= base.shape[0] and all(
+                t._base is base and t.shape == first.shape and t.stride() == first.stride()
+                and t.data_ptr() == first.data_ptr() + i * step for i, t in enumerate(tensors))):
             return base if len(tensors) == base.shape[0] else base[start : start + len(tensors)]
     return torch.stack(list(tensors))
 

@@ -273,3 +273,15 @@ def test_a_plain_step_dispatches_ops_per_batch_not_per_matrix(name):
     """2 or 8 layers give the same batches (one per shape), so the same aten ops: views, slices and
     per-tensor adds per matrix would show up as a difference (4 matrices of each shape more)."""
     assert _plain_step_ops(name, 2) == _plain_step_ops(name, 8)
+
+
+def test_stacked_reads_consecutive_rows_of_one_buffer_without_a_copy_and_copies_anything_else():
+    whole = torch.arange(5 * 3 * 3, dtype=torch.float32).reshape(5, 3, 3).clone()  # a buffer, not a view
+    rows = whole.unbind(0)
+    for picked in ([0, 1, 2, 3, 4], [1, 2, 3]):  # the buffer itself, or its rows 1..3
+        got = batching.stacked([rows[i] for i in picked])
+        assert got.data_ptr() == rows[picked[0]].data_ptr() and torch.equal(got, whole[picked])
+    # Anything that only looks like rows of it is stacked: a gap, a reversed order, transposed squares.
+    for tensors in ([rows[0], rows[2]], [rows[1], rows[0]], [r.T for r in rows]):
+        got = batching.stacked(tensors)
+        assert got.data_ptr() != whole.data_ptr() and torch.equal(got, torch.stack(tensors))
