@@ -24,7 +24,7 @@ import torch
 
 from . import comm
 from .options import check_option
-from .projector import project_back
+from .projector import add_back, project_back
 from .shard import MatrixShardView
 
 RATIO_EPS = 1e-8
@@ -74,6 +74,13 @@ def scaled_residual(grad: torch.Tensor, low: torch.Tensor, ratio: torch.Tensor, 
     """``phi * (G - back(R))`` for this rank's rows, from the whole ``R`` and ratio along ``n``."""
     residual = grad - project_back(low, basis, side)
     return residual * (ratio.unsqueeze(1) if side == "right" else ratio.unsqueeze(0))
+
+
+def scaled_residual_(grads: torch.Tensor, low: torch.Tensor, ratio: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+    """:func:`scaled_residual` of a stacked batch ``(k, rows, n)``, written over ``grads`` (fp32):
+    one ``baddbmm`` for ``G - back(R)``, one multiply by the ratios ``(k, rows)`` or ``(k, n)``."""
+    add_back(grads, low, basis, side, alpha=-1.0)
+    return grads.mul_(ratio.unsqueeze(2 if side == "right" else 1))
 
 
 def limited(scaled: torch.Tensor, norm: torch.Tensor, last_norm: torch.Tensor, limit: float) -> torch.Tensor:

@@ -18,8 +18,13 @@ def refresh_phase(name: str, gap: int, stagger: bool) -> int:
     return stable_seed("phase", name) % gap if stagger else 0
 
 
+def refresh_residue(gap: int, phase: int) -> int:
+    """The residue modulo ``gap`` of the steps after the first on which a matrix of ``phase`` refreshes."""
+    return -phase % gap
+
+
 def is_refresh_step(step: int, gap: int, phase: int) -> bool:
-    return step == 0 or (step + phase) % gap == 0
+    return step == 0 or step % gap == refresh_residue(gap, phase)
 
 
 def refresh_index(step: int, gap: int, phase: int) -> int:

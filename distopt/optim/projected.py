@@ -40,9 +40,10 @@ from ..core.recovery import (
     limited,
     recovery_term,
     scaled_residual,
+    scaled_residual_,
 )
 from ..core.routing import LINEAR_ROLES
-from ..core.schedule import refresh_index
+from ..core.schedule import refresh_index, refresh_residue
 from ..core.shard import MatrixShardView, is_dtensor, local
 from .base import SubspaceOptimizer, adam_direction, apply_update, tf32_matmuls, update_moments
 
@@ -122,9 +123,16 @@ class _Batch:
             self._due_by_residue = {}
             for i, plan in enumerate(self.plans):
                 if not plan.full:
-                    self._due_by_residue.setdefault(-plan.phase % gap, []).append(i)
+                    self._due_by_residue.setdefault(refresh_residue(gap, plan.phase), []).append(i)
             self._due_gap = gap
         return self._due_by_residue.get(first % gap, ())
+
+    def moment_counts(self, steps: list[int], group: dict) -> list[int]:
+        """:func:`subspace.moment_updates` of each member at its step count: one call when the counts
+        agree and no reset makes them depend on the phase."""
+        if group["moment_policy"] != "reset" and min(steps) == max(steps):
+            return [subspace.moment_updates(steps[0], self.plans[0], group)] * len(steps)
+        return [subspace.moment_updates(step, plan, group) for step, plan in zip(steps, self.plans)]
 
 
 class ProjectedAdam(SubspaceOptimizer):
@@ -478,10 +486,7 @@ class ProjectedAdam(SubspaceOptimizer):
                     self._refresh_if_due(local(p.grad), work, group, view, plan)
                 if work["basis"] is not state["basis"]:  # used unrounded this step, as the per-matrix step does
                     fresh[id(p)] = work["basis"]
-            if group["moment_policy"] != "reset" and min(steps) == max(steps):  # every count steps[0] + 1
-                counts.append([steps[0] + 1] * len(steps))
-            else:
-                counts.append([subspace.moment_updates(step, plan, group) for step, plan in zip(steps, batch.plans)])
+            counts.append(batch.moment_counts(steps, group))
         if all(batch.views[0].replicas is None for batch in batches):  # each batch from its projection to its update
             for batch, batch_counts in zip(batches, counts):
                 basis, low, _, grads = self._batch_projection(group, batch, fresh, reuse=True)
@@ -569,9 +574,7 @@ class ProjectedAdam(SubspaceOptimizer):
         written over the stacked gradients ``grads``; each ``rs_norm`` updated. The per-matrix rule's
         numbers, with one kernel per stage for the batch."""
         side = batch.plans[0].side
-        ratio = channel_ratio(low, direction, side, batch_dims=1)  # (k, m) for a right side, (k, n) for a left
-        residual = add_back(grads, low, basis, side, alpha=-1.0)  # G - back(R)
-        residual.mul_(ratio.unsqueeze(2 if side == "right" else 1))
+        residual = scaled_residual_(grads, low, channel_ratio(low, direction, side, batch_dims=1), basis, side)
         norms = torch.linalg.vector_norm(residual, dim=(1, 2))
         last, copied = batch.packing.get("rs_norm")
         factor = limit_factor(norms, last, group["norm_growth_limit"])
@@ -838,7 +841,7 @@ class ProjectedAdam(SubspaceOptimizer):
             packed.update(zip(members, block.unbind(0)))
         wholes = dict(zip(gather, comm.all_gather_cols_coalesced(
             [(packed[i], views[i].chunk_counts(views[i].n)) for i in gather], pg,
-            tags=[(views[i].global_shape, i in ratios) for i in gather])))
+            tags=[views[i].global_shape for i in gather])))
         whole_dir, whole_low, whole_ratio = dict(directions), dict(lows), dict(ratios)
         whole_dir.update((i, wholes[i]) for i in gather if i not in ratios)  # the direction alone
         for (_, r), members in _classes([i for i in gather if i in ratios], lambda i: (wholes[i].shape, plans[i].rank)).items():
@@ -854,9 +857,9 @@ class ProjectedAdam(SubspaceOptimizer):
             side = plans[run[0]].side
             stacked = torch.stack([grads[i] for i in run],  # converted to fp32 as they are copied
                                   out=self._scratch(None, (len(run), *grads[run[0]].shape), grads[run[0]]))
-            add_back(stacked, batching.stacked([whole_low[i] for i in run]), batching.stacked([bases[i] for i in run]),
-                     side, alpha=-1.0)
-            return stacked.mul_(batching.stacked([whole_ratio[i] for i in run]).unsqueeze(2 if side == "right" else 1))
+            return scaled_residual_(stacked, batching.stacked([whole_low[i] for i in run]),
+                                    batching.stacked([whole_ratio[i] for i in run]), batching.stacked([bases[i] for i in run]),
+                                    side)
 
         # fp32 weights in the torch form: back(N) added by batches of one shape (the one-process step's
         # products, row for row), Fira's term with it in runs of at most coalesce_bytes of residuals.
@@ -885,16 +888,12 @@ class ProjectedAdam(SubspaceOptimizer):
                      batching.stacked([bases[i] for i in run]), plans[run[0]].side)
             batching.add_updates([weights[i] for i in run], update.unbind(0), decay)
         done = set(batched)
-        for i, total in zip(singles, sums[len(fira_runs):]):
-            residual = limited(residual_of(i), total.sqrt(), states[i]["rs_norm"], group["norm_growth_limit"])
-            if i in done:
-                weights[i].add_(residual, alpha=-sizes[i])
-            else:
+        for i in range(len(params)):  # the rest (no batch): one by one, Fira's term limited per matrix
+            if i not in done:
+                residual = (limited(residual_of(i), sums[len(fira_runs) + singles.index(i)].sqrt(), states[i]["rs_norm"],
+                                    group["norm_growth_limit"]) if i in ratios else None)
                 self._apply(weights[i], project_back(whole_dir[i], bases[i], plans[i].side), sizes[i], group, plans[i],
                             residual)
-        for i in range(len(params)):
-            if i not in done and i not in ratios:
-                self._apply(weights[i], project_back(whole_dir[i], bases[i], plans[i].side), sizes[i], group, plans[i], None)
 
     def _byte_runs(self, indices: list[int], nbytes) -> list[list[int]]:
         """``indices`` in consecutive runs of at most ``coalesce_bytes`` (``nbytes(i)`` each)."""
