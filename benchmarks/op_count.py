@@ -59,6 +59,10 @@ def count(rank_index: int, world_size: int, names: list[str], shrink: int, rank:
     for name in names:
         torch.manual_seed(0)
         model = TinyLlama(shape(shrink))
+        if name == "rso" and world_size > 1:  # its factors must exist before fully_shard
+            from distopt.optim.rso import reparametrize
+
+            reparametrize(model, rank=rank // shrink)
         if world_size > 1:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard

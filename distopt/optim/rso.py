@@ -21,19 +21,25 @@ the other layout, and ``state_bytes`` counts the part of it a rank holds.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import batching
 from ..core.linalg import haar_basis, seeded_gaussian, stable_seed
 from ..core.options import check_option
 from ..core.routing import LINEAR_ROLES, assign_roles
 from ..core.schedule import is_refresh_step, refresh_index, refresh_phase
 from ..core.shard import MatrixShardView, is_dtensor, local
 from .base import SubspaceOptimizer, adam_direction, apply_update, check_common_hparams
+
+# Device types without torch's fused Adam kernels (their inner steps then go one by one).
+_no_fused_adam: set[str] = set()
 
 PROJECTIONS = ("haar", "gaussian")
 STATE_LAYOUTS = ("partitioned", "replicated")
@@ -169,6 +175,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+_dtype = operator.attrgetter("dtype")
+
+
+@dataclasses.dataclass
+class _FusedFactors:
+    """Factors on one device whose inner steps take one fused kernel call, with what a step reads."""
+
+    params: list[torch.Tensor]
+    states: list[dict]
+    views: list[MatrixShardView]
+    phases: list[int]
+    packing: batching.PackedState
+
+
 def _check_rso_hparams(group: dict) -> None:
     check_option(group, "rank", "int", low=1, note="the subspace rank, e.g. rank=128")
     check_option(group, "projection", "choice", choices=PROJECTIONS)
@@ -246,6 +266,13 @@ class RSO(SubspaceOptimizer):
     FSDP2), fp32, + ``P`` (in x r, the weight's dtype; row-sharded under FSDP2 when partitioned, whole
     when replicated). One fp32 process: ``8 + 4 (2 r out + in r)`` bytes. The frozen ``W`` is a model
     tensor, not optimizer state.
+
+    A step's inner Adam steps are one call of torch's fused Adam kernel for all factors (fused
+    AdamW; fused Adam with ``prox`` as its L2 term), in one process and on FSDP2 shards alike, with
+    each factor's own inner count in its bias corrections; the frozen weights decay in one
+    multi-tensor call. One by one: the merges (a matmul each, and a gather of a partitioned ``P``),
+    the ``hf`` form, factors that are not dense fp32, and ``prox`` together with ``weight_decay``
+    (one kernel applies one of the two).
     """
 
     algorithm = "rso"
@@ -441,7 +468,110 @@ class RSO(SubspaceOptimizer):
             )
         return weight
 
+    # -- inner steps of many factors in one kernel -------------------------------------------------
+    def _fused_plan(self, group: dict, params: list[torch.Tensor]) -> tuple[list[_FusedFactors], list[torch.Tensor]]:
+        """The factors whose inner step is torch's fused Adam(W) step as it is, by device, and the rest:
+        the ``torch`` form, dense nonempty fp32 factors and moments on a device with the kernel, and at
+        most one of ``prox`` (coupled: Adam's L2 term) and ``weight_decay`` (decoupled: AdamW's), since
+        one kernel applies one of them. Cached for the same parameters, views and settings (a load
+        copies into the state tensors; :class:`~distopt.core.batching.PackedState` checks them)."""
+        gap, stagger = group["update_proj_gap"], group["stagger"]
+        key = (id(group), tuple(map(id, params)), self._views_version, group["adam_form"], bool(group["prox"]),
+               bool(group["weight_decay"]), gap, stagger)
+        cache = self.__dict__.setdefault("_fused_plans", {})
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        rest: list[torch.Tensor] = []
+        for p in params:
+            w, state = local(p), self.state[p]
+            fusable = (group["adam_form"] == "torch" and not (group["prox"] and group["weight_decay"])
+                       and w.device.type not in _no_fused_adam and w.numel() > 0 and w.dtype == torch.float32
+                       and batching.dense((w, state["exp_avg"], state["exp_avg_sq"])))
+            (by_device.setdefault(w.device, []) if fusable else rest).append(p)
+        plans = []
+        for members in by_device.values():
+            states, views = [self.state[p] for p in members], [self._views[p] for p in members]
+            plans.append(_FusedFactors(members, states, views, [refresh_phase(v.name, gap, stagger) for v in views],
+                                       batching.PackedState(states)))
+        if len(cache) >= 16:  # other subsets (a skipped factor changes the list for one step)
+            cache.clear()
+        cache[key] = plans, rest
+        return plans, rest
+
+    def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
+        """Inner steps of the factors :meth:`_fused_plan` takes, by device, in one fused kernel (in one
+        process and on FSDP2 shards alike: an inner step is element-wise, with no collective), the
+        frozen weights' decay in one multi-tensor call, every other factor one by one; then the merges
+        due, in the parameters' order on every rank (a partitioned ``P`` is gathered for each, and a
+        rank's empty shard is not fusable where the others' are)."""
+        plans, rest = self._fused_plan(group, params)
+        gap = group["update_proj_gap"]
+        due: dict[int, tuple[int, int]] = {}  # id -> (steps made, phase) of the factors whose merge is due
+        for plan in plans:
+            made = self._fused_inner_steps(group, plan)
+            if made is None:
+                rest = rest + plan.params
+            else:
+                due.update(made)
+        for p in rest:
+            view, state = self._views[p], self.state[p]
+            self._inner_step(local(p), local(p.grad), state, group, view)
+            done, phase = int(state["step"]), refresh_phase(view.name, gap, group["stagger"])
+            if is_refresh_step(done, gap, phase):
+                due[id(p)] = done, phase
+        if due:
+            for p in params:
+                if id(p) in due:
+                    done, phase = due[id(p)]
+                    self.merge(local(p), self.state[p], group, self._views[p], refresh_index(done, gap, phase))
+
+    def _fused_inner_steps(self, group: dict, plan: _FusedFactors) -> dict[int, tuple[int, int]] | None:
+        """:meth:`_inner_step` of ``plan``'s factors (one device) with one kernel for their Adam steps:
+        the same update, rounded as torch's fused AdamW rounds it; ``{id: (steps made, phase)}`` of
+        those whose merge is due. None, with nothing written, where the kernel cannot take them (the
+        device lacks it, or a gradient is not dense fp32: the kernel walks each tensor as one block)."""
+        gap, (beta1, beta2) = group["update_proj_gap"], group["betas"]
+        lr, wd, prox = float(group["lr"]), group["weight_decay"], group["prox"]
+        grads = [local(p.grad) for p in plan.params]
+        if not batching.dense(grads) or not all(map(torch.float32.__eq__, map(_dtype, grads))):
+            return None
+        steps, copied = plan.packing.get("step")
+        done = steps.tolist()  # one host read for all
+        weights = list(map(local, plan.params))
+        # The bias corrections count inner steps (float counts: the kernel misreads int64 ones).
+        counts = torch.tensor([float(self.inner_step(step, gap, phase)) for step, phase in zip(done, plan.phases)],
+                              dtype=torch.float32).to(weights[0].device, non_blocking=True)
+        kernel = torch._fused_adam_ if prox else torch._fused_adamw_  # prox: Adam's coupled L2 term
+        try:
+            kernel(weights, grads, [s["exp_avg"] for s in plan.states], [s["exp_avg_sq"] for s in plan.states], [],
+                   list(counts.unbind(0)), lr=lr, beta1=beta1, beta2=beta2, weight_decay=prox or wd, eps=group["eps"],
+                   amsgrad=False, maximize=False)
+        except (NotImplementedError, RuntimeError, AttributeError):  # raised before any write: no kernel here
+            _no_fused_adam.add(weights[0].device.type)
+            return None
+        steps.add_(1)
+        if copied:
+            plan.packing.store_back("step", steps)
+        if wd:
+            torch._foreach_mul_([self.frozen_rows(self.owner(view.name), w, view) for w, view in zip(weights, plan.views)],
+                                1.0 - lr * wd)
+        return {id(p): (step + 1, phase) for p, step, phase in zip(plan.params, done, plan.phases)
+                if is_refresh_step(step + 1, gap, phase)}
+
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
+        self._inner_step(p, grad, state, group, view)
+        gap = group["update_proj_gap"]
+        self._merge_if_due(p, state, group, view, int(state["step"]), refresh_phase(view.name, gap, group["stagger"]))
+
+    def _merge_if_due(self, p: torch.Tensor, state: dict, group: dict, view: MatrixShardView, done: int, phase: int) -> None:
+        """:meth:`merge` after the inner step that made ``done`` steps, where it ends an outer iteration."""
+        if is_refresh_step(done, group["update_proj_gap"], phase):
+            self.merge(p, state, group, view, refresh_index(done, group["update_proj_gap"], phase))
+
+    def _inner_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
+        """One Adam step of the factor ``p`` (and the frozen weight's decay), without the merge."""
         module = self.owner(view.name)
         gap = group["update_proj_gap"]
         phase = refresh_phase(view.name, gap, group["stagger"])
@@ -463,8 +593,6 @@ class RSO(SubspaceOptimizer):
         apply_update(master, direction, step_size, lr, wd, form)
         if master is not p:
             p.copy_(master)
-        if is_refresh_step(step + 1, gap, phase):
-            self.merge(p, state, group, view, refresh_index(step + 1, gap, phase))
 
     @torch.no_grad()
     def merge(self, p: torch.Tensor, state: dict, group: dict, view: MatrixShardView, index: int) -> None:

@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import batch, roundtrip, tiny_model, train
+from helpers import batch, op_counter, roundtrip, set_grads, tiny_model, train
 from torch import nn
 
 import distopt
+from distopt.core.schedule import refresh_phase
 from distopt.core.shard import is_dtensor, local
+from distopt.models import LlamaShape, TinyLlama
 from distopt.optim.rso import RSO, SubspaceLinear, reparametrize, sample_projection, subspace_linears, unwrap
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -336,3 +338,42 @@ def test_inner_problem_is_torch_adamw_on_b_and_w_only_decays():
         if step < tau - 1:
             for layer, w in zip(layers, w0):
                 torch.testing.assert_close(layer.weight, w * (1 - lr * wd) ** (step + 1), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("hparams", [{}, {"weight_decay": 0.1}, {"prox": 0.5}, {"prox": 0.5, "weight_decay": 0.1}])
+def test_fused_inner_steps_equal_the_one_by_one_steps(monkeypatch, hparams):
+    # Staggered merges: the factors' inner counts differ on most steps, and some merge on each step.
+    def run(fused: bool):
+        model = tiny_model()
+        opt = distopt.build_optimizer(model, "rso", rank=4, lr=1e-2, update_proj_gap=3, **hparams)
+        with monkeypatch.context() as patch:
+            if not fused:
+                patch.setattr(RSO, "_fused_plan", lambda self, group, params: ([], list(params)))
+            for step in range(7):  # the same gradients for both, so only the kernel's rounding differs
+                set_grads([p for p in model.parameters() if p.requires_grad], seed=step)
+                opt.step()
+        return model, opt
+
+    (fused, fused_opt), (single, single_opt) = run(True), run(False)
+    factors = [n for n in fused_opt._names.values() if n.endswith("rso_b")]
+    assert len({refresh_phase(n, 3, True) for n in factors}) == 3  # the staggering this test relies on
+    for (name, a), b in zip(fused.state_dict().items(), single.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    for a, b in zip(fused_opt.state_dict()["state"].values(), single_opt.state_dict()["state"].values()):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-9)
+
+
+def test_a_plain_inner_step_dispatches_the_same_ops_for_any_number_of_layers():
+    def ops(layers: int) -> int:
+        torch.manual_seed(0)
+        model = TinyLlama(LlamaShape(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                                     num_attention_heads=4))
+        opt = distopt.build_optimizer(model, "rso", rank=4, update_proj_gap=100, stagger=False, weight_decay=0.1)
+        set_grads(model.parameters(), seed=0)
+        opt.step()
+        with op_counter() as counter:
+            opt.step()
+        return counter.count
+
+    assert ops(2) == ops(8)  # 14 factors more would show as one op each or more
