@@ -94,12 +94,14 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
     return torch.matmul(a.to(dtype).float(), b.to(dtype).float(), out=out)
 
 
-def project_local(g: torch.Tensor, basis: torch.Tensor, side: str, out: torch.Tensor | None = None) -> torch.Tensor:
+def project_local(g: torch.Tensor, basis: torch.Tensor, side: str, out: torch.Tensor | None = None,
+                  basis_t: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's ``G Q`` (right) or partial ``P^T G`` (left, summed over the row shards by
-    :func:`project`). ``g`` and ``basis`` may carry a leading batch dimension (one ``bmm``)."""
+    :func:`project`). ``g`` and ``basis`` may carry a leading batch dimension (one ``bmm``);
+    ``basis_t``, ``basis.transpose(-2, -1)`` where the caller keeps that view."""
     if side == "right":
         return _matmul(g, basis, out=out)
-    return _matmul(basis.transpose(-2, -1), g, out=out)
+    return _matmul(basis.transpose(-2, -1) if basis_t is None else basis_t, g, out=out)
 
 
 def project(g: torch.Tensor, basis: torch.Tensor, side: str, group) -> torch.Tensor:
@@ -107,21 +109,23 @@ def project(g: torch.Tensor, basis: torch.Tensor, side: str, group) -> torch.Ten
     return low if side == "right" else comm.all_reduce_sum(low, group)
 
 
-def project_back(low: torch.Tensor, basis: torch.Tensor, side: str, out: torch.Tensor | None = None) -> torch.Tensor:
+def project_back(low: torch.Tensor, basis: torch.Tensor, side: str, out: torch.Tensor | None = None,
+                 basis_t: torch.Tensor | None = None) -> torch.Tensor:
     """``N Q^T`` (right) or ``P N`` (left), batched like :func:`project_local`."""
     if side == "right":
-        return _matmul(low, basis.transpose(-2, -1), out=out)
+        return _matmul(low, basis.transpose(-2, -1) if basis_t is None else basis_t, out=out)
     return _matmul(basis, low, out=out)
 
 
-def add_back(target: torch.Tensor, low: torch.Tensor, basis: torch.Tensor, side: str, alpha: float = 1.0) -> torch.Tensor:
+def add_back(target: torch.Tensor, low: torch.Tensor, basis: torch.Tensor, side: str, alpha: float = 1.0,
+             basis_t: torch.Tensor | None = None) -> torch.Tensor:
     """``target += alpha back(low)`` in place, batched like :func:`project_back`: one ``baddbmm`` into
     ``target`` with no full-size temporary (with :func:`products_in` operands, a product added)."""
     if _product_dtype.get() is None and target.dim() == low.dim() == basis.dim() == 3:
         if side == "right":
-            return target.baddbmm_(low, basis.transpose(-2, -1), alpha=alpha)
+            return target.baddbmm_(low, basis.transpose(-2, -1) if basis_t is None else basis_t, alpha=alpha)
         return target.baddbmm_(basis, low, alpha=alpha)
-    return target.add_(project_back(low, basis, side), alpha=alpha)
+    return target.add_(project_back(low, basis, side, basis_t=basis_t), alpha=alpha)
 
 
 def change_of_basis(new: torch.Tensor, old: torch.Tensor, side: str, group) -> torch.Tensor:

@@ -76,10 +76,11 @@ def scaled_residual(grad: torch.Tensor, low: torch.Tensor, ratio: torch.Tensor, 
     return residual * (ratio.unsqueeze(1) if side == "right" else ratio.unsqueeze(0))
 
 
-def scaled_residual_(grads: torch.Tensor, low: torch.Tensor, ratio: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+def scaled_residual_(grads: torch.Tensor, low: torch.Tensor, ratio: torch.Tensor, basis: torch.Tensor, side: str,
+                     basis_t: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`scaled_residual` of a stacked batch ``(k, rows, n)``, written over ``grads`` (fp32):
     one ``baddbmm`` for ``G - back(R)``, one multiply by the ratios ``(k, rows)`` or ``(k, n)``."""
-    add_back(grads, low, basis, side, alpha=-1.0)
+    add_back(grads, low, basis, side, alpha=-1.0, basis_t=basis_t)
     return grads.mul_(ratio.unsqueeze(2 if side == "right" else 1))
 
 

@@ -108,6 +108,18 @@ class _Batch:
         self.plain = not any(map(is_dtensor, self.params))
         self._due_gap: int | None = None
         self._due_by_residue: dict[int, list[int]] = {}
+        self._transposed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def transposed(self, basis: torch.Tensor) -> torch.Tensor:
+        """``basis.transpose(-2, -1)``, made once while ``basis`` is the batch's packed basis buffer
+        (an fp32 copy of bf16 bases is new on every step and not kept)."""
+        held = self._transposed
+        if held is not None and held[0] is basis:
+            return held[1]
+        view = basis.transpose(-2, -1)
+        if basis is self.packing.get("basis")[0]:
+            self._transposed = (basis, view)
+        return view
 
     def grads(self) -> list[torch.Tensor]:
         return list(map(_grad_of, self.params)) if self.plain else [local(p.grad) for p in self.params]
@@ -455,12 +467,12 @@ class ProjectedAdam(SubspaceOptimizer):
                                 "rs_norm" in state), []).append(p)
         batches = [_Batch(ps, [local(p) for p in ps], [self.state[p] for p in ps], [self._views[p] for p in ps],
                           [subspace.plan(self._views[p], group) for p in ps]) for ps in members.values()]
-        if len(cache) >= 16:  # other chunks of parameters (a skipped matrix changes a chunk for one step)
-            cache.clear()
+        if len(cache) >= 1024:  # every chunk of every group (a 7B model has dozens), and a few more:
+            cache.clear()  # a skipped matrix changes a chunk for one step
         cache[key] = batches
         return batches
 
-    def _step_batched(self, group: dict, params: list[torch.Tensor]) -> None:
+    def _step_batched(self, group: dict, params: list[torch.Tensor]) -> list[_Batch]:
         """One step of ``params``, with the matrices that share a local shape, side, rank and dtypes
         stepped as one batch.
 
@@ -472,7 +484,8 @@ class ProjectedAdam(SubspaceOptimizer):
         replicas' averages of every batch's projections (projected sync) take one collective per
         replica group. Fira's recovery term is batched too, made over the stacked gradients (no other
         full-size temporary): the residual and the update are one ``baddbmm`` each. The numbers are
-        the per-matrix path's up to the rounding of the batched products."""
+        the per-matrix path's up to the rounding of the batched products. Returns the batches, whose
+        step counters the caller advances (one call for every chunk's)."""
         beta1, beta2 = group["betas"]
         lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
         batches = self._batches(group, params)
@@ -491,7 +504,7 @@ class ProjectedAdam(SubspaceOptimizer):
             for batch, batch_counts in zip(batches, counts):
                 basis, low, _, grads = self._batch_projection(group, batch, fresh, reuse=True)
                 self._adam_update_batch(group, batch, batch_counts, basis, low, lr, wd, eps, beta1, beta2, grads)
-            return
+            return batches
         projected = [self._batch_projection(group, batch, fresh, reuse=False) for batch in batches]
         # Projected sync: the replicas' averages of what is not averaged yet, one collective per group.
         waiting: dict[int, tuple[object, list[int]]] = {}
@@ -504,6 +517,7 @@ class ProjectedAdam(SubspaceOptimizer):
                 projected[i] = (projected[i][0], low, False, None)
         for batch, batch_counts, (basis, low, _, _) in zip(batches, counts, projected):
             self._adam_update_batch(group, batch, batch_counts, basis, low, lr, wd, eps, beta1, beta2)
+        return batches
 
     def _adam_update_batch(self, group: dict, batch: _Batch, counts: list[int], basis, low, lr, wd, eps, beta1, beta2,
                            grads: torch.Tensor | None = None):
@@ -513,8 +527,6 @@ class ProjectedAdam(SubspaceOptimizer):
         packing, side = batch.packing, batch.plans[0].side
         avg, avg_copied = packing.get("exp_avg")
         avg_sq, avg_sq_copied = packing.get("exp_avg_sq")
-        steps, steps_copied = packing.get("step")
-        steps.add_(1)
         corrections = {c: (math.sqrt(1.0 - beta2**c), lr / (1.0 - beta1**c)) for c in set(counts)}  # usually one
         bias2 = [corrections[c][0] for c in counts]
         sizes = [corrections[c][1] for c in counts]
@@ -550,23 +562,31 @@ class ProjectedAdam(SubspaceOptimizer):
                     grads_ = batch.grads()
                     grads = torch.stack(grads_, out=self._scratch("stacked", shape, grads_[0]))
                 update = self._recovery_batch(group, batch, grads, basis, low, direction, sizes)
-                add_back(update, scaled, basis, side)
+                add_back(update, scaled, basis, side, basis_t=batch.transposed(basis))
                 if update.device.type == "cpu" and update is self._scratch("stacked", shape, update):
                     rows = self._scratch_rows("stacked", shape, update)[1]  # the kept buffer's rows, made once
                 else:
                     rows = update.unbind(0)
             else:
                 out, rows = self._scratch_rows("stacked", shape, scaled)
-                update = project_back(scaled, basis, side, out=out)
+                update = project_back(scaled, basis, side, out=out, basis_t=batch.transposed(basis))
                 if update is not out:
                     rows = update.unbind(0)
         del scaled
         batching.add_updates(batch.weights, rows, lr * wd)
         del update, rows
-        for key, value, copied in (("exp_avg", avg, avg_copied), ("exp_avg_sq", avg_sq, avg_sq_copied),
-                                   ("step", steps, steps_copied)):
+        for key, value, copied in (("exp_avg", avg, avg_copied), ("exp_avg_sq", avg_sq, avg_sq_copied)):
             if copied:
                 packing.store_back(key, value)
+
+    @staticmethod
+    def _advance_steps(batches: list[_Batch]) -> None:
+        """Every batch's step counters ``+1``, in one multi-tensor call."""
+        packed = [batch.packing.get("step") for batch in batches]
+        torch._foreach_add_([steps for steps, _ in packed], 1)
+        for batch, (steps, copied) in zip(batches, packed):
+            if copied:
+                batch.packing.store_back("step", steps)
 
     def _recovery_batch(self, group: dict, batch: _Batch, grads: torch.Tensor, basis: torch.Tensor, low: torch.Tensor,
                         direction: torch.Tensor, sizes: list[float]) -> torch.Tensor:
@@ -574,7 +594,8 @@ class ProjectedAdam(SubspaceOptimizer):
         written over the stacked gradients ``grads``; each ``rs_norm`` updated. The per-matrix rule's
         numbers, with one kernel per stage for the batch."""
         side = batch.plans[0].side
-        residual = scaled_residual_(grads, low, channel_ratio(low, direction, side, batch_dims=1), basis, side)
+        residual = scaled_residual_(grads, low, channel_ratio(low, direction, side, batch_dims=1), basis, side,
+                                    basis_t=batch.transposed(basis))
         norms = torch.linalg.vector_norm(residual, dim=(1, 2))
         last, copied = batch.packing.get("rs_norm")
         factor = limit_factor(norms, last, group["norm_growth_limit"])
@@ -584,14 +605,18 @@ class ProjectedAdam(SubspaceOptimizer):
                              .view(-1, 1, 1))
 
     def _count_tensors(self, counts: list[int], like: torch.Tensor) -> list[torch.Tensor]:
-        """A batch's moment counts as float tensors on ``like``'s device for the fused Adam kernel: one
-        kept tensor refilled when they agree (the usual case), else one per matrix."""
+        """A batch's moment counts as float tensors on ``like``'s device for the fused Adam kernel: when
+        they agree (the usual case), one kept tensor, refilled only when the count changes (once a
+        step, not once a batch: the kernel only reads it), else one per matrix."""
         if min(counts) == max(counts):
             kept = self.__dict__.setdefault("_count_scalars", {})
-            count = kept.get(like.device)
-            if count is None:
-                count = kept[like.device] = torch.zeros((), dtype=torch.float32, device=like.device)
-            return [count.fill_(counts[0])]
+            held = kept.get(like.device)
+            if held is None:
+                held = kept[like.device] = [torch.zeros((), dtype=torch.float32, device=like.device), None]
+            if held[1] != counts[0]:
+                held[0].fill_(counts[0])
+                held[1] = counts[0]
+            return [held[0]]
         return list(torch.tensor(counts, dtype=torch.float32).to(like.device).unbind(0))
 
     def _scratch(self, slot: str | None, shape, like: torch.Tensor) -> torch.Tensor:
@@ -653,7 +678,7 @@ class ProjectedAdam(SubspaceOptimizer):
                 k, m, n = grads.shape
                 out = self._scratch("low" if reuse else None, (k, m, basis.shape[2]) if side == "right"
                                     else (k, basis.shape[2], n), grads)
-                low = project_local(grads, basis, side, out=out)
+                low = project_local(grads, basis, side, out=out, basis_t=batch.transposed(basis))
                 return basis, low, True, grads if reuse else None
             # Some prepared, some not (clip_grad_norm_ given a subset): the others projected one by one.
             lows = [low if low is not None else
@@ -744,8 +769,9 @@ class ProjectedAdam(SubspaceOptimizer):
                 self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
         for p in single:
             self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
-        for chunk in chunks:
-            self._step_batched(group, chunk)
+        stepped = [batch for chunk in chunks for batch in self._step_batched(group, chunk)]
+        if stepped:  # their step counters, read before and advanced after, all in one call
+            self._advance_steps(stepped)
         # The same buckets on every rank: they follow the global shapes and step counts.
         for bucket in self._chunks(group, coalesced, lambda view, plan: 4 * view.n * plan.rank * (
                 2 if plan.side == "left" else 1), same_group=True):

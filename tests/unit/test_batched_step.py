@@ -87,6 +87,26 @@ def test_batched_step_equals_the_per_matrix_step(name, hparams, monkeypatch):
         opt.zero_grad(set_to_none=True)
 
 
+def test_a_state_tensor_replaced_between_steps_is_read_from_its_new_tensor():
+    """A re-allocated basis (a new tensor in the state dict, the old one overwritten) re-packs the
+    batch: nothing kept from the old buffer (its transposed view, say) is read again."""
+    models = [tiny_model(), tiny_model()]
+    opts = [distopt.build_optimizer(m, "galore", lr=1e-2, rank=6, update_proj_gap=100, side="left") for m in models]
+    for model, opt in zip(models, opts):
+        train(model, opt, 2)
+    replaced = opts[0]
+    for group in replaced.param_groups:
+        if group["kind"] == "matrix":
+            for p in group["params"]:
+                fresh = replaced.state[p]["basis"].clone()
+                replaced.state[p]["basis"].zero_()  # the old buffer: whatever still reads it goes wrong
+                replaced.state[p]["basis"] = fresh
+    for model, opt in zip(models, opts):
+        train(model, opt, 1, data_seed=9)
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
+
+
 def test_what_the_batched_step_leaves_to_the_per_matrix_path(monkeypatch):
     """The hf Adam form (galore-torch's op order) and full-rank matrices."""
     calls = _spy(monkeypatch, batched=True)
