@@ -6,11 +6,11 @@ import math
 
 import torch
 
-from ..core import subspace
+from ..core import batching, subspace
 from ..core.options import check_option
-from ..core.projector import REFRESH_METHODS
+from ..core.projector import REFRESH_METHODS, project_back, project_local
 from ..core.routing import LINEAR_ROLES
-from ..core.shard import MatrixShardView
+from ..core.shard import MatrixShardView, local
 from . import first_moment_subspace
 from .base import SubspaceOptimizer, adam_direction, apply_update, hyperparameters
 
@@ -78,8 +78,14 @@ class SAM(SubspaceOptimizer):
     ``N`` ranks, ``basis`` and ``exp_avg_sq`` hold this rank's rows and ``exp_avg`` its ``n/N``
     columns (``state_layout="partitioned"``, the default; ``"replicated"`` keeps ``exp_avg`` whole).
 
-    Each matrix steps on its own: no batched step (unlike the GaLore family's). Its update divides
-    by a full ``m x n`` second moment, so a batch would stack full-size numerators and moments.
+    In one process, fp32 matrices of one shape and rank (``torch`` form, below full rank) step as a
+    batch: each refreshes on its own when due, then one ``bmm`` projects them all, the moments
+    (``V`` included) are packed in one buffer per state tensor (``core.batching``), one ``bmm`` maps
+    the momentum back into the stacked gradients' buffer, the division by the stacked
+    denominators is one kernel, and the weights take one more. Two full-size temporaries per
+    member (the stacked gradients, then numerators, and the denominators), so a batch holds at most
+    ``coalesce_bytes`` of them. Sharded matrices (``U_k^T G`` needs its all-reduce per matrix), the
+    ``hf`` form and full rank step one by one.
     """
 
     algorithm = "sam"
@@ -137,6 +143,56 @@ class SAM(SubspaceOptimizer):
     def _chunked_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], int]]:
         view = self._views[p]
         return subspace.distributed_state(view, self.plan(view, group), ("exp_avg",))
+
+    # -- same-shape matrices stepped together (one process) ------------------------------------
+    def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
+        def batch_key(p):
+            view = self._views[p]
+            plan = self.plan(view, group)
+            if group["adam_form"] == "torch" and p.dtype == torch.float32 and not view.sharded and not plan.full:
+                return tuple(p.shape), plan.rank, p.device
+            return None
+
+        # The stacked gradients (then the numerators, in place) and the denominators.
+        self._step_by_batches(group, params, batch_key, 2, lambda g, members, _: self._step_batch(g, members))
+
+    def _step_batch(self, group: dict, params: list[torch.Tensor]) -> None:
+        """:meth:`_matrix_step` of same-shape matrices with one kernel per operation for all of them;
+        the same numbers up to the rounding of the batched products."""
+        beta1, beta2 = group["betas"]
+        lr, eps = float(group["lr"]), group["eps"]
+        states, views = [self.state[p] for p in params], [self._views[p] for p in params]
+        plans = [self.plan(view, group) for view in views]
+        packing = batching.PackedState(states)
+        steps, steps_copied = packing.get("step")
+        steps_now = [int(step) for step in steps.tolist()]  # one host read for the batch
+        for p, state, view, plan, step in zip(params, states, views, plans, steps_now):
+            if subspace.refresh_due(step, plan, group):
+                first_moment_subspace.refresh(local(p.grad), state, group, view, plan, step)
+        basis, _ = packing.get("basis")  # read only: a refresh wrote into the slices already
+        avg, avg_copied = packing.get("exp_avg")
+        avg_sq, avg_sq_copied = packing.get("exp_avg_sq")
+        grads = torch.stack([local(p.grad) for p in params]).float()
+        avg.lerp_(project_local(grads, basis, "left"), 1.0 - beta1)
+        avg_sq.mul_(beta2).addcmul_(grads, grads, value=1.0 - beta2)
+        # -lr U M / c_1 into the gradients' buffer (they are read: V and M hold them now).
+        since = [subspace.moment_updates(step, plan, group) for step, plan in zip(steps_now, plans)]
+        numerator = project_back(avg, basis, "left", out=grads)
+        numerator.mul_(batching.per_matrix([-lr / (1.0 - beta1**count) for count in since], numerator, 3))
+        if group["eps_inside_sqrt"]:
+            c2 = batching.per_matrix([1.0 - beta2 ** (step + 1) for step in steps_now], avg_sq, 3)
+            denominator = torch.div(avg_sq, c2).add_(eps).sqrt_()
+        else:
+            bias2 = batching.per_matrix([math.sqrt(1.0 - beta2 ** (step + 1)) for step in steps_now], avg_sq, 3)
+            denominator = avg_sq.sqrt().div_(bias2).add_(eps)
+        numerator.div_(denominator)
+        del denominator
+        steps.add_(1)
+        batching.add_updates([local(p) for p in params], numerator.unbind(0), lr * group["weight_decay"])
+        for key, value, copied in (("exp_avg", avg, avg_copied), ("exp_avg_sq", avg_sq, avg_sq_copied),
+                                   ("step", steps, steps_copied)):
+            if copied:
+                packing.store_back(key, value)
 
     def _matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView) -> None:
         plan = self.plan(view, group)

@@ -287,7 +287,7 @@ def _plain_step_ops(name: str, layers: int) -> int:
 
 
 # One process: batched by shape, Fira's residual (GrassJump, GrassWalk and SubTrack by default) included.
-# AdaPM, AdaPM-mini and SAM still step matrix by matrix (docs/benchmarks.md); RSO's test is in test_rso.py.
+# AdaPM and AdaPM-mini still step matrix by matrix (docs/benchmarks.md); RSO's and SAM's tests are in their files.
 @pytest.mark.parametrize("name", ["galore", "golore", "grassjump", "grasswalk", "subtrack", "snsm", "adam-mini", "adamw"])
 def test_a_plain_step_dispatches_ops_per_batch_not_per_matrix(name):
     """2 or 8 layers give the same batches (one per shape), so the same aten ops: views, slices and

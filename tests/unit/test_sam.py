@@ -2,12 +2,21 @@
 
 import pytest
 import torch
-from helpers import set_grads, tiny_model
-from optim_checks import assert_matrix_group_trains, assert_refused, assert_state_bytes_match, matrix_group, one_matrix_optimizer, one_thread, update_norms  # noqa: F401 (a fixture, used by name)
+from helpers import set_grads, tiny_model, train
+from optim_checks import (  # noqa: F401 (a fixture, used by name)
+    assert_matrix_group_trains,
+    assert_refused,
+    assert_routed_matrices_step_as_per_matrix,
+    assert_state_bytes_match,
+    matrix_group,
+    one_matrix_optimizer,
+    one_thread,
+    update_norms,
+)
 from torch import nn
 
 import distopt
-from distopt.optim.sam import sam_rank
+from distopt.optim.sam import SAM, sam_rank
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,3 +119,52 @@ def test_constant_gradient_gives_the_closed_form_step_and_the_basis_follows_the_
         opt.step()
     basis, u2 = opt.state[w]["basis"], torch.linalg.svd(other)[0][:, :4]
     torch.testing.assert_close(basis @ basis.T, u2 @ u2.T, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("hparams", [{}, {"rank": 3, "weight_decay": 0.1}, {"moment_policy": "reset", "refresh": "svd"},
+                                     {"eps_inside_sqrt": False, "stagger": False}])
+def test_batched_step_equals_the_per_matrix_step(hparams, monkeypatch):
+    """Same-shape matrices stepped as one batch: over 7 steps (gap 3, so refreshes and momentum
+    resets fall inside), the weights and every state tensor of the per-matrix step, up to the
+    rounding of the batched products; the batch path really took the matrices."""
+    from distopt.optim.base import SubspaceOptimizer
+
+    batched_calls = []
+    real = SAM._step_batch
+    monkeypatch.setattr(SAM, "_step_batch", lambda self, g, ps: (batched_calls.append(len(ps)), real(self, g, ps))[1])
+    models, opts = {}, {}
+    for batched in (True, False):
+        if not batched:
+            monkeypatch.setattr(SAM, "_step_matrices", SubspaceOptimizer._step_matrices)
+        models[batched] = tiny_model()
+        opts[batched] = distopt.build_optimizer(models[batched], "sam", lr=1e-2, update_proj_gap=3, **hparams)
+        for step in range(7):  # the same gradients both ways: only the batched products' rounding differs
+            set_grads(models[batched].parameters(), seed=step)
+            opts[batched].step()
+    matrices = sum(len(g["params"]) for g in opts[True].param_groups if g["kind"] == "matrix")
+    assert sum(batched_calls) == 7 * matrices and max(batched_calls) > 1
+    for a, b in zip(models[True].parameters(), models[False].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for key, value in opts[True].state[a].items():
+            torch.testing.assert_close(value, opts[False].state[b][key], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_the_hf_form_is_left_to_the_per_matrix_step(monkeypatch):
+    assert_routed_matrices_step_as_per_matrix(SAM, "sam", monkeypatch, update_proj_gap=3, adam_form="hf")
+
+
+def test_full_rank_matrices_are_left_to_the_per_matrix_step(monkeypatch):
+    """``k >= m`` (the identity basis: wide matrices at a rank above ``m``) steps one by one; the
+    tall ones (``k`` capped at ``n < m``) still batch."""
+    batched = []
+    real = SAM._step_batch
+    monkeypatch.setattr(SAM, "_step_batch", lambda self, g, ps: (batched.extend(ps), real(self, g, ps))[1])
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "sam", lr=1e-2, rank=10_000, update_proj_gap=3)
+    group = matrix_group(opt)
+    full = [p for p in group["params"] if SAM.plan(opt._views[p], group).full]
+    before = {id(p): p.detach().clone() for p in full}
+    train(model, opt, 2)
+    assert full and batched and not {id(p) for p in batched} & set(before)
+    assert all(not torch.equal(before[id(p)], p) for p in full)
