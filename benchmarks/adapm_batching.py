@@ -36,7 +36,7 @@ def median_step_ms(name: str, shape, device: str, batched: bool, steps: int = 7)
         p.grad = torch.randn(p.shape, generator=g, device=device) * 1e-3
     real = AdaPM._batch_key
     if not batched:
-        AdaPM._batch_key = lambda self, p, group: None
+        AdaPM._batch_key = lambda self, p, group, done: None
     try:
         for _ in range(3):
             opt.step()

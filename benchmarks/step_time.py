@@ -48,9 +48,9 @@ SHAPES = {
     "tiny32": LlamaShape(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=32, num_attention_heads=2),
 }
 CHOICES = ("adamw-foreach", "adamw-fused", "galore-torch", "galore", "galore-svd", "galore-compile", "galore-bf16", "snsm",
-           "adam-mini", "grassjump", "subtrack", "rso", "sam")
+           "adam-mini", "grassjump", "subtrack", "rso", "sam", "adapm", "adapm-mini")
 # distopt optimizers built by their own name (the rest of the galore-* choices are galore variants)
-OWN_NAMES = ("snsm", "grassjump", "subtrack", "rso", "sam")
+OWN_NAMES = ("snsm", "grassjump", "subtrack", "rso", "sam", "adapm", "adapm-mini")
 # distopt's galore with other settings, by choice name
 VARIANTS = {"galore-svd": {"refresh": "svd", "stagger": False}, "galore-compile": {"compile": True},
             "galore-bf16": {"projection_precision": "bf16"}}

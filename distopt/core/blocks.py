@@ -110,11 +110,12 @@ def block_mean_sq(grad: torch.Tensor, view: MatrixShardView, plan: BlockPlan) ->
 
 
 def expand_to_rows(values: torch.Tensor, view: MatrixShardView, plan: BlockPlan) -> torch.Tensor:
-    """Per-block values broadcast to this rank's rows, shape ``(local_rows, 1)``."""
+    """Per-block values broadcast to this rank's rows, shape ``(local_rows, 1)``; a leading batch
+    dimension (``(batch, count)``, as :func:`block_mean_sq` gives) gives ``(batch, local_rows, 1)``."""
     if plan.rows == 1:
-        return values.unsqueeze(1)
+        return values.unsqueeze(-1)
     index = torch.arange(view.row_start, cast(int, view.row_end), device=values.device) // plan.rows
-    return values[index].unsqueeze(1)
+    return values[..., index].unsqueeze(-1)
 
 
 def model_head_counts(model: torch.nn.Module) -> tuple[int | None, int | None]:
@@ -178,3 +179,19 @@ class BlockSecondMoment(_OptimizerMixin):
         beta2 = group["betas"][1]
         state["exp_avg_sq"].mul_(beta2).add_(block_mean_sq(grad, view, plan), alpha=1.0 - beta2)
         return expand_to_rows(state["exp_avg_sq"], view, plan)
+
+    def _second_moment_key(self, group: dict, view: MatrixShardView) -> tuple:
+        """Matrices batched together share their blocks (and rows: whole matrices of one process)."""
+        plan = self.block_plan(group, view)
+        return plan.rows, plan.count, view.row_start
+
+    def _update_second_moments(self, grads: torch.Tensor, packing, group: dict, view: MatrixShardView) -> torch.Tensor:
+        """:meth:`_update_second_moment` of a batch from its stacked gradients ``(batch, rows, n)`` and
+        packed state (``view``: any member's); returns ``(batch, rows, 1)``."""
+        plan = self.block_plan(group, view)
+        beta2 = group["betas"][1]
+        second, copied = packing.get("exp_avg_sq")
+        second.mul_(beta2).add_(block_mean_sq(grads, view, plan), alpha=1.0 - beta2)
+        if copied:
+            packing.store_back("exp_avg_sq", second)
+        return expand_to_rows(second, view, plan)

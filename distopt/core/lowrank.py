@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from . import comm
+from . import batching, comm
 from .linalg import orthonormalize, orthonormalize_rows, orthonormalize_rows_gram
 from .projector import randomized_basis
 from .shard import MatrixShardView
@@ -123,21 +123,27 @@ def momentum_estimates(
     bias_correction: bool,
     correction: str,
     sweeps: int,
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`momentum_estimate` of several whole (one-process) matrices of one shape and rank at one
     ``step``, on a non-reseeding step, as batched products and one batched orthonormalization per
     sweep: the factors are updated in place and the estimates returned stacked (``B x m x n``).
-    The same numbers as one at a time, up to the rounding of batched kernels."""
-    left, right = torch.stack(lefts), torch.stack(rights)
-    target = torch.stack([g.float() for g in grads]).baddbmm_(left, right, beta=1.0 - beta1, alpha=beta1)  # m_t
+    The same numbers as one at a time, up to the rounding of batched kernels. ``target``: the
+    gradients already stacked in fp32 (``B x m x n``), overwritten with ``m_t``."""
+    # Factors that are consecutive slices of one buffer (packed state) are read and written there.
+    left_buf, right_buf = batching.stacked(lefts), batching.stacked(rights)
+    left, right = left_buf, right_buf
+    target = torch.stack([g.float() for g in grads]) if target is None else target
+    target.baddbmm_(left, right, beta=1.0 - beta1, alpha=beta1)  # m_t
     orth = orthonormalize_rows_gram if left.shape[-1] >= GRAM_MIN_WIDTH else orthonormalize
     for _ in range(sweeps):
         left = orth(target @ (left.mT @ target).mT)
     right = left.mT @ target
-    for stored, new in zip(lefts, left):
-        stored.copy_(new)
-    for stored, new in zip(rights, right):
-        stored.copy_(new)
+    for stored, buffer, new in ((lefts, left_buf, left), (rights, right_buf, right)):
+        if buffer.untyped_storage().data_ptr() == stored[0].untyped_storage().data_ptr():
+            buffer.copy_(new)
+        else:
+            torch._foreach_copy_(list(stored), list(new.unbind(0)))
     return _corrected(target, left @ right, beta1=beta1, step=step, bias_correction=bias_correction,
                       correction=correction)
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..core import comm, lowrank, subspace
+from ..core import batching, comm, lowrank, subspace
 from ..core.linalg import stable_seed
 from ..core.options import check_option
 from ..core.schedule import is_refresh_step, refresh_index, refresh_phase
@@ -92,6 +92,14 @@ class AdaPM(SubspaceOptimizer):
     ``8 + 8 m n``; none (embedding, o) ``8 + 4 m n``. Element-wise AdamW parameters:
     ``4 + 8 N``. Under row sharding ``m`` is this rank's row count, and ``R`` keeps ``n/N`` of its
     columns (``state_layout="partitioned"``, the default; ``"replicated"`` keeps it whole).
+
+    In one process, fp32 matrices of one momentum kind, shape (and rank) and step count step as a
+    batch: the gradients stacked, the second moments and momenta on packed state (a low-rank refit
+    as batched products and one batched orthonormalization per sweep, ``m_t`` made over the stacked
+    gradients), the ratio and its clip on the stack, and one kernel for the weights; at most
+    ``coalesce_bytes`` of two full-size temporaries per member. One by one: row shards (their
+    refits and block sums need collectives per matrix), bf16 weights, factors re-seeded this step,
+    and a matrix with no partner.
     """
 
     algorithm = "adapm"
@@ -202,50 +210,97 @@ class AdaPM(SubspaceOptimizer):
         grad = grad.float()
         self._finish_step(p, grad, self._momentum(p, grad, state, group, view, step), state, group, view, step)
 
-    # Bytes of stacked full-size tensors (m_t and L R) a batch of low-rank refits holds at once.
-    coalesce_bytes = 768 << 20
+    def _batch_key(self, p: torch.Tensor, group: dict, done: int):
+        """What a matrix that made ``done`` steps shares with the others it steps with as a batch (one
+        process, fp32 weights: momentum kind, shapes, step count, second-moment layout), else None.
+        A low-rank matrix whose factors are re-seeded this step steps alone."""
+        view = self._views[p]
+        if local(p).dtype != torch.float32 or (view.sharded and comm.world_size(view.group) > 1):
+            return None
+        kind, shape = self.momentum_kind(view), tuple(local(p).shape)
+        if kind == "lowrank":
+            gap = group["update_proj_gap"]
+            if done == 0 or is_refresh_step(done, gap, refresh_phase(view.name, gap, group["stagger"])):
+                return None
+            shape += tuple(self.state[p]["left"].shape[1:])
+        return kind, shape, done + 1, self._second_moment_key(group, view)
 
-    def _batch_key(self, p: torch.Tensor, group: dict):
-        """``(shape, rank, step)`` of a low-rank matrix whose refit this step can be batched with others
-        of the same key (one process, no reseed), else None."""
-        view, state = self._views[p], self.state[p]
-        if self.momentum_kind(view) != "lowrank" or (view.sharded and comm.world_size(view.group) > 1):
-            return None
-        done = int(state["step"])
-        if done == 0 or is_refresh_step(done, group["update_proj_gap"], refresh_phase(view.name, group["update_proj_gap"], group["stagger"])):
-            return None
-        return tuple(state["left"].shape), tuple(state["right"].shape), done + 1
+    def _second_moment_key(self, group: dict, view: MatrixShardView) -> tuple:
+        """What matrices must share for :meth:`_update_second_moments` to treat them as one batch."""
+        return ()
+
+    def _update_second_moments(self, grads: torch.Tensor, packing: batching.PackedState, group: dict,
+                               view: MatrixShardView) -> torch.Tensor:
+        """:meth:`_update_second_moment` of a batch from its stacked gradients (``view``: any member's),
+        broadcastable to them."""
+        beta2 = group["betas"][1]
+        second, copied = packing.get("exp_avg_sq")
+        second.mul_(beta2).addcmul_(grads, grads, value=1.0 - beta2)
+        if copied:
+            packing.store_back("exp_avg_sq", second)
+        return second
 
     def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
-        """Low-rank matrices of one shape, rank and step count refit their factors together (batched
-        products, one batched orthonormalization per sweep), in batches of at most ``coalesce_bytes``;
-        the second moment and the update stay per matrix. Everything else steps one by one."""
-        batches: dict[tuple, list[torch.Tensor]] = {}
-        for p in params:
-            key = self._batch_key(p, group)
-            if key is None:
-                self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
-                continue
-            batch = batches.setdefault(key, [])
-            if batch and (len(batch) + 1) * 8 * p.numel() > self.coalesce_bytes:
-                self._step_lowrank_batch(group, batch, key[2])
-                batch = batches[key] = []
-            batch.append(p)
-        for key, batch in batches.items():
-            self._step_lowrank_batch(group, batch, key[2])
+        """Matrices of one momentum kind, shape (and rank), step count and second-moment layout step as
+        a batch (:meth:`_step_batch`), in runs of at most ``coalesce_bytes`` of their temporaries;
+        the rest (row shards, bf16 weights, re-seeded factors) one by one."""
+        done = dict(zip(map(id, params), torch.stack([self.state[p]["step"] for p in params]).tolist())) if params else {}
+        # Two full-size temporaries at a time: the stacked gradients (m_t over them for a low-rank
+        # refit, then its denominators) and L R (the estimate); else the stack (then the momentum) and
+        # the denominators.
+        self._step_by_batches(group, params, lambda p: self._batch_key(p, group, done[id(p)]), 2,
+                              lambda g, members, key: self._step_batch(g, members, key[0], key[2]))
 
-    def _step_lowrank_batch(self, group: dict, params: list[torch.Tensor], step: int) -> None:
+    def _step_batch(self, group: dict, params: list[torch.Tensor], kind: str, step: int) -> None:
+        """:meth:`_matrix_step` of matrices that share a momentum kind, shape and step count, with one
+        kernel per operation for all of them: the gradients stacked, the second moments and the
+        momentum on packed state (a low-rank refit as batched products and one batched
+        orthonormalization per sweep), the ratio and its clip on the stack, and one update kernel for
+        the weights. The same numbers up to the rounding of batched kernels. One matrix alone takes
+        the per-matrix step."""
         if len(params) == 1:
             p = params[0]
             self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
             return
+        beta1, beta2 = group["betas"]
+        lr, wd = float(group["lr"]), group["weight_decay"]
         states = [self.state[p] for p in params]
-        momenta = lowrank.momentum_estimates(
-            [local(p.grad) for p in params], [s["left"] for s in states], [s["right"] for s in states],
-            beta1=group["betas"][0], step=step, bias_correction=group["bias_correction"],
-            correction=group["correction"], sweeps=group["fit_sweeps"])
-        for p, state, momentum in zip(params, states, momenta):
-            self._finish_step(local(p), local(p.grad).float(), momentum, state, group, self._views[p], step)
+        packing = batching.PackedState(states)
+        grads = torch.stack([local(p.grad) for p in params]).float()
+        second = self._update_second_moments(grads, packing, group, self._views[params[0]])
+        c1 = 1.0 - beta1**step if group["bias_correction"] else 1.0
+        if kind == "none":
+            momentum = grads
+        elif kind == "full":
+            avg, copied = packing.get("exp_avg")
+            avg.lerp_(grads, 1.0 - beta1)
+            if copied:
+                packing.store_back("exp_avg", avg)
+            momentum = torch.div(avg, c1, out=grads)  # the gradients are read: their buffer takes it
+        else:  # m_t is made over the stacked gradients; the factors packed, so read and written in place
+            packing.get("left")
+            packing.get("right")
+            momentum = lowrank.momentum_estimates(
+                list(grads.unbind(0)), [s["left"] for s in states], [s["right"] for s in states], beta1=beta1,
+                step=step, bias_correction=group["bias_correction"], correction=group["correction"],
+                sweeps=group["fit_sweeps"], target=grads)
+        c2 = 1.0 - beta2**step if group["bias_correction"] else 1.0
+        # A low-rank estimate is a new tensor: the stack's buffer (m_t) is free for the denominators.
+        spare = grads if kind == "lowrank" and second.shape == grads.shape else None
+        denom = torch.sqrt(second, out=spare)
+        if group["adam_form"] == "hf":  # eps on the raw RMS, as Hugging Face's AdamW
+            denom.add_(group["eps"]).div_(math.sqrt(c2))
+        else:
+            denom.div_(math.sqrt(c2)).add_(group["eps"])
+        del grads
+        ratio = momentum.div_(denom)
+        del denom
+        if group["clip"] is not None:
+            ratio.clamp_(-group["clip"], group["clip"])
+        # torch's form decays before the step (w (1 - lr wd) - lr ratio), hf's after ((w - lr ratio) (1 - lr wd)).
+        ratio.mul_(-lr * (1.0 - lr * wd) if group["adam_form"] == "hf" else -lr)
+        torch._foreach_add_([s["step"] for s in states], 1)
+        batching.add_updates([local(p) for p in params], ratio.unbind(0), lr * wd)
 
     def _finish_step(self, p: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor, state: dict, group: dict,
                      view: MatrixShardView, step: int) -> None:

@@ -231,22 +231,24 @@ def test_factor_refit_on_row_shards_is_the_one_process_refit(tmp_path, monkeypat
 
 @pytest.mark.parametrize("name,hparams,gram", [
     ("adapm", {}, False),
-    ("adapm", {"correction": "literal", "fit_sweeps": 2}, True),
+    ("adapm", {"correction": "literal", "fit_sweeps": 2, "clip": 0.05}, True),
+    ("adapm", {"adam_form": "hf", "clip": None}, False),  # hf decays after the step
     ("adapm-mini", {"correction": "none", "bias_correction": False}, False),
     ("adapm-mini", {}, True),
 ])
-def test_batched_refits_equal_one_by_one(name, hparams, gram, monkeypatch):
-    """Two runs from the same start on the same gradients, one refitting the low-rank matrices of
-    one shape together, the other one by one: weights and factors agree at every step, through
-    staggered reseeds (gap 3), with Householder and Cholesky-QR orthonormalization."""
+def test_batched_steps_equal_one_by_one(name, hparams, gram, monkeypatch):
+    """Two runs from the same start on the same gradients, one stepping the matrices of one momentum
+    kind and shape together (low-rank refits included), the other one by one: weights and state
+    agree at every step, through staggered reseeds (gap 3), with Householder and Cholesky-QR
+    orthonormalization."""
     from distopt.optim.adapm import AdaPM
 
     if gram:
         monkeypatch.setattr(lowrank, "GRAM_MIN_WIDTH", 1)
-    batches = []
-    real = AdaPM._step_lowrank_batch
-    monkeypatch.setattr(AdaPM, "_step_lowrank_batch",
-                        lambda self, group, params, step: batches.append(len(params)) or real(self, group, params, step))
+    batches: dict[str, list[int]] = {}
+    real = AdaPM._step_batch
+    monkeypatch.setattr(AdaPM, "_step_batch", lambda self, group, params, kind, step: (
+        batches.setdefault(kind, []).append(len(params))) or real(self, group, params, kind, step))
     models = [tiny_model(), tiny_model()]
     opts = [distopt.build_optimizer(m, name, rank=3, update_proj_gap=3, **hparams) for m in models]
     one_by_one = AdaPM._batch_key
@@ -254,7 +256,7 @@ def test_batched_refits_equal_one_by_one(name, hparams, gram, monkeypatch):
         for m in models:
             ids = batch(seed=1 + step % 3)
             m(ids, ids).backward()
-        monkeypatch.setattr(AdaPM, "_batch_key", lambda self, p, g: None)
+        monkeypatch.setattr(AdaPM, "_batch_key", lambda self, p, g, done: None)
         opts[1].step()
         monkeypatch.setattr(AdaPM, "_batch_key", one_by_one)
         opts[0].step()
@@ -265,4 +267,4 @@ def test_batched_refits_equal_one_by_one(name, hparams, gram, monkeypatch):
                                            msg=lambda m, key=key, n=n, step=step: f"step {step} {n} {key}: {m}")
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-    assert max(batches) >= 2  # some refits did run batched
+    assert all(max(batches.get(kind, [0])) >= 2 for kind in ("none", "full", "lowrank")), batches  # each kind batched

@@ -287,8 +287,9 @@ def _plain_step_ops(name: str, layers: int) -> int:
 
 
 # One process: batched by shape, Fira's residual (GrassJump, GrassWalk and SubTrack by default) included.
-# AdaPM and AdaPM-mini still step matrix by matrix (docs/benchmarks.md); RSO's and SAM's tests are in their files.
-@pytest.mark.parametrize("name", ["galore", "golore", "grassjump", "grasswalk", "subtrack", "snsm", "adam-mini", "adamw"])
+# SAM, AdaPM and AdaPM-mini batched by shape too (their tests of the numbers are in their files; RSO's, all of it).
+@pytest.mark.parametrize("name", ["galore", "golore", "grassjump", "grasswalk", "subtrack", "snsm", "adam-mini", "adamw", "sam",
+                                  "adapm", "adapm-mini"])
 def test_a_plain_step_dispatches_ops_per_batch_not_per_matrix(name):
     """2 or 8 layers give the same batches (one per shape), so the same aten ops: views, slices and
     per-tensor adds per matrix would show up as a difference (4 matrices of each shape more)."""
