@@ -531,18 +531,24 @@ class ProjectedAdam(SubspaceOptimizer):
         bias2 = [corrections[c][0] for c in counts]
         sizes = [corrections[c][1] for c in counts]
         recovery = "rs_norm" in batch.states[0]  # a batch shares its recovery term (see _batches)
+        coefs = [-size * group["scale"] for size in sizes]
         scaled = None
-        if not group.get("compile") and not recovery:  # one fused pass; Fira's residual needs the unscaled direction
+        # One fused pass. Fira's residual also needs the unscaled direction: the scaled one divided by
+        # its factor, unless a factor is 0 (a warmup from lr 0), which only the eager ops survive.
+        if not group.get("compile") and (not recovery or all(coefs)):
             out = self._scratch("scaled", low.shape, low)
             # The batch as one tensor each when its counts agree, else its matrices with a count each.
             split = (lambda t: [t]) if min(counts) == max(counts) else (lambda t: list(t.unbind(0)))
             if batching.scaled_adam_directions(split(avg), split(avg_sq), split(low), split(out),
                                                self._count_tensors(counts, low), lr * group["scale"], beta1, beta2, eps):
                 scaled = out
+                if recovery:
+                    direction = torch.div(scaled, batching.per_matrix(coefs, low, 3),
+                                          out=self._scratch("direction", low.shape, low))
         if group.get("compile"):  # per-matrix factors as tensors, so a new step count does not recompile
             direction, scaled = compiled_batch_math()(
                 avg, avg_sq, low, beta1, beta2, eps, batching.per_matrix(bias2, low, 3, as_tensor=True),
-                batching.per_matrix([-size * group["scale"] for size in sizes], low, 3, as_tensor=True))
+                batching.per_matrix(coefs, low, 3, as_tensor=True))
         elif scaled is None:
             avg.lerp_(low, 1.0 - beta1)
             avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
@@ -550,7 +556,7 @@ class ProjectedAdam(SubspaceOptimizer):
             direction = torch.sqrt(avg_sq, out=self._scratch("direction" if recovery else "scaled", avg_sq.shape, avg_sq))
             # One bias correction for the whole batch unless staggered resets made the counts differ.
             direction.div_(batching.per_matrix(bias2, low, 3)).add_(eps)
-            coef = batching.per_matrix([-size * group["scale"] for size in sizes], low, 3)
+            coef = batching.per_matrix(coefs, low, 3)
             torch.div(avg, direction, out=direction)
             scaled = (torch.mul(direction, coef, out=self._scratch("scaled", direction.shape, direction)) if recovery
                       else direction.mul_(coef))

@@ -46,7 +46,7 @@ def _spy(monkeypatch, batched: bool) -> list:
 
 
 # Without torch's fused Adam kernel (a device that lacks it) the batch math takes the eager ops.
-EAGER_CASES = [(name, {**hparams, "_eager": True}) for name, hparams in CASES[:3]]
+EAGER_CASES = [(name, {**hparams, "_eager": True}) for name, hparams in CASES[:3] + CASES[5:6]]  # [5]: Fira's term
 
 
 @pytest.mark.parametrize("name,hparams", CASES + EAGER_CASES)
@@ -105,6 +105,21 @@ def test_a_state_tensor_replaced_between_steps_is_read_from_its_new_tensor():
         train(model, opt, 1, data_seed=9)
     for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_a_step_at_learning_rate_zero_leaves_fira_batches_finite_and_unmoved():
+    """A warmup from lr 0: the fused pass's scaled direction is 0 and cannot give back the unscaled
+    one that Fira's ratio needs, so that step takes the eager ops; nothing moves, nothing is NaN."""
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "grassjump", lr=1e-2, rank=6, update_proj_gap=100)
+    train(model, opt, 2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    train(model, opt, 1, data_seed=7)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert all(torch.isfinite(v).all() for state in opt.state.values() for v in state.values())
 
 
 def test_what_the_batched_step_leaves_to_the_per_matrix_path(monkeypatch):
