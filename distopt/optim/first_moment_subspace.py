@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from ..core import subspace
+from ..core import batching, subspace
 from ..core.moments import apply_moment_policy
 from ..core.projector import change_of_basis
 from ..core.schedule import refresh_index
-from ..core.shard import MatrixShardView
+from ..core.shard import MatrixShardView, local
 from .projected import ProjectedAdam
 
 POLICIES = ("keep", "reset", "rotate")
@@ -41,3 +41,23 @@ def refresh(grad: torch.Tensor, state: dict, group: dict, view: MatrixShardView,
         c = change_of_basis(new, state["basis"], plan.side, view.group) if policy == "rotate" else None
         apply_moment_policy(policy, plan.side, c, state["exp_avg"], None)
     state["basis"].copy_(new)
+
+
+def refresh_batch(params: list[torch.Tensor], states: list[dict], views: list[MatrixShardView], plans: list,
+                  group: dict) -> tuple[batching.PackedState, list[int]]:
+    """The start of a batched step of one-process matrices: their state packed, their step counts
+    (one host read), and :func:`refresh` of each one due, before its moment is updated."""
+    packing = batching.PackedState(states)
+    steps_now = [int(step) for step in packing.get("step")[0].tolist()]
+    for p, state, view, plan, step in zip(params, states, views, plans, steps_now):
+        if subspace.refresh_due(step, plan, group):
+            refresh(local(p.grad), state, group, view, plan, step)
+    return packing, steps_now
+
+
+def batch_key(p: torch.Tensor, view: MatrixShardView, plan, group: dict):
+    """What a matrix shares with the others of its one-process batch (local shape, side, rank,
+    device), or None where it steps alone: a row shard, low-precision weights, the ``hf`` form, full rank."""
+    if group["adam_form"] == "torch" and p.dtype == torch.float32 and not view.sharded and not plan.full:
+        return tuple(p.shape), plan.side, plan.rank, p.device
+    return None

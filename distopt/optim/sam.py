@@ -147,11 +147,7 @@ class SAM(SubspaceOptimizer):
     # -- same-shape matrices stepped together (one process) ------------------------------------
     def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
         def batch_key(p):
-            view = self._views[p]
-            plan = self.plan(view, group)
-            if group["adam_form"] == "torch" and p.dtype == torch.float32 and not view.sharded and not plan.full:
-                return tuple(p.shape), plan.rank, p.device
-            return None
+            return first_moment_subspace.batch_key(p, self._views[p], self.plan(self._views[p], group), group)
 
         # The stacked gradients (then the numerators, in place) and the denominators.
         self._step_by_batches(group, params, batch_key, 2, lambda g, members, _: self._step_batch(g, members))
@@ -163,12 +159,7 @@ class SAM(SubspaceOptimizer):
         lr, eps = float(group["lr"]), group["eps"]
         states, views = [self.state[p] for p in params], [self._views[p] for p in params]
         plans = [self.plan(view, group) for view in views]
-        packing = batching.PackedState(states)
-        steps, steps_copied = packing.get("step")
-        steps_now = [int(step) for step in steps.tolist()]  # one host read for the batch
-        for p, state, view, plan, step in zip(params, states, views, plans, steps_now):
-            if subspace.refresh_due(step, plan, group):
-                first_moment_subspace.refresh(local(p.grad), state, group, view, plan, step)
+        packing, steps_now = first_moment_subspace.refresh_batch(params, states, views, plans, group)
         basis, _ = packing.get("basis")  # read only: a refresh wrote into the slices already
         avg, avg_copied = packing.get("exp_avg")
         avg_sq, avg_sq_copied = packing.get("exp_avg_sq")
@@ -187,6 +178,7 @@ class SAM(SubspaceOptimizer):
             denominator = avg_sq.sqrt().div_(bias2).add_(eps)
         numerator.div_(denominator)
         del denominator
+        steps, steps_copied = packing.get("step")
         steps.add_(1)
         batching.add_updates([local(p) for p in params], numerator.unbind(0), lr * group["weight_decay"])
         for key, value, copied in (("exp_avg", avg, avg_copied), ("exp_avg_sq", avg_sq, avg_sq_copied),

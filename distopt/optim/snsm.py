@@ -137,11 +137,7 @@ class AdamSNSM(SubspaceOptimizer):
     # -- same-shape matrices stepped together (one process) ------------------------------------
     def _step_matrices(self, group: dict, params: list[torch.Tensor]) -> None:
         def batch_key(p):
-            view = self._views[p]
-            plan = subspace.plan(view, group)
-            if group["adam_form"] == "torch" and p.dtype == torch.float32 and not view.sharded and not plan.full:
-                return tuple(p.shape), plan.side, plan.rank, p.device
-            return None
+            return first_moment_subspace.batch_key(p, self._views[p], subspace.plan(self._views[p], group), group)
 
         # The stacked gradients (then the numerators, in place) and one more full-size temporary at a time.
         self._step_by_batches(group, params, batch_key, 2, lambda g, members, _: self._step_batch(g, members))
@@ -153,12 +149,7 @@ class AdamSNSM(SubspaceOptimizer):
         lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
         states, views = [self.state[p] for p in params], [self._views[p] for p in params]
         plans = [subspace.plan(view, group) for view in views]
-        packing = batching.PackedState(states)
-        steps, steps_copied = packing.get("step")
-        steps_now = [int(step) for step in steps.tolist()]  # one host read for the batch
-        for p, state, view, plan, step in zip(params, states, views, plans, steps_now):
-            if subspace.refresh_due(step, plan, group):  # reset (per policy) before M is updated
-                first_moment_subspace.refresh(local(p.grad), state, group, view, plan, step)
+        packing, steps_now = first_moment_subspace.refresh_batch(params, states, views, plans, group)
         basis, _ = packing.get("basis")  # read only: a refresh wrote into the slices already
         avg, avg_copied = packing.get("exp_avg")
         avg_sq, avg_sq_copied = packing.get("exp_avg_sq")
@@ -173,6 +164,7 @@ class AdamSNSM(SubspaceOptimizer):
         corrected = avg / batching.per_matrix([1.0 - beta1**c for c in counts], avg, 3)
         numerator = grads.add_(project_back(corrected.sub_(low), basis, side))  # G + back(M / c - proj G)
         del corrected, low
+        steps, steps_copied = packing.get("step")
         steps.add_(1)
         bias2 = batching.per_matrix([math.sqrt(1.0 - beta2 ** (step + 1)) for step in steps_now], avg_sq, 3)
         direction = numerator.div_(avg_sq.sqrt().div_(bias2).add_(eps))

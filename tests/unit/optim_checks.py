@@ -149,3 +149,34 @@ def assert_routed_matrices_step_as_per_matrix(cls, name: str, monkeypatch, **hpa
         runs.append(model)
     for x, y in zip(runs[0].parameters(), runs[1].parameters()):
         assert torch.equal(x, y)
+
+
+def assert_batched_step_equals_per_matrix(cls, name: str, monkeypatch, fixed_grads: bool = False, **hparams) -> None:
+    """``cls``'s same-shape matrices stepped as one batch (``cls._step_batch``): over 7 steps (gap 3,
+    so refreshes and momentum resets fall inside), the weights and every state tensor of the
+    per-matrix step, up to the rounding of the batched products; the batch path really took the
+    matrices. ``fixed_grads``: the same random gradients both ways instead of training, for an
+    update that magnifies rounding (a ratio over an element-wise second moment)."""
+    from distopt.optim.base import SubspaceOptimizer
+
+    batched_calls = []
+    real = cls._step_batch
+    monkeypatch.setattr(cls, "_step_batch", lambda self, g, ps: (batched_calls.append(len(ps)), real(self, g, ps))[1])
+    models, opts = {}, {}
+    for batched in (True, False):
+        if not batched:
+            monkeypatch.setattr(cls, "_step_matrices", SubspaceOptimizer._step_matrices)
+        models[batched] = tiny_model()
+        opts[batched] = distopt.build_optimizer(models[batched], name, lr=1e-2, update_proj_gap=3, **hparams)
+        if fixed_grads:
+            for step in range(7):
+                set_grads(models[batched].parameters(), seed=step)
+                opts[batched].step()
+        else:
+            train(models[batched], opts[batched], 7)
+    assert sum(batched_calls) == 7 * len(matrix_group(opts[True])["params"]) and max(batched_calls) > 1
+    for a, b in zip(models[True].parameters(), models[False].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for key, value in opts[True].state[a].items():
+            torch.testing.assert_close(value, opts[False].state[b][key], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, key=key: f"{key}: {m}")

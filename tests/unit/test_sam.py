@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import set_grads, tiny_model, train
 from optim_checks import (  # noqa: F401 (a fixture, used by name)
+    assert_batched_step_equals_per_matrix,
     assert_matrix_group_trains,
     assert_refused,
     assert_routed_matrices_step_as_per_matrix,
@@ -124,30 +125,7 @@ def test_constant_gradient_gives_the_closed_form_step_and_the_basis_follows_the_
 @pytest.mark.parametrize("hparams", [{}, {"rank": 3, "weight_decay": 0.1}, {"moment_policy": "reset", "refresh": "svd"},
                                      {"eps_inside_sqrt": False, "stagger": False}])
 def test_batched_step_equals_the_per_matrix_step(hparams, monkeypatch):
-    """Same-shape matrices stepped as one batch: over 7 steps (gap 3, so refreshes and momentum
-    resets fall inside), the weights and every state tensor of the per-matrix step, up to the
-    rounding of the batched products; the batch path really took the matrices."""
-    from distopt.optim.base import SubspaceOptimizer
-
-    batched_calls = []
-    real = SAM._step_batch
-    monkeypatch.setattr(SAM, "_step_batch", lambda self, g, ps: (batched_calls.append(len(ps)), real(self, g, ps))[1])
-    models, opts = {}, {}
-    for batched in (True, False):
-        if not batched:
-            monkeypatch.setattr(SAM, "_step_matrices", SubspaceOptimizer._step_matrices)
-        models[batched] = tiny_model()
-        opts[batched] = distopt.build_optimizer(models[batched], "sam", lr=1e-2, update_proj_gap=3, **hparams)
-        for step in range(7):  # the same gradients both ways: only the batched products' rounding differs
-            set_grads(models[batched].parameters(), seed=step)
-            opts[batched].step()
-    matrices = sum(len(g["params"]) for g in opts[True].param_groups if g["kind"] == "matrix")
-    assert sum(batched_calls) == 7 * matrices and max(batched_calls) > 1
-    for a, b in zip(models[True].parameters(), models[False].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        for key, value in opts[True].state[a].items():
-            torch.testing.assert_close(value, opts[False].state[b][key], rtol=1e-5, atol=1e-5,
-                                       msg=lambda m, key=key: f"{key}: {m}")
+    assert_batched_step_equals_per_matrix(SAM, "sam", monkeypatch, fixed_grads=True, **hparams)
 
 
 def test_the_hf_form_is_left_to_the_per_matrix_step(monkeypatch):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import tiny_model, train
 from optim_checks import (  # noqa: F401 (a fixture, used by name)
+    assert_batched_step_equals_per_matrix,
     assert_matrix_group_trains,
     assert_refused,
     assert_routed_matrices_step_as_per_matrix,
@@ -123,29 +124,9 @@ def test_constant_gradient_gives_the_closed_form_step(shape):
 @pytest.mark.parametrize("hparams", [{}, {"side": "left", "weight_decay": 0.1}, {"moment_policy": "keep", "stagger": False},
                                      {"moment_policy": "rotate", "refresh": "svd"}])
 def test_batched_step_equals_the_per_matrix_step(hparams, monkeypatch):
-    """Same-shape matrices stepped as one batch: over 7 steps of training (gap 3, so refreshes and
-    momentum resets fall inside), the weights and every state tensor of the per-matrix step, up to
-    the rounding of the batched products; the batch path really took the matrices."""
-    from distopt.optim.base import SubspaceOptimizer
     from distopt.optim.snsm import AdamSNSM
 
-    batched_calls = []
-    real = AdamSNSM._step_batch
-    monkeypatch.setattr(AdamSNSM, "_step_batch", lambda self, g, ps: (batched_calls.append(len(ps)), real(self, g, ps))[1])
-    models, opts = {}, {}
-    for batched in (True, False):
-        if not batched:
-            monkeypatch.setattr(AdamSNSM, "_step_matrices", SubspaceOptimizer._step_matrices)
-        models[batched] = tiny_model()
-        opts[batched] = distopt.build_optimizer(models[batched], "snsm", lr=1e-2, rank=6, update_proj_gap=3, **hparams)
-        train(models[batched], opts[batched], 7)
-    matrices = sum(len(g["params"]) for g in opts[True].param_groups if g["kind"] == "matrix")
-    assert sum(batched_calls) == 7 * matrices and max(batched_calls) > 1
-    for a, b in zip(models[True].parameters(), models[False].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        for key, value in opts[True].state[a].items():
-            torch.testing.assert_close(value, opts[False].state[b][key], rtol=1e-5, atol=1e-5,
-                                       msg=lambda m, key=key: f"{key}: {m}")
+    assert_batched_step_equals_per_matrix(AdamSNSM, "snsm", monkeypatch, rank=6, **hparams)
 
 
 @pytest.mark.parametrize("hparams", [{"adam_form": "hf"}, {"rank": 10_000}])
