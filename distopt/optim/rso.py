@@ -531,15 +531,18 @@ class RSO(SubspaceOptimizer):
         """:meth:`_inner_step` of ``plan``'s factors (one device) with one kernel for their Adam steps:
         the same update, rounded as torch's fused AdamW rounds it; ``{id: (steps made, phase)}`` of
         those whose merge is due. None, with nothing written, where the kernel cannot take them (the
-        device lacks it, or a gradient is not dense fp32: the kernel walks each tensor as one block)."""
+        device lacks it, or a gradient or weight is not dense: the kernel walks each tensor as one
+        block)."""
         gap, (beta1, beta2) = group["update_proj_gap"], group["betas"]
         lr, wd, prox = float(group["lr"]), group["weight_decay"], group["prox"]
-        grads = [local(p.grad) for p in plan.params]
-        if not batching.dense(grads) or not all(map(torch.float32.__eq__, map(_dtype, grads))):
+        grads, weights = [local(p.grad) for p in plan.params], list(map(local, plan.params))
+        # Checked on every step, not cached: a weight re-pointed to a strided view would be written
+        # between its strides.
+        if (not batching.dense(grads) or not batching.dense(weights)
+                or not all(map(torch.float32.__eq__, map(_dtype, grads)))):
             return None
         steps, copied = plan.packing.get("step")
         done = steps.tolist()  # one host read for all
-        weights = list(map(local, plan.params))
         # The bias corrections count inner steps (float counts: the kernel misreads int64 ones).
         counts = torch.tensor([float(self.inner_step(step, gap, phase)) for step, phase in zip(done, plan.phases)],
                               dtype=torch.float32).to(weights[0].device, non_blocking=True)

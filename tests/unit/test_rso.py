@@ -377,3 +377,24 @@ def test_a_plain_inner_step_dispatches_the_same_ops_for_any_number_of_layers():
         return counter.count
 
     assert ops(2) == ops(8)  # 14 factors more would show as one op each or more
+
+
+def test_a_strided_factor_steps_as_a_dense_one_and_leaves_its_neighbours_alone():
+    """torch's fused kernel walks each tensor as one dense block: a factor re-pointed to a strided view
+    (every other column of a wider tensor) after the first step, when the step's plan is made and
+    kept, takes the one-by-one step, and the columns between stay."""
+    models = [tiny_model(), tiny_model()]
+    opts = [distopt.build_optimizer(m, "rso", rank=4, lr=1e-2, update_proj_gap=100) for m in models]
+    for step in range(4):
+        if step == 1:
+            factor = subspace_linears(models[1])[0].rso_b
+            host = torch.full((factor.shape[0], 2 * factor.shape[1]), 7.0)
+            host[:, ::2] = factor.detach()
+            factor.data = host[:, ::2]
+            assert not factor.is_contiguous()
+        for model, opt in zip(models, opts):
+            set_grads([p for p in model.parameters() if p.requires_grad], seed=step)
+            opt.step()
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+    assert torch.equal(host[:, 1::2], torch.full_like(host[:, 1::2], 7.0))
