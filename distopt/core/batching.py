@@ -137,8 +137,22 @@ def add_updates(weights: list[torch.Tensor], updates: Sequence[torch.Tensor], de
     torch._foreach_add_(weights, list(updates))
 
 
-# Device types whose fused Adam kernel is missing (the batch math then takes the eager ops).
+# Device types whose fused Adam kernels are missing (the callers then take their eager ops).
 _no_fused_adam: set[str] = set()
+
+
+def fused_adam(kernel, device: str, *args, **kwargs) -> bool:
+    """``kernel(*args, **kwargs)``, one of torch's fused Adam kernels (``torch._fused_adam_`` or
+    ``torch._fused_adamw_``) on tensors of ``device``; False, with nothing written, where that device
+    lacks them (remembered: later calls do not try again)."""
+    if device in _no_fused_adam:
+        return False
+    try:
+        kernel(*args, **kwargs)
+    except (NotImplementedError, RuntimeError, AttributeError):  # raised before any write: no kernel here
+        _no_fused_adam.add(device)
+        return False
+    return True
 
 
 def scaled_adam_directions(avgs: Sequence[torch.Tensor], avg_sqs: Sequence[torch.Tensor], lows: Sequence[torch.Tensor],
@@ -157,10 +171,5 @@ def scaled_adam_directions(avgs: Sequence[torch.Tensor], avg_sqs: Sequence[torch
         return False
     steps = list(counts) if len(counts) == len(lows) else list(counts) * len(lows)
     torch._foreach_zero_(list(outs))
-    try:
-        torch._fused_adam_(list(outs), list(lows), list(avgs), list(avg_sqs), [], steps, lr=step, beta1=beta1,
-                           beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
-    except (NotImplementedError, RuntimeError, AttributeError):  # raised before any write: no kernel here
-        _no_fused_adam.add(device)
-        return False
-    return True
+    return fused_adam(torch._fused_adam_, device, list(outs), list(lows), list(avgs), list(avg_sqs), [], steps, lr=step,
+                      beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)

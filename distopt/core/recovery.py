@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from . import comm
+from . import batching, comm
 from .options import check_option
 from .projector import add_back, project_back
 from .shard import MatrixShardView
@@ -82,6 +82,14 @@ def scaled_residual_(grads: torch.Tensor, low: torch.Tensor, ratio: torch.Tensor
     one ``baddbmm`` for ``G - back(R)``, one multiply by the ratios ``(k, rows)`` or ``(k, n)``."""
     add_back(grads, low, basis, side, alpha=-1.0, basis_t=basis_t)
     return grads.mul_(ratio.unsqueeze(2 if side == "right" else 1))
+
+
+def limited_batch_(scaled: torch.Tensor, norms: torch.Tensor, last_norms: torch.Tensor, limit: float,
+                   coefs: list[float]) -> torch.Tensor:
+    """:func:`limited` of a stacked batch ``(k, rows, n)`` given its ``k`` Frobenius ``norms``, times
+    ``coefs`` (one per matrix), in place; ``last_norms`` (``(k,)``) become the limited norms."""
+    factor = limit_factor(norms, last_norms, limit)
+    return scaled.mul_((factor * batching.per_matrix(coefs, factor, 1, as_tensor=True)).view(-1, 1, 1))
 
 
 def limited(scaled: torch.Tensor, norm: torch.Tensor, last_norm: torch.Tensor, limit: float) -> torch.Tensor:

@@ -36,8 +36,8 @@ from ..core.projector import (
 from ..core.recovery import (
     channel_ratio,
     check_recovery_hparams,
-    limit_factor,
     limited,
+    limited_batch_,
     recovery_term,
     scaled_residual,
     scaled_residual_,
@@ -602,13 +602,12 @@ class ProjectedAdam(SubspaceOptimizer):
         side = batch.plans[0].side
         residual = scaled_residual_(grads, low, channel_ratio(low, direction, side, batch_dims=1), basis, side,
                                     basis_t=batch.transposed(basis))
-        norms = torch.linalg.vector_norm(residual, dim=(1, 2))
         last, copied = batch.packing.get("rs_norm")
-        factor = limit_factor(norms, last, group["norm_growth_limit"])
+        limited_batch_(residual, torch.linalg.vector_norm(residual, dim=(1, 2)), last, group["norm_growth_limit"],
+                       [-size for size in sizes])
         if copied:
             batch.packing.store_back("rs_norm", last)
-        return residual.mul_((factor * batching.per_matrix([-size for size in sizes], factor, 1, as_tensor=True))
-                             .view(-1, 1, 1))
+        return residual
 
     def _count_tensors(self, counts: list[int], like: torch.Tensor) -> list[torch.Tensor]:
         """A batch's moment counts as float tensors on ``like``'s device for the fused Adam kernel: when
@@ -912,9 +911,8 @@ class ProjectedAdam(SubspaceOptimizer):
         for run, total in zip(fira_runs, sums):  # W <- W - decay W - step (alpha back(N) + D_hat), by runs
             update = run_residual(run)
             last = torch.stack([states[i]["rs_norm"] for i in run])
-            factor = limit_factor(total.sqrt(), last, group["norm_growth_limit"])
+            limited_batch_(update, total.sqrt(), last, group["norm_growth_limit"], [-sizes[i] for i in run])
             torch._foreach_copy_([states[i]["rs_norm"] for i in run], list(last.unbind(0)))
-            update.mul_((factor * batching.per_matrix([-sizes[i] for i in run], factor, 1, as_tensor=True)).view(-1, 1, 1))
             add_back(update, torch.mul(batching.stacked([whole_dir[i] for i in run]),
                                        batching.per_matrix([-sizes[i] * group["scale"] for i in run], update, 3)),
                      batching.stacked([bases[i] for i in run]), plans[run[0]].side)
@@ -944,10 +942,7 @@ class ProjectedAdam(SubspaceOptimizer):
         """This rank's ``G Q`` (right) or partial ``P^T G`` (left) of each pair, by batches of one shape:
         one ``bmm`` per batch of at most ``coalesce_bytes`` of stacked gradients."""
         out: list[torch.Tensor] = [grads[0]] * len(grads) if grads else []
-        classes: dict[tuple, list[int]] = {}
-        for j, (g, b) in enumerate(zip(grads, bases)):
-            classes.setdefault((tuple(g.shape), tuple(b.shape), g.dtype), []).append(j)
-        for members in classes.values():
+        for members in _classes(range(len(grads)), lambda j: (grads[j].shape, bases[j].shape, grads[j].dtype)).values():
             for run in self._byte_runs(members, lambda j: 4 * grads[j].numel()):
                 stacked = torch.stack([grads[j] for j in run],  # converted to fp32 as they are copied
                                       out=self._scratch(None, (len(run), *grads[run[0]].shape), grads[run[0]]))
@@ -961,10 +956,8 @@ class ProjectedAdam(SubspaceOptimizer):
         """``w <- w - decay w + c back(N)`` for each (``coefs``: ``c``, or ``None``: the directions come
         scaled), by batches of one shape: the scaled directions stacked, one ``bmm`` and one update
         kernel (:func:`batching.add_updates`) per batch of at most ``coalesce_bytes`` of updates."""
-        classes: dict[tuple, list[int]] = {}
-        for j, (w, d, b, side) in enumerate(zip(weights, directions, bases, sides)):
-            classes.setdefault((tuple(w.shape), tuple(d.shape), tuple(b.shape), side), []).append(j)
-        for (_, _, _, side), members in classes.items():
+        for (_, _, _, side), members in _classes(range(len(weights)), lambda j: (
+                weights[j].shape, directions[j].shape, bases[j].shape, sides[j])).items():
             for run in self._byte_runs(members, lambda j: 4 * weights[j].numel()):
                 # A gathered class of directions is read (and scaled) where it lies, with no stack.
                 scaled = batching.stacked([directions[j] for j in run])

@@ -38,9 +38,6 @@ from ..core.schedule import is_refresh_step, refresh_index, refresh_phase
 from ..core.shard import MatrixShardView, is_dtensor, local
 from .base import SubspaceOptimizer, adam_direction, apply_update, check_common_hparams
 
-# Device types without torch's fused Adam kernels (their inner steps then go one by one).
-_no_fused_adam: set[str] = set()
-
 PROJECTIONS = ("haar", "gaussian")
 STATE_LAYOUTS = ("partitioned", "replicated")
 DEFAULT_RANK = 128
@@ -471,9 +468,9 @@ class RSO(SubspaceOptimizer):
     # -- inner steps of many factors in one kernel -------------------------------------------------
     def _fused_plan(self, group: dict, params: list[torch.Tensor]) -> tuple[list[_FusedFactors], list[torch.Tensor]]:
         """The factors whose inner step is torch's fused Adam(W) step as it is, by device, and the rest:
-        the ``torch`` form, dense nonempty fp32 factors and moments on a device with the kernel, and at
-        most one of ``prox`` (coupled: Adam's L2 term) and ``weight_decay`` (decoupled: AdamW's), since
-        one kernel applies one of them. Cached for the same parameters, views and settings (a load
+        the ``torch`` form, dense nonempty fp32 factors and moments, and at most one of ``prox``
+        (coupled: Adam's L2 term) and ``weight_decay`` (decoupled: AdamW's), since one kernel applies
+        one of them (a device without the kernel is found on the first call). Cached for the same parameters, views and settings (a load
         copies into the state tensors; :class:`~distopt.core.batching.PackedState` checks them)."""
         gap, stagger = group["update_proj_gap"], group["stagger"]
         key = (id(group), tuple(map(id, params)), self._views_version, group["adam_form"], bool(group["prox"]),
@@ -487,7 +484,7 @@ class RSO(SubspaceOptimizer):
         for p in params:
             w, state = local(p), self.state[p]
             fusable = (group["adam_form"] == "torch" and not (group["prox"] and group["weight_decay"])
-                       and w.device.type not in _no_fused_adam and w.numel() > 0 and w.dtype == torch.float32
+                       and w.numel() > 0 and w.dtype == torch.float32
                        and batching.dense((w, state["exp_avg"], state["exp_avg_sq"])))
             (by_device.setdefault(w.device, []) if fusable else rest).append(p)
         plans = []
@@ -547,12 +544,10 @@ class RSO(SubspaceOptimizer):
         counts = torch.tensor([float(self.inner_step(step, gap, phase)) for step, phase in zip(done, plan.phases)],
                               dtype=torch.float32).to(weights[0].device, non_blocking=True)
         kernel = torch._fused_adam_ if prox else torch._fused_adamw_  # prox: Adam's coupled L2 term
-        try:
-            kernel(weights, grads, [s["exp_avg"] for s in plan.states], [s["exp_avg_sq"] for s in plan.states], [],
-                   list(counts.unbind(0)), lr=lr, beta1=beta1, beta2=beta2, weight_decay=prox or wd, eps=group["eps"],
-                   amsgrad=False, maximize=False)
-        except (NotImplementedError, RuntimeError, AttributeError):  # raised before any write: no kernel here
-            _no_fused_adam.add(weights[0].device.type)
+        if not batching.fused_adam(kernel, weights[0].device.type, weights, grads, [s["exp_avg"] for s in plan.states],
+                                   [s["exp_avg_sq"] for s in plan.states], [], list(counts.unbind(0)), lr=lr,
+                                   beta1=beta1, beta2=beta2, weight_decay=prox or wd, eps=group["eps"], amsgrad=False,
+                                   maximize=False):
             return None
         steps.add_(1)
         if copied:

@@ -398,3 +398,23 @@ def test_a_strided_factor_steps_as_a_dense_one_and_leaves_its_neighbours_alone()
     for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
     assert torch.equal(host[:, 1::2], torch.full_like(host[:, 1::2], 7.0))
+
+
+def test_a_device_without_the_fused_kernel_steps_its_factors_one_by_one(monkeypatch):
+    from distopt.core import batching
+
+    def run(missing_kernel: bool):
+        model = tiny_model()
+        opt = distopt.build_optimizer(model, "rso", rank=4, lr=1e-2, update_proj_gap=3, weight_decay=0.1)
+        with monkeypatch.context() as patch:
+            if missing_kernel:
+                patch.setattr(batching, "_no_fused_adam", {"cpu"})
+            else:
+                patch.setattr(RSO, "_fused_plan", lambda self, group, params: ([], list(params)))
+            for step in range(4):
+                set_grads([p for p in model.parameters() if p.requires_grad], seed=step)
+                opt.step()
+        return model
+
+    for (n, a), b in zip(run(True).named_parameters(), run(False).parameters()):
+        assert torch.equal(a, b), n
