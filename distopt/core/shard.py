@@ -108,6 +108,17 @@ def local(tensor):
     return tensor._local_tensor if is_dtensor(tensor) else tensor
 
 
+_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
+def locals_of(tensors: list) -> list:
+    """``[local(t) for t in tensors]``, with no Python call per tensor when all are plain tensors
+    (the common case, checked by type in one pass)."""
+    if _PLAIN_TYPES.issuperset(map(type, tensors)):
+        return list(tensors)
+    return [local(t) for t in tensors]
+
+
 def chunk_rows(m: int, parts: int) -> tuple[int, ...]:
     """Rows per rank when ``m`` rows are split like ``torch.chunk`` (FSDP2's ``Shard(0)``)."""
     size = -(-m // parts) if m else 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import operator
@@ -29,7 +30,7 @@ from torch.optim.adamw import adamw as _functional_adamw
 from ..core import batching, comm
 from ..core.options import check_option
 from ..core.projector import prepared_bases
-from ..core.shard import MatrixShardView, dtensor_view, is_dtensor, local, lpt_owners, whole_matrix_view
+from ..core.shard import MatrixShardView, dtensor_view, is_dtensor, local, locals_of, lpt_owners, whole_matrix_view
 from .args_doc import add_args_section
 
 if TYPE_CHECKING:
@@ -182,6 +183,12 @@ def _warn_tf32_override() -> None:
 _warn_tf32_override.done = False  # type: ignore[attr-defined]  # a function attribute
 
 
+_grad_of = operator.attrgetter("grad")
+_dtype_of = operator.attrgetter("dtype")
+_device_type_of = operator.attrgetter("device.type")
+_exp_avg_of, _exp_avg_sq_of, _step_of = map(operator.itemgetter, ("exp_avg", "exp_avg_sq", "step"))
+
+
 def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """1.0 (a 0-d tensor) where some element of ``tensors`` (CPU, floating point) is NaN or Inf, else
     0.0: one multi-tensor pass (the check of AMP's grad scaler, scaling by exactly 1, which changes
@@ -189,8 +196,11 @@ def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     found = torch.zeros(())
     one = torch.ones(())
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
+    if len(set(map(_dtype_of, tensors))) == 1:  # the usual case: one call, no Python pass
+        by_dtype[tensors[0].dtype] = tensors
+    else:
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
     for same in by_dtype.values():
         torch._amp_foreach_non_finite_check_and_unscale_(same, found, one)
     return found
@@ -540,7 +550,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         """
         for group in self.param_groups if groups is None else groups:
             bound = self._bound(group)
-            for p in self._state_params(group):
+            params = self._state_params(group)
+            if all(map(len, map(self.state.__getitem__, params))):  # every state made: the usual step
+                continue
+            for p in params:
                 state = self.state[p]
                 if state:
                     continue
@@ -566,7 +579,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         flags = self._nonfinite_flags(params).tolist()
         if not any(flags):
             return params
-        if self._flags_coarse(params):  # something is not finite: which parameter, exactly
+        if len(flags) != len(params):  # a coarse flag: something is not finite; which parameter, exactly
             flags = self._nonfinite_flags(params, exact=True).tolist()
         keep = []
         for p, flag in zip(params, flags):
@@ -585,11 +598,13 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def _nonfinite_flags(self, params: list[torch.Tensor], exact: bool = False) -> torch.Tensor:
         """1.0 for each parameter whose gradient holds NaN or Inf on any rank holding part of it, in
         one flag reduction (and one host read by the caller). Unless ``exact``, CPU gradients are
-        checked in one pass and a non-finite one flags them all (:meth:`_flags_coarse`)."""
-        grads = [local(p.grad) for p in params]
-        filled = [g for g in grads if g.numel()]  # an empty shard has no infinity norm
+        checked in one pass, and one flag (a 1-element tensor) says whether any is not finite
+        (:meth:`_flags_coarse`)."""
+        grads = locals_of(list(map(_grad_of, params)))
+        # An empty shard has no infinity norm.
+        filled = grads if all(map(torch.Tensor.numel, grads)) else [g for g in grads if g.numel()]
         if not exact and self._flags_coarse(params):
-            bad = any_nonfinite(filled).expand(len(grads)).clone()
+            bad = any_nonfinite(filled).reshape(1)
         else:
             if filled and filled[0].is_cuda:  # one multi-tensor kernel; on CPU it is a slow fallback
                 norms = iter(torch._foreach_norm(filled, float("inf")))
@@ -636,7 +651,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         # O(groups), not O(groups^2).
         active = [g for g in self.param_groups if g["params"]]
         for group in active:
-            if group["kind"] == "matrix" and not self._bound(group):
+            if group["kind"] == "matrix" and not self._bound(group) and set(map(torch.Tensor.dim, group["params"])) != {2}:
                 for p in group["params"]:
                     if p.dim() != 2:  # an engine swapped in a flat partition after construction
                         raise flat_shard_error(self._names.get(p, "<unnamed>"), tuple(p.shape))
@@ -645,13 +660,18 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             self._binding.begin_step([g for g in active if self._bound(g)])
         own = [g for g in active if not self._bound(g)]
         # One finiteness decision for every group of this call: one flag reduction, one host read.
-        finite = set(map(id, self._finite_params([p for g in own for p in g["params"] if p.grad is not None])))
+        with_grads = [p for g in own for p in g["params"] if p.grad is not None]
+        kept = self._finite_params(with_grads)
+        finite = None if len(kept) == len(with_grads) else set(map(id, kept))
         with fp32_matmuls():
             for group in active:
                 if self._bound(group):  # the adapter rebuilds rows from the engine's partition
                     cast(EngineBinding, self._binding).step_group(self, group)
                     continue
-                self._step_params(group, [p for p in group["params"] if id(p) in finite], checked=True)
+                params = group["params"]
+                if finite is not None or not all(map(operator.is_not, map(_grad_of, params), itertools.repeat(None))):
+                    params = [p for p in params if p.grad is not None and (finite is None or id(p) in finite)]
+                self._step_params(group, params, checked=True)
         self._prepared_lows.clear()
         self.release_averaged()
         return loss
@@ -726,9 +746,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             self._step_params(group, [p])
 
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
-        states = [self.state[p] for p in params]
-        grads = [local(p.grad) for p in params]
-        self._adamw_apply(group, [local(p) for p in params], grads, states, pack_steps=True)  # this rank's shards
+        states = list(map(self.state.__getitem__, params))
+        grads = locals_of(list(map(_grad_of, params)))
+        self._adamw_apply(group, locals_of(params), grads, states, pack_steps=True)  # this rank's shards
 
     def _adamw_apply(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],
                      pack_steps: bool = False) -> None:
@@ -738,17 +758,26 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         lr, eps, wd, form = float(group["lr"]), group["eps"], group["weight_decay"], group.get("adam_form", "torch")
         rest: Sequence[int]
         if form == "torch":
-            native = [i for i, p in enumerate(params) if p.dtype == torch.float32 and grads[i].dtype == torch.float32]
-            # On CPU torch's fused kernel (one pass per tensor) where the tensors are dense (a strided one
-            # takes the multi-tensor ops, as every tensor does elsewhere; their step counts may stay on
-            # the host).
-            fused = [i for i in native if params[i].device.type == "cpu" and batching.dense(
-                (params[i], grads[i], states[i]["exp_avg"], states[i]["exp_avg_sq"]))]
-            if fused:
-                self._fused_adamw_cpu([params[i] for i in fused], [grads[i] for i in fused],
-                                      [states[i] for i in fused], lr, beta1, beta2, wd, eps, pack_steps)
+            avgs, avg_sqs = list(map(_exp_avg_of, states)), list(map(_exp_avg_sq_of, states))
+            if ({*map(_dtype_of, params), *map(_dtype_of, grads)} == {torch.float32}
+                    and set(map(_device_type_of, params)) == {"cpu"}
+                    and all(map(batching.dense, (params, grads, avgs, avg_sqs)))):  # the usual case, in one pass
+                native = fused = list(range(len(params)))
+            else:
+                native = [i for i, p in enumerate(params) if p.dtype == torch.float32 and grads[i].dtype == torch.float32]
+                # On CPU torch's fused kernel (one pass per tensor) where the tensors are dense (a strided one
+                # takes the multi-tensor ops, as every tensor does elsewhere; their step counts may stay on
+                # the host).
+                fused = [i for i in native if params[i].device.type == "cpu" and batching.dense(
+                    (params[i], grads[i], avgs[i], avg_sqs[i]))]
+            if fused and len(fused) == len(params):
+                self._fused_adamw_cpu(params, grads, states, avgs, avg_sqs, lr, beta1, beta2, wd, eps, pack_steps)
+            elif fused:
+                self._fused_adamw_cpu([params[i] for i in fused], [grads[i] for i in fused], [states[i] for i in fused],
+                                      [avgs[i] for i in fused], [avg_sqs[i] for i in fused], lr, beta1, beta2, wd, eps,
+                                      pack_steps)
             taken = set(fused)
-            multi = [i for i in native if i not in taken]
+            multi = [i for i in native if i not in taken] if len(fused) < len(native) else []
             if multi:
                 _functional_adamw(
                     [params[i] for i in multi], [grads[i] for i in multi], [states[i]["exp_avg"] for i in multi],
@@ -756,7 +785,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     foreach=True, fused=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd,
                     eps=eps, maximize=False,
                 )
-            rest = [i for i, p in enumerate(params) if p.dtype != torch.float32 or grads[i].dtype != torch.float32]
+            rest = ([] if len(native) == len(params) else
+                    [i for i, p in enumerate(params) if p.dtype != torch.float32 or grads[i].dtype != torch.float32])
         else:
             rest = range(len(params))
         for i in rest:  # fp32 math for low-precision parameters, and the hf form
@@ -769,8 +799,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if master is not p:
                 p.copy_(master)
 
-    def _fused_adamw_cpu(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], lr: float,
-                         beta1: float, beta2: float, weight_decay: float, eps: float, pack_steps: bool) -> None:
+    def _fused_adamw_cpu(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],
+                         avgs: list[torch.Tensor], avg_sqs: list[torch.Tensor], lr: float, beta1: float, beta2: float,
+                         weight_decay: float, eps: float, pack_steps: bool) -> None:
         """torch's fused AdamW kernel on dense CPU tensors. With ``pack_steps`` their step counters are
         slices of one buffer (``core.batching``), advanced by one ``add_`` instead of one per tensor."""
         if pack_steps:
@@ -787,8 +818,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 packing.store_back("step", steps)
         else:
             torch._foreach_add_([state["step"] for state in states], 1)
-        torch._fused_adamw_(params, grads, [state["exp_avg"] for state in states],
-                            [state["exp_avg_sq"] for state in states], [], [state["step"] for state in states],
+        torch._fused_adamw_(params, grads, avgs, avg_sqs, [], list(map(_step_of, states)),
                             amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                             maximize=False)
 

@@ -49,6 +49,7 @@ from .base import SubspaceOptimizer, adam_direction, apply_update, tf32_matmuls,
 
 PROJECTION_PRECISIONS = ("fp32", "tf32", "bf16")
 _grad_of = operator.attrgetter("grad")
+_dtype_of = operator.attrgetter("dtype")
 
 
 def projection_matmuls(group: dict):
@@ -528,10 +529,14 @@ class ProjectedAdam(SubspaceOptimizer):
         avg, avg_copied = packing.get("exp_avg")
         avg_sq, avg_sq_copied = packing.get("exp_avg_sq")
         corrections = {c: (math.sqrt(1.0 - beta2**c), lr / (1.0 - beta1**c)) for c in set(counts)}  # usually one
-        bias2 = [corrections[c][0] for c in counts]
-        sizes = [corrections[c][1] for c in counts]
+        if len(corrections) == 1:  # the usual case: no Python pass per matrix
+            (bias2_, size_), = corrections.values()
+            bias2, sizes = [bias2_] * len(counts), [size_] * len(counts)
+        else:
+            bias2 = [corrections[c][0] for c in counts]
+            sizes = [corrections[c][1] for c in counts]
         recovery = "rs_norm" in batch.states[0]  # a batch shares its recovery term (see _batches)
-        coefs = [-size * group["scale"] for size in sizes]
+        coefs = [-sizes[0] * group["scale"]] * len(sizes) if len(corrections) == 1 else [-size * group["scale"] for size in sizes]
         scaled = None
         # One fused pass. Fira's residual also needs the unscaled direction: the scaled one divided by
         # its factor, unless a factor is 0 (a warmup from lr 0), which only the eager ops survive.
@@ -711,13 +716,18 @@ class ProjectedAdam(SubspaceOptimizer):
     def _routes(self, group: dict, params: list[torch.Tensor]):
         """``(sharded, chunks, single)``: the matrices sharded over several ranks (coalesced on their
         plain steps), the chunks of batchable ones (:meth:`_step_batched`), and the rest (stepped one
-        by one); cached for the same parameters, views, dtypes and settings."""
-        key = (id(group), tuple(map(id, params)), tuple(p.dtype for p in params), self._views_version,
+        by one); cached for the same parameters, views, dtypes and settings, and kept for the rest of
+        the step (:meth:`_batched_refresh_requests` and :meth:`_step_routes` ask for the same list)."""
+        now = self.__dict__.get("_routes_now")
+        if now is not None and now[0] is params and now[1] == self._views_version:
+            return now[2]
+        key = (id(group), tuple(map(id, params)), tuple(map(_dtype_of, params)), self._views_version,
                self.coalesce_bytes, group["adam_form"], group["rank"], group["side"], group.get("state_layout"),
                group.get("basis_dtype"), group.get("compile"), group["recovery_scaling"])
         cache = self.__dict__.setdefault("_route_cache", {})
         hit = cache.get(key)
         if hit is not None:
+            self._routes_now = (params, self._views_version, hit)
             return hit
         sharded = [p for p in params if self._views[p].sharded and comm.world_size(self._views[p].group) > 1]
         taken = {id(p) for p in sharded}
@@ -742,6 +752,7 @@ class ProjectedAdam(SubspaceOptimizer):
             cache.clear()
         counters = batching.PackedState([self.state[p] for p in sharded]) if sharded else None
         cache[key] = routes = (sharded, chunks, [p for p in params if id(p) not in taken], counters)
+        self._routes_now = (params, self._views_version, routes)
         return routes
 
     def _step_count(self, view: MatrixShardView, state: dict) -> int:
@@ -764,6 +775,7 @@ class ProjectedAdam(SubspaceOptimizer):
             self._step_routes(group, params)
         finally:
             self._steps_now = {}
+            self.__dict__.pop("_routes_now", None)
 
     def _step_routes(self, group: dict, params: list[torch.Tensor]) -> None:
         sharded, chunks, single, _ = self._routes(group, params)

@@ -248,6 +248,28 @@ def test_nonfinite_gradient_leaves_param_state_and_basis_untouched(bad):
     assert all(torch.isfinite(t).all() for s in opt.state.values() for t in s.values())
 
 
+def test_a_step_with_every_gradient_nonfinite_or_missing_moves_nothing():
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "galore", rank=6, update_proj_gap=2)
+    train(model, opt, 3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    states = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    ids = batch(seed=9)
+    model(ids, ids).backward()
+    emb = model.model.embed_tokens.weight
+    emb.grad = None  # no gradient: not stepped, not counted as skipped
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.fill_(float("nan"))
+    opt.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        for key, value in states[id(p)].items():
+            assert torch.equal(opt.state[p][key], value), (n, key)
+    assert len(opt.nonfinite_skips) == sum(1 for _ in model.parameters()) - 1
+    assert "model.embed_tokens.weight" not in opt.nonfinite_skips
+
+
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0)])
 @pytest.mark.parametrize("name", distopt.list_optimizers())
 def test_an_empty_weight_is_stepped_element_wise(name, shape):
