@@ -49,6 +49,8 @@ SHAPES = {
 }
 CHOICES = ("adamw-foreach", "adamw-fused", "galore-torch", "galore", "galore-svd", "galore-compile", "galore-bf16", "snsm",
            "adam-mini", "grassjump", "subtrack", "rso", "sam", "adapm", "adapm-mini")
+# Suffix of a choice whose model is laid out by distopt.pack_weights before the optimizer is built.
+PACKED = "-packed"
 # distopt optimizers built by their own name (the rest of the galore-* choices are galore variants)
 OWN_NAMES = ("snsm", "grassjump", "subtrack", "rso", "sam", "adapm", "adapm-mini")
 # distopt's galore with other settings, by choice name
@@ -58,6 +60,9 @@ VARIANTS = {"galore-svd": {"refresh": "svd", "stagger": False}, "galore-compile"
 
 def build(choice: str, model: torch.nn.Module, args) -> torch.optim.Optimizer | None:
     lr = 1e-3
+    if choice.endswith(PACKED):  # the model's same-shape weights in shared buffers first
+        distopt.pack_weights(model)
+        choice = choice.removesuffix(PACKED)
     if choice.startswith("adamw"):
         fused = choice == "adamw-fused"
         return torch.optim.AdamW(model.parameters(), lr=lr, fused=fused, foreach=not fused)
@@ -199,7 +204,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--shapes", choices=sorted(SHAPES), default=None, help="default: small on cpu, 1b on cuda")
     parser.add_argument("--rank", type=int, default=None, help="default: 64 on cpu, 512 on cuda")
     parser.add_argument("--gap", type=int, default=None, help="update_proj_gap = measured cycle length (default 20 cpu, 200 cuda)")
-    parser.add_argument("--optimizers", default=",".join(CHOICES[:5]), help=f"comma list from {CHOICES}")
+    parser.add_argument("--optimizers", default=",".join(CHOICES[:5]),
+                        help=f"comma list from {CHOICES}; a distopt choice with {PACKED!r} appended runs on a model "
+                             "whose same-shape weights distopt.pack_weights laid out in shared buffers")
     parser.add_argument("--out", default="runs/bench/step_time.json")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--plain-steps", type=int, default=20,
@@ -218,7 +225,7 @@ def main(argv=None) -> dict:
     args.rank = args.rank or (512 if cuda else 64)
     args.gap = args.gap or (200 if cuda else 20)
     choices = [c.strip() for c in args.optimizers.split(",") if c.strip()]
-    unknown = set(choices) - set(CHOICES)
+    unknown = {c for c in choices if c.removesuffix(PACKED) not in CHOICES or c == "galore-torch" + PACKED}
     if unknown:
         parser.error(f"unknown optimizers {sorted(unknown)}; choose from {CHOICES}")
     if cuda:

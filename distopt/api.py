@@ -57,6 +57,45 @@ def name_parameters(model: nn.Module, rules=None, use_default_rules: bool = True
     return roles
 
 
+@torch.no_grad()
+def pack_weights(model: nn.Module) -> int:
+    """Lay out the model's trainable 2-D weights that share a shape, dtype and device back to back in
+    one buffer each, so that a batched optimizer step writes a whole batch of them with one in-place
+    kernel (``W <- (1 - lr wd) W + back(N)`` as one ``baddbmm``) instead of forming the updates and
+    adding them in another pass. Returns the number of weights moved.
+
+    Each parameter keeps its identity, values and gradient; only its storage moves (``p.data`` is
+    re-pointed). Call it right after building the model and before anything keeps the weights'
+    storage: ``DistributedDataParallel``, ``torch.compile`` with CUDA graphs, a saved ``p.data``.
+    Weights that share storage with another tensor, are strided, sharded (DTensor, DeepSpeed) or
+    alone in their shape stay where they are. Optional: the step is the same without it, one
+    memory pass slower; it notices the layout (or its loss, after ``model.to()``) on every step.
+    """
+    holders: dict[int, int] = {}
+    tensors = [*model.parameters(), *model.buffers()]
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        holders[ptr] = holders.get(ptr, 0) + 1
+    same: dict[tuple, list[nn.Parameter]] = {}
+    for p in model.parameters():  # each tensor once, in the model's order
+        if (p.requires_grad and p.dim() == 2 and p.numel() and type(p) is nn.Parameter and not hasattr(p, "ds_id")
+                and p.is_contiguous() and p.storage_offset() == 0
+                and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+                and holders[p.untyped_storage().data_ptr()] == 1):
+            same.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+    moved = 0
+    for (shape, dtype, device), params in same.items():
+        if len(params) < 2:
+            continue
+        buffer = torch.empty((len(params), *shape), dtype=dtype, device=device)
+        for i, p in enumerate(params):
+            buffer[i].copy_(p)
+            p.data = buffer[i]
+        moved += len(params)
+    logger.info("distopt: %d weights packed into %d buffers", moved, sum(len(ps) > 1 for ps in same.values()))
+    return moved
+
+
 @dataclass(frozen=True)
 class RoutedParameter:
     """A trainable parameter as every builder sees it: its name, role, group kind (``"matrix"``:

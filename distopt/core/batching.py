@@ -46,6 +46,23 @@ def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(tensors))
 
 
+def packed_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """A ``(k, *shape)`` tensor over the memory of ``tensors`` where they lie back to back in one
+    storage, dense and of one dtype (as :func:`distopt.pack_weights` lays out same-shape weights), so
+    that one in-place kernel writes all of them; else ``None``. Found from storage offsets, so it
+    holds for tensors re-pointed with ``.data`` too, which keep no ``_base``."""
+    first = tensors[0]
+    if not first.is_contiguous() or not first.numel():
+        return None
+    storage, start, size = first.untyped_storage(), first.storage_offset(), first.numel()
+    ptr = storage.data_ptr()
+    for i, t in enumerate(tensors):
+        if (t.dtype != first.dtype or t.shape != first.shape or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != ptr or t.storage_offset() != start + i * size):
+            return None
+    return first.new_empty(0).set_(storage, start, (len(tensors), *first.shape), (size, *first.stride()))
+
+
 def packed(states: list[dict], key: str) -> tuple[torch.Tensor, bool]:
     """``states[i][key]`` as one ``(k, ...)`` tensor, and whether it is a copy to store back
     (:func:`store_back`) after writing to it.

@@ -118,13 +118,16 @@ def project_back(low: torch.Tensor, basis: torch.Tensor, side: str, out: torch.T
 
 
 def add_back(target: torch.Tensor, low: torch.Tensor, basis: torch.Tensor, side: str, alpha: float = 1.0,
-             basis_t: torch.Tensor | None = None) -> torch.Tensor:
-    """``target += alpha back(low)`` in place, batched like :func:`project_back`: one ``baddbmm`` into
-    ``target`` with no full-size temporary (with :func:`products_in` operands, a product added)."""
+             basis_t: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:
+    """``target <- beta target + alpha back(low)`` in place, batched like :func:`project_back`: one
+    ``baddbmm`` into ``target`` with no full-size temporary (with :func:`products_in` operands, a
+    product added)."""
     if _product_dtype.get() is None and target.dim() == low.dim() == basis.dim() == 3:
         if side == "right":
-            return target.baddbmm_(low, basis.transpose(-2, -1) if basis_t is None else basis_t, alpha=alpha)
-        return target.baddbmm_(basis, low, alpha=alpha)
+            return target.baddbmm_(low, basis.transpose(-2, -1) if basis_t is None else basis_t, beta=beta, alpha=alpha)
+        return target.baddbmm_(basis, low, beta=beta, alpha=alpha)
+    if beta != 1.0:
+        target.mul_(beta)
     return target.add_(project_back(low, basis, side, basis_t=basis_t), alpha=alpha)
 
 

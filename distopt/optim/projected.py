@@ -110,6 +110,15 @@ class _Batch:
         self._due_gap: int | None = None
         self._due_by_residue: dict[int, list[int]] = {}
         self._transposed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._packed: tuple[list[int], torch.Tensor | None] | None = None
+
+    def packed_weights(self) -> torch.Tensor | None:
+        """The weights as one ``(k, m, n)`` tensor over their own memory where they lie back to back
+        (:func:`distopt.pack_weights`), else ``None``; found again whenever a weight's address moves."""
+        addresses = list(map(torch.Tensor.data_ptr, self.weights))
+        if self._packed is None or self._packed[0] != addresses:
+            self._packed = (addresses, batching.packed_view(self.weights))
+        return self._packed[1]
 
     def transposed(self, basis: torch.Tensor) -> torch.Tensor:
         """``basis.transpose(-2, -1)``, made once while ``basis`` is the batch's packed basis buffer
@@ -481,7 +490,9 @@ class ProjectedAdam(SubspaceOptimizer):
         number of kernels: the gradients stacked, ``R = proj(G)`` as one ``bmm``, Adam's moments and
         scaled direction on the batch's packed state in one fused kernel (``core.batching``: each
         state tensor of the batch is one buffer, each matrix's state a slice of it), ``back(N)`` as
-        one ``bmm``, and the weight decay and the update of all the batch's weights as one more. The
+        one ``bmm``, and the weight decay and the update of all the batch's weights as one more; where
+        the weights lie back to back in one buffer (:func:`distopt.pack_weights`), ``back(N)`` and the
+        decay go into them as one ``baddbmm``, with no update buffer and no second pass. The
         replicas' averages of every batch's projections (projected sync) take one collective per
         replica group. Fira's recovery term is batched too, made over the stacked gradients (no other
         full-size temporary): the residual and the update are one ``baddbmm`` each. The numbers are
@@ -574,18 +585,31 @@ class ProjectedAdam(SubspaceOptimizer):
                     grads = torch.stack(grads_, out=self._scratch("stacked", shape, grads_[0]))
                 update = self._recovery_batch(group, batch, grads, basis, low, direction, sizes)
                 add_back(update, scaled, basis, side, basis_t=batch.transposed(basis))
-                if update.device.type == "cpu" and update is self._scratch("stacked", shape, update):
+                packed = batch.packed_weights()
+                if packed is not None and packed.dtype == update.dtype:  # one tensor for the whole batch
+                    batching.add_updates([packed], [update], lr * wd)
+                    torch.autograd.graph.increment_version(batch.weights)
+                    rows = ()
+                elif update.device.type == "cpu" and update is self._scratch("stacked", shape, update):
                     rows = self._scratch_rows("stacked", shape, update)[1]  # the kept buffer's rows, made once
                 else:
                     rows = update.unbind(0)
             else:
-                out, rows = self._scratch_rows("stacked", shape, scaled)
-                update = project_back(scaled, basis, side, out=out, basis_t=batch.transposed(basis))
-                if update is not out:
-                    rows = update.unbind(0)
+                packed = batch.packed_weights()
+                if packed is not None and packed.dtype == scaled.dtype:  # back(N) added into the weights
+                    add_back(packed, scaled, basis, side, basis_t=batch.transposed(basis), beta=1.0 - lr * wd)
+                    torch.autograd.graph.increment_version(batch.weights)  # as an in-place op on each would
+                    rows = ()
+                else:
+                    out, rows = self._scratch_rows("stacked", shape, scaled)
+                    update = project_back(scaled, basis, side, out=out, basis_t=batch.transposed(basis))
+                    if update is not out:
+                        rows = update.unbind(0)
         del scaled
-        batching.add_updates(batch.weights, rows, lr * wd)
-        del update, rows
+        if rows:
+            batching.add_updates(batch.weights, rows, lr * wd)
+            del update
+        del rows
         for key, value, copied in (("exp_avg", avg, avg_copied), ("exp_avg_sq", avg_sq, avg_sq_copied)):
             if copied:
                 packing.store_back(key, value)

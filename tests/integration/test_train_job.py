@@ -34,6 +34,18 @@ def test_single_process_run_writes_metrics_summary_and_checkpoint(tmp_path, caps
     assert "val loss" in out and "vs AdamW" in out and str(run_dir / "loss.png") in out
 
 
+def test_a_single_process_job_steps_a_model_whose_same_shape_weights_are_packed(tmp_path, monkeypatch):
+    import distopt.api
+
+    packed = []
+    real = distopt.api.pack_weights
+    monkeypatch.setattr(distopt.api, "pack_weights", lambda model: packed.append((model, real(model))) or packed[-1][1])
+    assert train.main(job_args(tmp_path, **{"train.steps": 2, "eval.every": 0})) == 0
+    (model, moved), = packed
+    attention = [model.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.o_proj.weight]
+    assert moved > 0 and attention[0].untyped_storage().data_ptr() == attention[1].untyped_storage().data_ptr()
+
+
 def test_bad_values_are_refused_with_key_value_and_allowed(tmp_path, capsys):
     args = job_args(tmp_path) + ["--train.steps", "0", "--train.precision=fp16", "optim.hparams.rank=-3", "--lern_rate", "1"]
     assert train.main(args) == 2

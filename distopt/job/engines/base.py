@@ -74,6 +74,11 @@ class Engine:
     # -- setup ----------------------------------------------------------------------------------
     def setup(self, model: nn.Module, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
         self.module = model.to(self.device)
+        # Same-shape weights back to back, before anything holds their storage (DDP): a batched step
+        # then writes each batch's weights with one kernel.
+        from ...api import pack_weights
+
+        pack_weights(self.module)
         # The optimizer first: some algorithms reparametrize the model they are built for (RSO).
         self.optimizer = build_optimizer(self.module)
         self.model = self.wrap(self.module)
