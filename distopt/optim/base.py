@@ -551,7 +551,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         for group in self.param_groups if groups is None else groups:
             bound = self._bound(group)
             params = self._state_params(group)
-            if all(map(len, map(self.state.__getitem__, params))):  # every state made: the usual step
+            if not bound and all(map(len, self._states_of(params))):  # every state made: the usual step
                 continue
             for p in params:
                 state = self.state[p]
@@ -567,6 +567,21 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 else:
                     state["step"] = torch.tensor(0, dtype=torch.int64)
                     self._init_matrix_state(shard, state, group, self._views[p])
+
+    def _states_of(self, params: list[torch.Tensor]) -> list[dict]:
+        """``[self.state[p] for p in params]``, kept between steps for the same parameters while
+        ``self.state`` is the same dict (a load replaces it): each lookup hashes a tensor in Python.
+        The kept tuple holds the parameters, so no other tensor can take one's ``id``."""
+        key = tuple(map(id, params))
+        cache = self.__dict__.setdefault("_states_cache", {})
+        held = cache.get(key)
+        if held is not None and held[0] is self.state:
+            return held[2]
+        states = list(map(self.state.__getitem__, params))
+        if len(cache) >= 16:  # other subsets (a skipped parameter changes a list for one step)
+            cache.clear()
+        cache[key] = (self.state, tuple(params), states)
+        return states
 
     # -- step -------------------------------------------------------------------------------
     def _finite_params(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -659,22 +674,37 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if self._binding is not None:  # the engine adapter decides the skips of this call's groups at once
             self._binding.begin_step([g for g in active if self._bound(g)])
         own = [g for g in active if not self._bound(g)]
-        # One finiteness decision for every group of this call: one flag reduction, one host read.
+        # One finiteness decision for the gradients of this call: one flag reduction, one host read.
+        # Those that a batched step checks itself, on the copy it makes anyway, are left to it.
         with_grads = [p for g in own for p in g["params"] if p.grad is not None]
-        kept = self._finite_params(with_grads)
-        finite = None if len(kept) == len(with_grads) else set(map(id, kept))
-        with fp32_matmuls():
-            for group in active:
-                if self._bound(group):  # the adapter rebuilds rows from the engine's partition
-                    cast(EngineBinding, self._binding).step_group(self, group)
-                    continue
-                params = group["params"]
-                if finite is not None or not all(map(operator.is_not, map(_grad_of, params), itertools.repeat(None))):
-                    params = [p for p in params if p.grad is not None and (finite is None or id(p) in finite)]
-                self._step_params(group, params, checked=True)
+        checked_later = self._checked_in_step(own) if with_grads else frozenset()
+        to_check = [p for p in with_grads if id(p) not in checked_later] if checked_later else with_grads
+        kept = self._finite_params(to_check)
+        finite = None if len(kept) == len(to_check) else set(map(id, kept)) | checked_later
+        try:
+            with fp32_matmuls():
+                for group in active:
+                    if self._bound(group):  # the adapter rebuilds rows from the engine's partition
+                        cast(EngineBinding, self._binding).step_group(self, group)
+                        continue
+                    params = group["params"]
+                    if finite is not None or not all(map(operator.is_not, map(_grad_of, params), itertools.repeat(None))):
+                        params = [p for p in params if p.grad is not None and (finite is None or id(p) in finite)]
+                    self._step_params(group, params, checked=True)
+        finally:
+            self._checking_in_step = frozenset()
         self._prepared_lows.clear()
         self.release_averaged()
         return loss
+
+    # Parameters whose finiteness this step's batched path checks itself (see _checked_in_step).
+    _checking_in_step: frozenset[int] = frozenset()
+
+    def _checked_in_step(self, groups: list[dict]) -> frozenset[int]:
+        """The ``id`` of each parameter of ``groups`` whose step checks its own gradient for NaN and
+        Inf (skipping it, as :meth:`_finite_params` would) where it reads it anyway, so step() leaves
+        it out of its one check. None by default."""
+        return frozenset()
 
     def _step_params(self, group: dict, params: list[torch.Tensor], checked: bool = False) -> None:
         """Step ``params`` of ``group``; those with a non-finite gradient are skipped unless ``checked``
@@ -746,7 +776,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             self._step_params(group, [p])
 
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
-        states = list(map(self.state.__getitem__, params))
+        states = self._states_of(params)
         grads = locals_of(list(map(_grad_of, params)))
         self._adamw_apply(group, locals_of(params), grads, states, pack_steps=True)  # this rank's shards
 

@@ -49,6 +49,9 @@ from .base import SubspaceOptimizer, adam_direction, apply_update, tf32_matmuls,
 
 PROJECTION_PRECISIONS = ("fp32", "tf32", "bf16")
 _grad_of = operator.attrgetter("grad")
+# Devices whose batches check their own stacked gradients for NaN and Inf, with one host read each:
+# the CPU, where nothing waits for a device. Elsewhere step()'s one check for all, one host read a step.
+SELF_CHECKING_DEVICES = frozenset({"cpu"})
 _dtype_of = operator.attrgetter("dtype")
 
 
@@ -501,22 +504,20 @@ class ProjectedAdam(SubspaceOptimizer):
         beta1, beta2 = group["betas"]
         lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
         batches = self._batches(group, params)
-        counts: list[list[int]] = []
         fresh: dict[int, torch.Tensor] = {}  # this step's new bases in fp32 where they are stored in bf16
-        for batch in batches:
-            steps = batch.packing.get("step")[0].tolist()  # one host read per batch
-            for i in batch.due(steps, group):
-                p, state, view, plan = batch.params[i], batch.states[i], batch.views[i], batch.plans[i]
-                with subspace.whole_basis(state, view, plan) as work:  # fp32: a bf16 basis converted, stored back
-                    self._refresh_if_due(local(p.grad), work, group, view, plan)
-                if work["basis"] is not state["basis"]:  # used unrounded this step, as the per-matrix step does
-                    fresh[id(p)] = work["basis"]
-            counts.append(batch.moment_counts(steps, group))
-        if all(batch.views[0].replicas is None for batch in batches):  # each batch from its projection to its update
-            for batch, batch_counts in zip(batches, counts):
-                basis, low, _, grads = self._batch_projection(group, batch, fresh, reuse=True)
-                self._adam_update_batch(group, batch, batch_counts, basis, low, lr, wd, eps, beta1, beta2, grads)
-            return batches
+        if all(batch.views[0].replicas is None for batch in batches):  # each batch from its check to its update
+            stepped = []
+            for batch in batches:
+                finite, grads = self._check_batch(group, batch)
+                if not finite:
+                    continue
+                counts = self._refresh_due(group, batch, fresh)
+                basis, low, _, grads = self._batch_projection(group, batch, fresh, reuse=True, grads=grads)
+                self._adam_update_batch(group, batch, counts, basis, low, lr, wd, eps, beta1, beta2, grads)
+                stepped.append(batch)
+            return stepped
+        batches = [batch for batch in batches if self._check_batch(group, batch)[0]]
+        counts_of = [self._refresh_due(group, batch, fresh) for batch in batches]
         projected = [self._batch_projection(group, batch, fresh, reuse=False) for batch in batches]
         # Projected sync: the replicas' averages of what is not averaged yet, one collective per group.
         waiting: dict[int, tuple[object, list[int]]] = {}
@@ -527,9 +528,56 @@ class ProjectedAdam(SubspaceOptimizer):
             averaged = comm.replica_mean_coalesced([projected[i][1] for i in indices], group_)
             for i, low in zip(indices, averaged):
                 projected[i] = (projected[i][0], low, False, None)
-        for batch, batch_counts, (basis, low, _, _) in zip(batches, counts, projected):
-            self._adam_update_batch(group, batch, batch_counts, basis, low, lr, wd, eps, beta1, beta2)
+        for batch, counts, (basis, low, _, _) in zip(batches, counts_of, projected):
+            self._adam_update_batch(group, batch, counts, basis, low, lr, wd, eps, beta1, beta2)
         return batches
+
+    def _refresh_due(self, group: dict, batch: _Batch, fresh: dict) -> list[int]:
+        """The refreshes due in a batch this step (each member's new fp32 basis in ``fresh`` where it is
+        stored in bf16), and the members' moment counts."""
+        steps = batch.packing.get("step")[0].tolist()  # one host read per batch
+        for i in batch.due(steps, group):
+            p, state, view, plan = batch.params[i], batch.states[i], batch.views[i], batch.plans[i]
+            with subspace.whole_basis(state, view, plan) as work:  # fp32: a bf16 basis converted, stored back
+                self._refresh_if_due(local(p.grad), work, group, view, plan)
+            if work["basis"] is not state["basis"]:  # used unrounded this step, as the per-matrix step does
+                fresh[id(p)] = work["basis"]
+        return batch.moment_counts(steps, group)
+
+    def _stacked_grads(self, batch: _Batch) -> torch.Tensor:
+        """A batch's gradients stacked in the ``stacked`` scratch slot."""
+        grads = batch.grads()
+        return torch.stack(grads, out=self._scratch("stacked", (len(grads), *grads[0].shape), grads[0]))
+
+    def _check_batch(self, group: dict, batch: _Batch) -> tuple[bool, torch.Tensor | None]:
+        """Where step() left a batch's members to it (:meth:`_checked_in_step`), their gradients
+        stacked and checked for NaN and Inf in one pass: ``(True, stacked)`` when all are finite. Else
+        the finite ones step one by one, each other is skipped and counted, and ``(False, None)``.
+        ``(True, None)`` for a batch step() checked."""
+        if self._checking_in_step.isdisjoint(map(id, batch.params)):
+            return True, None
+        grads = self._stacked_grads(batch)
+        # A NaN or Inf makes the sum NaN or Inf; finite gradients overflow it only past 1e38, and then
+        # the exact test below steps them all one by one. One read, one host read per batch (CPU only).
+        if math.isfinite(grads.sum().item()):
+            return True, grads
+        for p, bad in zip(batch.params, (~torch.isfinite(grads)).flatten(1).any(1).tolist()):
+            if bad:
+                self.record_nonfinite_skip(self._names[p])
+            else:
+                self._matrix_step(local(p), local(p.grad), self.state[p], group, self._views[p])
+        return False, None
+
+    def _checked_in_step(self, groups: list[dict]) -> frozenset[int]:
+        # The CPU batches with no replicas to agree with: each checks its stacked gradients, a copy in
+        # cache, where step()'s check would read every gradient once more from memory.
+        self.__dict__.pop("_routes_now", None)  # a new step
+        ids: set[int] = set()
+        for group in groups:
+            if group["kind"] == "matrix":
+                ids.update(self._routes(group, group["params"])[4])
+        self._checking_in_step = frozenset(ids)
+        return self._checking_in_step
 
     def _adam_update_batch(self, group: dict, batch: _Batch, counts: list[int], basis, low, lr, wd, eps, beta1, beta2,
                            grads: torch.Tensor | None = None):
@@ -689,12 +737,13 @@ class ProjectedAdam(SubspaceOptimizer):
             held = views[(slot, tuple(shape), "rows")] = (out, out.unbind(0))
         return out, held[1]
 
-    def _batch_projection(self, group: dict, batch: _Batch, fresh: dict, reuse: bool):
+    def _batch_projection(self, group: dict, batch: _Batch, fresh: dict, reuse: bool, grads: torch.Tensor | None = None):
         """``(basis, R, to_average, G)`` of a batch: its bases in fp32 (the packed buffer itself when it
         is fp32; ``fresh`` ones unrounded) and ``proj(G)`` of every matrix, ``(k, r, n)`` or ``(k, m, r)``
         (in the ``low`` scratch slot with ``reuse``, so only until the next batch's); ``to_average``
         when the replicas' average of ``R`` is still to take (``clip_grad_norm_`` takes it with the
-        projections it prepares); with ``reuse``, the stacked gradients (else ``None``: not kept)."""
+        projections it prepares); with ``reuse``, the stacked gradients (else ``None``: not kept),
+        ``grads`` where the caller stacked them already."""
         bases, _ = batch.packing.get("basis")  # read only: a refresh wrote into the slices already
         basis = bases.float()
         if fresh:
@@ -707,8 +756,8 @@ class ProjectedAdam(SubspaceOptimizer):
             return basis, torch.stack(cast(list, prepared)), False, None
         with projection_matmuls(group):
             if not any(low is not None for low in prepared):
-                grads_ = batch.grads()
-                grads = torch.stack(grads_, out=self._scratch("stacked", (len(grads_), *grads_[0].shape), grads_[0]))
+                if grads is None:
+                    grads = self._stacked_grads(batch)
                 k, m, n = grads.shape
                 out = self._scratch("low" if reuse else None, (k, m, basis.shape[2]) if side == "right"
                                     else (k, basis.shape[2], n), grads)
@@ -738,10 +787,12 @@ class ProjectedAdam(SubspaceOptimizer):
                 and (plan.side == "left" or plan.basis_chunked or "rs_norm" in state))
 
     def _routes(self, group: dict, params: list[torch.Tensor]):
-        """``(sharded, chunks, single)``: the matrices sharded over several ranks (coalesced on their
-        plain steps), the chunks of batchable ones (:meth:`_step_batched`), and the rest (stepped one
-        by one); cached for the same parameters, views, dtypes and settings, and kept for the rest of
-        the step (:meth:`_batched_refresh_requests` and :meth:`_step_routes` ask for the same list)."""
+        """``(sharded, chunks, single, counters, checks_itself)``: the matrices sharded over several
+        ranks (coalesced on their plain steps), the chunks of batchable ones (:meth:`_step_batched`),
+        the rest (stepped one by one), the sharded ones' packed step counters, and the ``id`` of
+        each batchable matrix whose batch checks its own gradients (:meth:`_checked_in_step`); cached
+        for the same parameters, views, dtypes and settings, and kept for the rest of the step
+        (:meth:`_batched_refresh_requests` and :meth:`_step_routes` ask for the same list)."""
         now = self.__dict__.get("_routes_now")
         if now is not None and now[0] is params and now[1] == self._views_version:
             return now[2]
@@ -775,7 +826,9 @@ class ProjectedAdam(SubspaceOptimizer):
         if len(cache) >= 16:
             cache.clear()
         counters = batching.PackedState([self.state[p] for p in sharded]) if sharded else None
-        cache[key] = routes = (sharded, chunks, [p for p in params if id(p) not in taken], counters)
+        checks_itself = frozenset(id(p) for chunk in chunks for p in chunk if local(p).device.type in SELF_CHECKING_DEVICES
+                                  and self._views[p].replicas is None and not is_dtensor(p))
+        cache[key] = routes = (sharded, chunks, [p for p in params if id(p) not in taken], counters, checks_itself)
         self._routes_now = (params, self._views_version, routes)
         return routes
 
@@ -787,7 +840,7 @@ class ProjectedAdam(SubspaceOptimizer):
 
     def _batched_refresh_requests(self, group: dict, params: list[torch.Tensor]) -> list:
         # Called first in a matrix group's step: the sharded matrices' step counts, read at once.
-        sharded, _, _, counters = self._routes(group, params)
+        sharded, _, _, counters, _ = self._routes(group, params)
         self._steps_now = {}
         if counters is not None:
             steps, _ = counters.get("step")  # packed: one (k,) buffer, read in one copy
@@ -802,7 +855,7 @@ class ProjectedAdam(SubspaceOptimizer):
             self.__dict__.pop("_routes_now", None)
 
     def _step_routes(self, group: dict, params: list[torch.Tensor]) -> None:
-        sharded, chunks, single, _ = self._routes(group, params)
+        sharded, chunks, single, _, _ = self._routes(group, params)
         coalesced = [p for p in sharded if self._coalescible(p, group)]
         chosen = {id(p) for p in coalesced}
         for p in sharded:

@@ -150,6 +150,38 @@ def test_batched_step_skips_a_non_finite_matrix_alone():
     assert not torch.equal(params["model.layers.0.self_attn.k_proj.weight"], before["model.layers.0.self_attn.k_proj.weight"])
 
 
+def test_a_batch_with_a_non_finite_gradient_steps_its_other_members_as_the_per_matrix_path_does(monkeypatch):
+    """A batch checks its own stacked gradients (CPU): a NaN in one member skips that member alone, its
+    refresh included, and the others step one by one; an element-wise parameter skipped in the same
+    step leaves the batch's members to their batch."""
+    model = tiny_model()
+    opt = distopt.build_optimizer(model, "galore", lr=1e-2, rank=6, update_proj_gap=3)
+    train(model, opt, 2)  # the next step refreshes a third of the matrices (staggered)
+    twin_model = tiny_model(seed=1)
+    twin_model.load_state_dict(model.state_dict())
+    twin = distopt.build_optimizer(twin_model, "galore", lr=1e-2, rank=6, update_proj_gap=3)
+    twin.load_state_dict(roundtrip(opt.state_dict()))
+    set_grads(model.parameters(), seed=5)
+    bad = {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight"}
+    for (n, a), b in zip(model.named_parameters(), twin_model.parameters()):
+        if n in bad:
+            a.grad[1, 2] = float("nan")
+        b.grad = a.grad.clone()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    monkeypatch.setattr(ProjectedAdam, "_batchable", lambda self, p, g: False)
+    twin.step()
+    assert opt.nonfinite_skips == twin.nonfinite_skips == dict.fromkeys(bad, 1)
+    for (n, a), b in zip(model.named_parameters(), twin_model.parameters()):
+        if n in bad:
+            assert torch.equal(a, before[n]), n
+        else:
+            assert not torch.equal(a, before[n]), n
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+        for key, value in opt.state[a].items():
+            torch.testing.assert_close(value, twin.state[b][key], rtol=1e-6, atol=1e-7, msg=lambda m, key=key: f"{key}: {m}")
+
+
 def test_batched_step_holds_at_most_coalesce_bytes_of_batched_tensors(monkeypatch):
     """The stacked gradients, R and N of at most ``coalesce_bytes`` worth of matrices are alive at once;
     chunking changes only the rounding of the batched products."""
