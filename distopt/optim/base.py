@@ -676,7 +676,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         own = [g for g in active if not self._bound(g)]
         # One finiteness decision for the gradients of this call: one flag reduction, one host read.
         # Those that a batched step checks itself, on the copy it makes anyway, are left to it.
-        with_grads = [p for g in own for p in g["params"] if p.grad is not None]
+        with_grads = list(itertools.chain.from_iterable(g["params"] for g in own))
+        if not all(map(operator.is_not, map(_grad_of, with_grads), itertools.repeat(None))):
+            with_grads = [p for p in with_grads if p.grad is not None]
         checked_later = self._checked_in_step(own) if with_grads else frozenset()
         to_check = [p for p in with_grads if id(p) not in checked_later] if checked_later else with_grads
         kept = self._finite_params(to_check)
