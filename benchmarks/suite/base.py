@@ -27,7 +27,9 @@ from distopt.optim import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ("step", "e2e", "maxbatch", "7b", "memory")
-STEP_OPTIMIZERS = ("adamw-fused", "galore-torch", "adam-mini", "galore", "adapm-mini", "grassjump", "subtrack")
+# ``[packed=True]``: the model's same-shape weights laid out by distopt.pack_weights first.
+STEP_OPTIMIZERS = ("adamw-fused", "galore-torch", "adam-mini", "galore", "galore[packed=True]", "adapm-mini", "grassjump",
+                   "subtrack")
 PEER_ROWS = ("adamw-fused", "adamw-foreach", "galore-torch", "adam-mini")
 GIB = 1024**3
 
@@ -140,7 +142,8 @@ def _takes(name: str, key: str) -> bool:
 
 
 def label_hparams(label: str) -> dict:
-    """Hyper-parameters a row label sets: ``galore[projection_precision=tf32,rank=256]``."""
+    """Hyper-parameters a row label sets: ``galore[projection_precision=tf32,rank=256]`` (and
+    ``packed=True``: the model's weights laid out by ``distopt.pack_weights`` first)."""
     if not label.endswith("]") or "[" not in label:
         return {}
     out = {}
@@ -196,6 +199,8 @@ def make_optimizer(label: str, model: torch.nn.Module, shape, *, rank: int, gap:
     if _takes(name, "update_proj_gap"):
         hparams["update_proj_gap"] = gap
     hparams.update(label_hparams(label))
+    if hparams.pop("packed", False):  # a layout of the model, not an optimizer option
+        distopt.pack_weights(model)
     return distopt.build_optimizer(model, name, **hparams), f"distopt {distopt.__version__}", hparams
 
 
