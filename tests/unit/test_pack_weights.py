@@ -73,6 +73,7 @@ def _pair(name: str, **hparams):
     ("galore", {"side": "left", "scale": 0.5}),
     ("grassjump", {"weight_decay": 0.1}),  # Fira's term: the whole update added in one tensor
     ("subtrack", {}),
+    ("galore", {"projection_precision": "bf16", "weight_decay": 0.1}),  # the product added, not fused into baddbmm
 ])
 def test_a_step_on_packed_weights_equals_one_on_separate_weights(name, hparams, monkeypatch):
     """Through refreshes (gap 3, staggered), with weight decay: the weights written in their buffer by
