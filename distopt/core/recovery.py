@@ -89,7 +89,9 @@ def limited_batch_(scaled: torch.Tensor, norms: torch.Tensor, last_norms: torch.
     """:func:`limited` of a stacked batch ``(k, rows, n)`` given its ``k`` Frobenius ``norms``, times
     ``coefs`` (one per matrix), in place; ``last_norms`` (``(k,)``) become the limited norms."""
     factor = limit_factor(norms, last_norms, limit)
-    return scaled.mul_((factor * batching.per_matrix(coefs, factor, 1, as_tensor=True)).view(-1, 1, 1))
+    # One coefficient for the batch (the usual case) is a scalar: no tensor made, nor copied to the device.
+    coef = batching.per_matrix(coefs, factor, 1)
+    return scaled.mul_(factor.mul_(coef).view(-1, 1, 1))
 
 
 def limited(scaled: torch.Tensor, norm: torch.Tensor, last_norm: torch.Tensor, limit: float) -> torch.Tensor:
@@ -101,8 +103,6 @@ def limit_factor(norm: torch.Tensor, last_norm: torch.Tensor, limit: float) -> t
     """The norm-growth limiter's factor for Frobenius norms ``norm`` (element-wise: one matrix, or a
     batch of them against their ``last_norm``); ``last_norm`` becomes the limited norm."""
     cap = last_norm * limit
-    factor = torch.where(
-        (last_norm > 0) & (norm > cap), cap / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.ones_like(norm)
-    )
+    factor = torch.where((last_norm > 0) & (norm > cap), cap / norm.clamp_min(torch.finfo(norm.dtype).tiny), 1.0)
     last_norm.copy_(norm * factor)
     return factor
