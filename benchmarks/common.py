@@ -85,3 +85,17 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+# Suffix of a benchmark choice whose model distopt.pack_weights lays out first (same-shape weights in
+# shared buffers).
+PACKED = "-packed"
+
+
+def packed_as_asked(choice: str, model: torch.nn.Module) -> str:
+    """``choice`` without :data:`PACKED`; where it ended so, ``model``'s weights packed first."""
+    if choice.endswith(PACKED):
+        import distopt
+
+        distopt.pack_weights(model)
+    return choice.removesuffix(PACKED)

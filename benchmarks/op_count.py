@@ -31,15 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]  # tests/distributed: the rank spawner
 
-from common import OpCounter, environment, markdown_table, write_json  # noqa: E402
+from common import OpCounter, environment, markdown_table, packed_as_asked, write_json  # noqa: E402
 
 import distopt  # noqa: E402
 from distopt.models import LlamaShape, TinyLlama  # noqa: E402
 from distopt.optim import REGISTRY, projected  # noqa: E402
 from distopt.optim.projected import ProjectedAdam  # noqa: E402
-
-# Suffix of a choice whose model distopt.pack_weights lays out first (same-shape weights in shared buffers).
-PACKED = "-packed"
 
 FULL = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
 
@@ -69,9 +66,7 @@ def count(rank_index: int, world_size: int, names: list[str], shrink: int, rank:
     for choice in names:
         torch.manual_seed(0)
         model = TinyLlama(shape(shrink))
-        name = choice.removesuffix(PACKED)
-        if name != choice:
-            distopt.pack_weights(model)
+        name = packed_as_asked(choice, model)
         if name == "rso" and world_size > 1:  # its factors must exist before fully_shard
             from distopt.optim.rso import reparametrize
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OpCounter, environment, markdown_table, summarize, timed, write_json  # noqa: E402
+from common import PACKED, OpCounter, environment, markdown_table, packed_as_asked, summarize, timed, write_json  # noqa: E402
 
 import distopt  # noqa: E402
 from distopt.models import LLAMA_1B, LlamaShape, TinyLlama  # noqa: E402
@@ -49,8 +49,6 @@ SHAPES = {
 }
 CHOICES = ("adamw-foreach", "adamw-fused", "galore-torch", "galore", "galore-svd", "galore-compile", "galore-bf16", "snsm",
            "adam-mini", "grassjump", "subtrack", "rso", "sam", "adapm", "adapm-mini")
-# Suffix of a choice whose model is laid out by distopt.pack_weights before the optimizer is built.
-PACKED = "-packed"
 # distopt optimizers built by their own name (the rest of the galore-* choices are galore variants)
 OWN_NAMES = ("snsm", "grassjump", "subtrack", "rso", "sam", "adapm", "adapm-mini")
 # distopt's galore with other settings, by choice name
@@ -60,9 +58,7 @@ VARIANTS = {"galore-svd": {"refresh": "svd", "stagger": False}, "galore-compile"
 
 def build(choice: str, model: torch.nn.Module, args) -> torch.optim.Optimizer | None:
     lr = 1e-3
-    if choice.endswith(PACKED):  # the model's same-shape weights in shared buffers first
-        distopt.pack_weights(model)
-        choice = choice.removesuffix(PACKED)
+    choice = packed_as_asked(choice, model)
     if choice.startswith("adamw"):
         fused = choice == "adamw-fused"
         return torch.optim.AdamW(model.parameters(), lr=lr, fused=fused, foreach=not fused)

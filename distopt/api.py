@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import difflib
 import inspect
 import logging
@@ -71,11 +72,7 @@ def pack_weights(model: nn.Module) -> int:
     alone in their shape stay where they are. Optional: the step is the same without it, one
     memory pass slower; it notices the layout (or its loss, after ``model.to()``) on every step.
     """
-    holders: dict[int, int] = {}
-    tensors = [*model.parameters(), *model.buffers()]
-    for t in tensors:
-        ptr = t.untyped_storage().data_ptr()
-        holders[ptr] = holders.get(ptr, 0) + 1
+    holders = collections.Counter(t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers()))
     same: dict[tuple, list[nn.Parameter]] = {}
     for p in model.parameters():  # each tensor once, in the model's order
         if (p.requires_grad and p.dim() == 2 and p.numel() and type(p) is nn.Parameter and not hasattr(p, "ds_id")

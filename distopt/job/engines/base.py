@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ... import api
 from ..config import ConfigError, RunConfig
 from ..dist import DistInfo
 
@@ -76,9 +77,7 @@ class Engine:
         self.module = model.to(self.device)
         # Same-shape weights back to back, before anything holds their storage (DDP): a batched step
         # then writes each batch's weights with one kernel.
-        from ...api import pack_weights
-
-        pack_weights(self.module)
+        api.pack_weights(self.module)
         # The optimizer first: some algorithms reparametrize the model they are built for (RSO).
         self.optimizer = build_optimizer(self.module)
         self.model = self.wrap(self.module)
