@@ -1,5 +1,6 @@
 """CUDA checks of numerics and checkpoint paths that the CPU tests cover: the transform moment map's
-identity and bias-correction invariance, the closed-form GaLore step with TF32 off and on, a DCP
+identity and bias-correction invariance, the device-drawn sketches against the CPU's (the same
+numbers), the closed-form GaLore step with TF32 off and on, a DCP
 checkpoint of CUDA tensors (verified; a corrupted shard refused), and the training job on CUDA in
 bf16-mixed (a corrupted newest checkpoint falls back loudly; a diverged run exits 3).
 
@@ -48,6 +49,32 @@ def transform_checks(dev: str) -> dict:
     moments.apply_moment_policy("transform", "left", torch.eye(8, device=dev), m, v, step=5, betas=(0.9, 0.999))
     return {"transform_invariance_maxdiff": max((a - b).abs().max().item() for a, b in zip(*mapped)),
             "transform_identity_maxrel": ((v - second).abs() / second).max().item()}
+
+
+def sketch_checks(dev: str) -> dict:
+    """The device's seeded sketch against the same counter draw on the CPU (the same numbers, up to a
+    last-bit difference of fp64 log/cos), and its time against a CPU draw copied over."""
+    from distopt.core import linalg
+
+    shape, seed = (4096, 1040), linalg.stable_seed(0, "layers.0.mlp.up_proj", 1, "range")
+    here = linalg.counter_gaussian(shape, seed, dev)
+    out = {"sketch_drawn_by_counter": torch.equal(linalg.seeded_gaussian(shape, seed, dev), here)}  # False on CPU
+    here, there = here.cpu(), linalg.counter_gaussian(shape, seed, "cpu")
+    cpu = torch.Generator().manual_seed(seed)
+    timings = {}
+    for label, draw in (("device", lambda: linalg.seeded_gaussian(shape, seed, dev)),
+                        ("cpu_copied", lambda: torch.randn(shape, generator=cpu).to(dev))):
+        draw()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(5):
+            draw()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        timings[f"sketch_4096x1040_{label}_ms"] = (time.perf_counter() - start) / 5 * 1e3
+    return {**out, "sketch_device_vs_cpu_maxdiff": (here - there).abs().max().item(),
+            "sketch_device_vs_cpu_differing": int((here != there).sum()), **timings}
 
 
 def closed_form_checks(dev: str) -> dict:
@@ -128,7 +155,7 @@ def main() -> int:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__}
-    for checks in (transform_checks, closed_form_checks, dcp_checks, job_checks):
+    for checks in (transform_checks, sketch_checks, closed_form_checks, dcp_checks, job_checks):
         out.update(checks(dev))
     text = json.dumps(out, indent=1)
     print(text)

@@ -1,8 +1,9 @@
 """Time the orthonormalization of tall-skinny blocks at AdaPM's LLaMA-1B factor shapes: Householder QR
 (``torch.linalg.qr``) one by one and batched, against shifted Cholesky-QR2 in fp64
 (``distopt.core.linalg.orthonormalize_rows_gram``: Gram, Cholesky, triangular solve, twice). Then
-the pieces of one randomized GaLore refresh at LLaMA-1B, rank 512 (k = 528 columns): the CPU-drawn
-Gaussian sketch and its copy, the QRs of the range finder's blocks, and the ``k x k`` Rayleigh-Ritz
+the pieces of one randomized GaLore refresh at LLaMA-1B, rank 512 (k = 528 columns): the Gaussian
+sketch drawn on the CPU and copied, drawn by torch's device generator, and drawn by the counter
+draw the optimizers use on a device (``linalg.counter_gaussian``), the QRs of the range finder's blocks, and the ``k x k`` Rayleigh-Ritz
 eigenproblem in fp64 and fp32. Prints JSON.
 
     python benchmarks/orth_timing.py [--device cuda]
@@ -40,13 +41,15 @@ def cholesky_qr2(x):
 
 def refresh_pieces(device: str, reps: int, k: int = 528) -> dict:
     """ms per call of each piece of a randomized refresh of one LLaMA-1B matrix at rank 512."""
-    from distopt.core.linalg import seeded_gaussian
+    from distopt.core.linalg import counter_gaussian
 
     gram = torch.randn(k, 4 * k, device=device)
     gram = gram @ gram.T
+    cpu = torch.Generator().manual_seed(1)
     rows = {
-        "gaussian_cpu_2048x528_to_device": timed(lambda: seeded_gaussian((2048, k), 1, device), device, reps),
+        "gaussian_cpu_2048x528_to_device": timed(lambda: torch.randn((2048, k), generator=cpu).to(device), device, reps),
         "gaussian_device_2048x528": timed(lambda: torch.randn(2048, k, device=device), device, reps),
+        "gaussian_counter_2048x528": timed(lambda: counter_gaussian((2048, k), 1, device), device, reps),
         "eigh_fp64_528": timed(lambda: torch.linalg.eigh(gram.double()), device, reps),
         "eigh_fp32_528": timed(lambda: torch.linalg.eigh(gram), device, reps),
     }

@@ -2,8 +2,8 @@
 
 GoLore's random bases, GrassJump's Haar jumps and RSO's ``P`` are functions of a seed, so a rank
 could regenerate them when needed instead of keeping them. This measures what that would cost at
-LLaMA shapes: the time to draw each decoder matrix's basis (``seeded_gaussian``: a CPU generator,
-so every rank and device sees the same numbers; ``haar_basis``: the same plus a QR), summed over
+LLaMA shapes: the time to draw each decoder matrix's basis (``seeded_gaussian``: on a CPU, torch's
+CPU generator, the same numbers on every rank; ``haar_basis``: the same plus a QR), summed over
 one decoder layer and extrapolated to the model's layers, next to the bytes a rank keeps instead
 under the partitioned layout (``n r / N`` fp32 per basis).
 

@@ -10,7 +10,10 @@ Every function gives the same result, up to summation order, whatever the number
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 from functools import partial
+from typing import TypeVar
 
 import torch
 
@@ -23,10 +26,54 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def seeded_gaussian(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Gaussian fp32 matrix drawn on the CPU, so every rank and device sees the same numbers."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+# Draw every sketch with the CPU generator and copy it, on any device: the same numbers on a GPU as
+# on a CPU, for comparing the two (``DISTOPT_CPU_SKETCHES=1``).
+CPU_SKETCHES = os.environ.get("DISTOPT_CPU_SKETCHES", "0") == "1"
+_MASK32 = 0xFFFFFFFF
+_Bits = TypeVar("_Bits", int, torch.Tensor)
+
+
+def seeded_gaussian(shape: tuple[int, ...], seed: int, device: torch.device | str | None = "cpu") -> torch.Tensor:
+    """Gaussian fp32 matrix, the same on every rank: drawn by torch's CPU generator on a CPU, by
+    :func:`counter_gaussian` on the device elsewhere (no host draw and copy per refresh). torch's
+    device generators are not used: they spread a draw over a grid sized by the GPU's multiprocessor
+    count, so ranks on two GPU models (or MIG slices) would draw different sketches from one seed."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type in ("cpu", "mps") or CPU_SKETCHES:  # mps: no fp64 for the counter draw's transforms
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    return counter_gaussian(shape, seed, device)
+
+
+def _mix32(x: _Bits) -> _Bits:
+    """A bijective avalanche of 32-bit values (ints, or held in an int64 tensor). The multipliers are below 2**31, so no
+    product reaches 2**63: integer overflow, undefined in the kernels, never happens."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x27D4EB2F) & _MASK32
+    return x ^ (x >> 16)
+
+
+def counter_gaussian(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Gaussian fp32 ``shape`` tensor from a counter-based hash: element pair ``j`` is Box-Muller of
+    the hashes of counters ``j`` and ``half + j`` keyed by the 64-bit ``seed``. Integer ops are exact
+    and the transforms run in fp64 before rounding to fp32, so every device gives the same numbers,
+    whatever its kernel grid (up to a last-bit difference of fp64 ``log``/``cos`` surviving rounding)."""
+    numel = math.prod(shape)
+    if 2 * ((numel + 1) // 2) > 1 << 32:
+        raise ValueError(f"counter_gaussian draws at most 2**32 values per call; asked for {tuple(shape)}")
+    half = (numel + 1) // 2
+    # Keys hashed from the seed: a raw small seed would put the mixer's fixed point (0 -> 0, u = 2**-32)
+    # at a small counter, a few sigma out in every draw.
+    first_key = _mix32(_mix32((seed & _MASK32) ^ 0x5BD1E995) ^ ((seed >> 32) & _MASK32))
+    second_key = _mix32(first_key ^ 0x3C6EF372)
+    counters = torch.arange(2 * half, dtype=torch.int64, device=device)
+    bits = _mix32(_mix32(counters ^ first_key) ^ second_key).double()
+    radius = bits[:half].add_(1.0).mul_(2.0**-32).log_().mul_(-2.0).sqrt_()  # u in (0, 1]: finite log
+    angle = bits[half:].mul_(2.0 * math.pi * 2.0**-32)
+    values = torch.cat([radius * angle.cos(), radius * angle.sin()])
+    return values[:numel].float().view(shape)
 
 
 def _positive_diagonal(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
