@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from .batching import stacked
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
@@ -145,7 +147,8 @@ def all_gather_stacked_async(requests: list[tuple[torch.Tensor, ProcessGroup | N
         size = dist.get_world_size(group)
         out = tensor.new_empty((size * tensor.numel(),))  # flat: gloo wants the inputs concatenated
         _record("all_gather", tensor)
-        work = _all_gather_single(out, tensor.contiguous().reshape(-1), group=group, async_op=True)
+        flat = tensor if tensor.dim() == 1 and tensor.is_contiguous() else tensor.contiguous().reshape(-1)
+        work = _all_gather_single(out, flat, group=group, async_op=True)
         pending.append((work, out.view(size, *tensor.shape)))
 
     def wait() -> list[torch.Tensor]:
@@ -185,42 +188,46 @@ def all_gather_rows_coalesced(requests: list[tuple[torch.Tensor, list[int]]], gr
 def _gather_rows_by_class(requests: list[tuple[torch.Tensor, list[int]]], group, transposed: bool,
                           tags: Sequence[Hashable] | None = None) -> list[torch.Tensor]:
     """The rows gather of :func:`all_gather_rows_coalesced`; with ``transposed`` the requests hold
-    ``(local columns, col_counts)`` and the columns are gathered (each result made contiguous).
-    A fixed number of ops per class of same-shape requests, whatever the world size."""
+    ``(local columns, col_counts)`` and the columns (the last dimension) are gathered. A fixed number
+    of ops per class of same-shape requests, whatever the world size: the class stacked (no copy where
+    it is one buffer already), one gather, and one copy that puts each rank's block in place."""
     if not requests:
         return []
     if group is None or dist.get_world_size(group) == 1:
         return [local for local, _ in requests]
-    # The trailing shape (read from the shape: a transposed view per request is an op each) and the
-    # counts are the same on every rank (the local row count is not).
-    trailing_of = (lambda t: tuple(t.shape[:-1])) if transposed else (lambda t: tuple(t.shape[1:]))
+    # Everything but the gathered dimension, and the counts, are the same on every rank (the local
+    # count is not). The wire carries each class as it is stacked, (J, rows, ...) or (J, ..., cols).
+    others = (lambda t: tuple(t.shape[:-1])) if transposed else (lambda t: tuple(t.shape[1:]))
+    gathered = -1 if transposed else 1  # the gathered dimension of a stacked class
     tags = tags if tags is not None else [None] * len(requests)
-    classes = _classes([(trailing_of(t), tuple(counts), tag) for (t, counts), tag in zip(requests, tags)])
+    classes = _classes([(others(t), tuple(counts), tag) for (t, counts), tag in zip(requests, tags)])
     blocks = []
     for members in classes:
-        local = torch.stack([requests[i][0] for i in members])
-        local = local.transpose(1, 2) if transposed else local  # (J, rows, ...): one op, not one per matrix
+        local = stacked([requests[i][0] for i in members])
         top = max(requests[members[0]][1])
-        if local.shape[1] == top:  # this rank holds the most rows: nothing to pad
-            blocks.append(local.reshape(-1))
+        if local.shape[gathered] == top:  # this rank holds the most: nothing to pad
+            blocks.append(local.view(-1))
             continue
-        padded = local.new_zeros((len(members), top, *local.shape[2:]))
-        padded[:, : local.shape[1]] = local
-        blocks.append(padded.reshape(-1))
-    stacked = all_gather_stacked(torch.cat(blocks) if len(blocks) > 1 else blocks[0], group)
+        shape = list(local.shape)
+        shape[gathered] = top
+        padded = local.new_zeros(shape)
+        padded.narrow(gathered, 0, local.shape[gathered]).copy_(local)
+        blocks.append(padded.view(-1))
+    received = all_gather_stacked(torch.cat(blocks) if len(blocks) > 1 else blocks[0], group)
     out: list[torch.Tensor] = [requests[0][0]] * len(requests)
     offset = 0
     for members, block in zip(classes, blocks):
         counts = requests[members[0]][1]
-        trailing = trailing_of(requests[members[0]][0])
-        top = max(counts)
-        parts = stacked[:, offset : offset + block.numel()].view(len(counts), len(members), top, *trailing)
-        # (ranks, J, top, ...) -> (J, ranks * top, ...) in one copy, then the padding rows dropped.
-        whole = parts.transpose(0, 1).reshape(len(members), len(counts) * top, *trailing)
-        if min(counts) != top:
-            whole = whole.index_select(1, _unpadded_positions(tuple(counts), whole.device))
+        rest = others(requests[members[0]][0])
+        ranks, top, count = len(counts), max(counts), len(members)
+        parts = received if len(blocks) == 1 else received[:, offset : offset + block.numel()]
+        # (ranks, J, ...) -> rank blocks side by side along the gathered dimension, in one copy.
         if transposed:
-            whole = whole.transpose(1, 2).contiguous()
+            whole = parts.view(ranks, count, *rest, top).movedim(0, -2).reshape(count, *rest, ranks * top)
+        else:
+            whole = parts.view(ranks, count, top, *rest).transpose(0, 1).reshape(count, ranks * top, *rest)
+        if min(counts) != top:  # the padding dropped
+            whole = whole.index_select(gathered % whole.dim(), _unpadded_positions(tuple(counts), whole.device))
         for i, value in zip(members, whole.unbind(0)):
             out[i] = value
         offset += block.numel()
@@ -264,7 +271,7 @@ def reduce_scatter_cols_coalesced(requests: list[tuple[torch.Tensor, list[int]]]
     classes = _classes([(tuple(full.shape), tuple(counts)) for full, counts in requests])
     padded = []
     for members in classes:  # a fixed number of ops per class, whatever the world size
-        fulls = torch.stack([requests[i][0] for i in members])  # (J, k, n)
+        fulls = stacked([requests[i][0] for i in members])  # (J, k, n): no copy where one buffer already
         counts = requests[members[0]][1]
         top = max(counts)
         if min(counts) != top:  # columns padded to parts * top, each rank's block zero-filled at its end
@@ -280,8 +287,10 @@ def reduce_scatter_cols_coalesced(requests: list[tuple[torch.Tensor, list[int]]]
     results: list[torch.Tensor] = [requests[0][0]] * len(requests)
     for members, block in zip(classes, padded):
         full, counts = requests[members[0]]
-        mine = out[offset : offset + block.shape[1]].view(len(members), full.shape[0], max(counts))
-        for i, value in zip(members, mine[:, :, : counts[rank]].contiguous().unbind(0)):
+        mine = (out if len(padded) == 1 else out[offset : offset + block.shape[1]]).view(len(members), full.shape[0], max(counts))
+        if counts[rank] != max(counts):
+            mine = mine[:, :, : counts[rank]].contiguous()
+        for i, value in zip(members, mine.unbind(0)):
             results[i] = value
         offset += block.shape[1]
     return results
