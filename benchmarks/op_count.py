@@ -16,7 +16,9 @@ process.
     python benchmarks/op_count.py --optimizers galore,galore-packed --world-sizes 1   # weights packed first
 
 The count is what a GPU's step dispatches: on a CPU, batches also check their own gradients (a sum
-and a host read each), which is off here.
+and a host read each) and write their temporaries into buffers kept between steps; both are off
+here. The element-wise group's AdamW and the finiteness check still take their CPU forms (a
+constant handful of ops either way).
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ def count(rank_index: int, world_size: int, names: list[str], shrink: int, rank:
           coalesce_bytes: int = ProjectedAdam.coalesce_bytes) -> dict:
     counts = {}
     # The ops a GPU's step dispatches: a CPU batch's own finiteness check (a host read per batch, free
-    # on a CPU) is off, so every gradient goes through step()'s one check as on a GPU.
+    # on a CPU) is off, so every gradient goes through step()'s one check as on a GPU; and the batch
+    # temporaries are allocated by their ops, as on a GPU, not taken from buffers kept between steps.
     projected.SELF_CHECKING_DEVICES = frozenset()
+    projected.CACHED_SCRATCH_DEVICES = frozenset()
     for choice in names:
         torch.manual_seed(0)
         model = TinyLlama(shape(shrink))

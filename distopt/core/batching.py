@@ -174,19 +174,20 @@ def fused_adam(kernel, device: str, *args, **kwargs) -> bool:
 
 def scaled_adam_directions(avgs: Sequence[torch.Tensor], avg_sqs: Sequence[torch.Tensor], lows: Sequence[torch.Tensor],
                            outs: Sequence[torch.Tensor], counts: Sequence[torch.Tensor], step: float, beta1: float,
-                           beta2: float, eps: float) -> bool:
+                           beta2: float, eps: float, zeroed: bool = False) -> bool:
     """Adam's moments of the projections ``lows`` (updated in place) and their scaled directions
     ``-step M / c_1 / (sqrt(V) / c_2 + eps)`` written into ``outs``, with the bias corrections
     ``c = 1 - beta^t`` of ``counts`` (float tensors on the device: one for all, or one each). Each
     list holds whole batches ``(k, ...)`` or single matrices. One pass in one kernel: torch's fused
-    Adam kernel steps the zeroed ``outs`` as its parameters, where the eager math takes eight. False
-    where that kernel is missing or a tensor is not dense fp32 (the kernel walks each one as a dense
-    block); nothing is written then."""
+    Adam kernel steps the zeroed ``outs`` (zeroed here unless ``zeroed`` says they are) as its
+    parameters, where the eager math takes eight. False where that kernel is missing or a tensor is
+    not dense fp32 (the kernel walks each one as a dense block); nothing is written then."""
     tensors = (*avgs, *avg_sqs, *lows, *outs)
     device = lows[0].device.type
     if device in _no_fused_adam or not dense(tensors) or any(t.dtype != torch.float32 for t in tensors):
         return False
     steps = list(counts) if len(counts) == len(lows) else list(counts) * len(lows)
-    torch._foreach_zero_(list(outs))
+    if not zeroed:
+        torch._foreach_zero_(list(outs))
     return fused_adam(torch._fused_adam_, device, list(outs), list(lows), list(avgs), list(avg_sqs), [], steps, lr=step,
                       beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)

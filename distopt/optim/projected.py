@@ -52,6 +52,10 @@ _grad_of = operator.attrgetter("grad")
 # Devices whose batches check their own stacked gradients for NaN and Inf, with one host read each:
 # the CPU, where nothing waits for a device. Elsewhere step()'s one check for all, one host read a step.
 SELF_CHECKING_DEVICES = frozenset({"cpu"})
+# Devices whose batch temporaries live in buffers kept between steps (:meth:`ProjectedAdam._scratch`):
+# the CPU, where a fresh host allocation is page-faulted every step. Elsewhere each op allocates its
+# own result from the caching allocator, with no separate allocation op.
+CACHED_SCRATCH_DEVICES = frozenset({"cpu"})
 _dtype_of = operator.attrgetter("dtype")
 
 
@@ -432,11 +436,11 @@ class ProjectedAdam(SubspaceOptimizer):
         ``-step alpha N`` themselves; ``None`` (nothing changed) where that kernel does not run."""
         beta1, beta2 = group["betas"]
         counts = [subspace.moment_updates(step, plan, group) for step, plan in zip(steps, plans)]
-        outs = list(torch._foreach_mul(lows, 0.0))  # buffers shaped like R, in one op
+        outs = list(torch._foreach_mul(lows, 0.0))  # zeroed buffers shaped like R, in one op (finite R)
         if not batching.scaled_adam_directions([state["exp_avg"] for state in states],
                                                [state["exp_avg_sq"] for state in states], lows, outs,
                                                self._count_tensors(counts, lows[0]), float(group["lr"]) * group["scale"],
-                                               beta1, beta2, group["eps"]):
+                                               beta1, beta2, group["eps"], zeroed=True):
             return None
         torch._foreach_add_([state["step"] for state in states], 1)
         return outs
@@ -601,10 +605,13 @@ class ProjectedAdam(SubspaceOptimizer):
         # its factor, unless a factor is 0 (a warmup from lr 0), which only the eager ops survive.
         if not group.get("compile") and (not recovery or all(coefs)):
             out = self._scratch("scaled", low.shape, low)
+            zeroed = out is None
+            out = torch.zeros_like(low) if out is None else out
             # The batch as one tensor each when its counts agree, else its matrices with a count each.
             split = (lambda t: [t]) if min(counts) == max(counts) else (lambda t: list(t.unbind(0)))
             if batching.scaled_adam_directions(split(avg), split(avg_sq), split(low), split(out),
-                                               self._count_tensors(counts, low), lr * group["scale"], beta1, beta2, eps):
+                                               self._count_tensors(counts, low), lr * group["scale"], beta1, beta2, eps,
+                                               zeroed=zeroed):
                 scaled = out
                 if recovery:
                     direction = torch.div(scaled, batching.per_matrix(coefs, low, 3),
@@ -638,7 +645,7 @@ class ProjectedAdam(SubspaceOptimizer):
                     batching.add_updates([packed], [update], lr * wd)
                     torch.autograd.graph.increment_version(batch.weights)
                     rows = ()
-                elif update.device.type == "cpu" and update is self._scratch("stacked", shape, update):
+                elif update.device.type in CACHED_SCRATCH_DEVICES and update is self._scratch("stacked", shape, update):
                     rows = self._scratch_rows("stacked", shape, update)[1]  # the kept buffer's rows, made once
                 else:
                     rows = update.unbind(0)
@@ -701,14 +708,17 @@ class ProjectedAdam(SubspaceOptimizer):
             return [held[0]]
         return list(torch.tensor(counts, dtype=torch.float32).to(like.device).unbind(0))
 
-    def _scratch(self, slot: str | None, shape, like: torch.Tensor) -> torch.Tensor:
-        """An fp32 ``shape`` tensor for a batch's temporaries (``slot``: ``stacked`` gradients, then
-        updates; ``low``, ``direction``, ``scaled``), overwritten by the next batch. On CPU it is a
-        view of a buffer per slot kept between steps (as large as the largest batch's): a fresh
-        multi-megabyte host allocation is mapped from the OS and page-faulted on every step, which
-        cost as much as the products. On a GPU (and with no slot) a new tensor: the caching allocator
-        does that reuse."""
-        if slot is None or like.device.type != "cpu":
+    def _scratch(self, slot: str | None, shape, like: torch.Tensor) -> torch.Tensor | None:
+        """The ``out=`` of an fp32 ``shape`` result of a batch's temporaries (``slot``: ``stacked``
+        gradients, then updates; ``low``, ``direction``, ``scaled``), overwritten by the next batch. On
+        CPU it is a view of a buffer per slot kept between steps (as large as the largest batch's): a
+        fresh multi-megabyte host allocation is mapped from the OS and page-faulted on every step, which
+        cost as much as the products. Elsewhere (and with no slot) ``None``, so that the op allocates its
+        result (the caching allocator does the reuse) with no allocation op of its own; a new fp32 tensor
+        where ``like`` is not fp32, so that the op converts as it writes."""
+        if slot is None or like.device.type not in CACHED_SCRATCH_DEVICES:
+            if like.dtype == torch.float32:
+                return None
             return torch.empty(shape, dtype=torch.float32, device=like.device)
         shape = tuple(shape)
         views = self.__dict__.setdefault("_cpu_scratch_views", {})
@@ -725,11 +735,14 @@ class ProjectedAdam(SubspaceOptimizer):
         view = views[(slot, shape)] = buffer[:numel].view(shape)
         return view
 
-    def _scratch_rows(self, slot: str, shape, like: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
+    def _scratch_rows(self, slot: str, shape, like: torch.Tensor) -> tuple[torch.Tensor | None, Sequence[torch.Tensor]]:
         """:meth:`_scratch` and its views ``[i]``, made once per shape for a CPU buffer kept between steps
-        (making 224 views took as long as adding them into the weights)."""
+        (making 224 views took as long as adding them into the weights); ``(None, ())`` where the op
+        is to allocate."""
         out = self._scratch(slot, shape, like)
-        if like.device.type != "cpu":
+        if out is None:
+            return None, ()
+        if like.device.type not in CACHED_SCRATCH_DEVICES:
             return out, out.unbind(0)
         views = self.__dict__["_cpu_scratch_views"]
         held = views.get((slot, tuple(shape), "rows"))
@@ -905,11 +918,11 @@ class ProjectedAdam(SubspaceOptimizer):
         left = [i for i, plan in enumerate(plans) if plan.side == "left"]
         bases = {i: states[i]["basis"] for i in left}
         bases.update({i: states[i]["basis"] for i in right if not plans[i].basis_chunked})
-        chunked_right = [i for i in right if plans[i].basis_chunked]
-        # Tagged by global shape, a class of gathered bases is the batch that projects with it (no stack).
+        # Ordered by global shape, the bases of one shape gather into one buffer (one class for every
+        # matrix with n x r bases) in which each batch that projects with them is a run of slices (no stack).
+        chunked_right = sorted((i for i in right if plans[i].basis_chunked), key=lambda i: views[i].global_shape)
         gathered = comm.all_gather_rows_coalesced(
-            [(states[i]["basis"], views[i].chunk_counts(views[i].n)) for i in chunked_right], pg,
-            tags=[views[i].global_shape for i in chunked_right])
+            [(states[i]["basis"], views[i].chunk_counts(views[i].n)) for i in chunked_right], pg)
         bases.update(zip(chunked_right, gathered))
         bases = {i: basis.float() for i, basis in bases.items()}  # bf16 storage: gathered at 2 bytes, used in fp32
         # Projections taken ahead by clip_grad_norm_ (reduced and averaged already) are used as they are.

@@ -14,7 +14,7 @@ from helpers import batch, op_counter, roundtrip, set_grads, tiny_model, train
 import distopt
 from distopt.core import batching
 from distopt.models import LlamaShape, TinyLlama
-from distopt.optim import REGISTRY
+from distopt.optim import REGISTRY, projected
 from distopt.optim.projected import ProjectedAdam
 
 CASES = [
@@ -85,6 +85,38 @@ def test_batched_step_equals_the_per_matrix_step(name, hparams, monkeypatch):
                 torch.testing.assert_close(value, twin.state[b][key], rtol=1e-6, atol=1e-7,
                                            msg=lambda m, key=key, step=step: f"step {step} {key}: {m}")
         opt.zero_grad(set_to_none=True)
+
+
+def _as_on_a_gpu(patch) -> None:
+    """The batched step as it runs on a GPU: temporaries allocated by their ops (no kept buffers), and
+    every gradient checked by step() (no batch checks its own)."""
+    patch.setattr(projected, "CACHED_SCRATCH_DEVICES", frozenset())
+    patch.setattr(projected, "SELF_CHECKING_DEVICES", frozenset())
+
+
+@pytest.mark.parametrize("name,hparams", [CASES[0], CASES[1], CASES[5], CASES[9], EAGER_CASES[0]])
+def test_the_step_as_a_gpu_runs_it_gives_the_cpu_path_numbers_bit_for_bit(name, hparams, monkeypatch):
+    """The allocation path a GPU takes (each op allocates its result; the fused Adam kernel writes into a
+    fresh zeroed tensor) against the CPU's kept buffers: the same kernels, so the same bits, over steps
+    that refresh (gap 3, staggered), with Fira's term, bf16 bases and the eager math."""
+    hparams = dict(hparams)
+    eager = hparams.pop("_eager", False)
+    models = [tiny_model(), tiny_model()]
+    opts = [distopt.build_optimizer(m, name, lr=1e-2, rank=6, update_proj_gap=3, **hparams) for m in models]
+    if eager:
+        monkeypatch.setattr(batching, "_no_fused_adam", {"cpu"})
+    for step in range(7):
+        for index, (model, opt) in enumerate(zip(models, opts)):
+            set_grads(model.parameters(), seed=step)
+            with pytest.MonkeyPatch.context() as patch:
+                if index:
+                    _as_on_a_gpu(patch)
+                opt.step()
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), n
+        for key, value in opts[0].state[a].items():
+            assert torch.equal(value, opts[1].state[b][key]), (n, key)
+    assert any(not torch.equal(a, b) for a, b in zip(models[0].parameters(), tiny_model().parameters()))
 
 
 def test_a_state_tensor_replaced_between_steps_is_read_from_its_new_tensor():
@@ -337,9 +369,13 @@ def _plain_step_ops(name: str, layers: int) -> int:
 # SAM, AdaPM and AdaPM-mini batched by shape too (their tests of the numbers are in their files; RSO's, all of it).
 @pytest.mark.parametrize("name", ["galore", "golore", "grassjump", "grasswalk", "subtrack", "snsm", "adam-mini", "adamw", "sam",
                                   "adapm", "adapm-mini"])
-def test_a_plain_step_dispatches_ops_per_batch_not_per_matrix(name):
+@pytest.mark.parametrize("as_on_a_gpu", [False, True])
+def test_a_plain_step_dispatches_ops_per_batch_not_per_matrix(name, as_on_a_gpu, monkeypatch):
     """2 or 8 layers give the same batches (one per shape), so the same aten ops: views, slices and
-    per-tensor adds per matrix would show up as a difference (4 matrices of each shape more)."""
+    per-tensor adds per matrix would show up as a difference (4 matrices of each shape more). Also as
+    a GPU runs the step (temporaries allocated by their ops)."""
+    if as_on_a_gpu:
+        _as_on_a_gpu(monkeypatch)
     assert _plain_step_ops(name, 2) == _plain_step_ops(name, 8)
 
 
