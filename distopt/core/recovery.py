@@ -65,9 +65,15 @@ def channel_ratio(low: torch.Tensor, direction: torch.Tensor, side: str, batch_d
     """``phi = ||N|| / (||R|| + eps)`` per row (right basis) or per column (left basis), of one matrix
     or, with ``batch_dims=1``, of each matrix of a stacked batch."""
     dim = (1 if side == "right" else 0) + batch_dims
-    # sqrt(sum(x^2)): on CPU, torch's vector norm over a dimension that is not the innermost (a left
-    # side's) ran 10-25x slower than this.
-    return direction.square().sum(dim).sqrt_().div_(low.square().sum(dim).sqrt_().add_(RATIO_EPS))
+    return _norms(direction, dim).div_(_norms(low, dim).add_(RATIO_EPS))
+
+
+def _norms(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Euclidean norms along ``dim``: torch's vector norm (one op) along the innermost dimension (a
+    right side's); sqrt(sum(x^2)) along any other, where on CPU the vector norm ran 10-25x slower."""
+    if dim == x.dim() - 1:
+        return torch.linalg.vector_norm(x, dim=dim)
+    return x.square().sum(dim).sqrt_()
 
 
 def scaled_residual(grad: torch.Tensor, low: torch.Tensor, ratio: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
@@ -102,7 +108,9 @@ def limited(scaled: torch.Tensor, norm: torch.Tensor, last_norm: torch.Tensor, l
 def limit_factor(norm: torch.Tensor, last_norm: torch.Tensor, limit: float) -> torch.Tensor:
     """The norm-growth limiter's factor for Frobenius norms ``norm`` (element-wise: one matrix, or a
     batch of them against their ``last_norm``); ``last_norm`` becomes the limited norm."""
-    cap = last_norm * limit
-    factor = torch.where((last_norm > 0) & (norm > cap), cap / norm.clamp_min(torch.finfo(norm.dtype).tiny), 1.0)
-    last_norm.copy_(norm * factor)
+    # min(1, cap / norm), with no cap where there is no previous norm (0): the factor is 1 exactly
+    # unless norm > cap, as in Fira's rule.
+    cap = (last_norm * limit).masked_fill_(last_norm == 0, math.inf)
+    factor = torch.div(cap, norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp_max_(1.0)
+    torch.mul(norm, factor, out=last_norm)
     return factor
