@@ -606,7 +606,7 @@ class ProjectedAdam(SubspaceOptimizer):
         if not group.get("compile") and (not recovery or all(coefs)):
             out = self._scratch("scaled", low.shape, low)
             zeroed = out is None
-            out = torch.zeros_like(low) if out is None else out
+            out = torch.zeros_like(low, memory_format=torch.contiguous_format) if out is None else out
             # The batch as one tensor each when its counts agree, else its matrices with a count each.
             split = (lambda t: [t]) if min(counts) == max(counts) else (lambda t: list(t.unbind(0)))
             if batching.scaled_adam_directions(split(avg), split(avg_sq), split(low), split(out),
