@@ -304,7 +304,8 @@ def all_gather_cols(local: torch.Tensor, col_counts: list[int], group) -> torch.
 def all_gather_cols_coalesced(requests: list[tuple[torch.Tensor, list[int]]], group,
                               tags: Sequence[Hashable] | None = None) -> list[torch.Tensor]:
     """:func:`all_gather_cols` of several ``(local columns, col_counts)`` of one dtype over one group,
-    in one collective: :func:`all_gather_rows_coalesced` of the transposes."""
+    in one collective: each class's column blocks sent as they lie, with no transposes, and the whole
+    matrices of a class come back as consecutive slices of one buffer, as the rows gather's do."""
     return _gather_rows_by_class(requests, group, transposed=True, tags=tags)
 
 
