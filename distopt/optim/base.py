@@ -189,6 +189,11 @@ _device_type_of = operator.attrgetter("device.type")
 _exp_avg_of, _exp_avg_sq_of, _step_of = map(operator.itemgetter, ("exp_avg", "exp_avg_sq", "step"))
 
 
+def _all_have_grads(params: list[torch.Tensor]) -> bool:
+    """Whether no parameter's ``grad`` is ``None`` (one pass in C, no Python call per parameter)."""
+    return all(map(operator.is_not, map(_grad_of, params), itertools.repeat(None)))
+
+
 def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """1.0 (a 0-d tensor) where some element of ``tensors`` (CPU, floating point) is NaN or Inf, else
     0.0: one multi-tensor pass (the check of AMP's grad scaler, scaling by exactly 1, which changes
@@ -677,7 +682,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         # One finiteness decision for the gradients of this call: one flag reduction, one host read.
         # Those that a batched step checks itself, on the copy it makes anyway, are left to it.
         with_grads = list(itertools.chain.from_iterable(g["params"] for g in own))
-        if not all(map(operator.is_not, map(_grad_of, with_grads), itertools.repeat(None))):
+        if not _all_have_grads(with_grads):
             with_grads = [p for p in with_grads if p.grad is not None]
         checked_later = self._checked_in_step(own) if with_grads else frozenset()
         to_check = [p for p in with_grads if id(p) not in checked_later] if checked_later else with_grads
@@ -690,7 +695,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                         cast(EngineBinding, self._binding).step_group(self, group)
                         continue
                     params = group["params"]
-                    if finite is not None or not all(map(operator.is_not, map(_grad_of, params), itertools.repeat(None))):
+                    if finite is not None or not _all_have_grads(params):
                         params = [p for p in params if p.grad is not None and (finite is None or id(p) in finite)]
                     self._step_params(group, params, checked=True)
         finally:
@@ -812,8 +817,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             multi = [i for i in native if i not in taken] if len(fused) < len(native) else []
             if multi:
                 _functional_adamw(
-                    [params[i] for i in multi], [grads[i] for i in multi], [states[i]["exp_avg"] for i in multi],
-                    [states[i]["exp_avg_sq"] for i in multi], [], [states[i]["step"] for i in multi],
+                    [params[i] for i in multi], [grads[i] for i in multi], [avgs[i] for i in multi],
+                    [avg_sqs[i] for i in multi], [], [states[i]["step"] for i in multi],
                     foreach=True, fused=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd,
                     eps=eps, maximize=False,
                 )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -45,10 +44,9 @@ from ..core.recovery import (
 from ..core.routing import LINEAR_ROLES
 from ..core.schedule import refresh_index, refresh_residue
 from ..core.shard import MatrixShardView, is_dtensor, local
-from .base import SubspaceOptimizer, adam_direction, apply_update, tf32_matmuls, update_moments
+from .base import SubspaceOptimizer, _dtype_of, _grad_of, adam_direction, apply_update, tf32_matmuls, update_moments
 
 PROJECTION_PRECISIONS = ("fp32", "tf32", "bf16")
-_grad_of = operator.attrgetter("grad")
 # Devices whose batches check their own stacked gradients for NaN and Inf, with one host read each:
 # the CPU, where nothing waits for a device. Elsewhere step()'s one check for all, one host read a step.
 SELF_CHECKING_DEVICES = frozenset({"cpu"})
@@ -56,7 +54,6 @@ SELF_CHECKING_DEVICES = frozenset({"cpu"})
 # the CPU, where a fresh host allocation is page-faulted every step. Elsewhere each op allocates its
 # own result from the caching allocator, with no separate allocation op.
 CACHED_SCRATCH_DEVICES = frozenset({"cpu"})
-_dtype_of = operator.attrgetter("dtype")
 
 
 def projection_matmuls(group: dict):
@@ -636,8 +633,7 @@ class ProjectedAdam(SubspaceOptimizer):
         with projection_matmuls(group):
             if recovery:  # in the stacked gradients' buffer: no other full-size temporary
                 if grads is None:
-                    grads_ = batch.grads()
-                    grads = torch.stack(grads_, out=self._scratch("stacked", shape, grads_[0]))
+                    grads = self._stacked_grads(batch)
                 update = self._recovery_batch(group, batch, grads, basis, low, direction, sizes)
                 add_back(update, scaled, basis, side, basis_t=batch.transposed(basis))
                 packed = batch.packed_weights()
