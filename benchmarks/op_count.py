@@ -24,6 +24,7 @@ constant handful of ops either way).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import sys
 from pathlib import Path
@@ -59,46 +60,56 @@ def build(name: str, model: torch.nn.Module, rank: int):
     return distopt.build_optimizer(model, name, lr=1e-3, **{k: v for k, v in wanted.items() if k in accepted})
 
 
+@contextlib.contextmanager
+def as_on_a_gpu():
+    """The step as a GPU dispatches it: a CPU batch's own finiteness check (a host read per batch,
+    free on a CPU) off, so every gradient goes through step()'s one check as on a GPU; and the batch
+    temporaries allocated by their ops, as on a GPU, not taken from buffers kept between steps."""
+    kept = projected.SELF_CHECKING_DEVICES, projected.CACHED_SCRATCH_DEVICES
+    projected.SELF_CHECKING_DEVICES = projected.CACHED_SCRATCH_DEVICES = frozenset()
+    try:
+        yield
+    finally:
+        projected.SELF_CHECKING_DEVICES, projected.CACHED_SCRATCH_DEVICES = kept
+
+
 def count(rank_index: int, world_size: int, names: list[str], shrink: int, rank: int,
           coalesce_bytes: int = ProjectedAdam.coalesce_bytes) -> dict:
-    counts = {}
-    # The ops a GPU's step dispatches: a CPU batch's own finiteness check (a host read per batch, free
-    # on a CPU) is off, so every gradient goes through step()'s one check as on a GPU; and the batch
-    # temporaries are allocated by their ops, as on a GPU, not taken from buffers kept between steps.
-    projected.SELF_CHECKING_DEVICES = frozenset()
-    projected.CACHED_SCRATCH_DEVICES = frozenset()
-    for choice in names:
-        torch.manual_seed(0)
-        model = TinyLlama(shape(shrink))
-        name = packed_as_asked(choice, model)
-        if name == "rso" and world_size > 1:  # its factors must exist before fully_shard
-            from distopt.optim.rso import reparametrize
+    with as_on_a_gpu():
+        return {choice: _count(choice, world_size, shrink, rank, coalesce_bytes) for choice in names}
 
-            reparametrize(model, rank=rank // shrink)
-        if world_size > 1:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
 
-            mesh = init_device_mesh("cpu", (world_size,))
-            for layer in model.model.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-        optimizer = build(name, model, rank // shrink)
-        if isinstance(optimizer, ProjectedAdam) or hasattr(optimizer, "coalesce_bytes"):
-            optimizer.coalesce_bytes = max(1, coalesce_bytes // shrink**2)
-        generator = torch.Generator().manual_seed(1)
-        for p in model.parameters():
-            p.grad = torch.randn(p.shape, generator=generator) * 1e-3
-            if world_size > 1 and hasattr(p, "device_mesh"):
-                from torch.distributed.tensor import distribute_tensor
+def _count(choice: str, world_size: int, shrink: int, rank: int, coalesce_bytes: int) -> int:
+    torch.manual_seed(0)
+    model = TinyLlama(shape(shrink))
+    name = packed_as_asked(choice, model)
+    if name == "rso" and world_size > 1:  # its factors must exist before fully_shard
+        from distopt.optim.rso import reparametrize
 
-                p.grad = distribute_tensor(p.grad, p.device_mesh, p.placements)
-        for _ in range(2):  # the first bases, then a plain step
-            optimizer.step()
-        with OpCounter() as ops:
-            optimizer.step()
-        counts[choice] = ops.count
-    return counts
+        reparametrize(model, rank=rank // shrink)
+    if world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world_size,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    optimizer = build(name, model, rank // shrink)
+    if isinstance(optimizer, ProjectedAdam) or hasattr(optimizer, "coalesce_bytes"):
+        optimizer.coalesce_bytes = max(1, coalesce_bytes // shrink**2)
+    generator = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+        if world_size > 1 and hasattr(p, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            p.grad = distribute_tensor(p.grad, p.device_mesh, p.placements)
+    for _ in range(2):  # the first bases, then a plain step
+        optimizer.step()
+    with OpCounter() as ops:
+        optimizer.step()
+    return ops.count
 
 
 def main(argv=None) -> dict:
