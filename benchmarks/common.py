@@ -99,3 +99,44 @@ def packed_as_asked(choice: str, model: torch.nn.Module) -> str:
 
         distopt.pack_weights(model)
     return choice.removesuffix(PACKED)
+
+
+def heap_in_use():
+    """A function giving the C heap's bytes in use (glibc's ``mallinfo2``: small blocks and mapped
+    ones, where CPU tensors live), or ``None`` where there is no such call."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(field, ctypes.c_size_t) for field in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def in_use() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+def peak_heap_growth(fn, in_use) -> int:
+    """The most bytes the C heap held above its level at the start of ``fn()``, read after each
+    aten op ``fn`` dispatches (``in_use``: :func:`heap_in_use`'s function)."""
+
+    class Peak(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.start, self.peak = in_use(), 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, in_use() - self.start)
+            return out
+
+    with Peak() as meter:
+        fn()
+    return meter.peak

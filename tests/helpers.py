@@ -85,12 +85,28 @@ def side_by_side(pairs, steps: int):
         yield step
 
 
-def op_counter():
-    """``benchmarks/common.py``'s ``OpCounter``: the tests count aten ops as the benchmarks do (loaded
-    by path: the distributed tests' own ``common`` module has the same name)."""
+def _benchmarks_common():
+    """``benchmarks/common.py``, loaded by path (the distributed tests' own ``common`` module has the
+    same name), so that the tests measure as the benchmarks do."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "common.py"
     spec = importlib.util.spec_from_file_location("distopt_benchmarks_common", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.OpCounter()
+    return module
+
+
+def op_counter():
+    """``benchmarks/common.py``'s ``OpCounter``: aten ops counted as the benchmarks count them."""
+    return _benchmarks_common().OpCounter()
+
+
+def heap_in_use():
+    """``benchmarks/common.py``'s ``heap_in_use``: the C heap's bytes in use, or ``None``."""
+    return _benchmarks_common().heap_in_use()
+
+
+def peak_heap_growth(fn, in_use) -> int:
+    """``benchmarks/common.py``'s ``peak_heap_growth``: the C heap's peak growth during ``fn()``."""
+    return _benchmarks_common().peak_heap_growth(fn, in_use)
+

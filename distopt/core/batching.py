@@ -191,3 +191,55 @@ def scaled_adam_directions(avgs: Sequence[torch.Tensor], avg_sqs: Sequence[torch
         torch._foreach_zero_(list(outs))
     return fused_adam(torch._fused_adam_, device, list(outs), list(lows), list(avgs), list(avg_sqs), [], steps, lr=step,
                       beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+
+
+# Device types whose fused AdamW kernel was probed with a parameter that is also its gradient:
+# True where it gave the unaliased call's numbers (it reads each element before writing it).
+_in_place_adam: dict[str, bool] = {}
+
+
+def _in_place_adam_safe(device: torch.device) -> bool:
+    """Whether ``device``'s fused AdamW kernel, handed one tensor as both parameter and gradient,
+    gives what it gives with two: probed once per device type, on a short tensor and one longer
+    than a GPU kernel's chunk, against the parameter given as zeros."""
+    known = _in_place_adam.get(device.type)
+    if known is not None:
+        return known
+    generator = torch.Generator().manual_seed(0)
+    sizes = (5, 70_001)
+    lows = [torch.randn(size, generator=generator).to(device) for size in sizes]
+    avgs = [torch.randn(size, generator=generator).to(device) for size in sizes]
+    avg_sqs = [torch.rand(size, generator=generator).to(device) for size in sizes]
+    expected = [torch.zeros_like(low) for low in lows]
+    reference = (expected, [low.clone() for low in lows], [t.clone() for t in avgs], [t.clone() for t in avg_sqs])
+    steps = [torch.full((), 3.0, device=device)] * len(sizes)
+    try:
+        for params, grads, moments, squares in (reference, (lows, lows, avgs, avg_sqs)):
+            torch._fused_adamw_(params, grads, moments, squares, [], steps, lr=1.0, beta1=0.9, beta2=0.999,
+                                weight_decay=1.0, eps=1e-8, amsgrad=False, maximize=False)
+    except (NotImplementedError, RuntimeError, AttributeError):
+        _in_place_adam[device.type] = False
+        return False
+    safe = all(torch.equal(a, b) for a, b in zip([*lows, *avgs, *avg_sqs], [*expected, *reference[2], *reference[3]]))
+    _in_place_adam[device.type] = safe
+    return safe
+
+
+def adam_directions_in_place(avgs: Sequence[torch.Tensor], avg_sqs: Sequence[torch.Tensor], lows: Sequence[torch.Tensor],
+                             counts: Sequence[torch.Tensor], beta1: float, beta2: float, eps: float) -> bool:
+    """Adam's moments of the projections ``lows`` (updated in place), and each of ``lows`` overwritten
+    by its direction ``-M / c_1 / (sqrt(V) / c_2 + eps)``, unscaled (bias corrections ``c = 1 -
+    beta^t`` of ``counts``, as in :func:`scaled_adam_directions`). One pass in one kernel and no
+    other buffer: torch's fused AdamW kernel with each of ``lows`` as gradient and parameter, learning
+    rate 1 and weight decay 1, so that the parameter is zeroed (``R (1 - 1 * 1)``, exact for finite
+    ``R``) after its gradient is read and before the direction is subtracted. Used only on devices
+    whose kernel was seen to read each element before writing it (:func:`_in_place_adam_safe`).
+    False where that does not hold or a tensor is not dense fp32; nothing is written then."""
+    tensors = (*avgs, *avg_sqs, *lows)
+    device = lows[0].device
+    if (device.type in _no_fused_adam or not dense(tensors) or any(t.dtype != torch.float32 for t in tensors)
+            or not _in_place_adam_safe(device)):
+        return False
+    steps = list(counts) if len(counts) == len(lows) else list(counts) * len(lows)
+    return fused_adam(torch._fused_adamw_, device.type, list(lows), list(lows), list(avgs), list(avg_sqs), [], steps,
+                      lr=1.0, beta1=beta1, beta2=beta2, weight_decay=1.0, eps=eps, amsgrad=False, maximize=False)

@@ -117,6 +117,17 @@ def project_back(low: torch.Tensor, basis: torch.Tensor, side: str, out: torch.T
     return _matmul(basis, low, out=out)
 
 
+def scaled_back(low: torch.Tensor, basis: torch.Tensor, side: str, alpha: float, out: torch.Tensor | None = None,
+                basis_t: torch.Tensor | None = None) -> torch.Tensor:
+    """``alpha back(low)``, batched like :func:`project_back`: into ``out`` (whatever it holds) as one
+    ``baddbmm`` whose factor scales the product, where there is an ``out`` and a batch."""
+    if out is not None and _product_dtype.get() is None and low.dim() == basis.dim() == out.dim() == 3:
+        if side == "right":
+            return out.baddbmm_(low, basis.transpose(-2, -1) if basis_t is None else basis_t, beta=0.0, alpha=alpha)
+        return out.baddbmm_(basis, low, beta=0.0, alpha=alpha)
+    return project_back(low, basis, side, out=out, basis_t=basis_t).mul_(alpha)
+
+
 def add_back(target: torch.Tensor, low: torch.Tensor, basis: torch.Tensor, side: str, alpha: float = 1.0,
              basis_t: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:
     """``target <- beta target + alpha back(low)`` in place, batched like :func:`project_back`: one

@@ -30,6 +30,7 @@ from ..core.projector import (
     project_back,
     project_local,
     random_basis,
+    scaled_back,
     unseen_fraction,
 )
 from ..core.recovery import (
@@ -430,15 +431,21 @@ class ProjectedAdam(SubspaceOptimizer):
     def _scaled_adam_list(self, lows: list[torch.Tensor], states: list[dict], plans: list, group: dict,
                           steps: list[int]) -> list[torch.Tensor] | None:
         """:meth:`_adam_batched` in torch's fused Adam kernel, giving the scaled directions
-        ``-step alpha N`` themselves; ``None`` (nothing changed) where that kernel does not run."""
+        ``-step alpha N`` themselves, written over ``lows`` where the kernel allows
+        (:func:`batching.adam_directions_in_place`); ``None`` (nothing changed) where it does not run."""
         beta1, beta2 = group["betas"]
-        counts = [subspace.moment_updates(step, plan, group) for step, plan in zip(steps, plans)]
-        outs = list(torch._foreach_mul(lows, 0.0))  # zeroed buffers shaped like R, in one op (finite R)
-        if not batching.scaled_adam_directions([state["exp_avg"] for state in states],
-                                               [state["exp_avg_sq"] for state in states], lows, outs,
-                                               self._count_tensors(counts, lows[0]), float(group["lr"]) * group["scale"],
-                                               beta1, beta2, group["eps"], zeroed=True):
-            return None
+        counts = self._count_tensors([subspace.moment_updates(step, plan, group) for step, plan in zip(steps, plans)],
+                                     lows[0])
+        avgs, avg_sqs = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
+        step = float(group["lr"]) * group["scale"]
+        if batching.adam_directions_in_place(avgs, avg_sqs, lows, counts, beta1, beta2, group["eps"]):
+            torch._foreach_mul_(lows, step)  # N over R, then scaled: no second buffer of R's size
+            outs = lows
+        else:
+            outs = list(torch._foreach_mul(lows, 0.0))  # zeroed buffers shaped like R, in one op (finite R)
+            if not batching.scaled_adam_directions(avgs, avg_sqs, lows, outs, counts, step, beta1, beta2, group["eps"],
+                                                   zeroed=True):
+                return None
         torch._foreach_add_([state["step"] for state in states], 1)
         return outs
 
@@ -492,11 +499,12 @@ class ProjectedAdam(SubspaceOptimizer):
 
         Per matrix, only its refresh when one is due (then it joins its batch). Per batch, a fixed
         number of kernels: the gradients stacked, ``R = proj(G)`` as one ``bmm``, Adam's moments and
-        scaled direction on the batch's packed state in one fused kernel (``core.batching``: each
-        state tensor of the batch is one buffer, each matrix's state a slice of it), ``back(N)`` as
-        one ``bmm``, and the weight decay and the update of all the batch's weights as one more; where
-        the weights lie back to back in one buffer (:func:`distopt.pack_weights`), ``back(N)`` and the
-        decay go into them as one ``baddbmm``, with no update buffer and no second pass. The
+        direction on the batch's packed state in one fused kernel, the direction written over ``R``
+        (``core.batching``: each state tensor of the batch is one buffer, each matrix's state a slice
+        of it), ``step back(N)`` as one ``baddbmm`` into the stacked gradients' buffer, and the weight
+        decay and the update of all the batch's weights as one more; where the weights lie back to
+        back in one buffer (:func:`distopt.pack_weights`), ``back(N)`` and the decay go into them as
+        one ``baddbmm``, with no update buffer and no second pass. The
         replicas' averages of every batch's projections (projected sync) take one collective per
         replica group. Fira's recovery term is batched too, made over the stacked gradients (no other
         full-size temporary): the residual and the update are one ``baddbmm`` each. The numbers are
@@ -583,9 +591,8 @@ class ProjectedAdam(SubspaceOptimizer):
     def _adam_update_batch(self, group: dict, batch: _Batch, counts: list[int], basis, low, lr, wd, eps, beta1, beta2,
                            grads: torch.Tensor | None = None):
         """Adam on a batch's packed moments from its projections ``low``, then ``W -= step (alpha back(N) +
-        D_hat)`` (``D_hat``: Fira's term, made in the buffer of the stacked gradients ``grads`` when
-        given, else of a new stack)."""
-        packing, side = batch.packing, batch.plans[0].side
+        D_hat)`` (``D_hat``: Fira's term); the moments stored back where the batch's are copies."""
+        packing = batch.packing
         avg, avg_copied = packing.get("exp_avg")
         avg_sq, avg_sq_copied = packing.get("exp_avg_sq")
         corrections = {c: (math.sqrt(1.0 - beta2**c), lr / (1.0 - beta1**c)) for c in set(counts)}  # usually one
@@ -596,7 +603,59 @@ class ProjectedAdam(SubspaceOptimizer):
             bias2 = [corrections[c][0] for c in counts]
             sizes = [corrections[c][1] for c in counts]
         recovery = "rs_norm" in batch.states[0]  # a batch shares its recovery term (see _batches)
-        coefs = [-sizes[0] * group["scale"]] * len(sizes) if len(corrections) == 1 else [-size * group["scale"] for size in sizes]
+        if not recovery and not group.get("compile"):
+            self._plain_update_batch(group, batch, avg, avg_sq, counts, bias2, basis, low, lr, wd, eps, beta1, beta2,
+                                     grads)
+        else:
+            self._scaled_update_batch(group, batch, avg, avg_sq, counts, bias2, sizes, basis, low, lr, wd, eps, beta1,
+                                        beta2, grads, recovery)
+        for key, value, copied in (("exp_avg", avg, avg_copied), ("exp_avg_sq", avg_sq, avg_sq_copied)):
+            if copied:
+                packing.store_back(key, value)
+
+    def _plain_update_batch(self, group: dict, batch: _Batch, avg, avg_sq, counts: list[int], bias2: list[float], basis,
+                            low, lr, wd, eps, beta1, beta2, grads: torch.Tensor | None) -> None:
+        """Adam on a batch's packed moments, with its direction ``N`` written over ``low`` (``R`` is
+        not needed after the moments: no second buffer of its size; ``N`` carries the minus sign), then
+        ``W <- (1 - lr wd) W + lr alpha back(N)``, the step ``lr alpha`` applied as the back-projection's
+        factor. ``back(N)`` goes
+        into the weights where they are packed, else into the stacked gradients' buffer (dead since the
+        projection), so one full-size temporary is alive at a time."""
+        split = (lambda t: [t]) if min(counts) == max(counts) else (lambda t: list(t.unbind(0)))
+        if not batching.adam_directions_in_place(split(avg), split(avg_sq), split(low), self._count_tensors(counts, low),
+                                                 beta1, beta2, eps):
+            avg.lerp_(low, 1.0 - beta1)
+            avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+            direction = torch.sqrt(avg_sq, out=low)
+            direction.div_(batching.per_matrix(bias2, low, 3)).add_(eps)
+            torch.div(avg, direction, out=direction)
+            direction.mul_(batching.per_matrix([-1.0 / (1.0 - beta1**c) for c in counts], low, 3))
+        side, step = batch.plans[0].side, lr * group["scale"]
+        shape = (len(batch.weights), *batch.weights[0].shape)
+        with projection_matmuls(group):
+            packed = batch.packed_weights()
+            if packed is not None and packed.dtype == low.dtype:  # back(N) added into the weights
+                add_back(packed, low, basis, side, alpha=step, basis_t=batch.transposed(basis), beta=1.0 - lr * wd)
+                torch.autograd.graph.increment_version(batch.weights)  # as an in-place op on each would
+                return
+            out, rows = self._scratch_rows("stacked", shape, low)
+            if out is None and grads is not None and grads.shape == shape:
+                out = grads
+            update = scaled_back(low, basis, side, step, out=out, basis_t=batch.transposed(basis))
+            if update is not out or not rows:
+                rows = update.unbind(0)
+        del grads, out
+        batching.add_updates(batch.weights, rows, lr * wd)
+
+    def _scaled_update_batch(self, group: dict, batch: _Batch, avg, avg_sq, counts: list[int], bias2: list[float],
+                               sizes: list[float], basis, low, lr, wd, eps, beta1, beta2, grads: torch.Tensor | None,
+                               recovery: bool) -> None:
+        """Adam on a batch's packed moments, its scaled direction in a buffer of its own (Fira's term
+        needs ``R`` and the direction; the compiled math gives both), then ``W -= step (alpha back(N) +
+        D_hat)`` (``D_hat``: Fira's term, made in the buffer of the stacked gradients ``grads`` when
+        given, else of a new stack)."""
+        side = batch.plans[0].side
+        coefs = [-size * group["scale"] for size in sizes]
         scaled = None
         # One fused pass. Fira's residual also needs the unscaled direction: the scaled one divided by
         # its factor, unless a factor is 0 (a warmup from lr 0), which only the eager ops survive.
@@ -653,17 +712,16 @@ class ProjectedAdam(SubspaceOptimizer):
                     rows = ()
                 else:
                     out, rows = self._scratch_rows("stacked", shape, scaled)
+                    if out is None and grads is not None and grads.shape == shape:  # as the plain path does
+                        out = grads
                     update = project_back(scaled, basis, side, out=out, basis_t=batch.transposed(basis))
-                    if update is not out:
+                    if update is not out or not rows:
                         rows = update.unbind(0)
         del scaled
         if rows:
             batching.add_updates(batch.weights, rows, lr * wd)
             del update
         del rows
-        for key, value, copied in (("exp_avg", avg, avg_copied), ("exp_avg_sq", avg_sq, avg_sq_copied)):
-            if copied:
-                packing.store_back(key, value)
 
     @staticmethod
     def _advance_steps(batches: list[_Batch]) -> None:
@@ -779,10 +837,13 @@ class ProjectedAdam(SubspaceOptimizer):
             return basis, torch.stack(lows), False, None
 
     # -- plain steps of several matrices, with their collectives coalesced ---------------------------
-    # Bytes of whole bases and r x n sums a bucket holds at once: what a plain step's coalescing adds
-    # to memory, for one collective of each kind per bucket instead of one per matrix. About what FSDP2
-    # holds gathered for two LLaMA-7B layers in bf16 during forward and backward, which is free during
-    # the optimizer step. Set it on the optimizer (``optimizer.coalesce_bytes = ...``) to trade.
+    # Bytes of temporaries a batch holds (one process: its stacked gradients, then updates, and its
+    # projections), and a bucket of coalesced collectives holds (sharded: gathered bases, r x n sums
+    # and directions, projections; :meth:`_bucket_bytes`), besides one run of stacked gradients or
+    # updates of at most as many bytes: a sharded plain step holds under twice this. Fewer batches and
+    # buckets mean fewer ops and collectives. About what FSDP2 holds gathered for two LLaMA-7B layers
+    # in bf16 during forward and backward, which is free during the optimizer step. Set it on the
+    # optimizer (``optimizer.coalesce_bytes = ...``) to trade.
     coalesce_bytes = 768 << 20
 
     def _coalescible(self, p: torch.Tensor, group: dict) -> bool:
@@ -822,16 +883,33 @@ class ProjectedAdam(SubspaceOptimizer):
             plan = subspace.plan(self._views[p], group)
             return tuple(local(p).shape), plan.side, plan.rank
 
-        order: dict[tuple, int] = {}
-        batched.sort(key=lambda p: order.setdefault(kind(p), len(order)))  # stable: first-seen kind first
-        # A chunk's stacked gradients (then its updates), its R and scaled N (and N itself, for Fira's
-        # recovery term or the compiled math), and the fp32 copies of bf16 bases are alive at once: at
-        # most coalesce_bytes.
-        lows = 12 if group.get("compile") or any("rs_norm" in self.state[p] for p in batched) else 8
+        kinds: dict[tuple, list[torch.Tensor]] = {}
+        for p in batched:  # first-seen kind first
+            kinds.setdefault(kind(p), []).append(p)
+        # A chunk's stacked gradients (then its updates), its R (then N, over it; with Fira's recovery
+        # term or the compiled math, R, N and the scaled N), and the fp32 copies of bf16 bases are
+        # alive at once: at most coalesce_bytes.
+        lows = 12 if group.get("compile") or any("rs_norm" in self.state[p] for p in batched) else 4
         copies = 4 if subspace.basis_dtype(group) != torch.float32 else 0
-        chunks = list(self._chunks(group, batched, lambda view, plan: 4 * view.local_rows * view.n + lows * plan.rank * (
-            view.local_rows if plan.side == "right" else view.n) + copies * plan.rank * subspace.side_dim(
-            plan.side, view.global_shape)))
+
+        def size(view, plan):
+            return 4 * view.local_rows * view.n + lows * plan.rank * (
+                view.local_rows if plan.side == "right" else view.n) + copies * plan.rank * subspace.side_dim(
+                plan.side, view.global_shape)
+
+        # Each kind chunked on its own (a chunk that took a kind's last matrices and the next kind's
+        # first would make two part-full batches), then whole chunks merged while they fit together.
+        chunks: list[list[torch.Tensor]] = []
+        held = 0
+        for members in kinds.values():
+            for chunk in self._chunks(group, members, size):
+                bytes_ = sum(size(self._views[p], subspace.plan(self._views[p], group)) for p in chunk)
+                if chunks and held + bytes_ <= self.coalesce_bytes:
+                    chunks[-1] = chunks[-1] + chunk
+                    held += bytes_
+                else:
+                    chunks.append(chunk)
+                    held = bytes_
         if len(cache) >= 16:
             cache.clear()
         counters = batching.PackedState([self.state[p] for p in sharded]) if sharded else None
@@ -876,10 +954,28 @@ class ProjectedAdam(SubspaceOptimizer):
         if stepped:  # their step counters, read before and advanced after, all in one call
             self._advance_steps(stepped)
         # The same buckets on every rank: they follow the global shapes and step counts.
-        for bucket in self._chunks(group, coalesced, lambda view, plan: 4 * view.n * plan.rank * (
-                2 if plan.side == "left" else 1), same_group=True):
+        for bucket in self._chunks(group, coalesced, self._bucket_bytes(group, coalesced), same_group=True):
             with projection_matmuls(group):
                 self._step_bucket(group, bucket)
+
+    def _bucket_bytes(self, group: dict, params: list[torch.Tensor]):
+        """``size(view, plan)``: the bytes a matrix holds through its bucket's step, from global shapes
+        (the same on every rank): its ``R`` (``N`` written over it, or beside it with Fira's term, which
+        needs both) at the largest rank's share; a right side's gathered basis (at its stored width
+        and in fp32); a left side's ``r x n`` partial sums, then its gathered direction (with ``R``
+        and the ratio, for Fira's term). A run's stacked gradients or updates are bounded apart, by
+        ``coalesce_bytes`` too."""
+        fira = any("rs_norm" in self.state[p] for p in params)
+        gathered = 4 + (subspace.basis_dtype(group).itemsize if subspace.basis_dtype(group) != torch.float32 else 0)
+
+        def size(view: MatrixShardView, plan) -> int:
+            lows = (8 if fira else 4) * plan.rank
+            if plan.side == "right":
+                return lows * max(view.row_counts) + (gathered * view.n * plan.rank if plan.basis_chunked else 0)
+            cols = max(view.chunk_counts(view.n)) if plan.columns_chunked else view.n
+            return lows * cols + 4 * view.n * plan.rank * (2 if fira else 1)
+
+        return size
 
     def _chunks(self, group: dict, params: list[torch.Tensor], size, same_group: bool = False):
         """``params`` in consecutive runs of at most ``coalesce_bytes`` (``size(view, plan)`` each; a
@@ -933,6 +1029,7 @@ class ProjectedAdam(SubspaceOptimizer):
         else:  # replicated r x n sums (the layout is one per group, so all or none are chunked)
             reduced = comm.all_reduce_sum_coalesced(sums, pg)
         lows.update(zip(todo, reduced))
+        del sums, reduced  # the r x n partial sums: dead once reduced
         if views[0].replicas is not None:  # projected sync: the averages, in one collective
             order = sorted(lows)
             lows.update(zip(order, comm.replica_mean_coalesced([lows[i] for i in order], views[0].replicas)))
@@ -971,6 +1068,7 @@ class ProjectedAdam(SubspaceOptimizer):
         wholes = dict(zip(gather, comm.all_gather_cols_coalesced(
             [(packed[i], views[i].chunk_counts(views[i].n)) for i in gather], pg,
             tags=[views[i].global_shape for i in gather])))
+        del packed  # the sent blocks (with Fira's term, copies of N, R and the ratio)
         whole_dir, whole_low, whole_ratio = dict(directions), dict(lows), dict(ratios)
         whole_dir.update((i, wholes[i]) for i in gather if i not in ratios)  # the direction alone
         for (_, r), members in _classes([i for i in gather if i in ratios], lambda i: (wholes[i].shape, plans[i].rank)).items():
@@ -1015,6 +1113,7 @@ class ProjectedAdam(SubspaceOptimizer):
                                        batching.per_matrix([-sizes[i] * group["scale"] for i in run], update, 3)),
                      batching.stacked([bases[i] for i in run]), plans[run[0]].side)
             batching.add_updates([weights[i] for i in run], update.unbind(0), decay)
+            del update, last  # before the next run's: one run's residual alive at a time
         done = set(batched)
         for i in range(len(params)):  # the rest (no batch): one by one, Fira's term limited per matrix
             if i not in done:
@@ -1045,6 +1144,7 @@ class ProjectedAdam(SubspaceOptimizer):
                 stacked = torch.stack([grads[j] for j in run],  # converted to fp32 as they are copied
                                       out=self._scratch(None, (len(run), *grads[run[0]].shape), grads[run[0]]))
                 low = project_local(stacked, batching.stacked([bases[j] for j in run]), side)
+                del stacked  # before the next run's: one run's stack alive at a time
                 for j, piece in zip(run, low.unbind(0)):  # one op, not a select per matrix
                     out[j] = piece
         return out
@@ -1062,5 +1162,7 @@ class ProjectedAdam(SubspaceOptimizer):
                 if coefs is not None:
                     scaled = torch.mul(scaled, batching.per_matrix([coefs[j] for j in run], scaled, 3))
                 update = project_back(scaled, batching.stacked([bases[j] for j in run]), side)
+                del scaled
                 batching.add_updates([weights[j] for j in run], update.unbind(0), decay)
+                del update  # before the next run's: one run's update alive at a time
 

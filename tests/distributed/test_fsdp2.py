@@ -622,3 +622,58 @@ def test_bf16_bases_give_the_one_process_numbers_at_half_the_basis_bytes_and_res
     for got in resumed:
         for key, value in reference["bf16", 10].items():
             torch.testing.assert_close(got[key], value, rtol=RTOL, atol=ATOL, msg=key)
+
+
+def _plain_step_peak_worker(rank, world_size, names, limit):
+    import sys
+    from pathlib import Path
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from distopt.models import LlamaShape, TinyLlama
+    from distopt.optim import projected
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from helpers import heap_in_use, peak_heap_growth
+
+    in_use = heap_in_use()
+    if in_use is None:
+        return None
+    # As a GPU runs it: each op allocates its result, no buffers kept between steps.
+    projected.CACHED_SCRATCH_DEVICES = projected.SELF_CHECKING_DEVICES = frozenset()
+    out = {}
+    for name in names:
+        torch.manual_seed(0)
+        # LLaMA-7B's shape classes and proportions, widths / 16 (limit scaled by 16^2 to match).
+        model = TinyLlama(LlamaShape(vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                                     num_attention_heads=2))
+        mesh = init_device_mesh("cpu", (world_size,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = distopt.build_optimizer(model, name, lr=1e-3, rank=64, update_proj_gap=10**9)  # no refresh after the first
+        opt.coalesce_bytes = limit
+        generator = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.grad = distribute_tensor(torch.randn(p.shape, generator=generator) * 1e-3, p.device_mesh, p.placements)
+        for _ in range(2):  # the first bases, then a plain step
+            opt.step()
+        out[name] = peak_heap_growth(opt.step, in_use)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_plain_sharded_step_holds_at_most_twice_coalesce_bytes(world_size):
+    """A plain step under FSDP2 (buckets of coalesced collectives) holds a bucket's gathered bases,
+    sums, projections and directions (at most ``coalesce_bytes``) and one run's stacked gradients or
+    updates (at most ``coalesce_bytes`` too): as a GPU runs it, its temporaries peak under twice that
+    (they were at 3-3.8x when only a bucket's bases and sums were counted and dead ones were kept)."""
+    limit = 3 << 20
+    peaks = run_ranks(world_size, _plain_step_peak_worker, ["galore", "grassjump"], limit)
+    if peaks[0] is None:
+        pytest.skip("no glibc mallinfo2 here")
+    for rank_peaks in peaks:
+        for name, peak in rank_peaks.items():
+            assert limit < peak <= 2 * limit, (name, peak / limit)

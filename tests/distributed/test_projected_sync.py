@@ -278,8 +278,10 @@ def _hsdp_worker(rank, world_size, cases, mesh_shape):
 def test_hsdp_projected_sync_equals_hsdp(mesh_shape):
     """HSDP 2 x 2 (row shards: the left side's reduce-scatter, chunked right bases, the coalesced
     bucket path) and 3 x 1 against FSDP2's own replicate all-reduce, every algorithm that takes the mode."""
-    cases = [("galore", {}), ("galore", {"refresh": "svd"}), ("golore", {}), ("grassjump", {"recovery_scaling": False}),
-             ("grasswalk", {"recovery_scaling": False})]
+    # svd with "rotate", as above: under "keep" a LAPACK sign that flips with the last bits of G (the
+    # 5th singular vector of a 53 x 37 gradient here, for 1 in 20 perturbations of 1e-7) parts the runs.
+    cases = [("galore", {}), ("galore", {"refresh": "svd", "moment_policy": "rotate"}), ("golore", {}),
+             ("grassjump", {"recovery_scaling": False}), ("grasswalk", {"recovery_scaling": False})]
     world = mesh_shape[0] * mesh_shape[1]
     _check(run_ranks(world, _hsdp_worker, cases, mesh_shape), cases)
 

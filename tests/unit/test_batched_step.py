@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import batch, op_counter, roundtrip, set_grads, tiny_model, train
+from helpers import batch, heap_in_use, op_counter, peak_heap_growth, roundtrip, set_grads, tiny_model, train
 
 import distopt
 from distopt.core import batching
@@ -389,3 +389,68 @@ def test_stacked_reads_consecutive_rows_of_one_buffer_without_a_copy_and_copies_
     for tensors in ([rows[0], rows[2]], [rows[1], rows[0]], [r.T for r in rows]):
         got = batching.stacked(tensors)
         assert got.data_ptr() != whole.data_ptr() and torch.equal(got, torch.stack(tensors))
+
+
+@pytest.mark.parametrize("name,hparams,packed", [
+    ("galore", {}, False),
+    ("galore", {"side": "left"}, False),
+    ("galore", {}, True),
+    ("galore", {"basis_dtype": "bf16"}, False),
+    ("grassjump", {}, False),  # Fira's term
+    ("galore", {"compile": True, "weight_decay": 0.1}, False),
+])
+def test_a_plain_step_as_a_gpu_runs_it_holds_at_most_coalesce_bytes_of_temporaries(name, hparams, packed, monkeypatch):
+    """Each op allocating its result (a GPU's way), the step's temporaries peak under
+    ``coalesce_bytes``: a batch's update goes into its stacked gradients' buffer and its direction
+    over its ``R``, not into buffers of their own (which had it at 1.7-1.9x). Measured as the C
+    heap's bytes in use after each op."""
+    in_use = heap_in_use()
+    if in_use is None:
+        pytest.skip("no glibc mallinfo2 here")
+    _as_on_a_gpu(monkeypatch)
+    for limit in (4_000_000, 12_000_000):  # 3-4 and 9-12 matrices a batch
+        torch.manual_seed(0)
+        model = TinyLlama(LlamaShape(vocab_size=64, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                                     num_attention_heads=4))
+        if packed:
+            distopt.pack_weights(model)
+        opt = distopt.build_optimizer(model, name, lr=1e-3, rank=32, update_proj_gap=1000, **hparams)
+        opt.coalesce_bytes = limit
+        set_grads(model.parameters(), seed=0)
+        for _ in range(2):  # the first bases, then a plain step that packs the state
+            opt.step()
+        peak = peak_heap_growth(opt.step, in_use)
+        assert limit / 2 < peak <= limit, (limit, peak)
+
+
+def test_directions_written_over_r_equal_the_fused_kernels_and_a_kernel_that_writes_first_is_refused(monkeypatch):
+    """The direction written over ``R`` (one kernel, parameter and gradient the same tensor) gives
+    what the fused Adam kernel writes into a zeroed tensor scaled by the step, bit for bit, moments
+    included; a kernel that wrote a parameter before reading its gradient fails the probe, and the
+    caller is told (nothing written)."""
+    generator = torch.Generator().manual_seed(0)
+    lows = torch.randn(3, 8, 40, generator=generator)
+    avgs, avg_sqs = torch.randn(3, 8, 40, generator=generator) * 0.1, torch.rand(3, 8, 40, generator=generator) * 0.01
+    counts = [torch.tensor(4.0)]
+    expected = torch.zeros_like(lows)
+    moments = avgs.clone(), avg_sqs.clone()
+    assert batching.scaled_adam_directions([moments[0]], [moments[1]], [lows.clone()], [expected], counts, 1.0, 0.9,
+                                           0.999, 1e-8)
+    monkeypatch.setattr(batching, "_in_place_adam", {})
+    assert batching.adam_directions_in_place([avgs], [avg_sqs], [lows], counts, 0.9, 0.999, 1e-8)
+    assert torch.equal(lows, expected) and torch.equal(avgs, moments[0]) and torch.equal(avg_sqs, moments[1])
+    assert lows.abs().min() > 0
+
+    real = torch._fused_adamw_
+
+    def writes_first(params, grads, *args, **kwargs):  # zeroes each parameter, then reads the gradients
+        for p in params:
+            p.mul_(1.0 - kwargs["lr"] * kwargs["weight_decay"])
+        real(params, grads, *args, **kwargs)
+
+    monkeypatch.setattr(batching, "_in_place_adam", {})
+    monkeypatch.setattr(torch, "_fused_adamw_", writes_first)
+    before = lows.clone(), avgs.clone()
+    assert not batching.adam_directions_in_place([avgs], [avg_sqs], [lows], counts, 0.9, 0.999, 1e-8)
+    assert torch.equal(lows, before[0]) and torch.equal(avgs, before[1])
+    assert batching._in_place_adam == {"cpu": False}
