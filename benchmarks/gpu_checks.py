@@ -77,6 +77,26 @@ def sketch_checks(dev: str) -> dict:
             "sketch_device_vs_cpu_differing": int((here != there).sum()), **timings}
 
 
+def in_place_adam_checks(dev: str) -> dict:
+    """Whether the device's fused AdamW kernel passes the probe for writing Adam's direction over
+    the projection it reads (else the batched step takes the eager ops), and, at a 7B MLP batch's
+    size, whether that direction equals the fused Adam kernel's into a zeroed buffer, bit for bit."""
+    from distopt.core import batching
+
+    generator = torch.Generator().manual_seed(0)
+    low = torch.randn(4, 1024, 4096, generator=generator).to(dev)
+    avg = (torch.randn(4, 1024, 4096, generator=generator) * 0.1).to(dev)
+    avg_sq = (torch.rand(4, 1024, 4096, generator=generator) * 0.01).to(dev)
+    counts = [torch.full((), 7.0, device=dev)]
+    expected, moments = torch.zeros_like(low), (avg.clone(), avg_sq.clone())
+    batching.scaled_adam_directions([moments[0]], [moments[1]], [low.clone()], [expected], counts, 1.0, 0.9, 0.999, 1e-8)
+    written = batching.adam_directions_in_place([avg], [avg_sq], [low], counts, 0.9, 0.999, 1e-8)
+    return {"in_place_adam_probe_passed": batching._in_place_adam_safe(torch.device(dev)),
+            "in_place_adam_written": written,
+            "in_place_adam_equal": bool(written and torch.equal(low, expected) and torch.equal(avg, moments[0])
+                                        and torch.equal(avg_sq, moments[1]))}
+
+
 def closed_form_checks(dev: str) -> dict:
     out = {}
     g = torch.Generator(device=dev).manual_seed(1)
@@ -155,7 +175,7 @@ def main() -> int:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__}
-    for checks in (transform_checks, sketch_checks, closed_form_checks, dcp_checks, job_checks):
+    for checks in (transform_checks, sketch_checks, in_place_adam_checks, closed_form_checks, dcp_checks, job_checks):
         out.update(checks(dev))
     text = json.dumps(out, indent=1)
     print(text)
