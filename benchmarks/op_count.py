@@ -120,15 +120,21 @@ def ready_for_a_plain_step(choice: str, world_size: int, shrink: int, rank: int,
     return optimizer
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--optimizers", default="adamw-fused,adamw-foreach,galore")
-    parser.add_argument("--world-sizes", default="1,2")
+def structure_arguments(parser: argparse.ArgumentParser, optimizers: str, world_sizes: str, out: str) -> None:
+    """The options of a run on the 7B-structured model: which optimizers and world sizes, its shrink,
+    the subspace rank and ``coalesce_bytes`` at full width, and the JSON's path."""
+    parser.add_argument("--optimizers", default=optimizers)
+    parser.add_argument("--world-sizes", default=world_sizes)
     parser.add_argument("--shrink", type=int, default=16)
     parser.add_argument("--rank", type=int, default=1024, help="the subspace rank at full width")
     parser.add_argument("--coalesce-mib", type=int, default=ProjectedAdam.coalesce_bytes >> 20,
                         help="the optimizers' coalesce_bytes at full width, in MiB (default: theirs)")
-    parser.add_argument("--out", default="runs/bench/op_count.json")
+    parser.add_argument("--out", default=out)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    structure_arguments(parser, "adamw-fused,adamw-foreach,galore", "1,2", "runs/bench/op_count.json")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     rows = []

@@ -23,9 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]  # tests/distributed: the rank spawner
 
 from common import environment, heap_in_use, markdown_table, peak_heap_growth, write_json  # noqa: E402
-from op_count import as_on_a_gpu, ready_for_a_plain_step  # noqa: E402
-
-from distopt.optim.projected import ProjectedAdam  # noqa: E402
+from op_count import as_on_a_gpu, ready_for_a_plain_step, structure_arguments  # noqa: E402
 
 
 def peaks(rank_index: int, world_size: int, names: list[str], shrink: int, rank: int, coalesce_bytes: int) -> dict:
@@ -42,13 +40,7 @@ def peaks(rank_index: int, world_size: int, names: list[str], shrink: int, rank:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--optimizers", default="galore,grassjump")
-    parser.add_argument("--world-sizes", default="1,2,4")
-    parser.add_argument("--shrink", type=int, default=16)
-    parser.add_argument("--rank", type=int, default=1024, help="the subspace rank at full width")
-    parser.add_argument("--coalesce-mib", type=int, default=ProjectedAdam.coalesce_bytes >> 20,
-                        help="the optimizers' coalesce_bytes at full width, in MiB (default: theirs)")
-    parser.add_argument("--out", default="runs/bench/step_memory.json")
+    structure_arguments(parser, "galore,grassjump", "1,2,4", "runs/bench/step_memory.json")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     limit = max(1, (args.coalesce_mib << 20) // args.shrink**2)  # what each optimizer is given

@@ -608,7 +608,7 @@ class ProjectedAdam(SubspaceOptimizer):
                                      grads)
         else:
             self._scaled_update_batch(group, batch, avg, avg_sq, counts, bias2, sizes, basis, low, lr, wd, eps, beta1,
-                                        beta2, grads, recovery)
+                                      beta2, grads, recovery)
         for key, value, copied in (("exp_avg", avg, avg_copied), ("exp_avg_sq", avg_sq, avg_sq_copied)):
             if copied:
                 packing.store_back(key, value)
@@ -618,9 +618,8 @@ class ProjectedAdam(SubspaceOptimizer):
         """Adam on a batch's packed moments, with its direction ``N`` written over ``low`` (``R`` is
         not needed after the moments: no second buffer of its size; ``N`` carries the minus sign), then
         ``W <- (1 - lr wd) W + lr alpha back(N)``, the step ``lr alpha`` applied as the back-projection's
-        factor. ``back(N)`` goes
-        into the weights where they are packed, else into the stacked gradients' buffer (dead since the
-        projection), so one full-size temporary is alive at a time."""
+        factor. ``back(N)`` goes into the weights where they are packed, else into the stacked
+        gradients' buffer (dead since the projection), so one full-size temporary is alive at a time."""
         split = (lambda t: [t]) if min(counts) == max(counts) else (lambda t: list(t.unbind(0)))
         if not batching.adam_directions_in_place(split(avg), split(avg_sq), split(low), self._count_tensors(counts, low),
                                                  beta1, beta2, eps):
@@ -648,8 +647,8 @@ class ProjectedAdam(SubspaceOptimizer):
         batching.add_updates(batch.weights, rows, lr * wd)
 
     def _scaled_update_batch(self, group: dict, batch: _Batch, avg, avg_sq, counts: list[int], bias2: list[float],
-                               sizes: list[float], basis, low, lr, wd, eps, beta1, beta2, grads: torch.Tensor | None,
-                               recovery: bool) -> None:
+                             sizes: list[float], basis, low, lr, wd, eps, beta1, beta2, grads: torch.Tensor | None,
+                             recovery: bool) -> None:
         """Adam on a batch's packed moments, its scaled direction in a buffer of its own (Fira's term
         needs ``R`` and the direction; the compiled math gives both), then ``W -= step (alpha back(N) +
         D_hat)`` (``D_hat``: Fira's term, made in the buffer of the stacked gradients ``grads`` when
