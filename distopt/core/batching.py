@@ -172,6 +172,16 @@ def fused_adam(kernel, device: str, *args, **kwargs) -> bool:
     return True
 
 
+def _fused_adam_steps(tensors: Sequence[torch.Tensor], lows: Sequence[torch.Tensor],
+                      counts: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """The count tensor of each of ``lows`` for a fused Adam call (``counts``: one for all, or one
+    each), or ``None`` where the call cannot run: the device lacks the kernel, or one of ``tensors``
+    is not dense fp32 (the kernel walks each one as a dense block)."""
+    if lows[0].device.type in _no_fused_adam or not dense(tensors) or any(t.dtype != torch.float32 for t in tensors):
+        return None
+    return list(counts) if len(counts) == len(lows) else list(counts) * len(lows)
+
+
 def scaled_adam_directions(avgs: Sequence[torch.Tensor], avg_sqs: Sequence[torch.Tensor], lows: Sequence[torch.Tensor],
                            outs: Sequence[torch.Tensor], counts: Sequence[torch.Tensor], step: float, beta1: float,
                            beta2: float, eps: float, zeroed: bool = False) -> bool:
@@ -182,14 +192,12 @@ def scaled_adam_directions(avgs: Sequence[torch.Tensor], avg_sqs: Sequence[torch
     Adam kernel steps the zeroed ``outs`` (zeroed here unless ``zeroed`` says they are) as its
     parameters, where the eager math takes eight. False where that kernel is missing or a tensor is
     not dense fp32 (the kernel walks each one as a dense block); nothing is written then."""
-    tensors = (*avgs, *avg_sqs, *lows, *outs)
-    device = lows[0].device.type
-    if device in _no_fused_adam or not dense(tensors) or any(t.dtype != torch.float32 for t in tensors):
+    steps = _fused_adam_steps((*avgs, *avg_sqs, *lows, *outs), lows, counts)
+    if steps is None:
         return False
-    steps = list(counts) if len(counts) == len(lows) else list(counts) * len(lows)
     if not zeroed:
         torch._foreach_zero_(list(outs))
-    return fused_adam(torch._fused_adam_, device, list(outs), list(lows), list(avgs), list(avg_sqs), [], steps, lr=step,
+    return fused_adam(torch._fused_adam_, lows[0].device.type, list(outs), list(lows), list(avgs), list(avg_sqs), [], steps, lr=step,
                       beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
 
 
@@ -235,11 +243,9 @@ def adam_directions_in_place(avgs: Sequence[torch.Tensor], avg_sqs: Sequence[tor
     ``R``) after its gradient is read and before the direction is subtracted. Used only on devices
     whose kernel was seen to read each element before writing it (:func:`_in_place_adam_safe`).
     False where that does not hold or a tensor is not dense fp32; nothing is written then."""
-    tensors = (*avgs, *avg_sqs, *lows)
+    steps = _fused_adam_steps((*avgs, *avg_sqs, *lows), lows, counts)
     device = lows[0].device
-    if (device.type in _no_fused_adam or not dense(tensors) or any(t.dtype != torch.float32 for t in tensors)
-            or not _in_place_adam_safe(device)):
+    if steps is None or not _in_place_adam_safe(device):
         return False
-    steps = list(counts) if len(counts) == len(lows) else list(counts) * len(lows)
     return fused_adam(torch._fused_adamw_, device.type, list(lows), list(lows), list(avgs), list(avg_sqs), [], steps,
                       lr=1.0, beta1=beta1, beta2=beta2, weight_decay=1.0, eps=eps, amsgrad=False, maximize=False)

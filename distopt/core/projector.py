@@ -121,6 +121,8 @@ def scaled_back(low: torch.Tensor, basis: torch.Tensor, side: str, alpha: float,
                 basis_t: torch.Tensor | None = None) -> torch.Tensor:
     """``alpha back(low)``, batched like :func:`project_back`: into ``out`` (whatever it holds) as one
     ``baddbmm`` whose factor scales the product, where there is an ``out`` and a batch."""
+    if alpha == 1.0:
+        return project_back(low, basis, side, out=out, basis_t=basis_t)
     if out is not None and _product_dtype.get() is None and low.dim() == basis.dim() == out.dim() == 3:
         if side == "right":
             return out.baddbmm_(low, basis.transpose(-2, -1) if basis_t is None else basis_t, beta=0.0, alpha=alpha)

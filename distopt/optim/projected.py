@@ -57,6 +57,12 @@ SELF_CHECKING_DEVICES = frozenset({"cpu"})
 CACHED_SCRATCH_DEVICES = frozenset({"cpu"})
 
 
+def _by_count(counts: list[int]):
+    """How a batch's tensors go to a fused Adam call: whole when its moment counts agree (one count
+    tensor), else as its matrices, with a count each."""
+    return (lambda t: [t]) if min(counts) == max(counts) else (lambda t: list(t.unbind(0)))
+
+
 def projection_matmuls(group: dict):
     """The precision of ``proj(G)``, ``back(N)`` and Fira's ``back(R)``: fp32 by default; ``tf32``
     lets those matmuls run on TF32 tensor cores (CUDA), ``bf16`` gives them bf16 operands with fp32
@@ -620,7 +626,7 @@ class ProjectedAdam(SubspaceOptimizer):
         ``W <- (1 - lr wd) W + lr alpha back(N)``, the step ``lr alpha`` applied as the back-projection's
         factor. ``back(N)`` goes into the weights where they are packed, else into the stacked
         gradients' buffer (dead since the projection), so one full-size temporary is alive at a time."""
-        split = (lambda t: [t]) if min(counts) == max(counts) else (lambda t: list(t.unbind(0)))
+        split = _by_count(counts)
         if not batching.adam_directions_in_place(split(avg), split(avg_sq), split(low), self._count_tensors(counts, low),
                                                  beta1, beta2, eps):
             avg.lerp_(low, 1.0 - beta1)
@@ -629,22 +635,29 @@ class ProjectedAdam(SubspaceOptimizer):
             direction.div_(batching.per_matrix(bias2, low, 3)).add_(eps)
             torch.div(avg, direction, out=direction)
             direction.mul_(batching.per_matrix([-1.0 / (1.0 - beta1**c) for c in counts], low, 3))
-        side, step = batch.plans[0].side, lr * group["scale"]
+        self._back_into_weights(group, batch, low, basis, lr * group["scale"], lr * wd, grads)
+
+    def _back_into_weights(self, group: dict, batch: _Batch, direction, basis, alpha: float, decay: float,
+                           grads: torch.Tensor | None) -> None:
+        """``W <- (1 - decay) W + alpha back(direction)`` for a batch: into the weights as one
+        ``baddbmm`` where they are packed; else ``alpha back(direction)`` into the stacked gradients'
+        buffer (dead since the projection; the kept one on CPU), so one full-size temporary is alive
+        at a time, then one update kernel."""
+        side, basis_t = batch.plans[0].side, batch.transposed(basis)
         shape = (len(batch.weights), *batch.weights[0].shape)
         with projection_matmuls(group):
             packed = batch.packed_weights()
-            if packed is not None and packed.dtype == low.dtype:  # back(N) added into the weights
-                add_back(packed, low, basis, side, alpha=step, basis_t=batch.transposed(basis), beta=1.0 - lr * wd)
+            if packed is not None and packed.dtype == direction.dtype:
+                add_back(packed, direction, basis, side, alpha=alpha, basis_t=basis_t, beta=1.0 - decay)
                 torch.autograd.graph.increment_version(batch.weights)  # as an in-place op on each would
                 return
-            out, rows = self._scratch_rows("stacked", shape, low)
+            out, rows = self._scratch_rows("stacked", shape, direction)
             if out is None and grads is not None and grads.shape == shape:
                 out = grads
-            update = scaled_back(low, basis, side, step, out=out, basis_t=batch.transposed(basis))
+            update = scaled_back(direction, basis, side, alpha, out=out, basis_t=basis_t)
             if update is not out or not rows:
                 rows = update.unbind(0)
-        del grads, out
-        batching.add_updates(batch.weights, rows, lr * wd)
+        batching.add_updates(batch.weights, rows, decay)
 
     def _scaled_update_batch(self, group: dict, batch: _Batch, avg, avg_sq, counts: list[int], bias2: list[float],
                              sizes: list[float], basis, low, lr, wd, eps, beta1, beta2, grads: torch.Tensor | None,
@@ -652,75 +665,58 @@ class ProjectedAdam(SubspaceOptimizer):
         """Adam on a batch's packed moments, its scaled direction in a buffer of its own (Fira's term
         needs ``R`` and the direction; the compiled math gives both), then ``W -= step (alpha back(N) +
         D_hat)`` (``D_hat``: Fira's term, made in the buffer of the stacked gradients ``grads`` when
-        given, else of a new stack)."""
-        side = batch.plans[0].side
+        given, else of a new stack; without it, :meth:`_back_into_weights`)."""
         coefs = [-size * group["scale"] for size in sizes]
-        scaled = None
-        # One fused pass. Fira's residual also needs the unscaled direction: the scaled one divided by
-        # its factor, unless a factor is 0 (a warmup from lr 0), which only the eager ops survive.
-        if not group.get("compile") and (not recovery or all(coefs)):
-            out = self._scratch("scaled", low.shape, low)
-            zeroed = out is None
-            out = torch.zeros_like(low, memory_format=torch.contiguous_format) if out is None else out
-            # The batch as one tensor each when its counts agree, else its matrices with a count each.
-            split = (lambda t: [t]) if min(counts) == max(counts) else (lambda t: list(t.unbind(0)))
-            if batching.scaled_adam_directions(split(avg), split(avg_sq), split(low), split(out),
-                                               self._count_tensors(counts, low), lr * group["scale"], beta1, beta2, eps,
-                                               zeroed=zeroed):
-                scaled = out
-                if recovery:
-                    direction = torch.div(scaled, batching.per_matrix(coefs, low, 3),
-                                          out=self._scratch("direction", low.shape, low))
         if group.get("compile"):  # per-matrix factors as tensors, so a new step count does not recompile
             direction, scaled = compiled_batch_math()(
                 avg, avg_sq, low, beta1, beta2, eps, batching.per_matrix(bias2, low, 3, as_tensor=True),
                 batching.per_matrix(coefs, low, 3, as_tensor=True))
-        elif scaled is None:
-            avg.lerp_(low, 1.0 - beta1)
-            avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-            # Without a recovery term the direction is scaled where it is (one buffer, as the fused pass).
-            direction = torch.sqrt(avg_sq, out=self._scratch("direction" if recovery else "scaled", avg_sq.shape, avg_sq))
-            # One bias correction for the whole batch unless staggered resets made the counts differ.
-            direction.div_(batching.per_matrix(bias2, low, 3)).add_(eps)
-            coef = batching.per_matrix(coefs, low, 3)
-            torch.div(avg, direction, out=direction)
-            scaled = (torch.mul(direction, coef, out=self._scratch("scaled", direction.shape, direction)) if recovery
-                      else direction.mul_(coef))
+            if not recovery:
+                self._back_into_weights(group, batch, scaled, basis, 1.0, lr * wd, grads)
+                return
+        else:  # Fira's term (the plain path takes the rest)
+            scaled = None
+            # One fused pass. Fira's residual also needs the unscaled direction: the scaled one divided
+            # by its factor, unless a factor is 0 (a warmup from lr 0), which only the eager ops survive.
+            if all(coefs):
+                out = self._scratch("scaled", low.shape, low)
+                zeroed = out is None
+                out = torch.zeros_like(low, memory_format=torch.contiguous_format) if out is None else out
+                split = _by_count(counts)
+                if batching.scaled_adam_directions(split(avg), split(avg_sq), split(low), split(out),
+                                                   self._count_tensors(counts, low), lr * group["scale"], beta1, beta2,
+                                                   eps, zeroed=zeroed):
+                    scaled = out
+                    direction = torch.div(scaled, batching.per_matrix(coefs, low, 3),
+                                          out=self._scratch("direction", low.shape, low))
+            if scaled is None:
+                avg.lerp_(low, 1.0 - beta1)
+                avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+                direction = torch.sqrt(avg_sq, out=self._scratch("direction", avg_sq.shape, avg_sq))
+                # One bias correction for the whole batch unless staggered resets made the counts differ.
+                direction.div_(batching.per_matrix(bias2, low, 3)).add_(eps)
+                torch.div(avg, direction, out=direction)
+                scaled = torch.mul(direction, batching.per_matrix(coefs, low, 3),
+                                   out=self._scratch("scaled", direction.shape, direction))
+        side = batch.plans[0].side
         shape = (len(batch.weights), *batch.weights[0].shape)
         rows: Sequence[torch.Tensor]
-        with projection_matmuls(group):
-            if recovery:  # in the stacked gradients' buffer: no other full-size temporary
-                if grads is None:
-                    grads = self._stacked_grads(batch)
-                update = self._recovery_batch(group, batch, grads, basis, low, direction, sizes)
-                add_back(update, scaled, basis, side, basis_t=batch.transposed(basis))
-                packed = batch.packed_weights()
-                if packed is not None and packed.dtype == update.dtype:  # one tensor for the whole batch
-                    batching.add_updates([packed], [update], lr * wd)
-                    torch.autograd.graph.increment_version(batch.weights)
-                    rows = ()
-                elif update.device.type in CACHED_SCRATCH_DEVICES and update is self._scratch("stacked", shape, update):
-                    rows = self._scratch_rows("stacked", shape, update)[1]  # the kept buffer's rows, made once
-                else:
-                    rows = update.unbind(0)
+        with projection_matmuls(group):  # in the stacked gradients' buffer: no other full-size temporary
+            if grads is None:
+                grads = self._stacked_grads(batch)
+            update = self._recovery_batch(group, batch, grads, basis, low, direction, sizes)
+            add_back(update, scaled, basis, side, basis_t=batch.transposed(basis))
+            packed = batch.packed_weights()
+            if packed is not None and packed.dtype == update.dtype:  # one tensor for the whole batch
+                batching.add_updates([packed], [update], lr * wd)
+                torch.autograd.graph.increment_version(batch.weights)
+                return
+            if update.device.type in CACHED_SCRATCH_DEVICES and update is self._scratch("stacked", shape, update):
+                rows = self._scratch_rows("stacked", shape, update)[1]  # the kept buffer's rows, made once
             else:
-                packed = batch.packed_weights()
-                if packed is not None and packed.dtype == scaled.dtype:  # back(N) added into the weights
-                    add_back(packed, scaled, basis, side, basis_t=batch.transposed(basis), beta=1.0 - lr * wd)
-                    torch.autograd.graph.increment_version(batch.weights)  # as an in-place op on each would
-                    rows = ()
-                else:
-                    out, rows = self._scratch_rows("stacked", shape, scaled)
-                    if out is None and grads is not None and grads.shape == shape:  # as the plain path does
-                        out = grads
-                    update = project_back(scaled, basis, side, out=out, basis_t=batch.transposed(basis))
-                    if update is not out or not rows:
-                        rows = update.unbind(0)
+                rows = update.unbind(0)
         del scaled
-        if rows:
-            batching.add_updates(batch.weights, rows, lr * wd)
-            del update
-        del rows
+        batching.add_updates(batch.weights, rows, lr * wd)
 
     @staticmethod
     def _advance_steps(batches: list[_Batch]) -> None:
