@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -140,3 +141,18 @@ def peak_heap_growth(fn, in_use) -> int:
     with Peak() as meter:
         fn()
     return meter.peak
+
+
+@contextlib.contextmanager
+def as_on_a_gpu():
+    """The step as a GPU dispatches it: a CPU batch's own finiteness check (a host read per batch,
+    free on a CPU) off, so every gradient goes through step()'s one check as on a GPU; and the batch
+    temporaries allocated by their ops, as on a GPU, not taken from buffers kept between steps."""
+    from distopt.optim import projected
+
+    kept = projected.SELF_CHECKING_DEVICES, projected.CACHED_SCRATCH_DEVICES
+    projected.SELF_CHECKING_DEVICES = projected.CACHED_SCRATCH_DEVICES = frozenset()
+    try:
+        yield
+    finally:
+        projected.SELF_CHECKING_DEVICES, projected.CACHED_SCRATCH_DEVICES = kept

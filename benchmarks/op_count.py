@@ -24,7 +24,6 @@ constant handful of ops either way).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import sys
 from pathlib import Path
@@ -34,11 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]  # tests/distributed: the rank spawner
 
-from common import OpCounter, environment, markdown_table, packed_as_asked, write_json  # noqa: E402
+from common import OpCounter, as_on_a_gpu, environment, markdown_table, packed_as_asked, write_json  # noqa: E402
 
 import distopt  # noqa: E402
 from distopt.models import LlamaShape, TinyLlama  # noqa: E402
-from distopt.optim import REGISTRY, projected  # noqa: E402
+from distopt.optim import REGISTRY  # noqa: E402
 from distopt.optim.projected import ProjectedAdam  # noqa: E402
 
 FULL = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
@@ -58,19 +57,6 @@ def build(name: str, model: torch.nn.Module, rank: int):
     accepted = inspect.signature(REGISTRY[name].__init__).parameters
     wanted = dict(rank=rank, update_proj_gap=10**9, tau=10**9)  # no refresh after the first step
     return distopt.build_optimizer(model, name, lr=1e-3, **{k: v for k, v in wanted.items() if k in accepted})
-
-
-@contextlib.contextmanager
-def as_on_a_gpu():
-    """The step as a GPU dispatches it: a CPU batch's own finiteness check (a host read per batch,
-    free on a CPU) off, so every gradient goes through step()'s one check as on a GPU; and the batch
-    temporaries allocated by their ops, as on a GPU, not taken from buffers kept between steps."""
-    kept = projected.SELF_CHECKING_DEVICES, projected.CACHED_SCRATCH_DEVICES
-    projected.SELF_CHECKING_DEVICES = projected.CACHED_SCRATCH_DEVICES = frozenset()
-    try:
-        yield
-    finally:
-        projected.SELF_CHECKING_DEVICES, projected.CACHED_SCRATCH_DEVICES = kept
 
 
 def count(rank_index: int, world_size: int, names: list[str], shrink: int, rank: int,

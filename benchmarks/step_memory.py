@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]  # tests/distributed: the rank spawner
 
-from common import environment, heap_in_use, markdown_table, peak_heap_growth, write_json  # noqa: E402
-from op_count import as_on_a_gpu, ready_for_a_plain_step, structure_arguments  # noqa: E402
+from common import as_on_a_gpu, environment, heap_in_use, markdown_table, peak_heap_growth, write_json  # noqa: E402
+from op_count import ready_for_a_plain_step, structure_arguments  # noqa: E402
 
 
 def peaks(rank_index: int, world_size: int, names: list[str], shrink: int, rank: int, coalesce_bytes: int) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import io
 from pathlib import Path
@@ -85,6 +86,7 @@ def side_by_side(pairs, steps: int):
         yield step
 
 
+@functools.cache
 def _benchmarks_common():
     """``benchmarks/common.py``, loaded by path (the distributed tests' own ``common`` module has the
     same name), so that the tests measure as the benchmarks do."""
@@ -110,3 +112,8 @@ def peak_heap_growth(fn, in_use) -> int:
     """``benchmarks/common.py``'s ``peak_heap_growth``: the C heap's peak growth during ``fn()``."""
     return _benchmarks_common().peak_heap_growth(fn, in_use)
 
+
+def as_on_a_gpu():
+    """``benchmarks/common.py``'s ``as_on_a_gpu``: within it, the step runs as on a GPU (each op
+    allocates its result; step() checks every gradient)."""
+    return _benchmarks_common().as_on_a_gpu()

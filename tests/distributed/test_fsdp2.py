@@ -633,16 +633,13 @@ def _plain_step_peak_worker(rank, world_size, names, limit):
     from torch.distributed.tensor import distribute_tensor
 
     from distopt.models import LlamaShape, TinyLlama
-    from distopt.optim import projected
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from helpers import heap_in_use, peak_heap_growth
+    from helpers import as_on_a_gpu, heap_in_use, peak_heap_growth
 
     in_use = heap_in_use()
     if in_use is None:
         return None
-    # As a GPU runs it: each op allocates its result, no buffers kept between steps.
-    projected.CACHED_SCRATCH_DEVICES = projected.SELF_CHECKING_DEVICES = frozenset()
     out = {}
     for name in names:
         torch.manual_seed(0)
@@ -658,9 +655,10 @@ def _plain_step_peak_worker(rank, world_size, names, limit):
         generator = torch.Generator().manual_seed(1)
         for p in model.parameters():
             p.grad = distribute_tensor(torch.randn(p.shape, generator=generator) * 1e-3, p.device_mesh, p.placements)
-        for _ in range(2):  # the first bases, then a plain step
-            opt.step()
-        out[name] = peak_heap_growth(opt.step, in_use)
+        with as_on_a_gpu():  # each op allocates its result, no buffers kept between steps
+            for _ in range(2):  # the first bases, then a plain step
+                opt.step()
+            out[name] = peak_heap_growth(opt.step, in_use)
     return out
 
 

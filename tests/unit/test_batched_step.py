@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import io
@@ -9,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import batch, heap_in_use, op_counter, peak_heap_growth, roundtrip, set_grads, tiny_model, train
+from helpers import as_on_a_gpu, batch, heap_in_use, op_counter, peak_heap_growth, roundtrip, set_grads, tiny_model, train
 
 import distopt
 from distopt.core import batching
 from distopt.models import LlamaShape, TinyLlama
-from distopt.optim import REGISTRY, projected
+from distopt.optim import REGISTRY
 from distopt.optim.projected import ProjectedAdam
 
 CASES = [
@@ -87,13 +88,6 @@ def test_batched_step_equals_the_per_matrix_step(name, hparams, monkeypatch):
         opt.zero_grad(set_to_none=True)
 
 
-def _as_on_a_gpu(patch) -> None:
-    """The batched step as it runs on a GPU: temporaries allocated by their ops (no kept buffers), and
-    every gradient checked by step() (no batch checks its own)."""
-    patch.setattr(projected, "CACHED_SCRATCH_DEVICES", frozenset())
-    patch.setattr(projected, "SELF_CHECKING_DEVICES", frozenset())
-
-
 @pytest.mark.parametrize("name,hparams", [CASES[0], CASES[1], CASES[5], CASES[9], EAGER_CASES[0]])
 def test_the_step_as_a_gpu_runs_it_gives_the_cpu_path_numbers_bit_for_bit(name, hparams, monkeypatch):
     """The allocation path a GPU takes (each op allocates its result; the fused Adam kernel writes into a
@@ -108,9 +102,7 @@ def test_the_step_as_a_gpu_runs_it_gives_the_cpu_path_numbers_bit_for_bit(name, 
     for step in range(7):
         for index, (model, opt) in enumerate(zip(models, opts)):
             set_grads(model.parameters(), seed=step)
-            with pytest.MonkeyPatch.context() as patch:
-                if index:
-                    _as_on_a_gpu(patch)
+            with as_on_a_gpu() if index else contextlib.nullcontext():
                 opt.step()
     for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.equal(a, b), n
@@ -369,14 +361,13 @@ def _plain_step_ops(name: str, layers: int) -> int:
 # SAM, AdaPM and AdaPM-mini batched by shape too (their tests of the numbers are in their files; RSO's, all of it).
 @pytest.mark.parametrize("name", ["galore", "golore", "grassjump", "grasswalk", "subtrack", "snsm", "adam-mini", "adamw", "sam",
                                   "adapm", "adapm-mini"])
-@pytest.mark.parametrize("as_on_a_gpu", [False, True])
-def test_a_plain_step_dispatches_ops_per_batch_not_per_matrix(name, as_on_a_gpu, monkeypatch):
+@pytest.mark.parametrize("gpu_way", [False, True])
+def test_a_plain_step_dispatches_ops_per_batch_not_per_matrix(name, gpu_way):
     """2 or 8 layers give the same batches (one per shape), so the same aten ops: views, slices and
     per-tensor adds per matrix would show up as a difference (4 matrices of each shape more). Also as
     a GPU runs the step (temporaries allocated by their ops)."""
-    if as_on_a_gpu:
-        _as_on_a_gpu(monkeypatch)
-    assert _plain_step_ops(name, 2) == _plain_step_ops(name, 8)
+    with as_on_a_gpu() if gpu_way else contextlib.nullcontext():
+        assert _plain_step_ops(name, 2) == _plain_step_ops(name, 8)
 
 
 def test_stacked_reads_consecutive_rows_of_one_buffer_without_a_copy_and_copies_anything_else():
@@ -399,7 +390,7 @@ def test_stacked_reads_consecutive_rows_of_one_buffer_without_a_copy_and_copies_
     ("grassjump", {}, False),  # Fira's term
     ("galore", {"compile": True, "weight_decay": 0.1}, False),
 ])
-def test_a_plain_step_as_a_gpu_runs_it_holds_at_most_coalesce_bytes_of_temporaries(name, hparams, packed, monkeypatch):
+def test_a_plain_step_as_a_gpu_runs_it_holds_at_most_coalesce_bytes_of_temporaries(name, hparams, packed):
     """Each op allocating its result (a GPU's way), the step's temporaries peak under
     ``coalesce_bytes``: a batch's update goes into its stacked gradients' buffer and its direction
     over its ``R``, not into buffers of their own (which had it at 1.7-1.9x). Measured as the C
@@ -407,7 +398,6 @@ def test_a_plain_step_as_a_gpu_runs_it_holds_at_most_coalesce_bytes_of_temporari
     in_use = heap_in_use()
     if in_use is None:
         pytest.skip("no glibc mallinfo2 here")
-    _as_on_a_gpu(monkeypatch)
     for limit in (4_000_000, 12_000_000):  # 3-4 and 9-12 matrices a batch
         torch.manual_seed(0)
         model = TinyLlama(LlamaShape(vocab_size=64, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
@@ -417,9 +407,10 @@ def test_a_plain_step_as_a_gpu_runs_it_holds_at_most_coalesce_bytes_of_temporari
         opt = distopt.build_optimizer(model, name, lr=1e-3, rank=32, update_proj_gap=1000, **hparams)
         opt.coalesce_bytes = limit
         set_grads(model.parameters(), seed=0)
-        for _ in range(2):  # the first bases, then a plain step that packs the state
-            opt.step()
-        peak = peak_heap_growth(opt.step, in_use)
+        with as_on_a_gpu():
+            for _ in range(2):  # the first bases, then a plain step that packs the state
+                opt.step()
+            peak = peak_heap_growth(opt.step, in_use)
         assert limit / 2 < peak <= limit, (limit, peak)
 
 
