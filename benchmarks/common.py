@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import platform
 import statistics
 import subprocess
+import threading
 import time
+import weakref
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def environment(device: str) -> dict:
@@ -102,45 +106,93 @@ def packed_as_asked(choice: str, model: torch.nn.Module) -> str:
     return choice.removesuffix(PACKED)
 
 
-def heap_in_use():
-    """A function giving the C heap's bytes in use (glibc's ``mallinfo2``: small blocks and mapped
-    ones, where CPU tensors live), or ``None`` where there is no such call."""
-    import ctypes
+def _storages(tensors):
+    """The storages under ``tensors`` (a wrapper subclass such as a DTensor: its inner tensors'); a
+    tensor with none (sparse, say) is left out."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(field, ctypes.c_size_t) for field in
-                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    stack, out = list(tensors), []
+    while stack:
+        t = stack.pop()
+        if is_traceable_wrapper_subclass(t):
+            stack.extend(inner for name in t.__tensor_flatten__()[0]
+                         if isinstance(inner := getattr(t, name), torch.Tensor))
+        elif t.device.type != "meta":
+            try:
+                out.append(t.untyped_storage())
+            except (RuntimeError, NotImplementedError):
+                pass
+    return out
 
+
+def _fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)  # a compiler's stand-in: no memory
+
+
+class _TensorBytes(TorchDispatchMode):
+    """The tensor bytes held after each aten op (:func:`peak_tensor_bytes`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.timeline = [0]  # bytes held above the start, after each op
+        self.watched: weakref.WeakSet = weakref.WeakSet()
+        self.uses: dict[int, int] = {}  # a storage's address -> the index of the last op that used it
+        self.main = threading.get_ident()
+        # Garbage collected first and not while measured: an earlier model's cycles freed mid-step would
+        # count off against the step's own tensors.
+        gc.collect()
+        self.watch(_storages([t for t in gc.get_objects() if issubclass(type(t), torch.Tensor) and not _fake(t)]))
+
+    def watch(self, storages) -> int:
+        """Each of ``storages`` not watched yet counts off when freed; their bytes."""
+        total = 0
+        for storage in storages:
+            if storage not in self.watched:
+                self.watched.add(storage)
+                weakref.finalize(storage, self.freed, storage.nbytes(), [storage._cdata])
+                total += storage.nbytes()
+        return total
+
+    def freed(self, nbytes: int, key: list) -> None:
+        # A collective's buffers may be let go by the process group's thread, an instant after the
+        # caller's last reference: counted off after their last use, so the peak does not depend on
+        # thread timing.
+        since, last = len(self.timeline) - 1, self.uses.pop(key[0], None)
+        if threading.get_ident() != self.main and last is not None:
+            since = last
+        for i in range(since, len(self.timeline)):
+            self.timeline[i] -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = _storages(t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+        made = _storages(t for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        known = {s._cdata for s in given}
+        self.timeline.append(self.timeline[-1] + self.watch(s for s in made if s._cdata not in known))
+        for storage in (*given, *made):
+            self.uses[storage._cdata] = len(self.timeline) - 1
+        return out
+
+
+def peak_tensor_bytes(fn) -> int:
+    """The most bytes of tensor storage held above the level at the start of ``fn()``, read after
+    each aten op it dispatches: what ``torch.cuda.max_memory_allocated()`` shows above its start,
+    without the caching allocator's rounding. A storage counts from the op that returned it new (not
+    a view, not an in-place or ``out=`` result) until it is freed; one alive at the start (found
+    through the garbage collector) counts off when it is freed; what an op makes and frees inside it
+    does not count. Repeatable: the same step gives the same bytes."""
+    meter = _TensorBytes()
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = MallInfo2
-    except (OSError, AttributeError):
-        return None
-
-    def in_use() -> int:
-        info = libc.mallinfo2()
-        return info.uordblks + info.hblkhd
-
-    return in_use
-
-
-def peak_heap_growth(fn, in_use) -> int:
-    """The most bytes the C heap held above its level at the start of ``fn()``, read after each
-    aten op ``fn`` dispatches (``in_use``: :func:`heap_in_use`'s function)."""
-
-    class Peak(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.start, self.peak = in_use(), 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.peak = max(self.peak, in_use() - self.start)
-            return out
-
-    with Peak() as meter:
-        fn()
-    return meter.peak
+        with meter:
+            fn()
+    finally:
+        if enabled:
+            gc.enable()
+    return max(meter.timeline)
 
 
 @contextlib.contextmanager

@@ -6,8 +6,9 @@ of stacked gradients or updates of at most as much: under twice it in all). This
 step holds: the model is :mod:`op_count`'s (LLaMA-7B's 224 matrices and shape classes at widths
 divided by ``--shrink``, ``coalesce_bytes`` divided by ``shrink**2``, so every batch and bucket
 holds the matrices it would at full width), the step runs as a GPU runs it (each op allocates its
-result; no CPU buffers kept between steps), and the peak is the growth of the C heap in use
-(glibc's ``mallinfo2``, where CPU tensors live), read after each aten op. Ranks are gloo processes.
+result; no CPU buffers kept between steps), and the peak is the most bytes of tensors it allocated
+and held at once, read after each aten op (what ``torch.cuda.max_memory_allocated`` shows above its
+start, without the caching allocator's rounding). Ranks are gloo processes.
 
     python benchmarks/step_memory.py                                  # galore, grassjump; 1, 2 and 4 ranks
     python benchmarks/step_memory.py --optimizers galore,galore-packed --world-sizes 1
@@ -22,19 +23,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]  # tests/distributed: the rank spawner
 
-from common import as_on_a_gpu, environment, heap_in_use, markdown_table, peak_heap_growth, write_json  # noqa: E402
+from common import as_on_a_gpu, environment, markdown_table, peak_tensor_bytes, write_json  # noqa: E402
 from op_count import ready_for_a_plain_step, structure_arguments  # noqa: E402
 
 
 def peaks(rank_index: int, world_size: int, names: list[str], shrink: int, rank: int, coalesce_bytes: int) -> dict:
-    in_use = heap_in_use()
-    if in_use is None:
-        raise SystemExit("needs glibc's mallinfo2 (Linux with glibc)")
     with as_on_a_gpu():
         out = {}
         for choice in names:
             optimizer = ready_for_a_plain_step(choice, world_size, shrink, rank, coalesce_bytes)
-            out[choice] = peak_heap_growth(optimizer.step, in_use)
+            out[choice] = peak_tensor_bytes(optimizer.step)
         return out
 
 
@@ -58,8 +56,8 @@ def main(argv=None) -> dict:
                          "peak_x_coalesce_bytes": top / limit, "full_width_mib": top * args.shrink**2 / 2**20})
     payload = {"benchmark": "step_memory", "env": environment("cpu"),
                "settings": {"structure": "llama-7b", "shrink": args.shrink, "rank": args.rank, "matrices": 224,
-                            "coalesce_mib": args.coalesce_mib, "measured": "C heap growth during a plain step, "
-                            "the largest over ranks, each op allocating its result as on a GPU"},
+                            "coalesce_mib": args.coalesce_mib, "measured": "peak tensor bytes a plain step allocated "
+                            "and held, the largest over ranks, each op allocating its result as on a GPU"},
                "results": rows}
     path = write_json(args.out, payload)
     print(markdown_table(rows, [("optimizer", "optimizer", "s"), ("world_size", "ranks", "d"),

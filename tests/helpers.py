@@ -103,14 +103,9 @@ def op_counter():
     return _benchmarks_common().OpCounter()
 
 
-def heap_in_use():
-    """``benchmarks/common.py``'s ``heap_in_use``: the C heap's bytes in use, or ``None``."""
-    return _benchmarks_common().heap_in_use()
-
-
-def peak_heap_growth(fn, in_use) -> int:
-    """``benchmarks/common.py``'s ``peak_heap_growth``: the C heap's peak growth during ``fn()``."""
-    return _benchmarks_common().peak_heap_growth(fn, in_use)
+def peak_tensor_bytes(fn) -> int:
+    """``benchmarks/common.py``'s ``peak_tensor_bytes``: the most tensor bytes ``fn()`` held at once."""
+    return _benchmarks_common().peak_tensor_bytes(fn)
 
 
 def as_on_a_gpu():

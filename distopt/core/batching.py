@@ -28,9 +28,9 @@ def shared_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack(tensors)``, read only: where they are consecutive slices ``base[a], base[a + 1],
-    ...`` of one contiguous buffer (a class gathered in one block), that buffer's rows themselves,
-    with no copy."""
+    """``torch.stack(tensors)``, read only: where they lie back to back in one storage (consecutive
+    slices ``base[a], base[a + 1], ...`` of a class gathered in one block, say), a view of them, with
+    no copy."""
     first = tensors[0]
     base = first._base
     # Each must be a row of the buffer as it lies: same shape and strides (a transposed view of a
@@ -43,6 +43,14 @@ def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
                 t._base is base and t.shape == first.shape and t.stride() == first.stride()
                 and t.data_ptr() == first.data_ptr() + i * step for i, t in enumerate(tensors))):
             return base if len(tensors) == base.shape[0] else base[start : start + len(tensors)]
+    # Back to back in one storage by any other road (slices of a view of a buffer, whose ``_base`` is
+    # the buffer's root): one strided view over them.
+    if first.is_contiguous() and first.numel():
+        size, offset, ptr = first.numel(), first.storage_offset(), first.untyped_storage().data_ptr()
+        if all(t.dtype == first.dtype and t.shape == first.shape and t.is_contiguous()
+               and t.untyped_storage().data_ptr() == ptr and t.storage_offset() == offset + i * size
+               for i, t in enumerate(tensors)):
+            return first.as_strided((len(tensors), *first.shape), (size, *first.stride()), offset)
     return torch.stack(list(tensors))
 
 

@@ -97,7 +97,7 @@ class AdaPM(SubspaceOptimizer):
     batch: the gradients stacked, the second moments and momenta on packed state (a low-rank refit
     as batched products and one batched orthonormalization per sweep, ``m_t`` made over the stacked
     gradients), the ratio and its clip on the stack, and one kernel for the weights; at most
-    ``coalesce_bytes`` of two full-size temporaries per member. One by one: row shards (their
+    ``coalesce_bytes`` of three full-size temporaries per member. One by one: row shards (their
     refits and block sums need collectives per matrix), bf16 weights, factors re-seeded this step,
     and a matrix with no partner.
     """
@@ -245,10 +245,11 @@ class AdaPM(SubspaceOptimizer):
         a batch (:meth:`_step_batch`), in runs of at most ``coalesce_bytes`` of their temporaries;
         the rest (row shards, bf16 weights, re-seeded factors) one by one."""
         done = dict(zip(map(id, params), torch.stack([self.state[p]["step"] for p in params]).tolist())) if params else {}
-        # Two full-size temporaries at a time: the stacked gradients (m_t over them for a low-rank
+        # Three full-size temporaries at a time: the stacked gradients (m_t over them for a low-rank
         # refit, then its denominators) and L R (the estimate); else the stack (then the momentum) and
-        # the denominators.
-        self._step_by_batches(group, params, lambda p: self._batch_key(p, group, done[id(p)]), 2,
+        # the denominators. The third: the second moments read as a copy where the batch is not the
+        # one their buffer was packed for (a member re-seeded this step steps alone).
+        self._step_by_batches(group, params, lambda p: self._batch_key(p, group, done[id(p)]), 3,
                               lambda g, members, key: self._step_batch(g, members, key[0], key[2]))
 
     def _step_batch(self, group: dict, params: list[torch.Tensor], kind: str, step: int) -> None:
@@ -307,11 +308,13 @@ class AdaPM(SubspaceOptimizer):
         """The second moment, the clipped ratio and the update, from this step's ``momentum``."""
         second = self._update_second_moment(p, grad, state, group, view)
         c2 = 1.0 - group["betas"][1] ** step if group["bias_correction"] else 1.0
+        # In place on one temporary: a matrix stepped alone may be the largest (an embedding).
+        denom = second.sqrt()
         if group["adam_form"] == "hf":  # eps on the raw RMS, as Hugging Face's AdamW
-            denom = (second.sqrt() + group["eps"]) / math.sqrt(c2)
+            denom.add_(group["eps"]).div_(math.sqrt(c2))
         else:
-            denom = second.sqrt() / math.sqrt(c2) + group["eps"]
-        ratio = momentum / denom
+            denom.div_(math.sqrt(c2)).add_(group["eps"])
+        ratio = torch.div(momentum, denom, out=denom) if denom.shape == momentum.shape else momentum / denom
         if group["clip"] is not None:
             ratio.clamp_(-group["clip"], group["clip"])
         state["step"] += 1

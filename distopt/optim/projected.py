@@ -452,18 +452,16 @@ class ProjectedAdam(SubspaceOptimizer):
             if not batching.scaled_adam_directions(avgs, avg_sqs, lows, outs, counts, step, beta1, beta2, group["eps"],
                                                    zeroed=True):
                 return None
-        torch._foreach_add_([state["step"] for state in states], 1)
         return outs
 
     @staticmethod
     def _adam_batched(lows: list, states: list[dict], plans: list, group: dict,
                       steps: list[int]) -> tuple[Sequence[torch.Tensor], list[float]]:
         """:meth:`_adam_in_subspace` over a list (the ``torch`` form), as ``torch._foreach_*`` calls:
-        the moments of ``lows``, each step counter advanced (``steps``: their values now), the
-        directions and step sizes ``lr / c_1``."""
+        the moments of ``lows`` (``steps``: their step counts now; the caller advances the counters),
+        the directions and step sizes ``lr / c_1``."""
         beta1, beta2 = group["betas"]
         counts = [subspace.moment_updates(step, plan, group) for step, plan in zip(steps, plans)]
-        torch._foreach_add_([state["step"] for state in states], 1)
         avgs = [state["exp_avg"] for state in states]
         avg_sqs = [state["exp_avg_sq"] for state in states]
         torch._foreach_lerp_(avgs, lows, 1.0 - beta1)
@@ -949,9 +947,12 @@ class ProjectedAdam(SubspaceOptimizer):
         if stepped:  # their step counters, read before and advanced after, all in one call
             self._advance_steps(stepped)
         # The same buckets on every rank: they follow the global shapes and step counts.
+        counters = []
         for bucket in self._chunks(group, coalesced, self._bucket_bytes(group, coalesced), same_group=True):
             with projection_matmuls(group):
-                self._step_bucket(group, bucket)
+                counters += self._step_bucket(group, bucket)
+        if counters:  # the buckets' step counters, read in their buckets and advanced here, in one call
+            torch._foreach_add_(counters, 1)
 
     def _bucket_bytes(self, group: dict, params: list[torch.Tensor]):
         """``size(view, plan)``: the bytes a matrix holds through its bucket's step, from global shapes
@@ -989,11 +990,12 @@ class ProjectedAdam(SubspaceOptimizer):
         if chunk:
             yield chunk
 
-    def _step_bucket(self, group: dict, params: list[torch.Tensor]) -> None:
+    def _step_bucket(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Plain steps of ``params`` (one process group) with one collective per kind: the right bases
         all-gathered together, the left sides' ``P^T G`` reduced together (a reduce-scatter into
         column chunks when partitioned, else an all-reduce) and their directions gathered together.
-        The same numbers as stepping them one by one."""
+        The same numbers as stepping them one by one. Returns the step counters the caller advances
+        (those of the ``torch`` form's list path; the per-matrix form advances its own)."""
         views = [self._views[p] for p in params]
         plans = [subspace.plan(view, group) for view in views]
         states = [self.state[p] for p in params]
@@ -1035,6 +1037,7 @@ class ProjectedAdam(SubspaceOptimizer):
         scaled = (self._scaled_adam_list([lows[i] for i in range(len(params))], states, plans, group, step_counts)
                   if group["adam_form"] == "torch" and not any("rs_norm" in state for state in states)
                   and all(w.dtype == torch.float32 for w in weights) else None)
+        counters = [state["step"] for state in states] if group["adam_form"] == "torch" else []
         if scaled is not None:
             directions, sizes = dict(enumerate(scaled)), {}
         elif group["adam_form"] == "torch":
@@ -1116,6 +1119,7 @@ class ProjectedAdam(SubspaceOptimizer):
                                     group["norm_growth_limit"]) if i in ratios else None)
                 self._apply(weights[i], project_back(whole_dir[i], bases[i], plans[i].side), sizes[i], group, plans[i],
                             residual)
+        return counters
 
     def _byte_runs(self, indices: list[int], nbytes) -> list[list[int]]:
         """``indices`` in consecutive runs of at most ``coalesce_bytes`` (``nbytes(i)`` each)."""

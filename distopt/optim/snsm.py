@@ -8,7 +8,7 @@ import torch
 
 from ..core import batching, comm, subspace
 from ..core.options import check_option
-from ..core.projector import project_back, project_local
+from ..core.projector import add_back, project_local
 from ..core.routing import LINEAR_ROLES
 from ..core.shard import MatrixShardView, local
 from . import first_moment_subspace
@@ -162,7 +162,7 @@ class AdamSNSM(SubspaceOptimizer):
         del sums
         counts = [subspace.moment_updates(step, plan, group) for step, plan in zip(steps_now, plans)]
         corrected = avg / batching.per_matrix([1.0 - beta1**c for c in counts], avg, 3)
-        numerator = grads.add_(project_back(corrected.sub_(low), basis, side))  # G + back(M / c - proj G)
+        numerator = add_back(grads, corrected.sub_(low), basis, side)  # G + back(M / c - proj G), no temporary
         del corrected, low
         steps, steps_copied = packing.get("step")
         steps.add_(1)
