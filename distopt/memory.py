@@ -44,10 +44,10 @@ Optimizer state placement:
   of a matrix into a block of about ``m/N`` rows and steps the algorithm on it, so the state
   follows the FSDP2 layout above (element-wise state is the rank's flat slice, about ``1/N``).
 
-Activations, communication buckets, the optimizer step's temporaries (the projected family's
-batches and buckets: at most ``coalesce_bytes``, 768 MiB by default, in one process and under
-twice that sharded), the CUDA context and allocator fragmentation are not counted: keep a reserve
-for them (``fits(..., reserve=0.1)``).
+Activations, communication buckets, the optimizer step's temporaries (batches and buckets: at
+most ``coalesce_bytes``, 768 MiB by default, in one process and under twice that sharded; a matrix
+stepped alone, an embedding larger than that, two fp32 copies of itself), the CUDA context and
+allocator fragmentation are not counted: keep a reserve for them (``fits(..., reserve=0.1)``).
 """
 
 from __future__ import annotations
