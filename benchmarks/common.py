@@ -140,6 +140,7 @@ class _TensorBytes(TorchDispatchMode):
         self.watched: weakref.WeakSet = weakref.WeakSet()
         self.uses: dict[int, int] = {}  # a storage's address -> the index of the last op that used it
         self.main = threading.get_ident()
+        self.lock = threading.RLock()  # a process group's thread may count off while an op is counted
         # Garbage collected first and not while measured: an earlier model's cycles freed mid-step would
         # count off against the step's own tensors.
         gc.collect()
@@ -159,20 +160,22 @@ class _TensorBytes(TorchDispatchMode):
         # A collective's buffers may be let go by the process group's thread, an instant after the
         # caller's last reference: counted off after their last use, so the peak does not depend on
         # thread timing.
-        since, last = len(self.timeline) - 1, self.uses.pop(key[0], None)
-        if threading.get_ident() != self.main and last is not None:
-            since = last
-        for i in range(since, len(self.timeline)):
-            self.timeline[i] -= nbytes
+        with self.lock:
+            since, last = len(self.timeline) - 1, self.uses.pop(key[0], None)
+            if threading.get_ident() != self.main and last is not None:
+                since = last
+            for i in range(since, len(self.timeline)):
+                self.timeline[i] -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         given = _storages(t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
         made = _storages(t for t in tree_leaves(out) if isinstance(t, torch.Tensor))
         known = {s._cdata for s in given}
-        self.timeline.append(self.timeline[-1] + self.watch(s for s in made if s._cdata not in known))
-        for storage in (*given, *made):
-            self.uses[storage._cdata] = len(self.timeline) - 1
+        with self.lock:
+            self.timeline.append(self.timeline[-1] + self.watch(s for s in made if s._cdata not in known))
+            for storage in (*given, *made):
+                self.uses[storage._cdata] = len(self.timeline) - 1
         return out
 
 
