@@ -45,30 +45,34 @@ def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             return base if len(tensors) == base.shape[0] else base[start : start + len(tensors)]
     # Back to back in one storage by any other road (slices of a view of a buffer, whose ``_base`` is
     # the buffer's root): one strided view over them.
-    if first.is_contiguous() and first.numel():
-        size, offset, ptr = first.numel(), first.storage_offset(), first.untyped_storage().data_ptr()
-        if all(t.dtype == first.dtype and t.shape == first.shape and t.is_contiguous()
-               and t.untyped_storage().data_ptr() == ptr and t.storage_offset() == offset + i * size
-               for i, t in enumerate(tensors)):
-            return first.as_strided((len(tensors), *first.shape), (size, *first.stride()), offset)
+    if _back_to_back(tensors):
+        return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()), first.storage_offset())
     return torch.stack(list(tensors))
+
+
+def _back_to_back(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether ``tensors`` lie back to back, in order, in one storage: dense, of one shape and dtype.
+    Found from storage offsets, so it holds for tensors re-pointed with ``.data`` too, and for views
+    of views, whose ``_base`` is their root."""
+    first = tensors[0]
+    if not first.is_contiguous() or not first.numel():
+        return False
+    start, size, ptr = first.storage_offset(), first.numel(), first.untyped_storage().data_ptr()
+    return all(t.dtype == first.dtype and t.shape == first.shape and t.is_contiguous()
+               and t.untyped_storage().data_ptr() == ptr and t.storage_offset() == start + i * size
+               for i, t in enumerate(tensors))
 
 
 def packed_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """A ``(k, *shape)`` tensor over the memory of ``tensors`` where they lie back to back in one
     storage, dense and of one dtype (as :func:`distopt.pack_weights` lays out same-shape weights), so
-    that one in-place kernel writes all of them; else ``None``. Found from storage offsets, so it
-    holds for tensors re-pointed with ``.data`` too, which keep no ``_base``."""
-    first = tensors[0]
-    if not first.is_contiguous() or not first.numel():
+    that one in-place kernel writes all of them; else ``None`` (:func:`_back_to_back`). A new tensor
+    set to their storage, not a view of any of them."""
+    if not _back_to_back(tensors):
         return None
-    storage, start, size = first.untyped_storage(), first.storage_offset(), first.numel()
-    ptr = storage.data_ptr()
-    for i, t in enumerate(tensors):
-        if (t.dtype != first.dtype or t.shape != first.shape or not t.is_contiguous()
-                or t.untyped_storage().data_ptr() != ptr or t.storage_offset() != start + i * size):
-            return None
-    return first.new_empty(0).set_(storage, start, (len(tensors), *first.shape), (size, *first.stride()))
+    first = tensors[0]
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (len(tensors), *first.shape),
+                                   (first.numel(), *first.stride()))
 
 
 def packed(states: list[dict], key: str) -> tuple[torch.Tensor, bool]:
